@@ -1,0 +1,106 @@
+# Declarations of the compiled core's classes, so later Cython modules can cimport
+# them and call their cdef methods without going through Python.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+
+cdef class FrameDecoder:
+    cdef readonly Py_ssize_t max_frame
+    cdef uint8_t allowed[256]
+    cdef uint8_t hdr[9]
+    cdef Py_ssize_t hdr_have
+    cdef bytes cur            # payload being filled (we hold the only reference)
+    cdef Py_ssize_t cur_len
+    cdef Py_ssize_t cur_have
+    cdef uint32_t cur_crc
+    cdef uint32_t want_crc
+    cdef int cur_type
+    cdef object dead          # the exception that killed the decoder, or None
+
+    cdef _die(self, exc)
+
+
+cdef class WSParser:
+    cdef readonly Py_ssize_t max_message
+    cdef bint client
+    cdef bint _closed
+    # header being read
+    cdef uint8_t hdr[14]
+    cdef Py_ssize_t hdr_have
+    cdef Py_ssize_t hdr_need
+    # frame being read
+    cdef bint in_frame
+    cdef int f_opcode
+    cdef bint f_fin
+    cdef bint f_masked
+    cdef uint8_t mask[4]
+    cdef Py_ssize_t mask_pos
+    cdef Py_ssize_t f_remaining
+    cdef Py_ssize_t f_len
+    # where the payload goes: control buffer, a fresh bytes (unfragmented), or msg buffer
+    cdef int target
+    cdef uint8_t ctrl[125]
+    cdef Py_ssize_t ctrl_len
+    cdef bytes single
+    cdef Py_ssize_t single_len
+    cdef char* msg
+    cdef Py_ssize_t msg_len
+    cdef Py_ssize_t msg_cap
+    cdef int msg_opcode        # 0 when no message is in progress
+    # UTF-8 validation state, carried across frames of a text message
+    cdef int u_need
+    cdef uint8_t u_lo
+    cdef uint8_t u_hi
+
+    cdef int _grow_msg(self, Py_ssize_t extra) except -1
+    cdef int _consume_payload(self, const uint8_t* p, Py_ssize_t n) except -1
+    cdef int _start_frame(self, list out) except -1
+    cdef int _end_frame(self, list out) except -1
+
+
+cdef class Flusher:
+    cdef list dirty
+    cdef object schedule
+    cdef object _flush_cb
+    cdef bint scheduled
+    cdef public Py_ssize_t writes
+    cdef public Py_ssize_t bytes_written
+
+    cdef inline void _mark(self, OutRing ring) noexcept
+
+
+cdef class OutRing:
+    cdef char* buf
+    cdef Py_ssize_t bufcap
+    cdef Py_ssize_t head
+    cdef Py_ssize_t size
+    cdef public int fmt
+    cdef public Py_ssize_t cap
+    cdef public object transport
+    cdef public object on_overflow
+    cdef Flusher flusher
+    cdef bint _dirty
+    cdef bint _paused
+    cdef bint _closed
+    cdef bint _overflowed
+
+    cdef inline void _set_dirty(self) noexcept
+    cdef int _append(self, const char* p, Py_ssize_t n) except -1
+    cdef bytes _take(self)
+
+
+cdef class SubscriberSet:
+    cdef void** arr
+    cdef Py_ssize_t n
+    cdef Py_ssize_t acap
+    cdef dict index
+    cdef Py_ssize_t counts[3]
+
+
+cdef class HistoryRing:
+    cdef void** items
+    cdef readonly Py_ssize_t capacity
+    cdef Py_ssize_t head       # index of the oldest kept item
+    cdef Py_ssize_t count
+    cdef uint64_t _last
+    cdef bint _started

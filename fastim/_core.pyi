@@ -1,0 +1,196 @@
+"""fastim's compiled core: framing, WebSocket codec, ring buffers, batch fan-out.
+
+Everything on the per-message and per-subscriber path lives here, in C (Cython).
+Each piece has a pure-Python twin in ``fastim._pyref`` with the same API, used by the
+tests to check the compiled code (property tests: both agree on every input).
+
+Errors are raised as the classes of :mod:`fastim.errors`.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+from typing_extensions import Buffer
+
+HEADER_SIZE: int  # 9: u32 length, u8 type, u32 CRC32 (network byte order)
+DEFAULT_MAX_FRAME: int  # 1 MiB
+
+# Wire formats of a subscriber: which pre-encoded frame its ring takes.
+FMT_TCP: int  # fastim frame
+FMT_WS_BINARY: int  # fastim frame inside a WebSocket binary frame
+FMT_WS_JSON: int  # JSON message inside a WebSocket text frame
+N_FORMATS: int
+
+OP_CONT: int
+OP_TEXT: int
+OP_BINARY: int
+OP_CLOSE: int
+OP_PING: int
+OP_PONG: int
+
+def crc32(data: Buffer, value: int = 0) -> int:
+    """CRC-32 (IEEE 802.3, as zlib.crc32), continuing from ``value``."""
+
+def encode_frame(ftype: int, payload: Buffer) -> bytes:
+    """Header + payload of one fastim frame. Raises ValueError if ftype is not 0..255."""
+
+class FrameDecoder:
+    """Streaming fastim frame decoder: feed it chunks of any size, get whole frames.
+
+    Checks, in this order, as soon as the bytes that decide them arrive:
+    length > ``max_frame`` → FrameTooLarge; type not allowed → UnknownFrameType
+    (both right after the 9-byte header, before any payload is buffered);
+    CRC32 of the payload ≠ header checksum → ChecksumMismatch.
+    After an error the decoder is dead: every later feed() raises the same error.
+    """
+
+    max_frame: int
+    def __init__(self, max_frame: int = ..., allowed_types: bytes | None = None) -> None:
+        """``allowed_types``: a 256-byte table, non-zero where a type is allowed (None: all)."""
+    def feed(self, data: Buffer) -> list[tuple[int, bytes]]:
+        """Consume ``data``; return the (type, payload) of every frame it completed."""
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a frame not yet complete."""
+
+def utf8_valid(data: Buffer) -> bool:
+    """Whether ``data`` is well-formed UTF-8 (RFC 3629: no surrogates, no overlongs)."""
+
+def ws_encode(opcode: int, payload: Buffer, fin: bool = True, mask: bytes | None = None) -> bytes:
+    """One WebSocket frame. Server frames are unmasked (mask=None); a client passes 4 mask bytes."""
+
+def ws_close_payload(code: int, reason: str = "") -> bytes:
+    """Payload of a close frame: u16 code + UTF-8 reason, cut to fit 125 bytes."""
+
+def ws_parse_close(payload: Buffer) -> tuple[int, str]:
+    """(code, reason) of a received close payload; (1005, "") when empty.
+
+    Raises WebSocketError(1002) for a 1-byte payload or a code a peer may not send,
+    WebSocketError(1007) for a reason that is not UTF-8.
+    """
+
+class WSParser:
+    """Streaming RFC 6455 frame parser (server side by default).
+
+    feed() returns events ``(opcode, payload)``: OP_TEXT / OP_BINARY with a whole
+    reassembled message (text already checked as UTF-8, across fragments, failing as
+    soon as a bad byte arrives), and OP_PING / OP_PONG / OP_CLOSE control frames,
+    which may arrive between the fragments of a message. A close payload is validated
+    (see ws_parse_close). Violations raise WebSocketError carrying the close code:
+    1002 protocol error (RSV bits, unknown opcode, unmasked client frame, bad
+    fragmentation, control frame too long or fragmented), 1007 invalid UTF-8,
+    1009 message larger than ``max_message``. After a close frame or an error, the
+    parser returns no more events.
+    """
+
+    max_message: int
+    def __init__(self, max_message: int = ..., client: bool = False) -> None:
+        """``client=True`` parses a server's stream: frames must be unmasked."""
+    def feed(self, data: Buffer) -> list[tuple[int, bytes]]: ...
+    @property
+    def closed(self) -> bool:
+        """A close frame was received (or an error raised)."""
+
+class OutRing:
+    """A connection's outbound bytes: a ring buffer with a byte cap, drained once per tick.
+
+    Memory is allocated on the first append and released when a flush empties the
+    ring, so an idle connection holds no buffer. ``append`` past ``cap`` stores
+    nothing, sets ``overflowed`` and returns False: the flusher then calls
+    ``on_overflow`` (the session closes the slow consumer).
+
+    A ring belongs to a :class:`Flusher`; any append marks it dirty and makes sure one
+    flush is scheduled for the end of this loop tick. Flush writes all pending bytes
+    with one ``transport.write`` unless ``paused`` (the transport's buffer is full:
+    ``resume()`` re-arms it).
+    """
+
+    fmt: int
+    cap: int
+    transport: Any
+    on_overflow: Callable[[], object] | None
+    def __init__(
+        self,
+        flusher: Flusher | None,
+        transport: Any,
+        fmt: int = ...,
+        cap: int = ...,
+        on_overflow: Callable[[], object] | None = None,
+    ) -> None: ...
+    def append(self, data: Buffer) -> bool: ...
+    def take(self) -> bytes:
+        """All pending bytes, in order; empties the ring and frees its memory."""
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def close(self) -> None:
+        """Drop pending bytes; later appends are ignored (return False)."""
+    def __len__(self) -> int: ...
+    @property
+    def capacity(self) -> int:
+        """Bytes allocated now (0 when idle)."""
+    @property
+    def dirty(self) -> bool: ...
+    @property
+    def paused(self) -> bool: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def overflowed(self) -> bool: ...
+
+class Flusher:
+    """Drains every dirty OutRing once per event-loop tick (one write per connection).
+
+    ``schedule`` is called once when the first ring of a tick becomes dirty; the node
+    passes ``loop.call_soon`` with ``flush`` bound, tests may pass None and call
+    ``flush()`` themselves.
+    """
+
+    def __init__(self, schedule: Callable[[Callable[[], object]], object] | None = None) -> None: ...
+    def flush(self) -> int:
+        """Write every dirty ring; return how many writes were made."""
+    @property
+    def pending(self) -> int:
+        """Rings waiting for the next flush."""
+    writes: int
+    bytes_written: int
+
+class SubscriberSet:
+    """The subscribers of one channel: OutRings in a C array (O(1) add and remove)."""
+
+    def __init__(self) -> None: ...
+    def add(self, ring: OutRing) -> bool:
+        """False if already present."""
+    def remove(self, ring: OutRing) -> bool:
+        """False if absent."""
+    def __len__(self) -> int: ...
+    def __contains__(self, ring: object) -> bool: ...
+    def count(self, fmt: int) -> int:
+        """Members whose ring takes format ``fmt``."""
+    def fanout(self, frames: tuple[bytes | None, ...]) -> int:
+        """Append ``frames[ring.fmt]`` to every member's ring, in C; return deliveries.
+
+        Encode once: ``frames`` holds one pre-encoded frame per wire format, None
+        where no member uses it. Rings over their cap are marked overflowed.
+        """
+    def rings(self) -> list[OutRing]: ...
+
+class HistoryRing:
+    """The last ``capacity`` messages of a channel, addressable by offset.
+
+    Offsets are appended strictly increasing by one (the channel's sequence).
+    """
+
+    capacity: int
+    def __init__(self, capacity: int) -> None: ...
+    def append(self, offset: int, item: object) -> None:
+        """Raises ValueError unless offset == last_offset + 1 (or the ring is empty)."""
+    def get(self, offset: int) -> object | None: ...
+    def since(self, offset: int) -> list[tuple[int, object]] | None:
+        """Messages after ``offset``, oldest first; None if some were already evicted."""
+    def __len__(self) -> int: ...
+    @property
+    def first_offset(self) -> int:
+        """Offset of the oldest message kept (0 when empty)."""
+    @property
+    def last_offset(self) -> int:
+        """Offset of the newest message appended (0 when nothing ever was)."""

@@ -1,0 +1,213 @@
+# The outbound ring of a connection and the flusher that drains dirty rings once per tick.
+
+FMT_TCP = 0
+FMT_WS_BINARY = 1
+FMT_WS_JSON = 2
+N_FORMATS = 3
+
+DEFAULT_RING_CAP = 4 * 1024 * 1024
+
+
+cdef class Flusher:
+    """Drains dirty OutRings once per loop tick (see _core.pyi)."""
+
+    def __init__(self, schedule=None):
+        self.dirty = []
+        self.schedule = schedule
+        self._flush_cb = self.flush
+        self.scheduled = False
+        self.writes = 0
+        self.bytes_written = 0
+
+    @property
+    def pending(self):
+        return len(self.dirty)
+
+    cdef inline void _mark(self, OutRing ring) noexcept:
+        self.dirty.append(ring)
+        if not self.scheduled and self.schedule is not None:
+            self.scheduled = True
+            try:
+                self.schedule(self._flush_cb)
+            except BaseException:
+                self.scheduled = False
+                _log.exception("fastim: could not schedule a flush")
+
+    def flush(self):
+        cdef list batch = self.dirty
+        cdef OutRing ring
+        cdef bytes data
+        cdef Py_ssize_t writes = 0
+        self.dirty = []
+        self.scheduled = False
+        for ring in batch:
+            ring._dirty = False
+            if ring._closed:
+                continue
+            if ring._overflowed:
+                if ring.on_overflow is not None:
+                    try:
+                        ring.on_overflow()
+                    except BaseException:
+                        _log.exception("fastim: on_overflow callback failed")
+                continue
+            if ring._paused or ring.size == 0:
+                continue
+            data = ring._take()
+            try:
+                ring.transport.write(data)
+            except BaseException:
+                _log.exception("fastim: transport.write failed")
+                continue
+            writes += 1
+            self.bytes_written += len(data)
+        self.writes += writes
+        return writes
+
+
+cdef class OutRing:
+    """A connection's outbound byte ring with a cap (see _core.pyi)."""
+
+    def __init__(self, Flusher flusher, transport, int fmt=FMT_TCP,
+                 Py_ssize_t cap=DEFAULT_RING_CAP, on_overflow=None):
+        if fmt < 0 or fmt >= N_FORMATS:
+            raise ValueError(f"fmt must be 0..{N_FORMATS - 1}")
+        if cap < 0:
+            raise ValueError("cap must be >= 0")
+        self.flusher = flusher
+        self.transport = transport
+        self.fmt = fmt
+        self.cap = cap
+        self.on_overflow = on_overflow
+
+    def __dealloc__(self):
+        if self.buf != NULL:
+            free(self.buf)
+            self.buf = NULL
+
+    def __len__(self):
+        return self.size
+
+    @property
+    def capacity(self):
+        return self.bufcap
+
+    @property
+    def dirty(self):
+        return self._dirty
+
+    @property
+    def paused(self):
+        return self._paused
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def overflowed(self):
+        return self._overflowed
+
+    cdef inline void _set_dirty(self) noexcept:
+        if not self._dirty:
+            self._dirty = True
+            if self.flusher is not None:
+                self.flusher._mark(self)
+
+    cdef int _append(self, const char* p, Py_ssize_t n) except -1:
+        """1 if stored, 0 if refused (closed, or over the cap: then overflowed)."""
+        cdef Py_ssize_t newcap, tail, first
+        cdef char* nb
+        if self._closed:
+            return 0
+        if n == 0:
+            return 1
+        if self.size + n > self.cap:
+            if not self._overflowed:
+                self._overflowed = True
+                self._set_dirty()
+            return 0
+        if self.size + n > self.bufcap:
+            # grow, and lay the pending bytes out from the start of the new buffer
+            newcap = self.bufcap * 2
+            if newcap < self.size + n:
+                newcap = self.size + n
+            if newcap < 512:
+                newcap = 512
+            nb = <char*>malloc(newcap)
+            if nb == NULL:
+                raise MemoryError()
+            if self.size:
+                first = self.bufcap - self.head
+                if first >= self.size:
+                    memcpy(nb, self.buf + self.head, self.size)
+                else:
+                    memcpy(nb, self.buf + self.head, first)
+                    memcpy(nb + first, self.buf, self.size - first)
+            if self.buf != NULL:
+                free(self.buf)
+            self.buf = nb
+            self.bufcap = newcap
+            self.head = 0
+        tail = self.head + self.size
+        if tail >= self.bufcap:
+            tail -= self.bufcap
+        first = self.bufcap - tail
+        if first >= n:
+            memcpy(self.buf + tail, p, n)
+        else:
+            memcpy(self.buf + tail, p, first)
+            memcpy(self.buf, p + first, n - first)
+        self.size += n
+        self._set_dirty()
+        return 1
+
+    cdef bytes _take(self):
+        cdef bytes out
+        cdef char* o
+        cdef Py_ssize_t first
+        if self.size == 0:
+            return b""
+        out = PyBytes_FromStringAndSize(NULL, self.size)
+        o = PyBytes_AS_STRING(out)
+        first = self.bufcap - self.head
+        if first >= self.size:
+            memcpy(o, self.buf + self.head, self.size)
+        else:
+            memcpy(o, self.buf + self.head, first)
+            memcpy(o + first, self.buf, self.size - first)
+        # an idle connection holds no buffer
+        free(self.buf)
+        self.buf = NULL
+        self.bufcap = 0
+        self.head = 0
+        self.size = 0
+        return out
+
+    def append(self, data):
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            return self._append(<const char*>view.buf, view.len) == 1
+        finally:
+            PyBuffer_Release(&view)
+
+    def take(self):
+        return self._take()
+
+    def pause(self):
+        self._paused = True
+
+    def resume(self):
+        self._paused = False
+        if self.size and not self._closed:
+            self._set_dirty()
+
+    def close(self):
+        self._closed = True
+        if self.buf != NULL:
+            free(self.buf)
+            self.buf = NULL
+        self.bufcap = 0
+        self.head = 0
+        self.size = 0

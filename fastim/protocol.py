@@ -1,0 +1,284 @@
+"""The fastim wire protocol: frame types, payload layouts, error and close codes.
+
+``docs/protocol.md`` is the specification; this module is its executable form and
+``tests/vectors/frames.json`` holds byte-exact vectors that both are checked against.
+
+Framing (the 9-byte header, CRC32) lives in the compiled core (``fastim._core``);
+this module packs and unpacks the *payloads*, which is control-plane work done once
+per command, or once per published message (never per subscriber).
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import NamedTuple
+
+#: Protocol versions this build speaks, oldest first.
+SUPPORTED_VERSIONS = (1,)
+PROTOCOL_VERSION = SUPPORTED_VERSIONS[-1]
+
+HEADER_SIZE = 9
+MAX_CHANNEL_BYTES = 255
+
+
+class FrameType(IntEnum):
+    """Frame types of protocol version 1 (the ``u8 type`` of the header)."""
+
+    HELLO = 0x01  # c→s  u8 min_version, u8 max_version, JSON options
+    WELCOME = 0x02  # s→c  u8 version, JSON info
+    PING = 0x03  # both opaque payload (≤ 64 bytes), answered by PONG with the same bytes
+    PONG = 0x04  # both
+    SUB = 0x10  # c→s  u32 id, u8 len, channel
+    UNSUB = 0x11  # c→s  u32 id, u8 len, channel
+    PUB = 0x12  # c→s  u32 id, u8 len, channel, data (JSON)
+    SUBSCRIBED = 0x20  # s→c  u32 id, u64 offset, u8 len, channel
+    UNSUBSCRIBED = 0x21  # s→c  u32 id, u8 len, channel
+    PUBACK = 0x22  # s→c  u32 id, u64 offset, u8 len, channel
+    MSG = 0x23  # s→c  u64 offset, u8 len, channel, data (JSON)
+    ERROR = 0x2F  # s→c  u32 id, u16 code, reason (UTF-8)
+    GOAWAY = 0x30  # s→c  u16 close code, reason (UTF-8); the server closes after it
+
+
+#: Frame types a server accepts from a client; anything else is UNKNOWN_OP.
+CLIENT_FRAME_TYPES = frozenset(
+    {FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.SUB, FrameType.UNSUB, FrameType.PUB}
+)
+#: Frame types a client accepts from a server.
+SERVER_FRAME_TYPES = frozenset(
+    {
+        FrameType.WELCOME,
+        FrameType.PING,
+        FrameType.PONG,
+        FrameType.SUBSCRIBED,
+        FrameType.UNSUBSCRIBED,
+        FrameType.PUBACK,
+        FrameType.MSG,
+        FrameType.ERROR,
+        FrameType.GOAWAY,
+    }
+)
+
+
+def type_mask(types: frozenset[FrameType]) -> bytes:
+    """A 256-byte table, 1 where a frame type is allowed (what the decoder takes)."""
+    table = bytearray(256)
+    for t in types:
+        table[t] = 1
+    return bytes(table)
+
+
+class ErrorCode(IntEnum):
+    """Codes of ``{"op":"error"}`` replies and ERROR frames.
+
+    ``fatal`` codes are protocol violations: the server closes the connection
+    right after the error. The others answer one request and the connection stays.
+    """
+
+    INTERNAL = 100
+    UNKNOWN_OP = 101  # unknown op, unknown frame type
+    BAD_REQUEST = 102  # invalid JSON, missing or mistyped field (the reason names it)
+    FRAME_TOO_LARGE = 103  # fastim frame or WebSocket message over the limit
+    BAD_CHECKSUM = 104  # CRC32 mismatch
+    BAD_FRAMING = 105  # garbage, or WebSocket framing that breaks RFC 6455
+    INVALID_UTF8 = 106  # text that is not UTF-8
+    UNSUPPORTED_VERSION = 107  # HELLO's version range does not meet ours
+    HANDSHAKE_REQUIRED = 108  # TCP: first frame was not HELLO
+    LIMIT_EXCEEDED = 109  # too many subscriptions / channels
+    BAD_CHANNEL = 110  # empty, too long, or control characters
+    NOT_SUBSCRIBED = 111
+    ALREADY_SUBSCRIBED = 112
+
+    @property
+    def fatal(self) -> bool:
+        return self not in _NON_FATAL
+
+
+_NON_FATAL = frozenset(
+    {ErrorCode.LIMIT_EXCEEDED, ErrorCode.NOT_SUBSCRIBED, ErrorCode.ALREADY_SUBSCRIBED}
+)
+
+
+class CloseCode(IntEnum):
+    """Why a connection was closed: WebSocket close codes, and the GOAWAY code on TCP.
+
+    1000–1015 are RFC 6455's. 4000–4499: the client should reconnect (with backoff);
+    4500–4999: reconnecting with the same input will fail again.
+    """
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # server shutting down: reconnect
+    PROTOCOL_ERROR = 1002
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    HEARTBEAT_TIMEOUT = 4000  # no pong in time: reconnect
+    SLOW_CONSUMER = 4001  # outbound buffer over its cap: reconnect, recover from history
+    BAD_REQUEST = 4500  # malformed command: do not retry as is
+
+    @staticmethod
+    def should_reconnect(code: int) -> bool:
+        return code in (1001, 1006, 1011, 1012, 1013) or 4000 <= code < 4500
+
+
+SHUTDOWN_REASON = "server shutting down, reconnect"
+
+
+# --------------------------------------------------------------------------- payloads
+
+_U32 = struct.Struct("!I")
+_ID_CH = struct.Struct("!IB")
+_ID_OFF_CH = struct.Struct("!IQB")
+_OFF_CH = struct.Struct("!QB")
+_ID_CODE = struct.Struct("!IH")
+_CODE = struct.Struct("!H")
+
+
+class Request(NamedTuple):
+    """A decoded client command, whatever the wire format it came in."""
+
+    op: str  # "sub" | "unsub" | "pub" | "ping"
+    id: object  # echoed in the reply; None when absent (JSON) or 0 (binary)
+    channel: str
+    data: bytes  # the published JSON document, raw (pub only)
+
+
+def _bad(msg: str) -> Exception:
+    from .errors import BadRequest
+
+    return BadRequest(msg)
+
+
+def _channel(buf: bytes, pos: int) -> tuple[str, int]:
+    if pos >= len(buf):
+        raise _bad("payload too short for channel length")
+    n = buf[pos]
+    end = pos + 1 + n
+    if end > len(buf):
+        raise _bad("channel length exceeds payload")
+    try:
+        ch = buf[pos + 1 : end].decode("utf-8")
+    except UnicodeDecodeError:
+        from .errors import ProtocolError
+
+        raise ProtocolError("channel is not valid UTF-8", ErrorCode.INVALID_UTF8) from None
+    return ch, end
+
+
+def _ch_bytes(channel: str) -> bytes:
+    b = channel.encode("utf-8")
+    if not 0 < len(b) <= MAX_CHANNEL_BYTES:
+        raise ValueError(f"channel must be 1..{MAX_CHANNEL_BYTES} bytes of UTF-8")
+    return b
+
+
+def pack_sub(ftype: int, req_id: int, channel: str, data: bytes = b"") -> bytes:
+    """Payload of SUB, UNSUB or PUB."""
+    ch = _ch_bytes(channel)
+    return _ID_CH.pack(req_id, len(ch)) + ch + data
+
+
+def unpack_request(ftype: int, payload: bytes) -> Request:
+    """Decode a SUB, UNSUB or PUB payload. Raises BadRequest naming what is wrong."""
+    if len(payload) < 5:
+        raise _bad(f"{FrameType(ftype).name} payload too short ({len(payload)} bytes)")
+    (req_id,) = _U32.unpack_from(payload, 0)
+    ch, end = _channel(payload, 4)
+    if ftype == FrameType.PUB:
+        return Request("pub", req_id, ch, payload[end:])
+    if end != len(payload):
+        raise _bad(f"{FrameType(ftype).name} payload has {len(payload) - end} trailing bytes")
+    return Request("sub" if ftype == FrameType.SUB else "unsub", req_id, ch, b"")
+
+
+def pack_subscribed(req_id: int, offset: int, channel: bytes) -> bytes:
+    return _ID_OFF_CH.pack(req_id, offset, len(channel)) + channel
+
+
+pack_puback = pack_subscribed
+
+
+def pack_unsubscribed(req_id: int, channel: bytes) -> bytes:
+    return _ID_CH.pack(req_id, len(channel)) + channel
+
+
+def pack_msg(offset: int, channel: bytes, data: bytes) -> bytes:
+    return _OFF_CH.pack(offset, len(channel)) + channel + data
+
+
+def unpack_msg(payload: bytes) -> tuple[int, str, bytes]:
+    off, _ = _OFF_CH.unpack_from(payload, 0)
+    ch, end = _channel(payload, 8)
+    return off, ch, payload[end:]
+
+
+def unpack_ack(payload: bytes) -> tuple[int, int, str]:
+    """SUBSCRIBED / PUBACK → (id, offset, channel)."""
+    req_id, off, _ = _ID_OFF_CH.unpack_from(payload, 0)
+    ch, _end = _channel(payload, 12)
+    return req_id, off, ch
+
+
+def unpack_unsubscribed(payload: bytes) -> tuple[int, str]:
+    (req_id,) = _U32.unpack_from(payload, 0)
+    ch, _end = _channel(payload, 4)
+    return req_id, ch
+
+
+def pack_error(req_id: int, code: int, reason: str) -> bytes:
+    return _ID_CODE.pack(req_id, code) + reason.encode("utf-8")[:1024]
+
+
+def unpack_error(payload: bytes) -> tuple[int, int, str]:
+    req_id, code = _ID_CODE.unpack_from(payload, 0)
+    return req_id, code, payload[6:].decode("utf-8", "replace")
+
+
+def pack_goaway(code: int, reason: str) -> bytes:
+    return _CODE.pack(code) + reason.encode("utf-8")[:123]
+
+
+def unpack_goaway(payload: bytes) -> tuple[int, str]:
+    (code,) = _CODE.unpack_from(payload, 0)
+    return code, payload[2:].decode("utf-8", "replace")
+
+
+def pack_hello(min_version: int, max_version: int, options: bytes = b"{}") -> bytes:
+    return bytes((min_version, max_version)) + options
+
+
+def negotiate(payload: bytes) -> tuple[int, bytes]:
+    """HELLO payload → (chosen version, raw JSON options). Raises ProtocolError."""
+    from .errors import ProtocolError
+
+    if len(payload) < 2:
+        raise _bad("HELLO payload too short: need u8 min_version, u8 max_version")
+    lo, hi = payload[0], payload[1]
+    common = [v for v in SUPPORTED_VERSIONS if lo <= v <= hi]
+    if not common:
+        raise ProtocolError(
+            f"no common protocol version: client offers {lo}..{hi}, server speaks "
+            f"{SUPPORTED_VERSIONS[0]}..{SUPPORTED_VERSIONS[-1]}",
+            ErrorCode.UNSUPPORTED_VERSION,
+        )
+    return max(common), payload[2:] or b"{}"
+
+
+def validate_channel(channel: object) -> str:
+    """Return the channel if it is a valid name, else raise ProtocolError(BAD_CHANNEL).
+
+    Valid: a string of 1..255 UTF-8 bytes with no control characters.
+    """
+    from .errors import ProtocolError
+
+    if not isinstance(channel, str):
+        raise _bad(f'field "ch" must be a string, got {type(channel).__name__}')
+    n = len(channel.encode("utf-8", "surrogatepass"))
+    if n == 0 or n > MAX_CHANNEL_BYTES:
+        raise ProtocolError(
+            f'field "ch" must be 1..{MAX_CHANNEL_BYTES} bytes, got {n}', ErrorCode.BAD_CHANNEL
+        )
+    if not channel.isprintable():
+        raise ProtocolError('field "ch" contains control characters', ErrorCode.BAD_CHANNEL)
+    return channel
