@@ -1,0 +1,104 @@
+"""The ``fastim`` command: ``serve`` a node, ``bench`` one, ``version``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import MISSING, fields
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, build
+
+
+def _raise_fd_limit() -> None:
+    """Let the node hold as many connections as the hard limit allows."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - platform dependent
+        pass
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per Config field: --tcp-port, --ping-interval, ..."""
+    for f in fields(Config):
+        typ: Any = {"int": int, "float": float, "str": str}[str(f.type)]
+        default = f.default if f.default is not MISSING else "(computed)"
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=typ,
+            default=None,
+            metavar=f.name.upper() if typ is str else typ.__name__.upper(),
+            help=f"{f.metadata.get('help', '')} (default: {default!r})",
+        )
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in fields(Config)}
+    try:
+        cfg = build(args.config, **overrides)
+    except ConfigError as e:
+        print(f"fastim: bad configuration: {e}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.log_level)
+    _raise_fd_limit()
+    from .node import Node
+
+    node = Node(cfg)
+    try:
+        _run(node.serve_forever())
+    except OSError as e:
+        print(f"fastim: cannot listen: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fastim", description="fastim: a real-time message server with a compiled fan-out core."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a node (embedded defaults: no Redis, no etcd)")
+    serve.add_argument("--config", "-c", metavar="FILE", help="TOML file of settings")
+    _add_config_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
+
+    ver = sub.add_parser("version", help="print the version")
+    ver.set_defaults(func=lambda _a: print(f"fastim {__version__}") or 0)
+
+    args = parser.parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

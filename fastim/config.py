@@ -1,0 +1,164 @@
+"""Node configuration: defaults, a TOML file, then command-line flags (later wins).
+
+Every setting is a field of :class:`Config` with its default and a one-line meaning;
+``docs/configuration.md`` lists them. Validation happens at start and names the bad
+key and value, so a typo in a config file fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type, or out of range. The message names it."""
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class Config:
+    """Settings of one fastim node. Network listeners bind to loopback by default."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    tcp_port: int = field(default=7070, metadata={"help": "fastim TCP port (0 disables)"})
+    ws_port: int = field(default=7071, metadata={"help": "WebSocket/HTTP port (0 disables)"})
+    ws_path: str = field(default="/ws", metadata={"help": "WebSocket endpoint path"})
+    ws_echo_path: str = field(
+        default="", metadata={"help": "echo endpoint path for conformance suites ('' = off)"}
+    )
+    node_id: str = field(default_factory=_default_node_id, metadata={"help": "this node's name"})
+    max_frame: int = field(
+        default=1 << 20, metadata={"help": "largest fastim frame payload accepted, bytes"}
+    )
+    max_message: int = field(
+        default=1 << 20, metadata={"help": "largest WebSocket message accepted, bytes"}
+    )
+    max_subscriptions: int = field(
+        default=1024, metadata={"help": "channels one connection may subscribe to"}
+    )
+    max_channels: int = field(
+        default=1_000_000, metadata={"help": "channels the node keeps at once"}
+    )
+    max_connections: int = field(
+        default=200_000, metadata={"help": "client connections the node accepts at once"}
+    )
+    outbound_cap: int = field(
+        default=4 << 20,
+        metadata={"help": "bytes queued for one client before it is closed as slow"},
+    )
+    history_size: int = field(
+        default=128, metadata={"help": "messages kept per channel (for recovery)"}
+    )
+    history_ttl: float = field(
+        default=300.0,
+        metadata={"help": "seconds a channel with no subscribers keeps its history"},
+    )
+    ping_interval: float = field(
+        default=25.0, metadata={"help": "seconds of silence before the server pings a client"}
+    )
+    pong_timeout: float = field(
+        default=10.0, metadata={"help": "seconds a client has to answer a ping"}
+    )
+    handshake_timeout: float = field(
+        default=10.0, metadata={"help": "seconds to finish HELLO (TCP) or the HTTP upgrade"}
+    )
+    close_timeout: float = field(
+        default=2.0, metadata={"help": "seconds to wait for the peer's close before dropping"}
+    )
+    shutdown_timeout: float = field(
+        default=5.0, metadata={"help": "seconds a graceful shutdown may take"}
+    )
+    backlog: int = field(default=4096, metadata={"help": "listen() backlog"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+
+    def validate(self) -> Config:
+        """Raise ConfigError naming the first bad setting; return self."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want: Any = {"int": int, "float": (int, float), "str": str}[str(f.type)]
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise ConfigError(
+                    f"{f.name}: expected {f.type}, got {type(value).__name__} {value!r}"
+                )
+        for name in ("tcp_port", "ws_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name}: must be 0..65535, got {port}")
+        if self.tcp_port == 0 and self.ws_port == 0:
+            raise ConfigError("tcp_port and ws_port are both 0: nothing to listen on")
+        for name in ("max_frame", "max_message", "outbound_cap", "max_connections", "backlog"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_frame > 0xFFFFFFFF:
+            raise ConfigError(f"max_frame: must be < 2**32, got {self.max_frame}")
+        for name in ("max_subscriptions", "max_channels", "history_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in (
+            "ping_interval",
+            "pong_timeout",
+            "handshake_timeout",
+            "close_timeout",
+            "shutdown_timeout",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
+        if self.history_ttl < 0:
+            raise ConfigError(f"history_ttl: must be >= 0, got {self.history_ttl}")
+        for name in ("ws_path", "ws_echo_path"):
+            p = getattr(self, name)
+            if p and not p.startswith("/"):
+                raise ConfigError(f"{name}: must start with '/', got {p!r}")
+        if self.ws_echo_path and self.ws_echo_path == self.ws_path:
+            raise ConfigError("ws_echo_path: must differ from ws_path")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(
+                f"log_level: must be debug, info, warning or error, got {self.log_level!r}"
+            )
+        return self
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into a dict of known settings, or raise ConfigError."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    known = {f.name for f in fields(Config)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+    return data
+
+
+def build(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Defaults, then the file at ``path``, then ``overrides`` (None values ignored)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(load_file(path))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = Config(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+    return cfg.validate()

@@ -1,0 +1,154 @@
+"""A fastim node: listeners, the hub, the shared timer wheel, the flusher; start and stop.
+
+Everything a node owns hangs off one :class:`Node`; sessions reach their hub, flusher
+and wheel through it. ``await node.start()`` binds the listeners, ``await node.stop()``
+is the graceful drain (stop accepting, flush, tell every client to reconnect, wait a
+bounded time, drop the rest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import TYPE_CHECKING
+
+from . import _core
+from .config import Config
+from .heartbeat import TimerWheel
+from .hub import Hub
+from .protocol import SHUTDOWN_REASON, CloseCode
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger("fastim")
+
+SWEEP_EVERY = 5.0  # seconds between sweeps of idle channels
+
+
+class Node:
+    """One fastim server process's worth of state."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = (config or Config()).validate()
+        self.hub = Hub(self.config)
+        self.sessions: set[Session] = set()
+        self.flusher: _core.Flusher = _core.Flusher(None)
+        self.wheel: TimerWheel
+        self._servers: list[asyncio.Server] = []
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._drained: asyncio.Event | None = None
+        self._last_sweep = 0.0
+        self.tcp_port = 0
+        self.ws_port = 0
+        # counters (exported as metrics by a later issue)
+        self.bytes_in = 0
+        self.protocol_errors = 0
+        self.http_rejects = 0
+        self.slow_disconnects = 0
+        self.heartbeat_timeouts = 0
+
+    async def start(self) -> None:
+        from .transport import TcpSession, WsSession
+
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.flusher = _core.Flusher(loop.call_soon)
+        resolution = max(
+            0.01,
+            min(0.25, cfg.ping_interval / 4, cfg.pong_timeout / 4, cfg.close_timeout / 4,
+                cfg.handshake_timeout / 4),
+        )
+        self.wheel = TimerWheel(loop, resolution=resolution, on_tick=self._on_tick)
+        self.hub.now = self.wheel.now
+        try:
+            if cfg.tcp_port:
+                srv = await loop.create_server(
+                    lambda: TcpSession(self), cfg.host, cfg.tcp_port, backlog=cfg.backlog,
+                    reuse_address=True,
+                )
+                self._servers.append(srv)
+                self.tcp_port = srv.sockets[0].getsockname()[1]
+            if cfg.ws_port:
+                srv = await loop.create_server(
+                    lambda: WsSession(self), cfg.host, cfg.ws_port, backlog=cfg.backlog,
+                    reuse_address=True,
+                )
+                self._servers.append(srv)
+                self.ws_port = srv.sockets[0].getsockname()[1]
+        except OSError:
+            for srv in self._servers:
+                srv.close()
+            raise
+        self.wheel.start()
+        log.info("fastim node %s listening: %s", cfg.node_id, " ".join(self.urls()))
+
+    def urls(self) -> list[str]:
+        cfg = self.config
+        out = []
+        if self.tcp_port:
+            out.append(f"tcp://{cfg.host}:{self.tcp_port}")
+        if self.ws_port:
+            out.append(f"ws://{cfg.host}:{self.ws_port}{cfg.ws_path}")
+            if cfg.ws_echo_path:
+                out.append(f"ws://{cfg.host}:{self.ws_port}{cfg.ws_echo_path} (echo)")
+        return out
+
+    def _on_tick(self, now: float) -> None:
+        self.hub.now = now
+        if now - self._last_sweep >= SWEEP_EVERY:
+            self._last_sweep = now
+            self.hub.sweep(now)
+
+    def on_session_closed(self) -> None:
+        if self._drained is not None and not self.sessions:
+            self._drained.set()
+
+    async def stop(self) -> None:
+        """Graceful shutdown: stop accepting, flush, close every client with "reconnect"."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        cfg = self.config
+        for srv in self._servers:
+            srv.close()
+        n = len(self.sessions)
+        log.info("fastim node %s shutting down: closing %d connections", cfg.node_id, n)
+        self._drained = asyncio.Event()
+        for s in list(self.sessions):
+            s.close(CloseCode.GOING_AWAY, SHUTDOWN_REASON)
+        self.flusher.flush()
+        if self.sessions:
+            try:
+                await asyncio.wait_for(self._drained.wait(), cfg.shutdown_timeout)
+            except asyncio.TimeoutError:
+                log.warning("fastim: %d connections did not close in time; dropping them",
+                            len(self.sessions))
+                for s in list(self.sessions):
+                    if s.transport is not None:
+                        s.transport.abort()
+        for srv in self._servers:
+            try:
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        self.wheel.stop()
+        self._stopped.set()
+        log.info("fastim node %s stopped", cfg.node_id)
+
+    async def serve_forever(self) -> None:
+        """Start, run until SIGTERM or SIGINT, then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()

@@ -1,0 +1,419 @@
+"""One connected client, whatever its transport: commands, subscriptions, heartbeat, close.
+
+A session *is* the asyncio protocol of its connection (one object per client, no Task,
+no Timer): the transports in :mod:`fastim.transport` subclass :class:`Session` and turn
+bytes into calls of :meth:`Session.handle_frame` (fastim frames) or
+:meth:`Session.handle_json` (WebSocket text). Everything the session sends goes through
+its :class:`~fastim._core.OutRing`, so replies and channel messages keep their order
+and leave in one write per loop tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+
+from . import _core
+from .errors import BadRequest, ProtocolError
+from .hub import HubError
+from .protocol import (
+    CLIENT_FRAME_TYPES,
+    CloseCode,
+    ErrorCode,
+    FrameType,
+    Request,
+    negotiate,
+    pack_error,
+    pack_goaway,
+    pack_subscribed,
+    pack_unsubscribed,
+    type_mask,
+    unpack_request,
+    validate_channel,
+)
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("fastim")
+
+CLIENT_TYPES_MASK = type_mask(CLIENT_FRAME_TYPES)
+
+HANDSHAKE, OPEN, CLOSING, CLOSED = range(4)
+
+_F = FrameType
+
+
+class Replies:
+    """How a session encodes what it sends: fastim frames (TCP)."""
+
+    json = False
+
+    def frame(self, ftype: int, payload: bytes) -> bytes:
+        return _core.encode_frame(ftype, payload)
+
+    def subscribed(self, req_id: Any, ch: str, off: int) -> bytes:
+        return self.frame(_F.SUBSCRIBED, pack_subscribed(_bin_id(req_id), off, ch.encode()))
+
+    def unsubscribed(self, req_id: Any, ch: str) -> bytes:
+        return self.frame(_F.UNSUBSCRIBED, pack_unsubscribed(_bin_id(req_id), ch.encode()))
+
+    def puback(self, req_id: Any, ch: str, off: int) -> bytes:
+        return self.frame(_F.PUBACK, pack_subscribed(_bin_id(req_id), off, ch.encode()))
+
+    def pong(self, req_id: Any, payload: bytes = b"") -> bytes:
+        return self.frame(_F.PONG, payload)
+
+    def ping(self) -> bytes:
+        return self.frame(_F.PING, b"")
+
+    def error(self, req_id: Any, code: int, reason: str) -> bytes:
+        return self.frame(_F.ERROR, pack_error(_bin_id(req_id), code, reason))
+
+
+class WsBinaryReplies(Replies):
+    """fastim frames, each in a WebSocket binary message."""
+
+    def frame(self, ftype: int, payload: bytes) -> bytes:
+        return _core.ws_encode(_core.OP_BINARY, _core.encode_frame(ftype, payload))
+
+    def ping(self) -> bytes:
+        return _core.ws_encode(_core.OP_PING, b"")
+
+
+class JsonReplies(Replies):
+    """JSON objects in WebSocket text messages (the browser-facing shape)."""
+
+    json = True
+
+    @staticmethod
+    def _text(obj: dict[str, Any], req_id: Any) -> bytes:
+        if req_id is not None:
+            obj["id"] = req_id
+        return _core.ws_encode(_core.OP_TEXT, orjson.dumps(obj))
+
+    def subscribed(self, req_id: Any, ch: str, off: int) -> bytes:
+        return self._text({"op": "subscribed", "ch": ch, "off": off}, req_id)
+
+    def unsubscribed(self, req_id: Any, ch: str) -> bytes:
+        return self._text({"op": "unsubscribed", "ch": ch}, req_id)
+
+    def puback(self, req_id: Any, ch: str, off: int) -> bytes:
+        return self._text({"op": "puback", "ch": ch, "off": off}, req_id)
+
+    def pong(self, req_id: Any, payload: bytes = b"") -> bytes:
+        return self._text({"op": "pong"}, req_id)
+
+    def ping(self) -> bytes:
+        return _core.ws_encode(_core.OP_PING, b"")
+
+    def error(self, req_id: Any, code: int, reason: str) -> bytes:
+        return self._text({"op": "error", "code": code, "reason": reason}, req_id)
+
+
+TCP_REPLIES = Replies()
+WS_BINARY_REPLIES = WsBinaryReplies()
+JSON_REPLIES = JsonReplies()
+
+
+def _bin_id(req_id: Any) -> int:
+    return req_id if isinstance(req_id, int) else 0
+
+
+class Session(asyncio.Protocol):
+    """Base of the TCP and WebSocket sessions."""
+
+    #: the TCP protocol requires HELLO first; over WebSocket the upgrade is the handshake
+    hello_required = True
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.config = node.config
+        self.transport: asyncio.Transport | None = None
+        self.ring: _core.OutRing | None = None
+        self.replies: Replies = TCP_REPLIES
+        self.subs: set[str] | None = None  # created on first subscribe: idle clients stay small
+        self.state = HANDSHAKE
+        self.wheel_tick = -1
+        self.last_rx = node.wheel.now
+        self.awaiting_pong = False
+        self.ping_sent_at = 0.0
+        self.hello_seen = False
+        self.decoder: _core.FrameDecoder | None = None
+
+    # ------------------------------------------------------------------ asyncio protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one
+        self.transport = cast(asyncio.Transport, transport)
+        node = self.node
+        node.sessions.add(self)
+        self.ring = _core.OutRing(
+            node.flusher,
+            self.transport,
+            _core.FMT_TCP,
+            self.config.outbound_cap,
+            self._on_overflow,
+        )
+        if len(node.sessions) > self.config.max_connections:
+            self.refuse_overload()
+            return
+        node.wheel.schedule(self, node.wheel.now + self.config.handshake_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED
+        self._drop_subscriptions()
+        if self.ring is not None:
+            self.ring.close()
+        self.node.wheel.cancel(self)
+        self.node.sessions.discard(self)
+        self.node.on_session_closed()
+
+    def pause_writing(self) -> None:
+        if self.ring is not None:
+            self.ring.pause()
+
+    def resume_writing(self) -> None:
+        if self.ring is not None:
+            self.ring.resume()
+
+    def refuse_overload(self) -> None:
+        """Called when the node is at max_connections; the transport closes."""
+        self.close(CloseCode.GOING_AWAY, "node at its connection limit, try another")
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, data: bytes) -> None:
+        ring = self.ring
+        if ring is not None and self.state < CLOSING:
+            ring.append(data)
+
+    def _on_overflow(self) -> None:
+        self.node.slow_disconnects += 1
+        log.info("closing slow consumer %s", self.peer())
+        self.close(
+            CloseCode.SLOW_CONSUMER,
+            f"slow consumer: over {self.config.outbound_cap} bytes queued; reconnect",
+            drop_pending=True,
+        )
+
+    def peer(self) -> str:
+        if self.transport is None:
+            return "?"
+        peer = self.transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    # ------------------------------------------------------------------ heartbeat
+
+    def mark_open(self) -> None:
+        self.state = OPEN
+        self.node.wheel.schedule(self, self.node.wheel.now + self.config.ping_interval)
+
+    def on_deadline(self, now: float) -> float | None:
+        cfg = self.config
+        if self.state == CLOSING:
+            # the peer never finished the close: drop it
+            if self.transport is not None:
+                self.transport.abort()
+            return None
+        if self.state == HANDSHAKE:
+            self.on_handshake_timeout()
+            return None
+        if self.state != OPEN:
+            return None
+        if self.awaiting_pong:
+            if self.last_rx >= self.ping_sent_at:
+                self.awaiting_pong = False
+            else:
+                self.node.heartbeat_timeouts += 1
+                self.close(
+                    CloseCode.HEARTBEAT_TIMEOUT,
+                    f"no pong within {cfg.pong_timeout:g}s; reconnect",
+                )
+                return None
+        idle = now - self.last_rx
+        if idle >= cfg.ping_interval - self.node.wheel.resolution:
+            self.send(self.replies.ping())
+            self.awaiting_pong = True
+            self.ping_sent_at = now
+            return now + cfg.pong_timeout
+        return self.last_rx + cfg.ping_interval
+
+    def on_handshake_timeout(self) -> None:
+        self.fail(
+            ProtocolError(
+                f"no HELLO within {self.config.handshake_timeout:g}s",
+                ErrorCode.HANDSHAKE_REQUIRED,
+            )
+        )
+
+    # ------------------------------------------------------------------ closing
+
+    def close_bytes(self, code: int, reason: str) -> bytes:
+        """What a transport sends last (GOAWAY frame, WebSocket close frame)."""
+        return _core.encode_frame(_F.GOAWAY, pack_goaway(code, reason))
+
+    def close(self, code: int, reason: str, drop_pending: bool = False) -> None:
+        """Send what is queued (unless ``drop_pending``), a last frame, then close."""
+        if self.state >= CLOSING or self.transport is None:
+            return
+        self.state = CLOSING
+        self._drop_subscriptions()
+        pending = b""
+        ring = self.ring
+        if ring is not None:
+            if not drop_pending and not ring.overflowed:
+                pending = ring.take()
+            ring.close()
+        self.transport.write(pending + self.close_bytes(code, reason))
+        self.finish_close()
+
+    def finish_close(self) -> None:
+        """TCP closes at once (after the write buffer drains); WebSocket overrides."""
+        assert self.transport is not None
+        self.transport.close()
+        self.node.wheel.schedule(self, self.node.wheel.now + self.config.close_timeout)
+
+    def fail(self, err: ProtocolError, req_id: Any = None) -> None:
+        """A protocol violation: error reply naming it, then close."""
+        self.node.protocol_errors += 1
+        log.debug("protocol error from %s: %s", self.peer(), err.reason)
+        if self.state < CLOSING:
+            self.send(self.replies.error(req_id, err.code, err.reason))
+            self.close(err.close_code, err.reason[:100])
+
+    def _drop_subscriptions(self) -> None:
+        subs = self.subs
+        if subs and self.ring is not None:
+            hub = self.node.hub
+            for ch in subs:
+                hub.unsubscribe(ch, self.ring)
+            subs.clear()
+
+    # ------------------------------------------------------------------ commands
+
+    def handle_frame(self, ftype: int, payload: bytes) -> None:
+        """One fastim frame from the client (over TCP, or inside a WebSocket binary message)."""
+        if ftype == _F.HELLO:
+            if self.hello_seen or (self.state == OPEN and self.hello_required):
+                raise BadRequest("HELLO may only be the first frame")
+            version, _options = negotiate(payload)
+            self.hello_seen = True
+            info = orjson.dumps(
+                {
+                    "node": self.config.node_id,
+                    "ping_interval": self.config.ping_interval,
+                    "pong_timeout": self.config.pong_timeout,
+                    "max_frame": self.config.max_frame,
+                }
+            )
+            self.send(self.replies.frame(_F.WELCOME, bytes((version,)) + info))
+            if self.state == HANDSHAKE:
+                self.mark_open()
+            return
+        if self.state == HANDSHAKE:
+            raise ProtocolError(
+                f"first frame must be HELLO (0x01), got 0x{ftype:02x}",
+                ErrorCode.HANDSHAKE_REQUIRED,
+            )
+        self.hello_seen = True
+        if ftype == _F.PING:
+            if len(payload) > 64:
+                raise BadRequest(f"PING payload of {len(payload)} bytes, at most 64")
+            self.send(self.replies.pong(None, payload))
+        elif ftype == _F.PONG:
+            pass  # liveness was recorded when the bytes arrived
+        else:
+            req = unpack_request(ftype, payload)
+            if req.op == "pub":
+                try:
+                    orjson.loads(req.data)
+                except orjson.JSONDecodeError as e:
+                    raise BadRequest(f"PUB data is not a JSON document: {e}") from None
+            self.handle_request(req)
+
+    def handle_json(self, text: bytes) -> None:
+        """One JSON command (WebSocket text message)."""
+        try:
+            msg = orjson.loads(text)
+        except orjson.JSONDecodeError as e:
+            raise BadRequest(f"invalid JSON: {e}") from None
+        if not isinstance(msg, dict):
+            raise BadRequest(f"a command must be a JSON object, got {type(msg).__name__}")
+        req_id = msg.get("id")
+        if req_id is not None and (isinstance(req_id, bool) or not isinstance(req_id, (int, str))):
+            raise BadRequest('field "id" must be an integer or a string')
+        op = msg.get("op")
+        if op is None:
+            raise BadRequest('missing field "op"')
+        if op == "ping":
+            self.send(self.replies.pong(req_id))
+            return
+        if op not in ("sub", "unsub", "pub"):
+            raise ProtocolError(f"unknown op {op!r}", ErrorCode.UNKNOWN_OP)
+        if "ch" not in msg:
+            raise BadRequest(f'missing field "ch" in {op!r}')
+        data = b""
+        if op == "pub":
+            if "data" not in msg:
+                raise BadRequest('missing field "data" in \'pub\'')
+            try:
+                data = orjson.dumps(msg["data"])
+            except TypeError as e:
+                raise BadRequest(f'field "data" cannot be encoded: {e}') from None
+        self.handle_request(Request(op, req_id, msg["ch"], data))
+
+    def handle_request(self, req: Request) -> None:
+        ch = validate_channel(req.channel)
+        ring = self.ring
+        assert ring is not None
+        hub = self.node.hub
+        replies = self.replies
+        op = req.op
+        if op == "pub":
+            if len(req.data) > self.config.max_message:
+                raise ProtocolError(
+                    f"data of {len(req.data)} bytes exceeds max_message", ErrorCode.FRAME_TOO_LARGE
+                )
+            try:
+                off = hub.publish(ch, req.data)
+            except HubError as e:
+                self.send(replies.error(req.id, e.code, e.reason))
+                return
+            self.send(replies.puback(req.id, ch, off))
+        elif op == "sub":
+            subs = self.subs
+            if subs is None:
+                subs = self.subs = set()
+            if ch in subs:
+                self.send(replies.error(req.id, ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {ch!r}"))
+                return
+            if len(subs) >= self.config.max_subscriptions:
+                self.send(
+                    replies.error(
+                        req.id,
+                        ErrorCode.LIMIT_EXCEEDED,
+                        f"at most {self.config.max_subscriptions} subscriptions per connection",
+                    )
+                )
+                return
+            try:
+                channel = hub.channel(ch)
+            except HubError as e:
+                self.send(replies.error(req.id, e.code, e.reason))
+                return
+            assert channel is not None
+            # the reply goes into the ring before the first message can: order holds
+            self.send(replies.subscribed(req.id, ch, channel.offset))
+            hub.subscribe(ch, ring)
+            subs.add(ch)
+        else:  # unsub
+            if not self.subs or ch not in self.subs:
+                self.send(replies.error(req.id, ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {ch!r}"))
+                return
+            self.subs.discard(ch)
+            hub.unsubscribe(ch, ring)
+            self.send(replies.unsubscribed(req.id, ch))

@@ -1,0 +1,37 @@
+"""The fastim TCP transport: a stream of fastim frames, HELLO first."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .. import _core
+from ..errors import ProtocolError
+from ..session import CLOSING, CLIENT_TYPES_MASK, Session
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+
+class TcpSession(Session):
+    """One TCP client: bytes → FrameDecoder → Session.handle_frame."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(node)
+        self.decoder = _core.FrameDecoder(node.config.max_frame, CLIENT_TYPES_MASK)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state >= CLOSING:
+            return
+        self.last_rx = self.node.wheel.now
+        self.node.bytes_in += len(data)
+        assert self.decoder is not None
+        try:
+            for ftype, payload in self.decoder.feed(data):
+                self.handle_frame(ftype, payload)
+                if self.state >= CLOSING:
+                    return
+        except ProtocolError as e:
+            self.fail(e)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
