@@ -1,0 +1,120 @@
+"""Kernel benchmarks: names state the scale. Compiled vs reference in one table."""
+
+from __future__ import annotations
+
+import os
+import types
+from typing import Any
+
+import pytest
+
+
+class Sink:
+    """Stands in for a transport: counts the bytes written to it."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data: bytes) -> None:
+        self.n += len(data)
+
+
+def _frames(impl: types.ModuleType, count: int, size: int) -> bytes:
+    payload = os.urandom(size)
+    return b"".join(impl.encode_frame(0x23, payload) for _ in range(count))
+
+
+@pytest.mark.parametrize("size", [64, 4096])
+def test_encode_frame_1(benchmark: Any, impl: types.ModuleType, size: int) -> None:
+    payload = os.urandom(size)
+    out = benchmark(impl.encode_frame, 0x23, payload)
+    assert len(out) == 9 + size
+
+
+def test_decode_1k_frames_64b_in_one_chunk(benchmark: Any, impl: types.ModuleType) -> None:
+    data = _frames(impl, 1000, 64)
+
+    def run() -> int:
+        return len(impl.FrameDecoder().feed(data))
+
+    assert benchmark(run) == 1000
+
+
+def test_decode_1_frame_1mib_in_4k_chunks(benchmark: Any, impl: types.ModuleType) -> None:
+    data = _frames(impl, 1, 1 << 20)
+    chunks = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+
+    def run() -> int:
+        d = impl.FrameDecoder(2 << 20)
+        n = 0
+        for c in chunks:
+            n += len(d.feed(c))
+        return n
+
+    assert benchmark(run) == 1
+
+
+def test_ws_parse_1k_masked_text_128b(benchmark: Any, impl: types.ModuleType) -> None:
+    msg = b'{"op":"pub","ch":"news","data":' + b'"' + b"x" * 92 + b'"}'
+    data = b"".join(impl.ws_encode(impl.OP_TEXT, msg, mask=os.urandom(4)) for _ in range(1000))
+
+    def run() -> int:
+        return len(impl.WSParser().feed(data))
+
+    assert benchmark(run) == 1000
+
+
+def test_ws_parse_1mib_masked_binary(benchmark: Any, impl: types.ModuleType) -> None:
+    data = impl.ws_encode(impl.OP_BINARY, os.urandom(1 << 20), mask=os.urandom(4))
+
+    def run() -> int:
+        return len(impl.WSParser(2 << 20).feed(data))
+
+    assert benchmark(run) == 1
+
+
+@pytest.mark.parametrize("subscribers", [1, 1000, 10_000])
+def test_fanout_64b_to_subscribers_and_flush(
+    benchmark: Any, impl: types.ModuleType, subscribers: int
+) -> None:
+    """One 64-byte message to N in-process sinks, then one flush (one write per sink)."""
+    flusher = impl.Flusher(None)
+    sinks = [Sink() for _ in range(subscribers)]
+    subs = impl.SubscriberSet()
+    for s in sinks:
+        subs.add(impl.OutRing(flusher, s, impl.FMT_TCP, 1 << 20))
+    frame = impl.encode_frame(0x23, os.urandom(55))
+    frames = (frame, None, None)
+
+    def run() -> int:
+        n = subs.fanout(frames)
+        flusher.flush()
+        return int(n)
+
+    assert benchmark(run) == subscribers
+    assert all(s.n > 0 for s in sinks)
+
+
+def test_fanout_10_msgs_coalesced_to_10k_subscribers(benchmark: Any, impl: types.ModuleType) -> None:
+    """Ten messages in one tick to 10k sinks: 100k appends, 10k writes."""
+    flusher = impl.Flusher(None)
+    sinks = [Sink() for _ in range(10_000)]
+    subs = impl.SubscriberSet()
+    for s in sinks:
+        subs.add(impl.OutRing(flusher, s, impl.FMT_TCP, 1 << 20))
+    frames = (impl.encode_frame(0x23, os.urandom(55)), None, None)
+
+    def run() -> int:
+        for _ in range(10):
+            subs.fanout(frames)
+        return int(flusher.flush())
+
+    assert benchmark(run) == 10_000
+
+
+def test_utf8_validate_64kib(benchmark: Any, impl: types.ModuleType) -> None:
+    text = ("héllo wörld ✓ " * 5000).encode()[: 1 << 16]
+    text = text[: len(text.decode("utf-8", "ignore").encode())]
+    assert benchmark(impl.utf8_valid, text) is True
