@@ -1,0 +1,71 @@
+"""Settings: defaults, file, flags, validation that names the bad key."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from fastim.cli import main
+from fastim.config import Config, ConfigError, build
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+
+
+def test_defaults_bind_loopback_and_validate() -> None:
+    c = Config().validate()
+    assert c.host == "127.0.0.1"
+    assert (c.tcp_port, c.ws_port, c.ws_path, c.ws_echo_path) == (7070, 7071, "/ws", "")
+
+
+def test_file_then_overrides(tmp_path: Path) -> None:
+    p = tmp_path / "f.toml"
+    p.write_text('tcp_port = 9000\nping_interval = 3\nws_echo_path = "/echo"\n')
+    c = build(p, tcp_port=9001, ws_port=None)
+    assert c.tcp_port == 9001  # flag beats file
+    assert c.ping_interval == 3  # file beats default
+    assert c.ws_port == 7071  # None = not given
+    assert c.ws_echo_path == "/echo"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("tcp_prot = 1\n", "unknown setting 'tcp_prot'"),
+        ('tcp_port = "x"\n', "tcp_port: expected int"),
+        ("tcp_port = 70000\n", "tcp_port: must be 0..65535"),
+        ("ping_interval = 0\n", "ping_interval: must be > 0"),
+        ('ws_path = "ws"\n', "ws_path: must start with '/'"),
+        ("tcp_port = 0\nws_port = 0\n", "both 0"),
+        ("max_frame = [1]\n", "max_frame: expected int"),
+        ("this is not toml", "not valid TOML"),
+    ],
+)
+def test_bad_file_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        build(p)
+    assert needle in str(e.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        build("/nonexistent/fastim.toml")
+
+
+def test_cli_refuses_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text("pong_timeout = -1\n")
+    assert main(["serve", "--config", str(p)]) == 2
+    assert "pong_timeout: must be > 0" in capsys.readouterr().err
+
+
+def test_every_setting_is_documented_and_has_a_flag() -> None:
+    doc = DOCS.read_text()
+    for f in fields(Config):
+        assert f"`{f.name}`" in doc, f"{f.name} missing from docs/configuration.md"
+        assert f"`--{f.name.replace('_', '-')}`" in doc
+    assert os.path.exists(DOCS)
