@@ -97,7 +97,9 @@ def test_fanout_64b_to_subscribers_and_flush(
     assert all(s.n > 0 for s in sinks)
 
 
-def test_fanout_10_msgs_coalesced_to_10k_subscribers(benchmark: Any, impl: types.ModuleType) -> None:
+def test_fanout_10_msgs_coalesced_to_10k_subscribers(
+    benchmark: Any, impl: types.ModuleType
+) -> None:
     """Ten messages in one tick to 10k sinks: 100k appends, 10k writes."""
     flusher = impl.Flusher(None)
     sinks = [Sink() for _ in range(10_000)]

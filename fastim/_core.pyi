@@ -79,7 +79,9 @@ class WSParser:
     (see ws_parse_close). Violations raise WebSocketError carrying the close code:
     1002 protocol error (RSV bits, unknown opcode, unmasked client frame, bad
     fragmentation, control frame too long or fragmented), 1007 invalid UTF-8,
-    1009 message larger than ``max_message``. After a close frame or an error, the
+    1009 message larger than ``max_message``. The error's ``events`` attribute holds the
+    events this feed() completed before the violation: the caller handles them first,
+    then fails the connection (RFC 6455 §7.1.7). After a close frame or an error, the
     parser returns no more events.
     """
 
@@ -145,7 +147,9 @@ class Flusher:
     ``flush()`` themselves.
     """
 
-    def __init__(self, schedule: Callable[[Callable[[], object]], object] | None = None) -> None: ...
+    def __init__(
+        self, schedule: Callable[[Callable[[], object]], object] | None = None
+    ) -> None: ...
     def flush(self) -> int:
         """Write every dirty ring; return how many writes were made."""
     @property

@@ -167,9 +167,10 @@ async def _worker_main(
             if msg[0] == "expect":
                 expected, drain = msg[1], msg[2]
                 deadline = time.monotonic() + drain
-        if expected is not None:
-            if all(s.count >= expected for s in subs) or (deadline and time.monotonic() > deadline):
-                break
+        if expected is not None and (
+            all(s.count >= expected for s in subs) or (deadline and time.monotonic() > deadline)
+        ):
+            break
         await asyncio.sleep(0.02)
     res.cpu_s = time.process_time() - c0
     res.wall_s = time.monotonic() - t0
@@ -190,7 +191,7 @@ def _worker(
     try:
         import resource
 
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except Exception:
         pass
@@ -203,7 +204,13 @@ def _worker(
 
 
 async def _publisher(
-    host: str, port: int, channel: str, duration: float, rate: float, inflight: int, size: int,
+    host: str,
+    port: int,
+    channel: str,
+    duration: float,
+    rate: float,
+    inflight: int,
+    size: int,
     progress: bool,
 ) -> tuple[int, float]:
     """Publish for ``duration`` seconds; return (acked messages, seconds)."""
@@ -245,16 +252,22 @@ async def _publisher(
             if delay > 0:
                 await asyncio.sleep(delay)
         data = b'{"t":%d,"p":"%s"}' % (time.monotonic_ns(), pad.encode())
-        writer.write(_core.encode_frame(FrameType.PUB, pack_sub(FrameType.PUB, sent + 1, channel, data)))
+        writer.write(
+            _core.encode_frame(FrameType.PUB, pack_sub(FrameType.PUB, sent + 1, channel, data))
+        )
         sent += 1
         if progress and time.monotonic() >= next_report:
             next_report += 1.0
             el = time.monotonic() - t0
-            print(f"\r  running {el:4.1f}s  published {sent:,}  ({sent / el:,.0f} msg/s)",
-                  end="", file=sys.stderr, flush=True)
+            print(
+                f"\r  running {el:4.1f}s  published {sent:,}  ({sent / el:,.0f} msg/s)",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
     # wait for the last acks
     wait_until = time.monotonic() + 10
-    while acked < sent and time.monotonic() < wait_until:
+    while acked < sent and time.monotonic() < wait_until:  # noqa: ASYNC110 - bounded poll
         await asyncio.sleep(0.01)
     elapsed = time.monotonic() - t0
     rtask.cancel()
@@ -280,8 +293,20 @@ def _free_port() -> int:
 
 def _spawn_node(core: str | None) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "fastim", "serve", "--tcp-port", str(port), "--ws-port", "0",
-           "--log-level", "warning", "--node-id", "bench-node"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastim",
+        "serve",
+        "--tcp-port",
+        str(port),
+        "--ws-port",
+        "0",
+        "--log-level",
+        "warning",
+        "--node-id",
+        "bench-node",
+    ]
     if core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", core, *cmd]
     proc = subprocess.Popen(cmd)
@@ -309,24 +334,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         host, port = u.hostname, u.port
         channel = args.channel
         procs = max(1, args.processes)
-        share = [args.subscribers // procs + (1 if i < args.subscribers % procs else 0)
-                 for i in range(procs)]
+        share = [
+            args.subscribers // procs + (1 if i < args.subscribers % procs else 0)
+            for i in range(procs)
+        ]
         sample_each = max(1, args.sample // procs)
         ctx = mp.get_context("spawn")
         pipes = []
         workers = []
         progress = not args.json and not args.quiet
         if progress:
-            print(f"fastim bench → {url}: {args.subscribers:,} subscribers in {procs} "
-                  f"process(es), {args.size}-byte messages, "
-                  + (f"{args.rate:g} msg/s" if args.rate else f"saturation (≤{args.inflight} in flight)")
-                  + f", {args.duration:g}s", file=sys.stderr)
+            print(
+                f"fastim bench → {url}: {args.subscribers:,} subscribers in {procs} "
+                f"process(es), {args.size}-byte messages, "
+                + (
+                    f"{args.rate:g} msg/s"
+                    if args.rate
+                    else f"saturation (≤{args.inflight} in flight)"
+                )
+                + f", {args.duration:g}s",
+                file=sys.stderr,
+            )
         for i, n in enumerate(share):
             a, b = ctx.Pipe()
             ip_base = (1 + i * 8) if args.spread_ips else 0
-            p = ctx.Process(target=_worker,
-                            args=(host, port, channel, n, min(sample_each, n), b, ip_base),
-                            daemon=True)
+            p = ctx.Process(
+                target=_worker,
+                args=(host, port, channel, n, min(sample_each, n), b, ip_base),
+                daemon=True,
+            )
             if args.client_cpu is not None and hasattr(os, "sched_setaffinity"):
                 pass  # affinity set after start, below
             p.start()
@@ -342,8 +378,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"fastim bench: worker failed: {msg[1]}")
             ready += msg[1]
             if progress:
-                print(f"\r  connected {ready:,}/{args.subscribers:,}", end="", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"\r  connected {ready:,}/{args.subscribers:,}",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
         connect_s = time.monotonic() - t_conn
         if progress:
             print(f"  ({connect_s:.1f}s)", file=sys.stderr)
@@ -353,8 +393,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             os.sched_setaffinity(0, {int(c) for c in args.client_cpu.split(",")})
         c0 = time.process_time()
         acked, elapsed = _run_loop(
-            _publisher(host, port, channel, args.duration, args.rate, args.inflight, args.size,
-                       progress)
+            _publisher(
+                host, port, channel, args.duration, args.rate, args.inflight, args.size, progress
+            )
         )
         pub_cpu = time.process_time() - c0
         for a in pipes:
@@ -422,14 +463,29 @@ def render(r: dict[str, Any]) -> str:
     rows = [
         ("target", r["url"]),
         ("subscribers", f"{r['subscribers']:,}"),
-        ("mode", f"{r['mode']}" + (f" {r['rate']:g} msg/s" if r["rate"] else f" (≤{r['inflight']} in flight)")),
+        (
+            "mode",
+            f"{r['mode']}"
+            + (f" {r['rate']:g} msg/s" if r["rate"] else f" (≤{r['inflight']} in flight)"),
+        ),
         ("message size", f"{r['size']} B"),
-        ("published (acked)", f"{r['published']:,} in {r['duration_s']:.2f}s = {r['publish_per_s']:,.0f}/s"),
+        (
+            "published (acked)",
+            f"{r['published']:,} in {r['duration_s']:.2f}s = {r['publish_per_s']:,.0f}/s",
+        ),
         ("deliveries", f"{r['deliveries']:,} of {r['deliveries_expected']:,}"),
         ("deliveries/s", f"{r['deliveries_per_s']:,.0f}"),
-        ("latency p50/p90/p99", f"{lat['p50']:,.0f} / {lat['p90']:,.0f} / {lat['p99']:,.0f} µs ({lat['samples']:,} samples)"),
+        (
+            "latency p50/p90/p99",
+            f"{lat['p50']:,.0f} / {lat['p90']:,.0f} / {lat['p99']:,.0f} µs"
+            f" ({lat['samples']:,} samples)",
+        ),
         ("lost / reordered / dup", f"{r['lost']:,} / {r['reordered']:,} / {r['duplicates']:,}"),
-        ("generator CPU", f"worker max {g['worker_cpu_max_pct']}%, publisher {g['publisher_cpu_pct']}% ({g['processes']} procs)"),
+        (
+            "generator CPU",
+            f"worker max {g['worker_cpu_max_pct']}%, publisher {g['publisher_cpu_pct']}%"
+            f" ({g['processes']} procs)",
+        ),
     ]
     w = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(w)}  {v}" for k, v in rows]
@@ -449,17 +505,27 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--subscribers", "-n", type=int, default=1000)
     p.add_argument("--duration", "-d", type=float, default=5.0, help="seconds of publishing")
     p.add_argument("--rate", "-r", type=float, default=0.0, help="msg/s; 0 = saturation")
-    p.add_argument("--inflight", "-w", type=int, default=64, help="unacked publishes at most (saturation)")
+    p.add_argument(
+        "--inflight", "-w", type=int, default=64, help="unacked publishes at most (saturation)"
+    )
     p.add_argument("--size", "-s", type=int, default=64, help="message size, bytes (≥ 40)")
-    p.add_argument("--processes", "-p", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="subscriber worker processes")
+    p.add_argument(
+        "--processes",
+        "-p",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="subscriber worker processes",
+    )
     p.add_argument("--sample", type=int, default=20, help="subscribers that check every message")
     p.add_argument("--channel", default="bench")
     p.add_argument("--drain", type=float, default=15.0, help="seconds to wait for stragglers")
     p.add_argument("--server-cpu", default="0", help="CPU to pin a spawned node to (taskset)")
     p.add_argument("--client-cpu", default=None, help="CPUs for the generator, e.g. 1")
-    p.add_argument("--spread-ips", action="store_true",
-                   help="bind subscribers to 127.0.0.x source addresses (for >60k connections)")
+    p.add_argument(
+        "--spread-ips",
+        action="store_true",
+        help="bind subscribers to 127.0.0.x source addresses (for >60k connections)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd)
@@ -467,8 +533,10 @@ def add_bench_parser(sub: Any) -> None:
 
 def _cmd(args: argparse.Namespace) -> int:
     if args.subscribers < 1 or args.duration <= 0 or args.inflight < 1:
-        print("fastim bench: --subscribers, --duration and --inflight must be positive",
-              file=sys.stderr)
+        print(
+            "fastim bench: --subscribers, --duration and --inflight must be positive",
+            file=sys.stderr,
+        )
         return 2
     result = run(args)
     if args.json:

@@ -79,7 +79,8 @@ def _run(coro: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="fastim", description="fastim: a real-time message server with a compiled fan-out core."
+        prog="fastim",
+        description="fastim: a real-time message server with a compiled fan-out core.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

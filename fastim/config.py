@@ -139,7 +139,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file into a dict of known settings, or raise ConfigError."""
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            data: dict[str, Any] = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
@@ -147,7 +147,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
     known = {f.name for f in fields(Config)}
     for key in data:
         if key not in known:
-            raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+            raise ConfigError(
+                f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})"
+            )
     return data
 
 

@@ -69,10 +69,11 @@ class WebSocketError(ProtocolError):
 
     def __init__(self, reason: str, ws_close_code: int = CloseCode.PROTOCOL_ERROR) -> None:
         self.ws_close_code = ws_close_code
-        code = {
-            CloseCode.INVALID_DATA: ErrorCode.INVALID_UTF8,
-            CloseCode.MESSAGE_TOO_BIG: ErrorCode.FRAME_TOO_LARGE,
-        }.get(ws_close_code, ErrorCode.BAD_FRAMING)
+        code: int = ErrorCode.BAD_FRAMING
+        if ws_close_code == CloseCode.INVALID_DATA:
+            code = ErrorCode.INVALID_UTF8
+        elif ws_close_code == CloseCode.MESSAGE_TOO_BIG:
+            code = ErrorCode.FRAME_TOO_LARGE
         super().__init__(reason, code)
 
     @property

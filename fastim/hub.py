@@ -39,7 +39,16 @@ def new_epoch() -> str:
 class Channel:
     """One channel: subscribers, the offset sequence, and recent history."""
 
-    __slots__ = ("_json_prefix", "epoch", "history", "idle_since", "name", "name_b", "offset", "subs")
+    __slots__ = (
+        "_json_prefix",
+        "epoch",
+        "history",
+        "idle_since",
+        "name",
+        "name_b",
+        "offset",
+        "subs",
+    )
 
     def __init__(self, name: str, history_size: int) -> None:
         self.name = name

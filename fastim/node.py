@@ -58,22 +58,33 @@ class Node:
         self.flusher = _core.Flusher(loop.call_soon)
         resolution = max(
             0.01,
-            min(0.25, cfg.ping_interval / 4, cfg.pong_timeout / 4, cfg.close_timeout / 4,
-                cfg.handshake_timeout / 4),
+            min(
+                0.25,
+                cfg.ping_interval / 4,
+                cfg.pong_timeout / 4,
+                cfg.close_timeout / 4,
+                cfg.handshake_timeout / 4,
+            ),
         )
         self.wheel = TimerWheel(loop, resolution=resolution, on_tick=self._on_tick)
         self.hub.now = self.wheel.now
         try:
             if cfg.tcp_port:
                 srv = await loop.create_server(
-                    lambda: TcpSession(self), cfg.host, cfg.tcp_port, backlog=cfg.backlog,
+                    lambda: TcpSession(self),
+                    cfg.host,
+                    cfg.tcp_port,
+                    backlog=cfg.backlog,
                     reuse_address=True,
                 )
                 self._servers.append(srv)
                 self.tcp_port = srv.sockets[0].getsockname()[1]
             if cfg.ws_port:
                 srv = await loop.create_server(
-                    lambda: WsSession(self), cfg.host, cfg.ws_port, backlog=cfg.backlog,
+                    lambda: WsSession(self),
+                    cfg.host,
+                    cfg.ws_port,
+                    backlog=cfg.backlog,
                     reuse_address=True,
                 )
                 self._servers.append(srv)
@@ -125,8 +136,10 @@ class Node:
             try:
                 await asyncio.wait_for(self._drained.wait(), cfg.shutdown_timeout)
             except asyncio.TimeoutError:
-                log.warning("fastim: %d connections did not close in time; dropping them",
-                            len(self.sessions))
+                log.warning(
+                    "fastim: %d connections did not close in time; dropping them",
+                    len(self.sessions),
+                )
                 for s in list(self.sessions):
                     if s.transport is not None:
                         s.transport.abort()

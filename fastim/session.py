@@ -359,7 +359,7 @@ class Session(asyncio.Protocol):
         data = b""
         if op == "pub":
             if "data" not in msg:
-                raise BadRequest('missing field "data" in \'pub\'')
+                raise BadRequest("missing field \"data\" in 'pub'")
             try:
                 data = orjson.dumps(msg["data"])
             except TypeError as e:
@@ -389,7 +389,11 @@ class Session(asyncio.Protocol):
             if subs is None:
                 subs = self.subs = set()
             if ch in subs:
-                self.send(replies.error(req.id, ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {ch!r}"))
+                self.send(
+                    replies.error(
+                        req.id, ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {ch!r}"
+                    )
+                )
                 return
             if len(subs) >= self.config.max_subscriptions:
                 self.send(
@@ -412,7 +416,9 @@ class Session(asyncio.Protocol):
             subs.add(ch)
         else:  # unsub
             if not self.subs or ch not in self.subs:
-                self.send(replies.error(req.id, ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {ch!r}"))
+                self.send(
+                    replies.error(req.id, ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {ch!r}")
+                )
                 return
             self.subs.discard(ch)
             hub.unsubscribe(ch, ring)

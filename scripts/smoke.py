@@ -49,7 +49,7 @@ def main() -> None:
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise SystemExit("node did not start")
+                    raise SystemExit("node did not start") from None
                 time.sleep(0.05)
         asyncio.run(roundtrip(f"tcp://127.0.0.1:{tcp}"))
         asyncio.run(roundtrip(f"ws://127.0.0.1:{ws}/ws"))
@@ -57,8 +57,10 @@ def main() -> None:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(15)
     assert rc == 0, f"fastim serve exited with {rc}"
-    print(f"smoke ok: fastim {fastim.__version__} on Python {sys.version.split()[0]} "
-          f"({fastim._core.__file__})")
+    print(
+        f"smoke ok: fastim {fastim.__version__} on Python {sys.version.split()[0]} "
+        f"({fastim._core.__file__})"
+    )
 
 
 if __name__ == "__main__":

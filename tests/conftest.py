@@ -83,17 +83,30 @@ class NodeProcess:
             self.proc.kill()
             out, _ = self.proc.communicate()
             self.log.append(out)
-            raise AssertionError(f"node did not exit within {timeout}s after signal {sig}")
+            msg = f"node did not exit within {timeout}s after signal {sig}"
+            raise AssertionError(msg) from None
         self.log.append(out)
         return self.proc.returncode
 
 
 def start_node_process(*args: str, timeout: float = 20.0) -> NodeProcess:
     tcp, ws = free_port(), free_port()
-    cmd = [sys.executable, "-m", "fastim", "serve", "--tcp-port", str(tcp), "--ws-port", str(ws),
-           "--node-id", "proc-node", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastim",
+        "serve",
+        "--tcp-port",
+        str(tcp),
+        "--ws-port",
+        str(ws),
+        "--node-id",
+        "proc-node",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     assert proc.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + timeout

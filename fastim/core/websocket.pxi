@@ -348,6 +348,15 @@ cdef class WSParser:
                     if self.hdr_have < self.hdr_need:
                         break
                 self._start_frame(out)
+        except WebSocketError as e:
+            # RFC 6455 §5.1 / §7.1.7: the messages and control frames completed before the
+            # violation were valid and must still be handled (echoed) before the close that
+            # fails the connection (Autobahn 3.2, 4.1.3, 5.15: "echo for first message is
+            # received, then the connection is failed"). They ride on the error.
+            self._closed = True
+            self.single = None
+            e.events = out
+            raise
         except BaseException:
             self._closed = True
             self.single = None

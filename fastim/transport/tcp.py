@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from .. import _core
 from ..errors import ProtocolError
-from ..session import CLOSING, CLIENT_TYPES_MASK, Session
+from ..session import CLIENT_TYPES_MASK, CLOSING, Session
 
 if TYPE_CHECKING:
     from ..node import Node

@@ -95,6 +95,10 @@ class WsSession(Session):
 
     def data_received(self, data: bytes) -> None:
         if self.state >= CLOSING:
+            # RFC 6455 §5.5.1 / §7.1.1: after our close frame, keep parsing until the
+            # peer's close arrives, then drop TCP (else we would wait close_timeout)
+            if self.state == CLOSING and self.parser is not None and not self.parser.closed:
+                self._ws_data(data)
             return
         self.last_rx = self.node.wheel.now
         self.node.bytes_in += len(data)
@@ -254,11 +258,21 @@ class WsSession(Session):
 
     def _ws_data(self, data: bytes) -> None:
         assert self.parser is not None
+        error: WebSocketError | None = None
         try:
-            for opcode, payload in self.parser.feed(data):
-                self._ws_event(opcode, payload)
+            events = self.parser.feed(data)
+        except WebSocketError as e:
+            # RFC 6455 §7.1.7: what arrived complete before the violation is handled
+            # first (echoed), then the connection is failed (see WSParser in _core.pyi)
+            events = getattr(e, "events", None) or []
+            error = e
+        try:
+            for opcode, payload in events:
                 if self.state >= CLOSING and opcode != _core.OP_CLOSE:
-                    return
+                    continue  # after our close frame only the peer's close matters (§5.5.1)
+                self._ws_event(opcode, payload)
+            if error is not None:
+                self.fail(error)
         except ProtocolError as e:
             self.fail(e)
 
@@ -333,6 +347,11 @@ class WsSession(Session):
         if isinstance(err, WebSocketError):
             # framing is broken: no error message, just the close code RFC 6455 asks for
             self.node.protocol_errors += 1
+            if self.state >= CLOSING:
+                # broken framing while we wait for the peer's close: stop waiting (§7.1.7)
+                assert self.transport is not None
+                self.transport.close()
+                return
             self.close(err.ws_close_code, err.reason[:100])
             return
         super().fail(err, req_id)
