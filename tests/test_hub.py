@@ -1,0 +1,89 @@
+"""The hub: offsets, history, encode-once per format, channel lifetime."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from fastim import _core
+from fastim.config import Config
+from fastim.hub import Hub, HubError
+from fastim.protocol import FrameType, unpack_msg
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+def ring(flusher: _core.Flusher, fmt: int) -> tuple[_core.OutRing, Sink]:
+    s = Sink()
+    return _core.OutRing(flusher, s, fmt, 1 << 20), s
+
+
+def test_offsets_are_consecutive_and_history_keeps_the_last_n() -> None:
+    hub = Hub(Config(history_size=3))
+    offs = [hub.publish("a", b'{"n":%d}' % i) for i in range(5)]
+    assert offs == [1, 2, 3, 4, 5]
+    assert hub.publish("b", b"1") == 1  # per channel
+    ch = hub.channels["a"]
+    assert ch.history.since(2) == [(3, b'{"n":2}'), (4, b'{"n":3}'), (5, b'{"n":4}')]
+    assert ch.history.since(1) is None  # evicted
+
+
+def test_each_format_gets_its_encoding_and_only_used_formats_are_built() -> None:
+    hub = Hub(Config())
+    fl = _core.Flusher(None)
+    (rt, st), (rb, sb), (rj, sj) = (ring(fl, f) for f in range(3))
+    ch = hub.subscribe("news", rt)
+    assert ch.encode(1, b"{}")[1:] == (None, None)  # nobody on WS yet: nothing built for it
+    hub.subscribe("news", rb)
+    hub.subscribe("news", rj)
+    off = hub.publish("news", b'{"x":"\xc3\xa9"}')
+    fl.flush()
+    [(t, p)] = _core.FrameDecoder().feed(st.data)
+    assert t == FrameType.MSG and unpack_msg(p) == (off, "news", b'{"x":"\xc3\xa9"}')
+    parser = _core.WSParser(client=True)
+    [(op, inner)] = parser.feed(sb.data)
+    assert op == _core.OP_BINARY and inner == st.data
+    [(op, text)] = _core.WSParser(client=True).feed(sj.data)
+    assert op == _core.OP_TEXT
+    assert orjson.loads(text) == {"op": "msg", "ch": "news", "off": off, "data": {"x": "é"}}
+    assert hub.delivered == 3
+
+
+def test_channels_without_subscribers_expire_after_ttl() -> None:
+    hub = Hub(Config(history_ttl=10))
+    fl = _core.Flusher(None)
+    r, _ = ring(fl, 0)
+    hub.now = 100.0
+    hub.subscribe("keep", r)
+    hub.publish("gone", b"1")
+    assert hub.sweep(105.0) == 0
+    assert hub.sweep(111.0) == 1
+    assert set(hub.channels) == {"keep"}
+    hub.publish("keep", b"1")
+    hub.now = 200.0
+    hub.unsubscribe("keep", r)  # idle from now on
+    assert hub.sweep(205.0) == 0
+    hub.now = 0
+    assert hub.sweep(1000.0) == 1
+    assert hub.channels == {}
+
+
+def test_no_history_means_no_idle_channels() -> None:
+    hub = Hub(Config(history_size=0))
+    hub.publish("x", b"1")
+    assert hub.channels == {}
+
+
+def test_channel_limit() -> None:
+    hub = Hub(Config(max_channels=2))
+    hub.publish("a", b"1")
+    hub.publish("b", b"1")
+    with pytest.raises(HubError) as e:
+        hub.publish("c", b"1")
+    assert "maximum of 2 channels" in e.value.reason
