@@ -69,7 +69,7 @@ async def test_a_stalled_loop_catches_up() -> None:
     now = loop.time()
     for k, it in enumerate(items):
         wheel.schedule(it, now + 0.01 * k)
-    time.sleep(0.3)  # block the loop for many laps
+    time.sleep(0.3)  # noqa: ASYNC251 - block the loop on purpose, for many laps
     await asyncio.sleep(0.05)
     wheel.stop()
     assert all(len(it.fired) == 1 for it in items)
