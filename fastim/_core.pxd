@@ -74,7 +74,8 @@ cdef class OutRing:
     cdef Py_ssize_t bufcap
     cdef Py_ssize_t head
     cdef Py_ssize_t size
-    cdef public int fmt
+    cdef int _fmt
+    cdef Py_ssize_t nsets      # SubscriberSets this ring is in: fmt is fixed while > 0
     cdef public Py_ssize_t cap
     cdef public object transport
     cdef public object on_overflow

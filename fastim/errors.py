@@ -69,6 +69,9 @@ class WebSocketError(ProtocolError):
 
     def __init__(self, reason: str, ws_close_code: int = CloseCode.PROTOCOL_ERROR) -> None:
         self.ws_close_code = ws_close_code
+        #: events the parser completed in the same feed() before the violation; they were
+        #: valid and are handled before the close (RFC 6455 §7.1.7)
+        self.events: list[tuple[int, bytes]] = []
         code: int = ErrorCode.BAD_FRAMING
         if ws_close_code == CloseCode.INVALID_DATA:
             code = ErrorCode.INVALID_UTF8

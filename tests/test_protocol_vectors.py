@@ -36,7 +36,7 @@ F = P.FrameType
 def pack(ftype: int, f: dict[str, Any]) -> bytes:
     """Build a payload from the vector's fields with fastim.protocol."""
     if ftype == F.HELLO:
-        return P.pack_hello(f["min_version"], f["max_version"], f["options"].encode())
+        return P.pack_hello(f["min_version"], f["max_version"], str(f["options"]).encode())
     if ftype == F.WELCOME:
         return bytes((f["version"],)) + f["info"].encode()
     if ftype in (F.PING, F.PONG):

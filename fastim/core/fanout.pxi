@@ -11,6 +11,7 @@ cdef class SubscriberSet:
         cdef Py_ssize_t i
         if self.arr != NULL:
             for i in range(self.n):
+                (<OutRing>self.arr[i]).nsets -= 1
                 Py_DECREF(<object>self.arr[i])
             free(self.arr)
             self.arr = NULL
@@ -42,7 +43,8 @@ cdef class SubscriberSet:
         self.arr[self.n] = <void*>ring
         self.index[ring] = self.n
         self.n += 1
-        self.counts[ring.fmt] += 1
+        self.counts[ring._fmt] += 1
+        ring.nsets += 1
         return True
 
     def remove(self, OutRing ring not None):
@@ -58,7 +60,8 @@ cdef class SubscriberSet:
             last = <object>self.arr[self.n]
             self.arr[i] = self.arr[self.n]
             self.index[last] = i
-        self.counts[ring.fmt] -= 1
+        self.counts[ring._fmt] -= 1
+        ring.nsets -= 1
         Py_DECREF(ring)
         if self.acap > 64 and self.n < self.acap // 4:
             self.acap //= 2
@@ -89,7 +92,7 @@ cdef class SubscriberSet:
         # frames stay alive (held by the tuple) for the whole loop
         for i in range(self.n):
             ring = <OutRing>self.arr[i]
-            f = ring.fmt
+            f = ring._fmt
             if ptr[f] != NULL:
                 delivered += ring._append(ptr[f], lens[f])
         return delivered

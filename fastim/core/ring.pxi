@@ -76,7 +76,7 @@ cdef class OutRing:
             raise ValueError("cap must be >= 0")
         self.flusher = flusher
         self.transport = transport
-        self.fmt = fmt
+        self._fmt = fmt
         self.cap = cap
         self.on_overflow = on_overflow
 
@@ -87,6 +87,19 @@ cdef class OutRing:
 
     def __len__(self):
         return self.size
+
+    @property
+    def fmt(self):
+        return self._fmt
+
+    @fmt.setter
+    def fmt(self, int fmt):
+        if fmt < 0 or fmt >= N_FORMATS:
+            raise ValueError(f"fmt must be 0..{N_FORMATS - 1}, got {fmt}")
+        if fmt != self._fmt and self.nsets:
+            # a SubscriberSet counts its members per format: they would go stale
+            raise ValueError("cannot change fmt while the ring is in a SubscriberSet")
+        self._fmt = fmt
 
     @property
     def capacity(self):

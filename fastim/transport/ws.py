@@ -143,7 +143,10 @@ class WsSession(Session):
         self.http = None
         self.state = CLOSING
         self.transport.write(
-            head + extra + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload
+            head
+            + extra
+            + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload)
+            + payload
         )
         self.transport.close()
         self.node.wheel.schedule(self, self.node.wheel.now + self.config.close_timeout)
@@ -164,7 +167,9 @@ class WsSession(Session):
             ws_paths.add(cfg.ws_echo_path.encode())
         if path in ws_paths:
             if method != b"GET":
-                self.http_reply(405, "WebSocket endpoint: use GET with an Upgrade", b"Allow: GET\r\n")
+                self.http_reply(
+                    405, "WebSocket endpoint: use GET with an Upgrade", b"Allow: GET\r\n"
+                )
             else:
                 self.http_reply(
                     426,
@@ -222,7 +227,13 @@ class WsSession(Session):
         assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept_key(key) + b"\r\n" + proto_line + b"Server: " + _SERVER + b"\r\n\r\n"
+            b"Sec-WebSocket-Accept: "
+            + accept_key(key)
+            + b"\r\n"
+            + proto_line
+            + b"Server: "
+            + _SERVER
+            + b"\r\n\r\n"
         )
         self.http = None
         self.headers = {}
@@ -249,7 +260,9 @@ class WsSession(Session):
             self.ring.fmt = _core.FMT_WS_JSON
 
     def on_handshake_timeout(self) -> None:
-        self.http_reply(400, f"no complete WebSocket upgrade within {self.config.handshake_timeout:g}s")
+        self.http_reply(
+            400, f"no complete WebSocket upgrade within {self.config.handshake_timeout:g}s"
+        )
 
     def refuse_overload(self) -> None:
         self.http_reply(503, "node at its connection limit, try another", b"Retry-After: 1\r\n")
@@ -264,7 +277,7 @@ class WsSession(Session):
         except WebSocketError as e:
             # RFC 6455 §7.1.7: what arrived complete before the violation is handled
             # first (echoed), then the connection is failed (see WSParser in _core.pyi)
-            events = getattr(e, "events", None) or []
+            events = e.events
             error = e
         try:
             for opcode, payload in events:
@@ -312,7 +325,7 @@ class WsSession(Session):
         elif opcode == _core.OP_PING:
             self.send(_core.ws_encode(_core.OP_PONG, payload))
         elif opcode == _core.OP_CLOSE:
-            code, reason = _core.ws_parse_close(payload)
+            code, _reason = _core.ws_parse_close(payload)
             if self.state >= CLOSING:
                 # the answer to our close: the handshake is done
                 assert self.transport is not None

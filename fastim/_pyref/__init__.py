@@ -1,0 +1,51 @@
+"""Pure-Python twins of ``fastim._core``: same names, same behaviour, readable.
+
+They are the specification the compiled core is tested against (``tests/core``), not
+a fallback: ``import fastim._pyref as ref`` gives the same public names as
+``fastim._core``.
+"""
+
+from .fanout import FMT_TCP, FMT_WS_BINARY, FMT_WS_JSON, N_FORMATS, SubscriberSet
+from .frames import DEFAULT_MAX_FRAME, HEADER_SIZE, FrameDecoder, crc32, encode_frame
+from .ring import DEFAULT_RING_CAP, Flusher, HistoryRing, OutRing
+from .websocket import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    WSParser,
+    utf8_valid,
+    ws_close_payload,
+    ws_encode,
+    ws_parse_close,
+)
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_RING_CAP",
+    "FMT_TCP",
+    "FMT_WS_BINARY",
+    "FMT_WS_JSON",
+    "HEADER_SIZE",
+    "N_FORMATS",
+    "OP_BINARY",
+    "OP_CLOSE",
+    "OP_CONT",
+    "OP_PING",
+    "OP_PONG",
+    "OP_TEXT",
+    "Flusher",
+    "FrameDecoder",
+    "HistoryRing",
+    "OutRing",
+    "SubscriberSet",
+    "WSParser",
+    "crc32",
+    "encode_frame",
+    "utf8_valid",
+    "ws_close_payload",
+    "ws_encode",
+    "ws_parse_close",
+]
