@@ -96,6 +96,9 @@ cdef class SubscriberSet:
     cdef Py_ssize_t acap
     cdef dict index
     cdef Py_ssize_t counts[3]
+    cdef int iterating         # > 0 while fanout() walks arr: add/remove refuse
+
+    cdef inline int _check_mutable(self) except -1
 
 
 cdef class HistoryRing:

@@ -39,6 +39,10 @@ class SubscriberSet:
         ring._nsets -= 1
         return True
 
+    def __del__(self) -> None:
+        for ring in self._rings:  # a dropped set no longer pins its members' fmt
+            ring._nsets -= 1
+
     def __len__(self) -> int:
         return len(self._rings)
 

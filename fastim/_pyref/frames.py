@@ -45,6 +45,8 @@ class FrameDecoder:
     def __init__(
         self, max_frame: int = DEFAULT_MAX_FRAME, allowed_types: bytes | None = None
     ) -> None:
+        if max_frame < 0:
+            raise ValueError("max_frame must be >= 0")
         if allowed_types is not None and len(allowed_types) != 256:
             raise ValueError("allowed_types must be a 256-byte table")
         self.max_frame = max_frame

@@ -130,6 +130,8 @@ class WSParser:
     """Streaming RFC 6455 frame parser (server side by default; see ``fastim._core``)."""
 
     def __init__(self, max_message: int = 1 << 20, client: bool = False) -> None:
+        if max_message < 0:
+            raise ValueError("max_message must be >= 0")
         self.max_message = max_message
         self._client = client
         self._closed = False

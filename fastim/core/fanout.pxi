@@ -27,9 +27,16 @@ cdef class SubscriberSet:
             return 0
         return self.counts[fmt]
 
+    cdef inline int _check_mutable(self) except -1:
+        if self.iterating:
+            # fanout() walks the C array without references of its own
+            raise RuntimeError("SubscriberSet changed during fanout")
+        return 0
+
     def add(self, OutRing ring not None):
         cdef void** na
         cdef Py_ssize_t ncap
+        self._check_mutable()
         if ring in self.index:
             return False
         if self.n == self.acap:
@@ -50,6 +57,7 @@ cdef class SubscriberSet:
     def remove(self, OutRing ring not None):
         cdef Py_ssize_t i
         cdef object last
+        self._check_mutable()
         pos = self.index.pop(ring, None)
         if pos is None:
             return False
@@ -89,10 +97,15 @@ cdef class SubscriberSet:
                         raise TypeError("frames must be bytes or None")
                     ptr[f] = PyBytes_AS_STRING(fr)
                     lens[f] = PyBytes_GET_SIZE(fr)
-        # frames stay alive (held by the tuple) for the whole loop
-        for i in range(self.n):
-            ring = <OutRing>self.arr[i]
-            f = ring._fmt
-            if ptr[f] != NULL:
-                delivered += ring._append(ptr[f], lens[f])
+        # frames stay alive (held by the tuple) for the whole loop; the array may not
+        # change under it (a schedule callback could try): add/remove raise meanwhile
+        self.iterating += 1
+        try:
+            for i in range(self.n):
+                ring = <OutRing>self.arr[i]
+                f = ring._fmt
+                if ptr[f] != NULL:
+                    delivered += ring._append(ptr[f], lens[f])
+        finally:
+            self.iterating -= 1
         return delivered

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -165,6 +169,20 @@ def test_changing_fmt_of_a_member_keeps_counts_consistent(impl: ModuleType) -> N
     assert [subs.count(f) for f in range(3)] == [0, 0, 0]
 
 
+def test_fmt_is_free_again_once_no_set_holds_the_ring(impl: ModuleType) -> None:
+    ring = impl.OutRing(None, Sink())
+    first, second = impl.SubscriberSet(), impl.SubscriberSet()
+    first.add(ring)
+    second.add(ring)
+    ring.fmt = impl.FMT_TCP  # setting the same format is fine
+    first.remove(ring)
+    with pytest.raises(ValueError):
+        ring.fmt = impl.FMT_WS_BINARY
+    del second  # dropping the set releases its members
+    ring.fmt = impl.FMT_WS_BINARY
+    assert ring.fmt == impl.FMT_WS_BINARY
+
+
 def test_thousand_rings_receive_in_order_with_one_write_per_tick(impl: ModuleType) -> None:
     sched = Scheduler()
     flusher = impl.Flusher(sched)
@@ -223,3 +241,80 @@ def test_membership_matches_a_set(
     assert [r.take() for r in pool] == [
         str(fmts[j]).encode() if j in model else b"" for j in range(len(pool))
     ]
+
+
+# ---------------------------------------------------------------- memory safety
+# Run in a child process: a bug here is a segfault, which must fail one test, not
+# kill the whole run.
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MUTATE_DURING_FANOUT = """
+import importlib, sys
+mod = importlib.import_module(sys.argv[1])
+subs = mod.SubscriberSet()
+rings = []
+
+def schedule(callback):
+    # runs inside fanout (first ring made dirty): empty the set under its feet
+    for ring in subs.rings():
+        subs.remove(ring)
+    rings.clear()
+
+flusher = mod.Flusher(schedule)
+rings.extend(mod.OutRing(flusher, None) for _ in range(200))
+for ring in rings:
+    subs.add(ring)
+del ring
+try:
+    subs.fanout((b"x", None, None))
+except RuntimeError:
+    pass
+print("survived")
+"""
+
+OUT_OF_RANGE_FMT = """
+import importlib, sys
+mod = importlib.import_module(sys.argv[1])
+for fmt in (3, 64, 1000, 1_000_000, -1, -100_000):
+    subs = mod.SubscriberSet()
+    ring = mod.OutRing(None, None, cap=1 << 60)
+    try:
+        ring.fmt = fmt
+    except (ValueError, AttributeError, TypeError):
+        pass
+    try:
+        subs.add(ring)
+        subs.fanout((b"a", b"b", b"c"))
+        subs.remove(ring)
+    except (ValueError, IndexError):
+        pass
+print("survived")
+"""
+
+
+def run_child(impl: ModuleType, code: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, "-c", code, impl.__name__],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def test_mutating_the_set_from_inside_fanout_does_not_crash(impl: ModuleType) -> None:
+    child = run_child(impl, MUTATE_DURING_FANOUT)
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-2000:]}"
+    assert child.stdout.strip() == "survived"
+
+
+def test_out_of_range_fmt_does_not_crash_fanout(impl: ModuleType) -> None:
+    child = run_child(impl, OUT_OF_RANGE_FMT)
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-2000:]}"
+    assert child.stdout.strip() == "survived"

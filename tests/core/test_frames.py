@@ -91,6 +91,14 @@ def test_encode_frame_rejects_bad_type(impl: ModuleType, ftype: int) -> None:
 # ---------------------------------------------------------------- decoding
 
 
+def test_bad_constructor_arguments(impl: ModuleType) -> None:
+    with pytest.raises(ValueError):
+        impl.FrameDecoder(max_frame=-1)
+    for table in (b"", bytes(255), bytes(257)):
+        with pytest.raises(ValueError):
+            impl.FrameDecoder(allowed_types=table)
+
+
 def test_decode_one_and_many(impl: ModuleType) -> None:
     dec = impl.FrameDecoder()
     assert dec.feed(frame(0x12, b"hello")) == [(0x12, b"hello")]

@@ -579,6 +579,11 @@ def test_history_offsets_start_at_one(impl: ModuleType, offset: int) -> None:
     assert len(h) == 0
 
 
+def test_history_negative_capacity_is_refused(impl: ModuleType) -> None:
+    with pytest.raises(ValueError):
+        impl.HistoryRing(-1)
+
+
 def test_history_keeps_object_identity(impl: ModuleType) -> None:
     h = impl.HistoryRing(2)
     item = object()

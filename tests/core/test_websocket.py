@@ -371,6 +371,22 @@ def test_max_message_boundary(impl: ModuleType) -> None:
     assert parser.feed(data + wsframe(CONT, b"")) == [(PING, b"p" * 100), (TEXT, b"1234567890")]
 
 
+def test_negative_max_message_is_refused(impl: ModuleType) -> None:
+    with pytest.raises(ValueError):
+        impl.WSParser(max_message=-1)
+
+
+def test_max_message_zero_allows_only_empty_messages(impl: ModuleType) -> None:
+    parser = impl.WSParser(max_message=0)
+    assert parser.feed(wsframe(TEXT, b"") + wsframe(PING, b"ping")) == [
+        (TEXT, b""),
+        (PING, b"ping"),
+    ]
+    with pytest.raises(WebSocketError) as info:
+        parser.feed(wsframe(BINARY, b"x"))
+    assert info.value.ws_close_code == 1009
+
+
 def test_default_max_message(impl: ModuleType) -> None:
     assert impl.WSParser().max_message == 1 << 20
     assert impl.WSParser().feed(wsframe(BINARY, bytes(1 << 20))) == [(BINARY, bytes(1 << 20))]
@@ -490,6 +506,43 @@ def test_continuation_without_message(impl: ModuleType) -> None:
 def test_new_message_during_fragmented_one(impl: ModuleType, first: int, second: int) -> None:
     data = wsframe(first, b"a", fin=False) + wsframe(second, b"b")
     assert ws_error(impl, data).ws_close_code == 1002
+
+
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (wsframe(TEXT, b"x", rsv=4), 1002),
+        (wsframe(TEXT, b"ok\xff"), 1007),
+        (wsframe(CLOSE, b"\x03\xed"), 1002),
+        (wsframe(BINARY, b"", length=1 << 30), 1009),
+    ],
+)
+def test_events_before_a_violation_ride_on_the_error(
+    impl: ModuleType, bad: bytes, code: int
+) -> None:
+    parser = impl.WSParser()
+    assert parser.feed(wsframe(TEXT, b"earlier feed")) == [(TEXT, b"earlier feed")]
+    data = (
+        wsframe(TEXT, b"one")
+        + wsframe(BINARY, b"tw", fin=False)
+        + wsframe(PING, b"p")
+        + wsframe(CONT, b"o")
+        + bad
+        + wsframe(TEXT, b"never")
+    )
+    with pytest.raises(WebSocketError) as info:
+        parser.feed(data)
+    assert info.value.ws_close_code == code
+    assert info.value.events == [(TEXT, b"one"), (PING, b"p"), (BINARY, b"two")]
+    assert parser.closed
+
+
+def test_error_events_are_empty_when_nothing_completed(impl: ModuleType) -> None:
+    parser = impl.WSParser()
+    assert parser.feed(wsframe(TEXT, b"abc", fin=False)) == []
+    with pytest.raises(WebSocketError) as info:
+        parser.feed(wsframe(CONT, b"d", rsv=1))
+    assert info.value.events == []
 
 
 def test_error_without_events_before_it_in_later_feeds(impl: ModuleType) -> None:
@@ -650,14 +703,15 @@ def ws_streams(draw: st.DrawFn, client: bool) -> tuple[bytes, list[tuple[int, by
 
 
 def run_parser(mod: ModuleType, chunks: list[bytes], **kwargs: object) -> list[tuple[Any, ...]]:
-    """Per-feed outcome: ("ok", events, closed) or ("error", class, ws_close_code, closed)."""
+    """Per-feed outcome: ("ok", events, closed) or ("error", class, ws_close_code, closed,
+    the events completed in that feed before the violation)."""
     parser = mod.WSParser(**kwargs)
     out: list[tuple[Any, ...]] = []
     for chunk in chunks:
         try:
             out.append(("ok", parser.feed(chunk), parser.closed))
         except WebSocketError as exc:
-            out.append(("error", type(exc), exc.ws_close_code, parser.closed))
+            out.append(("error", type(exc), exc.ws_close_code, parser.closed, exc.events))
     return out
 
 
@@ -759,7 +813,7 @@ def test_agree_on_text_with_bad_bytes(
         assert events == [(TEXT, bytes(raw))]
     else:
         assert events == []
-        assert ("error", WebSocketError, 1007, True) in result
+        assert ("error", WebSocketError, 1007, True, []) in result
 
 
 VIOLATIONS = {
