@@ -155,11 +155,12 @@ class Node:
     async def serve_forever(self) -> None:
         """Start, run until SIGTERM or SIGINT, then shut down gracefully."""
         loop = asyncio.get_running_loop()
-        await self.start()
         stop = asyncio.Event()
+        # handlers first: a signal that arrives just after "listening" must be graceful
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
+            await self.start()
             await stop.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,6 +11,7 @@ per command, or once per published message (never per subscriber).
 from __future__ import annotations
 
 import struct
+import unicodedata
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -279,6 +280,6 @@ def validate_channel(channel: object) -> str:
         raise ProtocolError(
             f'field "ch" must be 1..{MAX_CHANNEL_BYTES} bytes, got {n}', ErrorCode.BAD_CHANNEL
         )
-    if not channel.isprintable():
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in channel):
         raise ProtocolError('field "ch" contains control characters', ErrorCode.BAD_CHANNEL)
     return channel

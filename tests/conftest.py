@@ -50,13 +50,22 @@ async def node_factory() -> AsyncIterator[NodeFactory]:
     nodes: list[Node] = []
 
     async def start(**settings: Any) -> Node:
-        settings.setdefault("tcp_port", free_port())
-        settings.setdefault("ws_port", free_port())
         settings.setdefault("node_id", "test-node")
-        n = Node(Config(**settings))
-        await n.start()
-        nodes.append(n)
-        return n
+        for attempt in range(5):
+            cfg = dict(settings)
+            cfg.setdefault("tcp_port", free_port())
+            cfg.setdefault("ws_port", free_port())
+            n = Node(Config(**cfg))
+            try:
+                await n.start()
+            except OSError:
+                # another process took the free port between free_port() and bind()
+                if attempt == 4 or ("tcp_port" in settings and "ws_port" in settings):
+                    raise
+                continue
+            nodes.append(n)
+            return n
+        raise AssertionError("unreachable")
 
     yield start
     for n in nodes:

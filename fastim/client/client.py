@@ -616,7 +616,8 @@ class Client:
             elif ftype == FrameType.ERROR:
                 self._on_error(payload)
             elif ftype == FrameType.PING:
-                pass
+                if self._conn is not None:
+                    self._conn.write(encode_frame(FrameType.PONG, payload))
             elif ftype == FrameType.GOAWAY:
                 code, reason = protocol.unpack_goaway(payload)
                 raise ConnectionClosed(code, reason)
