@@ -28,7 +28,7 @@ from .._core import DEFAULT_MAX_FRAME, encode_frame
 from ..errors import ConnectionClosed, FastimError, ProtocolError, RequestError
 from ..protocol import CloseCode, ErrorCode, FrameType
 from .backoff import Backoff
-from .connection import Connection, HandshakeError, open_connection, parse_url
+from .connection import Connection, HandshakeError, deadline, open_connection, parse_url
 
 __all__ = ["CLIENT_NAME", "Client", "Message", "Subscription", "connect"]
 
@@ -428,7 +428,11 @@ class Client:
                         raise ConnectionClosed(code, reason)
 
         try:
-            return await asyncio.wait_for(run(), self.connect_timeout)
+            async with deadline(self.connect_timeout):
+                try:
+                    return await run()
+                except struct.error as e:
+                    raise ProtocolError(f"malformed frame during the handshake: {e}") from None
         except BaseException:
             if conn is not None:
                 conn.abort()
@@ -462,8 +466,9 @@ class Client:
         self._url = conn.url
         self._abort_reason = None
         self.backoff.reset()
-        for sub in list(self._subs.values()):
-            self._resubscribe(conn, sub)
+        with contextlib.suppress(ConnectionClosed):  # lost already: the reader will see it
+            for sub in list(self._subs.values()):
+                self._resubscribe(conn, sub)
         self._start_heartbeat()
         self._ready.set()
 
@@ -540,6 +545,18 @@ class Client:
     # ----------------------------------------------------------------- the reader
 
     async def _run(self, conn: Connection, rest: list[tuple[int, bytes]]) -> None:
+        try:
+            await self._run_loop(conn, rest)
+        except Exception as e:  # a bug: fail loudly rather than leave requests hanging
+            log.exception("fastim client: reader failed")
+            self._ready.clear()
+            self._stop_heartbeat()
+            if self._conn is not None:
+                self._conn.abort()
+                self._conn = None
+            self._give_up(ConnectionClosed(CloseCode.INTERNAL_ERROR, f"client error: {e!r}"))
+
+    async def _run_loop(self, conn: Connection, rest: list[tuple[int, bytes]]) -> None:
         while True:
             lost = await self._serve(conn, rest)
             await self._on_disconnect(conn, lost)
@@ -726,7 +743,8 @@ class Client:
             finally:
                 self._pending.pop(req_id, None)
 
-        return await asyncio.wait_for(run(), self.request_timeout)
+        async with deadline(self.request_timeout):
+            return await run()
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         if not sub.active:

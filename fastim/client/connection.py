@@ -19,6 +19,8 @@ import contextlib
 import hashlib
 import os
 import ssl as _ssl
+import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -49,6 +51,7 @@ __all__ = [
     "HandshakeError",
     "TCPConnection",
     "WSConnection",
+    "deadline",
     "open_connection",
     "parse_url",
     "ws_accept",
@@ -69,6 +72,43 @@ WS_SUBPROTOCOL = "fastim.binary"
 
 _READ_CHUNK = 64 * 1024
 _SERVER_TYPES = protocol.type_mask(protocol.SERVER_FRAME_TYPES)
+
+
+# ``asyncio.wait_for`` before Python 3.12 runs the awaitable in a second task and can lose
+# a ``cancel()`` that arrives while that task is finishing with an exception (3.12 rebuilt
+# wait_for on asyncio.timeout): the client's reader then kept reconnecting after being
+# cancelled (see test_cancelling_the_client_tasks_while_reconnecting_stops_them).
+# ``asyncio.timeout`` (3.11+) runs the block in the current task and tells its own expiry
+# apart from an outside cancellation; on 3.10 a timer that cancels the task does the job.
+if sys.version_info >= (3, 11):
+
+    def deadline(seconds: float) -> contextlib.AbstractAsyncContextManager[object]:
+        """``async with deadline(s):`` raises TimeoutError if the block takes over ``s``."""
+        return asyncio.timeout(seconds)
+
+else:  # pragma: no cover - 3.10 only
+
+    @contextlib.asynccontextmanager
+    async def deadline(seconds: float) -> AsyncIterator[None]:
+        """``async with deadline(s):`` raises TimeoutError if the block takes over ``s``."""
+        task = asyncio.current_task()
+        assert task is not None
+        fired = False
+
+        def expire() -> None:
+            nonlocal fired
+            fired = True
+            task.cancel()
+
+        handle = asyncio.get_running_loop().call_later(seconds, expire)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if fired:
+                raise asyncio.TimeoutError from None
+            raise
+        finally:
+            handle.cancel()
 
 
 class HandshakeError(ProtocolError):
@@ -227,7 +267,8 @@ class Connection:
                 self._writer.write_eof()
         self._writer.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+            async with deadline(1.0):
+                await self._writer.wait_closed()
 
     def abort(self) -> None:
         """Drop the connection at once (no close handshake); a pending read sees EOF."""
@@ -386,7 +427,7 @@ async def _ws_upgrade(
 
 
 async def open_connection(url: str) -> Connection:
-    """Open a transport to ``url`` (no timeout: wrap in ``asyncio.wait_for``).
+    """Open a transport to ``url`` (no timeout of its own: the caller sets one).
 
     For ``ws://`` and ``wss://`` this includes the WebSocket upgrade; the fastim
     HELLO / WELCOME exchange is left to the caller.

@@ -240,6 +240,19 @@ async def test_reconnect_after_node_restart(node_factory: NodeFactory, transport
         await client.aclose()
 
 
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+async def test_heartbeat_keeps_an_idle_connection_alive(
+    node_factory: NodeFactory, transport: str
+) -> None:
+    node = await node_factory(ping_interval=0.2, pong_timeout=0.2)
+    async with await fast_connect(URLS[transport](node)) as client:
+        assert client.server_info["ping_interval"] == 0.2
+        await asyncio.sleep(1.2)  # six intervals with nothing to say
+        assert client.connected and client.reconnects == 0
+        assert node.heartbeat_timeouts == 0
+        assert await within(client.publish("hb", 1)) == 1
+
+
 async def test_requests_wait_for_the_reconnect(node_factory: NodeFactory) -> None:
     node1 = await node_factory()
     client = await fast_connect(tcp_url(node1))
@@ -449,9 +462,11 @@ class ScriptedServer:
 
     async def __aexit__(self, *exc: object) -> None:
         self.server.close()
-        for t in list(self.tasks):
+        for peer in self.peers:  # the handlers end on their own (EOF), no cancel needed
+            peer.writer.transport.abort()
+        _done, stuck = await asyncio.wait(self.tasks, timeout=2.0) if self.tasks else (set(), set())
+        for t in stuck:
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
         assert not self.errors, self.errors
 
 
@@ -552,6 +567,37 @@ async def test_server_ping_is_answered_and_goaway_4500_is_final() -> None:
         await eventually(lambda: client.closed)
         await asyncio.sleep(0.2)
         assert srv.connections == 1  # a 4500 close is not retried
+        await client.aclose()
+
+
+async def test_cancelling_the_client_tasks_while_reconnecting_stops_them() -> None:
+    # What asyncio.run() does at exit: cancel every task once, then wait for them. Here
+    # the client's tasks are cancelled (with any helper task it runs, as asyncio.wait_for
+    # does) while it retries a refused port. Python 3.11's wait_for dropped such a cancel
+    # when the connect attempt failed in the same tick, and the reader retried forever.
+    async def script(peer: Peer, n: int) -> None:
+        await peer.handshake()
+        await hold(peer)
+
+    for _ in range(30):
+        async with ScriptedServer(script) as srv:
+            client = await fast_connect(srv.url, backoff=Backoff(base=0.0005, max=0.001))
+        # the server is gone: every reconnect attempt is refused at once
+        await eventually(lambda c=client: not c.connected)  # type: ignore[misc]
+        await asyncio.sleep(random.random() * 0.02)
+        tasks = [
+            t
+            for t in asyncio.all_tasks()
+            if "Client." in getattr(t.get_coro(), "__qualname__", "") and not t.done()
+        ]
+        assert tasks
+        for t in tasks:
+            t.cancel()
+        _, pending = await asyncio.wait(tasks, timeout=2.0)
+        if pending:  # stop the runaway reader before failing, or the teardown would hang
+            client._closing = True
+            await asyncio.wait(pending, timeout=2.0)
+        assert not pending, f"tasks ignored a cancel: {pending}"
         await client.aclose()
 
 
