@@ -11,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import TYPE_CHECKING
 
 from . import _core
 from .config import Config
 from .heartbeat import TimerWheel
 from .hub import Hub
 from .protocol import SHUTDOWN_REASON, CloseCode
-
-if TYPE_CHECKING:
-    from .session import Session
+from .session import SessionList
 
 log = logging.getLogger("fastim")
 
@@ -33,7 +30,7 @@ class Node:
     def __init__(self, config: Config | None = None) -> None:
         self.config = (config or Config()).validate()
         self.hub = Hub(self.config)
-        self.sessions: set[Session] = set()
+        self.sessions = SessionList()
         self.flusher: _core.Flusher = _core.Flusher(None)
         self.wheel: TimerWheel
         self._servers: list[asyncio.Server] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
@@ -119,12 +120,89 @@ WS_BINARY_REPLIES = WsBinaryReplies()
 JSON_REPLIES = JsonReplies()
 
 
+class SessionList:
+    """The node's live sessions: an intrusive doubly linked list.
+
+    A ``set`` of sessions costs ~105 bytes per connection (its table runs at most 60%
+    full, 16 bytes a slot); two slots on the session cost 16. Add, discard and len are
+    O(1); iteration walks a snapshot, so closing sessions while iterating is safe.
+    """
+
+    __slots__ = ("_head", "_n")
+
+    def __init__(self) -> None:
+        self._head: Session | None = None
+        self._n = 0
+
+    def add(self, s: Session) -> None:
+        if s._linked:
+            return
+        s._linked = True
+        s._prev = None
+        s._next = self._head
+        if self._head is not None:
+            self._head._prev = s
+        self._head = s
+        self._n += 1
+
+    def discard(self, s: Session) -> None:
+        if not s._linked:
+            return
+        s._linked = False
+        if s._prev is not None:
+            s._prev._next = s._next
+        else:
+            self._head = s._next
+        if s._next is not None:
+            s._next._prev = s._prev
+        s._prev = s._next = None
+        self._n -= 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __bool__(self) -> bool:
+        return self._n > 0
+
+    def __contains__(self, s: object) -> bool:
+        return isinstance(s, Session) and s._linked and any(x is s for x in self)
+
+    def __iter__(self) -> Iterator[Session]:
+        out = []
+        s = self._head
+        while s is not None:
+            out.append(s)
+            s = s._next
+        return iter(out)
+
+
 def _bin_id(req_id: Any) -> int:
     return req_id if isinstance(req_id, int) else 0
 
 
 class Session(asyncio.Protocol):
     """Base of the TCP and WebSocket sessions."""
+
+    # __slots__: a session is the largest per-connection Python object, and 100k idle
+    # connections are the target (docs/performance.md): no per-instance __dict__
+    __slots__ = (
+        "_linked",
+        "_next",
+        "_prev",
+        "awaiting_pong",
+        "config",
+        "decoder",
+        "hello_seen",
+        "last_rx",
+        "node",
+        "ping_sent_at",
+        "replies",
+        "ring",
+        "state",
+        "subs",
+        "transport",
+        "wheel_tick",
+    )
 
     #: the TCP protocol requires HELLO first; over WebSocket the upgrade is the handshake
     hello_required = True
@@ -135,7 +213,9 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.ring: _core.OutRing | None = None
         self.replies: Replies = TCP_REPLIES
-        self.subs: set[str] | None = None  # created on first subscribe: idle clients stay small
+        # a list, created on first subscribe: a 1-element set costs 216 bytes, a list 64,
+        # and membership tests over at most max_subscriptions names are cheap
+        self.subs: list[str] | None = None
         self.state = HANDSHAKE
         self.wheel_tick = -1
         self.last_rx = node.wheel.now
@@ -143,6 +223,9 @@ class Session(asyncio.Protocol):
         self.ping_sent_at = 0.0
         self.hello_seen = False
         self.decoder: _core.FrameDecoder | None = None
+        self._linked = False  # in node.sessions (a SessionList)
+        self._prev: Session | None = None
+        self._next: Session | None = None
 
     # ------------------------------------------------------------------ asyncio protocol
 
@@ -156,7 +239,7 @@ class Session(asyncio.Protocol):
             self.transport,
             _core.FMT_TCP,
             self.config.outbound_cap,
-            self._on_overflow,
+            self,  # the session is its ring's overflow callback: no bound method per ring
         )
         if len(node.sessions) > self.config.max_connections:
             self.refuse_overload()
@@ -190,6 +273,10 @@ class Session(asyncio.Protocol):
         ring = self.ring
         if ring is not None and self.state < CLOSING:
             ring.append(data)
+
+    def __call__(self) -> None:
+        """The out-ring overflowed (see :class:`~fastim._core.OutRing`): close as slow."""
+        self._on_overflow()
 
     def _on_overflow(self) -> None:
         self.node.slow_disconnects += 1
@@ -387,7 +474,7 @@ class Session(asyncio.Protocol):
         elif op == "sub":
             subs = self.subs
             if subs is None:
-                subs = self.subs = set()
+                subs = self.subs = []
             if ch in subs:
                 self.send(
                     replies.error(
@@ -413,13 +500,13 @@ class Session(asyncio.Protocol):
             # the reply goes into the ring before the first message can: order holds
             self.send(replies.subscribed(req.id, ch, channel.offset))
             hub.subscribe(ch, ring)
-            subs.add(ch)
+            subs.append(channel.name)  # the hub's str: one copy per channel, not per client
         else:  # unsub
             if not self.subs or ch not in self.subs:
                 self.send(
                     replies.error(req.id, ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {ch!r}")
                 )
                 return
-            self.subs.discard(ch)
+            self.subs.remove(ch)
             hub.unsubscribe(ch, ring)
             self.send(replies.unsubscribed(req.id, ch))

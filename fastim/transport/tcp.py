@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 class TcpSession(Session):
     """One TCP client: bytes → FrameDecoder → Session.handle_frame."""
 
+    __slots__ = ()
+
     def __init__(self, node: Node) -> None:
         super().__init__(node)
         self.decoder = _core.FrameDecoder(node.config.max_frame, CLIENT_TYPES_MASK)

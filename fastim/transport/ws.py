@@ -47,6 +47,9 @@ _STATUS = {
 
 MODE_UNSET, MODE_JSON, MODE_BINARY, MODE_ECHO = range(4)
 
+#: shared by every upgraded session (never written: httptools is gone by then)
+_NO_HEADERS: dict[bytes, bytes] = {}
+
 
 def accept_key(key: bytes) -> bytes:
     """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
@@ -55,6 +58,19 @@ def accept_key(key: bytes) -> bytes:
 
 class WsSession(Session):
     """One client on the WebSocket port, from its first HTTP byte to its close."""
+
+    __slots__ = (
+        "close_sent",
+        "head_bytes",
+        "headers",
+        "http",
+        "mode",
+        "n_headers",
+        "parser",
+        "reject",
+        "request_done",
+        "url",
+    )
 
     hello_required = False
 
@@ -235,8 +251,10 @@ class WsSession(Session):
             + _SERVER
             + b"\r\n\r\n"
         )
+        # drop what only the upgrade needed: idle connections are the memory budget
         self.http = None
-        self.headers = {}
+        self.headers = _NO_HEADERS
+        self.url = b""
         max_message = cfg.max_message
         self.parser = _core.WSParser(max_message)
         self._set_mode(mode)
