@@ -6,7 +6,8 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 cdef class FrameDecoder:
     cdef readonly Py_ssize_t max_frame
-    cdef uint8_t allowed[256]
+    cdef bytes _table             # shared normalised type table (see _type_table)
+    cdef const uint8_t* allowed   # points into _table
     cdef uint8_t hdr[9]
     cdef Py_ssize_t hdr_have
     cdef bytes cur            # payload being filled (we hold the only reference)

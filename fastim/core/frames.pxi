@@ -37,23 +37,48 @@ def encode_frame(int ftype, payload):
         PyBuffer_Release(&view)
 
 
+# Normalised type tables, shared: every TCP connection has a decoder, and a 256-byte
+# table per decoder was an eighth of an idle connection's memory.
+cdef dict _type_tables = {}
+
+
+cdef bytes _type_table(allowed_types):
+    cdef bytes key
+    cdef bytearray norm
+    cdef Py_ssize_t i
+    cdef const uint8_t[:] table
+    if allowed_types is None:
+        key = b""
+    else:
+        if len(allowed_types) != 256:
+            raise ValueError("allowed_types must be a 256-byte table")
+        key = bytes(allowed_types)
+    found = _type_tables.get(key)
+    if found is not None:
+        return <bytes>found
+    norm = bytearray(256)
+    if allowed_types is None:
+        for i in range(256):
+            norm[i] = 1
+    else:
+        table = allowed_types
+        for i in range(256):
+            norm[i] = 1 if table[i] else 0
+    if len(_type_tables) >= 64:  # callers use a handful of tables; bound it anyway
+        _type_tables.clear()
+    _type_tables[key] = bytes(norm)
+    return <bytes>_type_tables[key]
+
+
 cdef class FrameDecoder:
     """Streaming fastim frame decoder (see _core.pyi)."""
 
     def __init__(self, Py_ssize_t max_frame=DEFAULT_MAX_FRAME, allowed_types=None):
-        cdef Py_ssize_t i
-        cdef const uint8_t[:] table
         if max_frame < 0:
             raise ValueError("max_frame must be >= 0")
         self.max_frame = max_frame
-        if allowed_types is None:
-            memset(self.allowed, 1, 256)
-        else:
-            if len(allowed_types) != 256:
-                raise ValueError("allowed_types must be a 256-byte table")
-            table = allowed_types
-            for i in range(256):
-                self.allowed[i] = 1 if table[i] else 0
+        self._table = _type_table(allowed_types)
+        self.allowed = <const uint8_t*>PyBytes_AS_STRING(self._table)
         self.hdr_have = 0
         self.cur = None
         self.dead = None
@@ -77,6 +102,8 @@ cdef class FrameDecoder:
         cdef int ftype
         cdef list out = []
         cdef bytes payload
+        if self.allowed == NULL:
+            raise RuntimeError("FrameDecoder.__init__ was not called")
         if self.dead is not None:
             raise type(self.dead)(*self.dead.args)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
