@@ -122,6 +122,20 @@ class OutRing:
     def append(self, data: Buffer) -> bool: ...
     def take(self) -> bytes:
         """All pending bytes, in order; empties the ring and frees its memory."""
+    def set_fd(self, fd: int) -> None:
+        """Let flushes write to socket ``fd`` themselves (-1: always ``transport.write``).
+
+        The flusher then calls ``sendmsg`` (one or two iovecs, MSG_DONTWAIT) on the
+        ring's own buffer, with no bytes object, Python call or transport in between;
+        what the kernel does not take is handed to ``transport.write``. This is only
+        correct if the transport never holds bytes the ring does not know about when a
+        flush runs: the owner sets the transport's high-water mark to 0, so the
+        transport pauses the ring (``pause_writing``) whenever it holds anything, and
+        never sets an fd for a transport that transforms bytes (TLS).
+        """
+    @property
+    def direct_fd(self) -> int:
+        """The socket flushes write to, or -1."""
     def pause(self) -> None: ...
     def resume(self) -> None: ...
     def close(self) -> None:

@@ -83,6 +83,13 @@ class Config:
         default=5.0, metadata={"help": "seconds a graceful shutdown may take"}
     )
     backlog: int = field(default=4096, metadata={"help": "listen() backlog"})
+    direct_write: int = field(
+        default=1,
+        metadata={
+            "help": "1: flushes write to plain sockets from the compiled core; "
+            "0: through the asyncio transport (for comparison)"
+        },
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 
     def validate(self) -> Config:
@@ -117,6 +124,8 @@ class Config:
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
+        if self.direct_write not in (0, 1):
+            raise ConfigError(f"direct_write: must be 0 or 1, got {self.direct_write}")
         if self.history_ttl < 0:
             raise ConfigError(f"history_ttl: must be >= 0, got {self.history_ttl}")
         for name in ("ws_path", "ws_echo_path"):

@@ -241,10 +241,35 @@ class Session(asyncio.Protocol):
             self.config.outbound_cap,
             self,  # the session is its ring's overflow callback: no bound method per ring
         )
+        if self.config.direct_write:
+            self._enable_direct_write()
         if len(node.sessions) > self.config.max_connections:
             self.refuse_overload()
             return
         node.wheel.schedule(self, node.wheel.now + self.config.handshake_timeout)
+
+    def _enable_direct_write(self) -> None:
+        """Let the flusher write to this socket from C (OutRing.set_fd).
+
+        Only for a plain socket: TLS transforms bytes in the transport. The high-water
+        mark 0 makes the transport pause the ring whenever it holds any bytes (what a
+        direct write could not place), so bytes never overtake each other.
+        """
+        transport = self.transport
+        assert transport is not None and self.ring is not None
+        if transport.get_extra_info("sslcontext") is not None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            fd = sock.fileno()
+        except (AttributeError, OSError):
+            return
+        if fd < 0:
+            return
+        transport.set_write_buffer_limits(high=0)
+        self.ring.set_fd(fd)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSED

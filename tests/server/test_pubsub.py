@@ -534,3 +534,37 @@ async def test_channel_names_without_control_characters_are_accepted(node: Node,
     assert await tcp.msg() == (1, ch, b'"hi"')
     await tcp.close()
     await ws.close()
+
+
+# --------------------------------------------------------------------------- write paths
+
+
+@pytest.mark.parametrize("direct", [1, 0], ids=["direct-write", "transport-write"])
+async def test_both_write_paths_deliver_everything_in_order(
+    node_factory: Any, direct: int
+) -> None:
+    """Flushes from C (sendmsg on the fd) and through transport.write deliver the same."""
+    node = await node_factory(direct_write=direct)
+    ch = "paths"
+    n_subs, n_msgs = 50, 300
+    subs = [await TcpClient.connect(node.tcp_port) for _ in range(n_subs)]
+    try:
+        async with deadline(30):
+            for c in subs:
+                assert await c.sub(ch) == 0
+            rings = [s.ring for s in node.sessions if s.ring is not None]
+            assert rings and all((r.direct_fd >= 0) == bool(direct) for r in rings)
+            pub = await TcpClient.connect(node.tcp_port)
+            # big messages too, so that some flushes exceed what the kernel takes at once
+            datas = [orjson.dumps({"i": i, "pad": "z" * (i * 97 % 20000)}) for i in range(n_msgs)]
+            assert await publish_all(pub, ch, datas) == list(range(1, n_msgs + 1))
+
+            async def receive(c: TcpClient) -> None:
+                for i in range(n_msgs):
+                    assert await c.msg() == (i + 1, ch, datas[i])
+
+            await bounded_gather(subs, receive, limit=n_subs)
+            await pub.close()
+    finally:
+        await close_all(subs)
+    await wait_for_sessions(node, 0, timeout=20)

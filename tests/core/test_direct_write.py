@@ -1,0 +1,148 @@
+"""OutRing.set_fd: flushes write to the socket from C, and hand the rest to the transport.
+
+Real socketpairs; the "transport" is a recorder standing in for the asyncio transport
+the ring would otherwise call (it only has to take bytes and say if it is closing).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from fastim import _core
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+def _drain(sock: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_flush_writes_to_the_socket_without_the_transport() -> None:
+    a, b = _pair()
+    with a, b:
+        flusher = _core.Flusher(None)
+        tr = Recorder()
+        ring = _core.OutRing(flusher, tr)
+        ring.set_fd(a.fileno())
+        assert ring.direct_fd == a.fileno()
+        ring.append(b"hello ")
+        ring.append(b"world")
+        assert flusher.flush() == 1
+        assert tr.chunks == []
+        assert _drain(b) == b"hello world"
+        assert len(ring) == 0 and ring.capacity == 0  # idle: no buffer kept
+        assert flusher.bytes_written == 11
+
+
+def test_what_the_kernel_does_not_take_goes_to_the_transport_in_order() -> None:
+    a, b = _pair()
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        flusher = _core.Flusher(None)
+        tr = Recorder()
+        ring = _core.OutRing(flusher, tr, cap=64 << 20)
+        ring.set_fd(a.fileno())
+        payload = bytes(range(256)) * 4096  # 1 MiB: more than the socket buffers
+        ring.append(payload)
+        flusher.flush()
+        direct = _drain(b)
+        assert 0 < len(direct) < len(payload)
+        assert len(tr.chunks) == 1
+        assert direct + tr.chunks[0] == payload
+
+
+def test_a_wrapped_ring_goes_out_in_one_sendmsg_in_order() -> None:
+    a, b = _pair()
+    with a, b:
+        flusher = _core.Flusher(None)
+        tr = Recorder()
+        ring = _core.OutRing(flusher, tr)
+        ring.pause()  # fill, consume part, so that the next bytes wrap around
+        ring.append(b"A" * 400)
+        ring.set_fd(a.fileno())
+        ring.resume()
+        flusher.flush()
+        assert _drain(b) == b"A" * 400
+        ring.append(b"x" * 300)
+        ring.append(b"y" * 300)
+        flusher.flush()
+        assert _drain(b) == b"x" * 300 + b"y" * 300
+        assert tr.chunks == []
+
+
+def test_a_closing_transport_gets_the_bytes_not_the_fd() -> None:
+    # once the transport closes, its fd number may belong to another connection
+    a, b = _pair()
+    with a, b:
+        flusher = _core.Flusher(None)
+        tr = Recorder()
+        ring = _core.OutRing(flusher, tr)
+        ring.set_fd(a.fileno())
+        tr.closing = True
+        ring.append(b"late")
+        flusher.flush()
+        assert tr.chunks == [b"late"]
+        assert _drain(b) == b""
+
+
+def test_a_dead_peer_hands_the_bytes_to_the_transport() -> None:
+    a, b = _pair()
+    with a:
+        b.close()
+        flusher = _core.Flusher(None)
+        tr = Recorder()
+        ring = _core.OutRing(flusher, tr)
+        ring.set_fd(a.fileno())
+        ring.append(b"to nobody")
+        flusher.flush()  # EPIPE: no SIGPIPE (MSG_NOSIGNAL), the transport meets the error
+        assert tr.chunks == [b"to nobody"]
+
+
+def test_paused_ring_does_not_write_until_resumed() -> None:
+    a, b = _pair()
+    with a, b:
+        flusher = _core.Flusher(None)
+        ring = _core.OutRing(flusher, Recorder())
+        ring.set_fd(a.fileno())
+        ring.pause()
+        ring.append(b"wait")
+        flusher.flush()
+        assert _drain(b) == b""
+        ring.resume()
+        flusher.flush()
+        assert _drain(b) == b"wait"
+
+
+def test_set_fd_rejects_nonsense() -> None:
+    ring = _core.OutRing(_core.Flusher(None), Recorder())
+    with pytest.raises(ValueError):
+        ring.set_fd(-5)
+    ring.set_fd(-1)
+    assert ring.direct_fd == -1
