@@ -22,39 +22,39 @@ cdef class FrameDecoder:
 
 
 cdef class WSParser:
+    # Laid out for memory (one parser per WebSocket connection): no header or control
+    # buffer (the header is decoded byte by byte into the fields below, a control
+    # frame's payload goes into its own bytes object like an unfragmented message's),
+    # flags and small state in single bytes. 96 bytes per parser, from 320.
     cdef readonly Py_ssize_t max_message
-    cdef bint client
-    cdef bint _closed
-    # header being read
-    cdef uint8_t hdr[14]
-    cdef Py_ssize_t hdr_have
-    cdef Py_ssize_t hdr_need
-    # frame being read
-    cdef bint in_frame
-    cdef int f_opcode
-    cdef bint f_fin
-    cdef bint f_masked
-    cdef uint8_t mask[4]
-    cdef Py_ssize_t mask_pos
-    cdef Py_ssize_t f_remaining
-    cdef Py_ssize_t f_len
-    # where the payload goes: control buffer, a fresh bytes (unfragmented), or msg buffer
-    cdef int target
-    cdef uint8_t ctrl[125]
-    cdef Py_ssize_t ctrl_len
+    # where the payload goes: a fresh bytes (control frame, unfragmented message) or msg
     cdef bytes single
-    cdef Py_ssize_t single_len
     cdef char* msg
     cdef Py_ssize_t msg_len
     cdef Py_ssize_t msg_cap
-    cdef int msg_opcode        # 0 when no message is in progress
+    # while the header is read: the length being decoded; then payload bytes left
+    cdef uint64_t f_left
     # UTF-8 validation state, carried across frames of a text message
     cdef int u_need
     cdef uint8_t u_lo
     cdef uint8_t u_hi
+    cdef uint8_t mask[4]
+    cdef uint8_t mask_pos      # 0..3
+    cdef uint8_t hdr_have      # header bytes read of the current frame (0: between frames)
+    cdef uint8_t hdr_need      # its header size, known from the second byte (2..14)
+    cdef uint8_t f_b0          # the frame's first byte: FIN, RSV1-3, opcode
+    cdef uint8_t f_masked
+    cdef uint8_t target
+    cdef uint8_t msg_opcode    # 0 when no message is in progress
+    cdef uint8_t msg_deflate   # the message in progress is compressed (RSV1 on its first frame)
+    cdef uint8_t client
+    cdef uint8_t _deflate      # permessage-deflate negotiated: RSV1 allowed on data messages
+    cdef uint8_t _closed
+    cdef uint8_t in_frame
 
     cdef int _grow_msg(self, Py_ssize_t extra) except -1
     cdef int _consume_payload(self, const uint8_t* p, Py_ssize_t n) except -1
+    cdef int _check_first_bytes(self, uint8_t b0, uint8_t b1) except -1
     cdef int _start_frame(self, list out) except -1
     cdef int _end_frame(self, list out) except -1
 
@@ -99,7 +99,7 @@ cdef class SubscriberSet:
     cdef Py_ssize_t n
     cdef Py_ssize_t acap
     cdef dict index
-    cdef Py_ssize_t counts[3]
+    cdef Py_ssize_t counts[5]  # members per wire format (N_FORMATS)
     cdef int iterating         # > 0 while fanout() walks arr: add/remove refuse
 
     cdef inline int _check_mutable(self) except -1

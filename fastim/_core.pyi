@@ -19,7 +19,9 @@ DEFAULT_MAX_FRAME: int  # 1 MiB
 FMT_TCP: int  # fastim frame
 FMT_WS_BINARY: int  # fastim frame inside a WebSocket binary frame
 FMT_WS_JSON: int  # JSON message inside a WebSocket text frame
-N_FORMATS: int
+FMT_WS_BINARY_DEFLATE: int  # FMT_WS_BINARY for a permessage-deflate connection (RSV1 frame)
+FMT_WS_JSON_DEFLATE: int  # FMT_WS_JSON for a permessage-deflate connection (RSV1 frame)
+N_FORMATS: int  # 5
 
 OP_CONT: int
 OP_TEXT: int
@@ -27,6 +29,11 @@ OP_BINARY: int
 OP_CLOSE: int
 OP_PING: int
 OP_PONG: int
+#: Or-ed into the opcode of a WSParser event for a compressed data message (RSV1 on its
+#: first frame, permessage-deflate): ``OP_TEXT | OP_COMPRESSED`` (0x41) or
+#: ``OP_BINARY | OP_COMPRESSED`` (0x42). The payload is the compressed bytes, unchecked:
+#: pass it to :func:`ws_inflate`.
+OP_COMPRESSED: int
 
 def crc32(data: Buffer, value: int = 0) -> int:
     """CRC-32 (IEEE 802.3, as zlib.crc32), continuing from ``value``."""
@@ -56,8 +63,29 @@ class FrameDecoder:
 def utf8_valid(data: Buffer) -> bool:
     """Whether ``data`` is well-formed UTF-8 (RFC 3629: no surrogates, no overlongs)."""
 
-def ws_encode(opcode: int, payload: Buffer, fin: bool = True, mask: bytes | None = None) -> bytes:
-    """One WebSocket frame. Server frames are unmasked (mask=None); a client passes 4 mask bytes."""
+def ws_encode(
+    opcode: int,
+    payload: Buffer,
+    fin: bool = True,
+    mask: bytes | None = None,
+    rsv1: bool = False,
+) -> bytes:
+    """One WebSocket frame. Server frames are unmasked (mask=None); a client passes 4 mask bytes.
+
+    ``rsv1=True`` sets RSV1: the payload is a permessage-deflate compressed message
+    (RFC 7692 §6: compressed DEFLATE blocks without the trailing ``00 00 ff ff``).
+    """
+
+def ws_inflate(payload: Buffer, max_size: int, text: bool = False) -> bytes:
+    """The message held by a permessage-deflate payload (RFC 7692 §7.2.2).
+
+    Appends ``00 00 ff ff`` and inflates with a fresh raw-DEFLATE decompressor (any
+    window up to 2^15: the peer's ``client_max_window_bits`` needs no handling; no
+    context is carried between messages). Raises WebSocketError carrying the close
+    code: 1009 when the message inflates past ``max_size`` (inflating stops one byte
+    past it, so a zip bomb costs at most that much memory), 1007 for data that is not
+    DEFLATE, and 1007 for text (``text=True``) that is not UTF-8.
+    """
 
 def ws_close_payload(code: int, reason: str = "") -> bytes:
     """Payload of a close frame: u16 code + UTF-8 reason, cut to fit 125 bytes."""
@@ -83,15 +111,29 @@ class WSParser:
     events this feed() completed before the violation: the caller handles them first,
     then fails the connection (RFC 6455 §7.1.7). After a close frame or an error, the
     parser returns no more events.
+
+    permessage-deflate (RFC 7692): with ``deflate`` set, RSV1 is allowed on the first
+    frame of a data message, and marks the message compressed: its event is
+    ``(OP_TEXT | OP_COMPRESSED, payload)`` or ``(OP_BINARY | OP_COMPRESSED, payload)``
+    with the payload as received (UTF-8 is checked by ``ws_inflate(..., text=True)``
+    after inflating). RSV1 on a control or continuation frame, RSV2/RSV3, or RSV1
+    without ``deflate`` are protocol errors (1002). ``max_message`` limits the bytes
+    received; the inflated size is ws_inflate's ``max_size``. The parser keeps no
+    compression state, and 96 bytes of its own (no buffer between messages).
     """
 
     max_message: int
-    def __init__(self, max_message: int = ..., client: bool = False) -> None:
+    def __init__(self, max_message: int = ..., client: bool = False, deflate: bool = False) -> None:
         """``client=True`` parses a server's stream: frames must be unmasked."""
     def feed(self, data: Buffer) -> list[tuple[int, bytes]]: ...
     @property
     def closed(self) -> bool:
         """A close frame was received (or an error raised)."""
+    @property
+    def deflate(self) -> bool:
+        """permessage-deflate was negotiated: RSV1 may mark a message compressed."""
+    @deflate.setter
+    def deflate(self, value: bool) -> None: ...
 
 class OutRing:
     """A connection's outbound bytes: a ring buffer with a byte cap, drained once per tick.
@@ -187,8 +229,9 @@ class SubscriberSet:
     def fanout(self, frames: tuple[bytes | None, ...]) -> int:
         """Append ``frames[ring.fmt]`` to every member's ring, in C; return deliveries.
 
-        Encode once: ``frames`` holds one pre-encoded frame per wire format, None
-        where no member uses it. Rings over their cap are marked overflowed.
+        Encode once: ``frames`` holds one pre-encoded frame per wire format (indexed by
+        FMT_*, up to N_FORMATS; a shorter tuple means None for the rest), None where no
+        member uses it. Rings over their cap are marked overflowed.
         """
     def rings(self) -> list[OutRing]: ...
 

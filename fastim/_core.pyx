@@ -15,6 +15,7 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
 
 import logging
+import zlib as _zlib  # ws_inflate: permessage-deflate, once per compressed message
 
 from fastim.errors import ChecksumMismatch, FrameTooLarge, UnknownFrameType, WebSocketError
 

@@ -83,6 +83,10 @@ class Config:
         default=5.0, metadata={"help": "seconds a graceful shutdown may take"}
     )
     backlog: int = field(default=4096, metadata={"help": "listen() backlog"})
+    ring_pool: int = field(
+        default=32 << 20,
+        metadata={"help": "bytes of emptied out-ring buffers kept for reuse (0: none)"},
+    )
     direct_write: int = field(
         default=1,
         metadata={
@@ -91,6 +95,37 @@ class Config:
         },
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    store: str = field(
+        default="memory",
+        metadata={"help": "where history and inboxes live: memory, sqlite or redis"},
+    )
+    store_path: str = field(
+        default="fastim.db", metadata={"help": "sqlite store: database file (created if missing)"}
+    )
+    sqlite_synchronous: str = field(
+        default="normal",
+        metadata={"help": "sqlite store: normal (survives kill -9) or full (also power loss)"},
+    )
+    redis_url: str = field(
+        default="redis://127.0.0.1:6379/0", metadata={"help": "redis store: server URL"}
+    )
+    redis_prefix: str = field(default="fastim", metadata={"help": "redis store: key prefix"})
+    redis_timeout: float = field(
+        default=2.0, metadata={"help": "redis store: seconds to wait for a connection or reply"}
+    )
+    history_meta_ttl: float = field(
+        default=86400.0,
+        metadata={
+            "help": "seconds a channel's epoch and offset outlive its last publish (0 = ever)"
+        },
+    )
+    inbox_max: int = field(
+        default=10_000, metadata={"help": "unacknowledged direct messages one inbox holds"}
+    )
+    inbox_dedup_window: float = field(
+        default=86400.0,
+        metadata={"help": "seconds a sender's client message id is remembered (idempotent send)"},
+    )
 
     def validate(self) -> Config:
         """Raise ConfigError naming the first bad setting; return self."""
@@ -124,6 +159,8 @@ class Config:
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
+        if self.ring_pool < 0:
+            raise ConfigError(f"ring_pool: must be >= 0, got {self.ring_pool}")
         if self.direct_write not in (0, 1):
             raise ConfigError(f"direct_write: must be 0 or 1, got {self.direct_write}")
         if self.history_ttl < 0:
@@ -138,7 +175,33 @@ class Config:
             raise ConfigError(
                 f"log_level: must be debug, info, warning or error, got {self.log_level!r}"
             )
+        self._validate_store()
         return self
+
+    def _validate_store(self) -> None:
+        if self.store not in ("memory", "sqlite", "redis"):
+            raise ConfigError(f"store: must be memory, sqlite or redis, got {self.store!r}")
+        if not self.store_path:
+            raise ConfigError("store_path: must not be empty")
+        if self.sqlite_synchronous not in ("normal", "full"):
+            raise ConfigError(
+                f"sqlite_synchronous: must be normal or full, got {self.sqlite_synchronous!r}"
+            )
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"redis_url: must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+        if not self.redis_prefix or "{" in self.redis_prefix or "}" in self.redis_prefix:
+            raise ConfigError(
+                f"redis_prefix: must be non-empty, without braces, got {self.redis_prefix!r}"
+            )
+        if not self.redis_timeout > 0:
+            raise ConfigError(f"redis_timeout: must be > 0 seconds, got {self.redis_timeout}")
+        if self.inbox_max < 1:
+            raise ConfigError(f"inbox_max: must be >= 1, got {self.inbox_max}")
+        for name in ("history_meta_ttl", "inbox_dedup_window"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

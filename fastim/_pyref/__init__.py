@@ -5,12 +5,21 @@ a fallback: ``import fastim._pyref as ref`` gives the same public names as
 ``fastim._core``.
 """
 
-from .fanout import FMT_TCP, FMT_WS_BINARY, FMT_WS_JSON, N_FORMATS, SubscriberSet
+from .fanout import (
+    FMT_TCP,
+    FMT_WS_BINARY,
+    FMT_WS_BINARY_DEFLATE,
+    FMT_WS_JSON,
+    FMT_WS_JSON_DEFLATE,
+    N_FORMATS,
+    SubscriberSet,
+)
 from .frames import DEFAULT_MAX_FRAME, HEADER_SIZE, FrameDecoder, crc32, encode_frame
 from .ring import DEFAULT_RING_CAP, Flusher, HistoryRing, OutRing
 from .websocket import (
     OP_BINARY,
     OP_CLOSE,
+    OP_COMPRESSED,
     OP_CONT,
     OP_PING,
     OP_PONG,
@@ -19,6 +28,7 @@ from .websocket import (
     utf8_valid,
     ws_close_payload,
     ws_encode,
+    ws_inflate,
     ws_parse_close,
 )
 
@@ -27,11 +37,14 @@ __all__ = [
     "DEFAULT_RING_CAP",
     "FMT_TCP",
     "FMT_WS_BINARY",
+    "FMT_WS_BINARY_DEFLATE",
     "FMT_WS_JSON",
+    "FMT_WS_JSON_DEFLATE",
     "HEADER_SIZE",
     "N_FORMATS",
     "OP_BINARY",
     "OP_CLOSE",
+    "OP_COMPRESSED",
     "OP_CONT",
     "OP_PING",
     "OP_PONG",
@@ -47,5 +60,6 @@ __all__ = [
     "utf8_valid",
     "ws_close_payload",
     "ws_encode",
+    "ws_inflate",
     "ws_parse_close",
 ]

@@ -1,5 +1,11 @@
 # Batch fan-out: the subscribers of a channel in a C array, one append per member in C.
 
+cdef enum:
+    _N_FMT = 5   # N_FORMATS: the size of SubscriberSet.counts in _core.pxd too
+
+if N_FORMATS != _N_FMT:  # fanout indexes C arrays by ring format: the two must agree
+    raise ImportError(f"fastim._core: N_FORMATS {N_FORMATS} != _N_FMT {_N_FMT}")
+
 
 cdef class SubscriberSet:
     """The OutRings subscribed to one channel (see _core.pyi)."""
@@ -81,13 +87,13 @@ cdef class SubscriberSet:
         return [<object>self.arr[i] for i in range(self.n)]
 
     def fanout(self, tuple frames not None):
-        cdef const char* ptr[3]
-        cdef Py_ssize_t lens[3]
+        cdef const char* ptr[_N_FMT]
+        cdef Py_ssize_t lens[_N_FMT]
         cdef Py_ssize_t i, delivered = 0
         cdef int f
         cdef object fr
         cdef OutRing ring
-        for f in range(3):
+        for f in range(_N_FMT):
             ptr[f] = NULL
             lens[f] = 0
             if f < len(frames):

@@ -3,7 +3,9 @@
 FMT_TCP = 0
 FMT_WS_BINARY = 1
 FMT_WS_JSON = 2
-N_FORMATS = 3
+FMT_WS_BINARY_DEFLATE = 3   # FMT_WS_BINARY, compressed (permessage-deflate) when it pays
+FMT_WS_JSON_DEFLATE = 4     # FMT_WS_JSON, compressed when it pays
+N_FORMATS = 5
 
 DEFAULT_RING_CAP = 4 * 1024 * 1024
 

@@ -1,9 +1,14 @@
-# WebSocket (RFC 6455) framing: a streaming parser and an encoder.
+# WebSocket (RFC 6455) framing: a streaming parser and an encoder, with the framing half
+# of permessage-deflate (RFC 7692): RSV1 marks a compressed message.
 #
 # The parser handles payload bytes as they arrive: it unmasks them straight into their
-# destination (a small control buffer, a fresh bytes object for an unfragmented
-# message, or the message buffer for a fragmented one) and runs the UTF-8 validator
-# over text as it goes, so a bad byte fails the connection at once (Autobahn 6.4.*).
+# destination (a fresh bytes object for a control frame or an unfragmented message, the
+# message buffer for a fragmented one) and runs the UTF-8 validator over text as it
+# goes, so a bad byte fails the connection at once (Autobahn 6.4.*). A compressed
+# message is delivered still compressed, its opcode or-ed with OP_COMPRESSED: the caller
+# inflates it (ws_inflate) and only then can its text be checked. The parser keeps no
+# zlib state: the server requires no context takeover in both directions, so every
+# message inflates on its own and an idle connection holds nothing for compression.
 
 OP_CONT = 0x0
 OP_TEXT = 0x1
@@ -11,13 +16,22 @@ OP_BINARY = 0x2
 OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
+OP_COMPRESSED = 0x40   # or-ed into the opcode of a message whose first frame had RSV1
 
 cdef enum:
+    # the opcodes the hot path compares with, as C constants
+    _OP_CONT = 0x0
+    _OP_TEXT = 0x1
+    _OP_CLOSE = 0x8
+    _OP_COMPRESSED = 0x40
     _T_CTRL = 0
     _T_SINGLE = 1
     _T_MSG = 2
     _SINGLE_MAX = 65536   # larger unfragmented messages grow a buffer as bytes arrive
     _MSG_KEEP = 4096      # message buffer kept between messages up to this size
+
+# appended to a compressed message before inflating it (RFC 7692 §7.2.2)
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
 
 
 cdef inline void _unmask_copy(uint8_t* dst, const uint8_t* src, Py_ssize_t n,
@@ -81,7 +95,7 @@ def ws_close_payload(int code, str reason=""):
     return bytes(((code >> 8) & 0xFF, code & 0xFF)) + r
 
 
-def ws_encode(int opcode, payload, bint fin=True, mask=None):
+def ws_encode(int opcode, payload, bint fin=True, mask=None, bint rsv1=False):
     cdef Py_buffer view
     cdef bytes out
     cdef uint8_t* o
@@ -103,7 +117,7 @@ def ws_encode(int opcode, payload, bint fin=True, mask=None):
             hl += 4
         out = PyBytes_FromStringAndSize(NULL, hl + n)
         o = <uint8_t*>PyBytes_AS_STRING(out)
-        o[0] = (0x80 if fin else 0) | opcode
+        o[0] = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
         if n < 126:
             o[1] = <uint8_t>n
             i = 2
@@ -128,14 +142,43 @@ def ws_encode(int opcode, payload, bint fin=True, mask=None):
         PyBuffer_Release(&view)
 
 
+def ws_inflate(payload, Py_ssize_t max_size, bint text=False):
+    # A fresh raw-deflate decompressor per message: the peer was required not to take
+    # its context over (client_no_context_takeover), so no state outlives a message.
+    # Output stops one byte past max_size, which bounds the memory a zip bomb can take.
+    cdef bytes out, more
+    if max_size < 0:
+        raise ValueError("max_size must be >= 0")
+    d = _zlib.decompressobj(-15)
+    try:
+        out = d.decompress(payload, max_size + 1)
+        if PyBytes_GET_SIZE(out) <= max_size:
+            more = d.decompress(_DEFLATE_TAIL, max_size + 1 - PyBytes_GET_SIZE(out))
+            if PyBytes_GET_SIZE(more):
+                out += more
+    except _zlib.error as e:
+        raise WebSocketError(f"invalid permessage-deflate data ({e})", 1007) from None
+    if PyBytes_GET_SIZE(out) > max_size:
+        raise WebSocketError(f"message inflates to more than the maximum of {max_size} bytes",
+                             1009)
+    # Bytes after a final (BFINAL=1) block are ignored, as an inflater stops there: RFC
+    # 7692 §7.2.3.4 itself ends such a message with a 0x00 that only the tail completes.
+    if text:
+        if not utf8_valid(out):
+            raise WebSocketError("invalid UTF-8 in text message", 1007)
+    return out
+
+
 cdef class WSParser:
     """Streaming RFC 6455 parser (see _core.pyi)."""
 
-    def __init__(self, Py_ssize_t max_message=DEFAULT_MAX_FRAME, bint client=False):
+    def __init__(self, Py_ssize_t max_message=DEFAULT_MAX_FRAME, bint client=False,
+                 bint deflate=False):
         if max_message < 0:
             raise ValueError("max_message must be >= 0")
         self.max_message = max_message
         self.client = client
+        self._deflate = deflate
         self._closed = False
         self.hdr_have = 0
         self.in_frame = False
@@ -149,7 +192,15 @@ cdef class WSParser:
 
     @property
     def closed(self):
-        return self._closed
+        return self._closed != 0
+
+    @property
+    def deflate(self):
+        return self._deflate != 0
+
+    @deflate.setter
+    def deflate(self, bint value):
+        self._deflate = value
 
     cdef int _grow_msg(self, Py_ssize_t extra) except -1:
         cdef Py_ssize_t want = self.msg_len + extra
@@ -172,51 +223,63 @@ cdef class WSParser:
         return 0
 
     cdef int _consume_payload(self, const uint8_t* p, Py_ssize_t n) except -1:
+        # n <= f_left: the bytes of this frame still to come, counted before these
         cdef uint8_t* dst
-        if self.target == _T_CTRL:
-            dst = self.ctrl + self.ctrl_len
-            self.ctrl_len += n
-        elif self.target == _T_SINGLE:
-            dst = <uint8_t*>PyBytes_AS_STRING(self.single) + self.single_len
-            self.single_len += n
-        else:
+        if self.target == _T_MSG:
             self._grow_msg(n)
             dst = <uint8_t*>self.msg + self.msg_len
             self.msg_len += n
+        else:
+            # a control frame or an unfragmented message: its own bytes object
+            dst = (<uint8_t*>PyBytes_AS_STRING(self.single)
+                   + PyBytes_GET_SIZE(self.single) - <Py_ssize_t>self.f_left)
         if self.f_masked:
             _unmask_copy(dst, p, n, self.mask, self.mask_pos)
             self.mask_pos = (self.mask_pos + n) & 3
         else:
             memcpy(dst, p, n)
-        if self.target != _T_CTRL and self.msg_opcode == OP_TEXT:
+        if self.target != _T_CTRL and self.msg_opcode == _OP_TEXT and not self.msg_deflate:
             if not _utf8_step(dst, n, &self.u_need, &self.u_lo, &self.u_hi):
                 raise WebSocketError("invalid UTF-8 in text message", 1007)
         return 0
 
+    cdef int _check_first_bytes(self, uint8_t b0, uint8_t b1) except -1:
+        # the first two bytes decide most violations: fail before reading more
+        cdef int op = b0 & 0x0F
+        cdef uint8_t rsv = b0 & 0x70
+        if rsv and (rsv != 0x40 or not self._deflate):
+            raise WebSocketError("reserved bits set with no extension negotiated "
+                                 "(RFC 6455 §5.2)", 1002)
+        if not (op <= 2 or 8 <= op <= 10):
+            raise WebSocketError(f"unknown opcode 0x{op:x} (RFC 6455 §5.2)", 1002)
+        if rsv:
+            if op >= 8:
+                raise WebSocketError("RSV1 set on a control frame (RFC 7692 §6.1)", 1002)
+            if op == _OP_CONT:
+                raise WebSocketError("RSV1 set on a continuation frame (RFC 7692 §6.1)", 1002)
+        if op >= 8 and not (b0 & 0x80):
+            raise WebSocketError("fragmented control frame (RFC 6455 §5.5)", 1002)
+        if op >= 8 and (b1 & 0x7F) > 125:
+            raise WebSocketError("control frame payload over 125 bytes "
+                                 "(RFC 6455 §5.5)", 1002)
+        if self.client and (b1 & 0x80):
+            raise WebSocketError("masked frame from server (RFC 6455 §5.1)", 1002)
+        if not self.client and not (b1 & 0x80):
+            raise WebSocketError("unmasked frame from client (RFC 6455 §5.1)", 1002)
+        return 0
+
     cdef int _start_frame(self, list out) except -1:
-        cdef Py_ssize_t i, pos = 2
-        cdef uint64_t length = self.hdr[1] & 0x7F
-        if length == 126:
-            length = (<uint64_t>self.hdr[2] << 8) | self.hdr[3]
-            pos = 4
-        elif length == 127:
-            length = 0
-            for i in range(8):
-                length = (length << 8) | self.hdr[2 + i]
-            if length >> 63:
-                raise WebSocketError("64-bit payload length has its most significant bit set "
-                                     "(RFC 6455 §5.2)", 1002)
-            pos = 10
-        if self.f_masked:
-            memcpy(self.mask, self.hdr + pos, 4)
+        cdef uint64_t length = self.f_left
+        cdef int op = self.f_b0 & 0x0F
+        if length >> 63:
+            raise WebSocketError("64-bit payload length has its most significant bit set "
+                                 "(RFC 6455 §5.2)", 1002)
         self.mask_pos = 0
-        self.f_remaining = <Py_ssize_t>length if length < <uint64_t>0x7FFFFFFFFFFFFFFF else 0x7FFFFFFFFFFFFFFF
-        self.f_len = self.f_remaining
-        if self.f_opcode >= 8:
+        if op >= 8:
             self.target = _T_CTRL
-            self.ctrl_len = 0
+            self.single = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>length)
         else:
-            if self.f_opcode == OP_CONT:
+            if op == _OP_CONT:
                 if self.msg_opcode == 0:
                     raise WebSocketError("continuation frame with no message to continue "
                                          "(RFC 6455 §5.4)", 1002)
@@ -229,14 +292,14 @@ cdef class WSParser:
                                          "(RFC 6455 §5.4)", 1002)
                 if length > <uint64_t>self.max_message:
                     raise WebSocketError(f"message exceeds the maximum of {self.max_message} bytes", 1009)
-                self.msg_opcode = self.f_opcode
+                self.msg_opcode = op
+                self.msg_deflate = (self.f_b0 & 0x40) != 0
                 self.u_need = 0
                 self.u_lo = 0x80
                 self.u_hi = 0xBF
-                if self.f_fin and length <= _SINGLE_MAX:
+                if (self.f_b0 & 0x80) and length <= _SINGLE_MAX:
                     self.target = _T_SINGLE
                     self.single = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>length)
-                    self.single_len = 0
                 else:
                     self.target = _T_MSG
                     self.msg_len = 0
@@ -247,18 +310,20 @@ cdef class WSParser:
 
     cdef int _end_frame(self, list out) except -1:
         cdef bytes payload
+        cdef int op = self.f_b0 & 0x0F
         self.in_frame = False
         self.hdr_have = 0
         if self.target == _T_CTRL:
-            payload = PyBytes_FromStringAndSize(<const char*>self.ctrl, self.ctrl_len)
-            if self.f_opcode == OP_CLOSE:
+            payload = self.single
+            self.single = None
+            if op == _OP_CLOSE:
                 ws_parse_close(payload)
                 self._closed = True
-            out.append((self.f_opcode, payload))
+            out.append((op, payload))
             return 0
-        if not self.f_fin:
+        if not (self.f_b0 & 0x80):
             return 0
-        if self.msg_opcode == OP_TEXT and self.u_need != 0:
+        if self.msg_opcode == _OP_TEXT and not self.msg_deflate and self.u_need != 0:
             raise WebSocketError("text message ends inside a UTF-8 sequence", 1007)
         if self.target == _T_SINGLE:
             payload = self.single
@@ -270,16 +335,17 @@ cdef class WSParser:
                 free(self.msg)
                 self.msg = NULL
                 self.msg_cap = 0
-        out.append((self.msg_opcode, payload))
+        out.append(((self.msg_opcode | _OP_COMPRESSED) if self.msg_deflate else self.msg_opcode,
+                    payload))
         self.msg_opcode = 0
+        self.msg_deflate = False
         return 0
 
     def feed(self, data):
         cdef Py_buffer view
         cdef const uint8_t* p
         cdef Py_ssize_t n, take
-        cdef uint8_t b0, b1
-        cdef int op
+        cdef uint8_t b, len7
         cdef list out = []
         if self._closed:
             return out
@@ -289,65 +355,48 @@ cdef class WSParser:
             n = view.len
             while n > 0 and not self._closed:
                 if self.in_frame:
-                    take = self.f_remaining
-                    if take > n:
-                        take = n
+                    take = n
+                    if <uint64_t>take > self.f_left:
+                        take = <Py_ssize_t>self.f_left
                     self._consume_payload(p, take)
                     p += take
                     n -= take
-                    self.f_remaining -= take
-                    if self.f_remaining == 0:
+                    self.f_left -= <uint64_t>take
+                    if self.f_left == 0:
                         self._end_frame(out)
                     continue
-                if self.hdr_have < 2:
-                    take = 2 - self.hdr_have
-                    if take > n:
-                        take = n
-                    memcpy(self.hdr + self.hdr_have, p, take)
-                    self.hdr_have += take
-                    p += take
-                    n -= take
-                    if self.hdr_have < 2:
-                        break
-                    # the first two bytes decide most violations: fail before reading more
-                    b0 = self.hdr[0]
-                    b1 = self.hdr[1]
-                    op = b0 & 0x0F
-                    self.f_fin = (b0 & 0x80) != 0
-                    self.f_opcode = op
-                    self.f_masked = (b1 & 0x80) != 0
-                    if b0 & 0x70:
-                        raise WebSocketError("reserved bits set with no extension negotiated "
-                                             "(RFC 6455 §5.2)", 1002)
-                    if not (op <= 2 or 8 <= op <= 10):
-                        raise WebSocketError(f"unknown opcode 0x{op:x} (RFC 6455 §5.2)", 1002)
-                    if op >= 8 and not self.f_fin:
-                        raise WebSocketError("fragmented control frame (RFC 6455 §5.5)", 1002)
-                    if op >= 8 and (b1 & 0x7F) > 125:
-                        raise WebSocketError("control frame payload over 125 bytes "
-                                             "(RFC 6455 §5.5)", 1002)
-                    if self.client and self.f_masked:
-                        raise WebSocketError("masked frame from server (RFC 6455 §5.1)", 1002)
-                    if not self.client and not self.f_masked:
-                        raise WebSocketError("unmasked frame from client (RFC 6455 §5.1)", 1002)
+                # the header, byte by byte (2 to 14 bytes): no buffer is kept for it
+                b = p[0]
+                p += 1
+                n -= 1
+                if self.hdr_have == 0:
+                    self.f_b0 = b
+                    self.hdr_have = 1
+                    continue
+                if self.hdr_have == 1:
+                    self._check_first_bytes(self.f_b0, b)
+                    self.f_masked = (b & 0x80) != 0
+                    len7 = b & 0x7F
                     self.hdr_need = 2
-                    if (b1 & 0x7F) == 126:
+                    if len7 == 126:
                         self.hdr_need += 2
-                    elif (b1 & 0x7F) == 127:
+                        self.f_left = 0
+                    elif len7 == 127:
                         self.hdr_need += 8
+                        self.f_left = 0
+                    else:
+                        self.f_left = len7
                     if self.f_masked:
                         self.hdr_need += 4
-                if self.hdr_have < self.hdr_need:
-                    take = self.hdr_need - self.hdr_have
-                    if take > n:
-                        take = n
-                    memcpy(self.hdr + self.hdr_have, p, take)
-                    self.hdr_have += take
-                    p += take
-                    n -= take
-                    if self.hdr_have < self.hdr_need:
-                        break
-                self._start_frame(out)
+                    self.hdr_have = 2
+                elif self.hdr_have < self.hdr_need - (4 if self.f_masked else 0):
+                    self.f_left = (self.f_left << 8) | b   # extended length, big-endian
+                    self.hdr_have += 1
+                else:
+                    self.mask[self.hdr_have - (self.hdr_need - 4)] = b
+                    self.hdr_have += 1
+                if self.hdr_have == self.hdr_need:
+                    self._start_frame(out)
         except WebSocketError as e:
             # RFC 6455 §5.1 / §7.1.7: the messages and control frames completed before the
             # violation were valid and must still be handled (echoed) before the close that

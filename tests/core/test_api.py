@@ -22,9 +22,11 @@ def test_same_constants(core: ModuleType, ref: ModuleType) -> None:
 def test_pyref_exports_what_the_stub_declares() -> None:
     declared = {
         "HEADER_SIZE", "DEFAULT_MAX_FRAME", "FMT_TCP", "FMT_WS_BINARY", "FMT_WS_JSON",
-        "N_FORMATS", "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
-        "crc32", "encode_frame", "FrameDecoder", "utf8_valid", "ws_encode", "ws_close_payload",
-        "ws_parse_close", "WSParser", "OutRing", "Flusher", "SubscriberSet", "HistoryRing",
+        "FMT_WS_BINARY_DEFLATE", "FMT_WS_JSON_DEFLATE", "N_FORMATS", "OP_CONT", "OP_TEXT",
+        "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG", "OP_COMPRESSED", "crc32",
+        "encode_frame", "FrameDecoder", "utf8_valid", "ws_encode", "ws_inflate",
+        "ws_close_payload", "ws_parse_close", "WSParser", "OutRing", "Flusher",
+        "SubscriberSet", "HistoryRing",
     }  # fmt: skip
     assert declared <= set(fastim._pyref.__all__)
     assert all(hasattr(fastim._pyref, name) for name in fastim._pyref.__all__)

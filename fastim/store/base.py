@@ -1,0 +1,320 @@
+"""The store interface: channel history with offsets and epochs, and per-user inboxes.
+
+Every store (:mod:`.memory`, :mod:`.sqlite`, :mod:`.redis`) implements :class:`Store` with
+the same semantics, checked by one contract test suite (``tests/store``). The hub and the
+sessions talk only to this interface, so a node changes store by a setting.
+
+Why this shape:
+
+* **Results are named tuples.** They unpack like the plain tuples the callers want
+  (``offset, epoch = await store.append(...)``) and still read well in logs and tests.
+* **Limits travel with each call** (:class:`HistoryLimits`), because they are a property
+  of the channel's namespace, which the hub knows and the store does not. A store made
+  by :func:`~fastim.store.open_store` has defaults from the config for calls that pass none.
+* **Reads apply the limits exactly; trimming is lazy.** A read never returns a message
+  that the count or age limit has pushed out, whether or not it has been physically
+  deleted yet. The stores may then delete in batches (sqlite), approximately (Redis
+  ``MAXLEN ~``) or at sweep time, which is where their speed comes from.
+* **Batches are first-class** (:meth:`Store.append_many`), and concurrent calls made in
+  the same event-loop tick are committed together where the store can (sqlite: one
+  transaction; Redis: one script call per batch). A publish is acknowledged only after
+  its store call returned.
+* **Failures raise, never drop.** Any backend failure is a :class:`StoreError` (or a
+  subclass); a write whose call raised :class:`StoreUnavailable` may or may not have been
+  applied (a reply can be lost after the write), so a caller must not acknowledge it,
+  and a retry can duplicate a channel message (inbox sends are idempotent by client id).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
+
+from ..errors import FastimError
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+class StoreError(FastimError):
+    """The store refused or failed an operation; the message says which store and why."""
+
+
+class StoreUnavailable(StoreError):
+    """The backend failed (Redis down or too slow, disk full, I/O error, store closed).
+
+    For a write, the outcome is unknown: it may have been applied before the failure was
+    seen. Never acknowledge such a write to a client; retrying an inbox send with its
+    client message id is safe, retrying a channel append may store the message twice.
+    """
+
+
+class InboxFull(StoreError):
+    """The recipient already has ``inbox_max`` unacknowledged messages; nothing was stored."""
+
+    def __init__(self, user: str, limit: int) -> None:
+        self.user = user
+        self.limit = limit
+        super().__init__(f"inbox of {user!r} is full: {limit} unacknowledged messages")
+
+
+class AckOutOfRange(StoreError):
+    """An inbox ack names a sequence above the last one stored; nothing changed."""
+
+    def __init__(self, user: str, seq: int, top: int) -> None:
+        self.user = user
+        self.seq = seq
+        self.top = top
+        super().__init__(f"ack {seq} for {user!r} is above the last sequence {top}")
+
+
+# --------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryLimits:
+    """How much history a channel keeps.
+
+    ``size``: the last ``size`` messages (0 keeps none; offsets are still assigned).
+    ``ttl``: seconds a message is kept after it was appended; ``None`` = no age limit.
+    ``meta_ttl``: seconds the channel's epoch and top outlive its last append (or its
+    creation by a read); then the channel is forgotten and its next use starts a new
+    epoch at offset 1. ``None`` = kept for ever. Taken as at least ``ttl``. It is separate
+    from ``ttl`` so that a quiet channel keeps its epoch: a subscriber that reconnects
+    after all messages expired but none was published still recovers completely.
+    """
+
+    size: int = 128
+    ttl: float | None = None
+    meta_ttl: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            raise ValueError(f"history size must be >= 0, got {self.size}")
+        for name in ("ttl", "meta_ttl"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"history {name} must be > 0 seconds or None, got {value}")
+        if self.meta_ttl is not None and self.ttl is not None and self.meta_ttl < self.ttl:
+            object.__setattr__(self, "meta_ttl", self.ttl)
+
+    @classmethod
+    def from_config(cls, config: Config) -> HistoryLimits:
+        """``history_size``, ``history_ttl`` and ``history_meta_ttl`` (0 = no limit)."""
+        return cls(config.history_size, config.history_ttl or None, config.history_meta_ttl or None)
+
+
+class Appended(NamedTuple):
+    """Where :meth:`Store.append` put a message (for ``append_many``: the first one)."""
+
+    offset: int
+    epoch: str
+
+
+class ChannelState(NamedTuple):
+    """A channel's epoch and last offset (``top``; 0 before the first message)."""
+
+    epoch: str
+    top: int
+
+
+class History(NamedTuple):
+    """What :meth:`Store.read` returns: the state and the messages after ``since``."""
+
+    epoch: str
+    top: int
+    messages: list[tuple[int, bytes]]
+
+
+class InboxAppended(NamedTuple):
+    """Result of :meth:`Store.inbox_append`; ``duplicate``: an earlier send with the same
+    (sender, client id) was found, and ``seq``/``msg_id`` are that send's."""
+
+    seq: int
+    msg_id: str
+    duplicate: bool
+
+
+class InboxMessage(NamedTuple):
+    seq: int
+    msg_id: str
+    sender: str | None
+    data: bytes
+
+
+class InboxState(NamedTuple):
+    """``acked``: the highest acknowledged sequence; ``top``: the last one assigned."""
+
+    acked: int
+    top: int
+
+
+# ------------------------------------------------------------------------------- interface
+
+_S = TypeVar("_S", bound="Store")
+
+
+@dataclass(frozen=True, slots=True)
+class InboxLimits:
+    """``max_unacked``: messages an inbox holds before sends are refused (:class:`InboxFull`).
+    ``dedup_window``: seconds a (sender, client id) is remembered for idempotent retries."""
+
+    max_unacked: int = 10_000
+    dedup_window: float = 86_400.0
+
+
+class Store(abc.ABC):
+    """Channel history and user inboxes; every method is a coroutine except ``name``.
+
+    Channel history: per channel an epoch (names one continuous history; a new one when
+    the store lost the channel's history) and offsets 1, 2, 3, ... Inboxes: per user a
+    sequence 1, 2, 3, ..., a cumulative acknowledged sequence, and idempotent sends.
+    """
+
+    #: "memory", "sqlite" or "redis"
+    name: str = ""
+
+    def __init__(
+        self, limits: HistoryLimits | None = None, inbox: InboxLimits | None = None
+    ) -> None:
+        self.limits = limits or HistoryLimits()
+        self.inbox_limits = inbox or InboxLimits()
+
+    # -- channel history
+
+    @abc.abstractmethod
+    async def append(
+        self, channel: str, data: bytes, limits: HistoryLimits | None = None
+    ) -> Appended:
+        """Assign the channel's next offset to ``data`` and store it; trim to ``limits``.
+
+        Returns the offset and the epoch it belongs to. If the epoch differs from the one
+        the caller saw before, the channel's history was lost in between (offsets
+        started again at 1).
+        """
+
+    @abc.abstractmethod
+    async def append_many(
+        self, channel: str, items: Sequence[bytes], limits: HistoryLimits | None = None
+    ) -> Appended:
+        """Append ``items`` in order, atomically, in one round trip / one transaction.
+
+        They get consecutive offsets ``first .. first + len(items) - 1``; returns
+        ``(first, epoch)``. An empty ``items`` stores nothing and returns ``(top + 1, epoch)``.
+        """
+
+    @abc.abstractmethod
+    async def read(
+        self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None
+    ) -> History:
+        """The kept messages with offset > ``since``, oldest first, at most ``limit`` of them.
+
+        Also the channel's epoch and top, from the same snapshot: if ``messages`` is empty
+        or ends before ``top``, page on from the last offset returned. A channel never
+        seen before gets its epoch here (so a subscriber learns an epoch that its first
+        message will keep).
+        """
+
+    @abc.abstractmethod
+    async def state(self, channel: str, limits: HistoryLimits | None = None) -> ChannelState:
+        """The channel's epoch and top; creates the epoch of a channel never seen before."""
+
+    # -- inboxes
+
+    @abc.abstractmethod
+    async def inbox_append(
+        self,
+        user: str,
+        data: bytes,
+        client_msg_id: str | None = None,
+        sender: str | None = None,
+    ) -> InboxAppended:
+        """Store a direct message for ``user``: next sequence, a new unique message id.
+
+        With a ``client_msg_id``, a second send with the same (``sender``,
+        ``client_msg_id``) to the same user within the dedup window stores nothing and
+        returns the first send's sequence and id with ``duplicate=True``, even after the
+        message was acknowledged. Raises :class:`InboxFull` when ``inbox_max`` messages
+        are unacknowledged (a duplicate is still recognised when full).
+        """
+
+    @abc.abstractmethod
+    async def inbox_read(self, user: str, after_seq: int, limit: int = 1000) -> list[InboxMessage]:
+        """Unacknowledged messages with sequence > ``after_seq``, in order, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def inbox_ack(self, user: str, seq: int) -> InboxState:
+        """Acknowledge every message up to ``seq`` (cumulative) and drop them.
+
+        An ack at or below the current acked sequence changes nothing; above the last
+        sequence it raises :class:`AckOutOfRange`. Returns the state after.
+        """
+
+    @abc.abstractmethod
+    async def inbox_state(self, user: str) -> InboxState:
+        """(acked, top) of the user's inbox; (0, 0) for a user never written to."""
+
+    # -- upkeep
+
+    async def sweep(self) -> int:
+        """Delete what has expired (forgotten channels, old dedup entries); return a count.
+
+        Reads are exact without it; it bounds storage. The node calls it periodically.
+        """
+        return 0
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and release connections, threads and files. Idempotent."""
+
+    async def __aenter__(self: _S) -> _S:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _limits(self, limits: HistoryLimits | None) -> HistoryLimits:
+        return self.limits if limits is None else limits
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def new_epoch() -> str:
+    """A random name for one continuous history (12 hex characters, 48 random bits)."""
+    return os.urandom(6).hex()
+
+
+def new_msg_id() -> str:
+    """A unique direct-message id: 96 random bits as 24 hex characters.
+
+    Random rather than derived from (user, seq) so that ids stay unique when a volatile
+    store restarts and sequences begin again at 1.
+    """
+    return os.urandom(12).hex()
+
+
+def dedup_key(sender: str | None, client_msg_id: str) -> str:
+    """One string per (sender, client id) pair, unambiguous for any characters in either."""
+    if sender is None:
+        return "-" + client_msg_id
+    return f"+{len(sender)}:{sender}{client_msg_id}"
+
+
+def check_read_args(since: int, limit: int) -> None:
+    if since < 0:
+        raise ValueError(f"since must be >= 0, got {since}")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")

@@ -1,0 +1,549 @@
+"""The shared store: Redis (redis-py's asyncio client with hiredis), for clusters of nodes.
+
+Every operation is one Lua script run with EVALSHA (EVAL when Redis answers NOSCRIPT, as
+after a restart), so each is atomic in Redis: offset assignment, the epoch check, the
+append and the trims happen together or not at all, whatever the number of nodes.
+
+Key layout (``P`` = the ``redis_prefix`` setting; ``{...}`` is a Redis Cluster hash tag,
+so all keys of one channel or one user sit in one slot and a script may touch them all):
+
+=====================  ======  ==========================================================
+``P:ch:{name}:m``      hash    ``epoch``, ``top`` (last offset), ``ts`` (last append, ms)
+``P:ch:{name}:s``      stream  one entry per kept message, id ``<offset>-0``, fields
+                               ``t`` (Redis time of the append, ms) and ``d`` (data)
+``P:in:{user}:m``      hash    ``top`` (last sequence), ``acked``
+``P:in:{user}:s``      stream  unacked messages, id ``<seq>-0``: ``i`` msg id, ``s``
+                               sender (absent for none), ``d`` data
+``P:in:{user}:d``      hash    dedup key -> ``"<seq> <msg_id> <ms>"``
+``P:in:{user}:t``      zset    dedup key scored by its time, to expire old keys
+=====================  ======  ==========================================================
+
+Trimming: by count with ``XTRIM MINID ~`` (approximate: Redis drops whole stream nodes of
+up to 100 entries, so up to ~100 extra entries may stay), by age by scanning the stream's
+oldest entries; reads apply both limits exactly, so the slack is never visible. A channel
+with ``meta_ttl`` gets ``PEXPIRE`` on both keys at each append: an idle channel vanishes
+by itself. Timestamps are Redis's ``TIME``, so the nodes' clocks do not matter.
+
+Losing keys: if the meta hash is gone (eviction, FLUSHDB, a Redis restart without
+persistence) the channel starts a new epoch; if the stream is gone but the hash says
+messages were appended, the scripts notice and start a new epoch as well, so a history
+loss is never presented as a complete one. Run Redis with ``maxmemory-policy
+noeviction`` and AOF (``appendonly yes``) to lose nothing on a Redis restart.
+
+Commands issued in one event-loop tick are sent as one pipeline (one write, one round
+trip, one connection), which is Redis's form of group commit. No command is retried by
+the client: a write whose reply was lost may have been applied, so the caller gets
+:class:`StoreUnavailable` instead of a silent duplicate. redis-py reconnects by itself
+on the next call once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from .base import (
+    AckOutOfRange,
+    Appended,
+    ChannelState,
+    History,
+    HistoryLimits,
+    InboxAppended,
+    InboxFull,
+    InboxLimits,
+    InboxMessage,
+    InboxState,
+    Store,
+    StoreUnavailable,
+    check_read_args,
+    dedup_key,
+    new_epoch,
+    new_msg_id,
+)
+
+try:
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import NoScriptError, RedisError
+except ImportError as e:  # pragma: no cover - exercised without the extra only
+    raise ImportError(
+        "the redis store needs redis-py with hiredis: pip install 'fastim[redis]'"
+    ) from e
+
+T = TypeVar("T")
+
+# The channel scripts share this prelude: read the meta hash, detect a lost stream, create
+# the channel (new epoch) when needed. KEYS[1] meta, KEYS[2] stream; ARGV[1] a fresh epoch,
+# ARGV[2] meta_ttl ms (0 = none). Sets `epoch`, `top`, `created`.
+_CHANNEL_PRELUDE = """
+local meta, stream = KEYS[1], KEYS[2]
+local mttl = tonumber(ARGV[2])
+local epoch = redis.call('HGET', meta, 'epoch')
+local top = 0
+local created = false
+if epoch then
+  top = tonumber(redis.call('HGET', meta, 'top'))
+  if top > 0 and redis.call('EXISTS', stream) == 0 then epoch = false end
+end
+if not epoch then
+  epoch = ARGV[1]
+  top = 0
+  created = true
+  redis.call('DEL', stream)
+  redis.call('DEL', meta)
+  redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
+  if mttl > 0 then redis.call('PEXPIRE', meta, mttl) end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# ARGV[3] size, ARGV[4] ttl ms (0 = none), ARGV[5..] the messages. Returns {first, epoch}.
+APPEND = (
+    _CHANNEL_PRELUDE
+    + """
+local size, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = #ARGV - 4
+local first = top + 1
+if n > 0 then
+  local last = tonumber(redis.call('HGET', meta, 'ts') or '0')
+  if last > now then now = last end  -- time never goes back inside one channel
+  for i = 1, n do
+    redis.call('XADD', stream, (top + i) .. '-0', 't', now, 'd', ARGV[4 + i])
+  end
+  top = top + n
+  redis.call('HSET', meta, 'top', top, 'ts', now)
+  redis.call('XTRIM', stream, 'MINID', '~', math.max(0, top - size + 1))
+  if ttl > 0 then
+    -- expired entries are a prefix: find the first live one, drop what is before it
+    local cutoff = now - ttl
+    local from = '-'
+    for _ = 1, 16 do
+      local es = redis.call('XRANGE', stream, from, '+', 'COUNT', 64)
+      local live = nil
+      for _, e in ipairs(es) do
+        if tonumber(e[2][2]) > cutoff then live = e[1] break end
+      end
+      if live then
+        redis.call('XTRIM', stream, 'MINID', live)
+        break
+      end
+      if #es == 0 then break end
+      from = '(' .. es[#es][1]
+      redis.call('XTRIM', stream, 'MINID', from:sub(2))
+    end
+  end
+  if mttl > 0 then
+    redis.call('PEXPIRE', meta, mttl)
+    redis.call('PEXPIRE', stream, mttl)
+  else
+    redis.call('PERSIST', meta)
+    redis.call('PERSIST', stream)
+  end
+end
+return {first, epoch}
+"""
+)
+
+# ARGV[3] since, ARGV[4] limit, ARGV[5] size, ARGV[6] ttl ms. Returns {epoch, top, off, data, ...}.
+READ = (
+    _CHANNEL_PRELUDE
+    + """
+local out = {epoch, top}
+local limit = tonumber(ARGV[4])
+if created or limit == 0 or top == 0 then return out end
+local since, size, ttl = tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local cutoff = -1
+if ttl > 0 then cutoff = now - ttl end
+local from = tostring(math.max(since, top - size) + 1)
+local got = 0
+while got < limit do
+  local es = redis.call('XRANGE', stream, from, '+', 'COUNT', limit - got)
+  if #es == 0 then break end
+  for _, e in ipairs(es) do
+    if tonumber(e[2][2]) > cutoff then
+      out[#out + 1] = tonumber(string.match(e[1], '^%d+'))
+      out[#out + 1] = e[2][4]
+      got = got + 1
+    end
+  end
+  from = '(' .. es[#es][1]
+end
+return out
+"""
+)
+
+# KEYS meta, stream, dedup, times. ARGV: data, dedup key ('' = none), has sender ('0'/'1'),
+# sender, msg id, max unacked, dedup window ms. Returns {seq, msg_id, duplicate} or
+# {-1, '', 0} when full.
+INBOX_APPEND = """
+local meta, stream, dedup, times = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local key, window = ARGV[2], tonumber(ARGV[7])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('EXISTS', meta) == 0 then
+  redis.call('DEL', stream, dedup, times)  -- leftovers of a lost inbox would clash
+end
+if key ~= '' then
+  local old = redis.call('ZRANGEBYSCORE', times, '-inf', now - window, 'LIMIT', 0, 100)
+  if #old > 0 then
+    redis.call('HDEL', dedup, unpack(old))
+    redis.call('ZREM', times, unpack(old))
+  end
+  local hit = redis.call('HGET', dedup, key)
+  if hit then
+    local seq, mid, ts = string.match(hit, '^(%d+) (%S+) (%d+)$')
+    if now - tonumber(ts) < window then return {tonumber(seq), mid, 1} end
+  end
+end
+local top = tonumber(redis.call('HGET', meta, 'top') or '0')
+local acked = tonumber(redis.call('HGET', meta, 'acked') or '0')
+if top - acked >= tonumber(ARGV[6]) then return {-1, '', 0} end
+top = top + 1
+redis.call('HSET', meta, 'top', top, 'acked', acked)
+if ARGV[3] == '1' then
+  redis.call('XADD', stream, top .. '-0', 'i', ARGV[5], 's', ARGV[4], 'd', ARGV[1])
+else
+  redis.call('XADD', stream, top .. '-0', 'i', ARGV[5], 'd', ARGV[1])
+end
+if key ~= '' and window > 0 then
+  redis.call('HSET', dedup, key, top .. ' ' .. ARGV[5] .. ' ' .. now)
+  redis.call('ZADD', times, now, key)
+end
+return {top, ARGV[5], 0}
+"""
+
+# KEYS meta, stream. ARGV seq. Returns {acked, top, refused (0/1)}.
+INBOX_ACK = """
+local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
+local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
+local seq = tonumber(ARGV[1])
+if seq > top then return {acked, top, 1} end
+if seq > acked then
+  acked = seq
+  redis.call('HSET', KEYS[1], 'acked', acked)
+  redis.call('XTRIM', KEYS[2], 'MINID', acked + 1)
+end
+return {acked, top, 0}
+"""
+
+# KEYS meta, stream. ARGV after, limit. Returns {acked, top, seq, id, sender|false, data, ...}.
+INBOX_READ = """
+local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
+local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
+local out = {acked, top}
+local limit = tonumber(ARGV[2])
+if limit == 0 or top == 0 then return out end
+local from = math.max(tonumber(ARGV[1]), acked) + 1
+local es = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', limit)
+for _, e in ipairs(es) do
+  local f = e[2]
+  local id, sender, data = nil, false, nil
+  for j = 1, #f, 2 do
+    if f[j] == 'i' then id = f[j + 1] elseif f[j] == 's' then sender = f[j + 1]
+    elseif f[j] == 'd' then data = f[j + 1] end
+  end
+  out[#out + 1] = tonumber(string.match(e[1], '^%d+'))
+  out[#out + 1] = id
+  out[#out + 1] = sender
+  out[#out + 1] = data
+end
+return out
+"""
+
+
+class _Script:
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+_SCRIPTS = {
+    name: _Script(src)
+    for name, src in (
+        ("append", APPEND),
+        ("read", READ),
+        ("inbox_append", INBOX_APPEND),
+        ("inbox_ack", INBOX_ACK),
+        ("inbox_read", INBOX_READ),
+    )
+}
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for error messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{netloc}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# one queued call: the script, keys, args, how to turn the reply into a result, its future
+_Call = tuple[_Script, list[str], list[Any], Callable[[Any], Any], "asyncio.Future[Any]"]
+
+
+class RedisStore(Store):
+    """History and inboxes in Redis. Open with ``await RedisStore.open(url)``."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        limits: HistoryLimits | None = None,
+        inbox: InboxLimits | None = None,
+        prefix: str = "fastim",
+        timeout: float = 2.0,
+    ) -> None:
+        super().__init__(limits, inbox)
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"redis prefix must not contain braces, got {prefix!r}")
+        self.url = url
+        self.prefix = prefix
+        self.timeout = timeout
+        self._where = f"redis store {redact(url)}"
+        # No retries: a command that timed out may have run, and running it again would
+        # append twice. Failures surface as StoreUnavailable; the next call reconnects.
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_error=[],
+            decode_responses=False,
+        )
+        self._pending: list[_Call] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+        #: scripts are known to Redis (False after an error or a NOSCRIPT: load them again)
+        self._loaded = False
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        url: str = "redis://127.0.0.1:6379/0",
+        limits: HistoryLimits | None = None,
+        inbox: InboxLimits | None = None,
+        prefix: str = "fastim",
+        timeout: float = 2.0,
+    ) -> RedisStore:
+        """Connect and load the scripts; raise :class:`StoreUnavailable` if Redis is not there."""
+        store = cls(url, limits, inbox, prefix, timeout)
+        try:
+            await store._redis.ping()
+            await store._load_scripts()
+        except RedisError as e:
+            await store._redis.aclose()
+            raise StoreUnavailable(f"{store._where}: cannot connect: {e}") from e
+        return store
+
+    async def _load_scripts(self) -> None:
+        for script in _SCRIPTS.values():
+            await self._redis.script_load(script.source)
+        self._loaded = True
+
+    # ------------------------------------------------------------------- the call batcher
+
+    async def _call(
+        self, script: str, keys: list[str], args: list[Any], parse: Callable[[Any], T]
+    ) -> T:
+        """Queue one script call; the calls of one loop tick go out as one pipeline."""
+        if self._closed:
+            raise StoreUnavailable(f"{self._where} is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((_SCRIPTS[script], keys, args, parse, fut))
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            replies = await self._pipeline(batch, evalsha=True)
+            redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if redo:  # Redis restarted and forgot the scripts: nothing ran, run with EVAL
+                self._loaded = False
+                again = await self._pipeline([batch[i] for i in redo], evalsha=False)
+                for i, r in zip(redo, again, strict=True):
+                    replies[i] = r
+        except (RedisError, OSError) as e:
+            self._loaded = False
+            err = StoreUnavailable(f"{self._where}: {type(e).__name__}: {e}")
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        except BaseException as e:  # cancelled by close(), or a bug: nobody waits for ever
+            err = StoreUnavailable(f"{self._where}: {type(e).__name__}: {e}")
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            raise
+        for (_, _, _, parse, fut), reply in zip(batch, replies, strict=True):
+            if fut.done():
+                continue
+            if isinstance(reply, Exception):
+                fut.set_exception(
+                    StoreUnavailable(f"{self._where}: {type(reply).__name__}: {reply}")
+                )
+                continue
+            try:
+                fut.set_result(parse(reply))
+            except Exception as e:  # InboxFull, AckOutOfRange
+                fut.set_exception(e)
+
+    async def _pipeline(self, batch: list[_Call], evalsha: bool) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if evalsha and not self._loaded:
+                for script in _SCRIPTS.values():
+                    pipe.execute_command("SCRIPT", "LOAD", script.source)
+            for script, keys, args, _, _ in batch:
+                head = ("EVALSHA", script.sha) if evalsha else ("EVAL", script.source)
+                pipe.execute_command(*head, len(keys), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        if evalsha and not self._loaded:
+            loads, replies = replies[: len(_SCRIPTS)], replies[len(_SCRIPTS) :]
+            self._loaded = not any(isinstance(r, Exception) for r in loads)
+        return replies
+
+    # ------------------------------------------------------------------------------- keys
+
+    def _ch(self, channel: str) -> list[str]:
+        base = f"{self.prefix}:ch:{{{channel}}}"
+        return [base + ":m", base + ":s"]
+
+    def _in(self, user: str) -> list[str]:
+        base = f"{self.prefix}:in:{{{user}}}"
+        return [base + ":m", base + ":s", base + ":d", base + ":t"]
+
+    @staticmethod
+    def _ms(seconds: float | None) -> int:
+        return 0 if seconds is None else max(1, round(seconds * 1000))
+
+    # ------------------------------------------------------------------- channel history
+
+    async def append(
+        self, channel: str, data: bytes, limits: HistoryLimits | None = None
+    ) -> Appended:
+        return await self.append_many(channel, (data,), limits)
+
+    async def append_many(
+        self, channel: str, items: Sequence[bytes], limits: HistoryLimits | None = None
+    ) -> Appended:
+        lim = self._limits(limits)
+        args = [new_epoch(), self._ms(lim.meta_ttl), lim.size, self._ms(lim.ttl), *items]
+        return await self._call("append", self._ch(channel), args, _parse_appended)
+
+    async def read(
+        self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None
+    ) -> History:
+        check_read_args(since, limit)
+        lim = self._limits(limits)
+        args = [new_epoch(), self._ms(lim.meta_ttl), since, limit, lim.size, self._ms(lim.ttl)]
+        return await self._call("read", self._ch(channel), args, _parse_history)
+
+    async def state(self, channel: str, limits: HistoryLimits | None = None) -> ChannelState:
+        h = await self.read(channel, 0, 0, limits)
+        return ChannelState(h.epoch, h.top)
+
+    # ----------------------------------------------------------------------------- inboxes
+
+    async def inbox_append(
+        self,
+        user: str,
+        data: bytes,
+        client_msg_id: str | None = None,
+        sender: str | None = None,
+    ) -> InboxAppended:
+        lim = self.inbox_limits
+        key = "" if client_msg_id is None else dedup_key(sender, client_msg_id)
+        args = [
+            data,
+            key,
+            "0" if sender is None else "1",
+            sender or "",
+            new_msg_id(),
+            lim.max_unacked,
+            self._ms(lim.dedup_window) if lim.dedup_window > 0 else 0,
+        ]
+
+        def parse(reply: Any) -> InboxAppended:
+            seq, msg_id, dup = reply
+            if seq < 0:
+                raise InboxFull(user, lim.max_unacked)
+            return InboxAppended(int(seq), _s(msg_id), bool(dup))
+
+        return await self._call("inbox_append", self._in(user), args, parse)
+
+    async def inbox_read(self, user: str, after_seq: int, limit: int = 1000) -> list[InboxMessage]:
+        check_read_args(after_seq, limit)
+        return await self._call(
+            "inbox_read", self._in(user)[:2], [after_seq, limit], _parse_inbox_messages
+        )
+
+    async def inbox_ack(self, user: str, seq: int) -> InboxState:
+        def parse(reply: Any) -> InboxState:
+            acked, top, refused = reply
+            if refused:
+                raise AckOutOfRange(user, seq, int(top))
+            return InboxState(int(acked), int(top))
+
+        return await self._call("inbox_ack", self._in(user)[:2], [seq], parse)
+
+    async def inbox_state(self, user: str) -> InboxState:
+        def parse(reply: Any) -> InboxState:
+            return InboxState(int(reply[0]), int(reply[1]))
+
+        return await self._call("inbox_read", self._in(user)[:2], [0, 0], parse)
+
+    # ------------------------------------------------------------------------------ upkeep
+
+    async def close(self) -> None:
+        """Send what is queued, wait for the replies, close the connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._flush()
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self._redis.aclose()
+
+
+def _parse_appended(reply: Any) -> Appended:
+    return Appended(int(reply[0]), _s(reply[1]))
+
+
+def _parse_history(reply: Any) -> History:
+    it = iter(reply[2:])
+    return History(
+        _s(reply[0]), int(reply[1]), [(int(off), data) for off, data in zip(it, it, strict=True)]
+    )
+
+
+def _parse_inbox_messages(reply: Any) -> list[InboxMessage]:
+    it = iter(reply[2:])
+    return [
+        InboxMessage(int(seq), _s(mid), None if sender is None else _s(sender), data)
+        for seq, mid, sender, data in zip(it, it, it, it, strict=True)
+    ]
