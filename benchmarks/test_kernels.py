@@ -120,3 +120,24 @@ def test_utf8_validate_64kib(benchmark: Any, impl: types.ModuleType) -> None:
     text = ("héllo wörld ✓ " * 5000).encode()[: 1 << 16]
     text = text[: len(text.decode("utf-8", "ignore").encode())]
     assert benchmark(impl.utf8_valid, text) is True
+
+
+@pytest.mark.parametrize("pool", ["pooled", "malloc"])
+def test_fanout_10_msgs_to_10k_buffer_pool(benchmark: Any, pool: str) -> None:
+    """As above, compiled only: ring buffers from the flusher's pool vs malloc/free each tick."""
+    import fastim._core as core
+
+    flusher = core.Flusher(None)
+    flusher.pool_limit = 32 << 20 if pool == "pooled" else 0
+    sinks = [Sink() for _ in range(10_000)]
+    subs = core.SubscriberSet()
+    for s in sinks:
+        subs.add(core.OutRing(flusher, s, core.FMT_TCP, 1 << 20))
+    frames = (core.encode_frame(0x23, os.urandom(55)),) + (None,) * (core.N_FORMATS - 1)
+
+    def run() -> int:
+        for _ in range(10):
+            subs.fanout(frames)
+        return int(flusher.flush())
+
+    assert benchmark(run) == 10_000

@@ -66,8 +66,16 @@ cdef class Flusher:
     cdef bint scheduled
     cdef public Py_ssize_t writes
     cdef public Py_ssize_t bytes_written
+    # buffers of emptied rings, by power-of-two size class (512 B .. 64 KiB), for reuse
+    cdef char** pool[8]
+    cdef Py_ssize_t pool_n[8]
+    cdef Py_ssize_t pool_cap[8]
+    cdef readonly Py_ssize_t pool_bytes
+    cdef public Py_ssize_t pool_limit
 
     cdef inline void _mark(self, OutRing ring) noexcept
+    cdef char* _get(self, Py_ssize_t cap) noexcept
+    cdef void _put(self, char* buf, Py_ssize_t cap) noexcept
 
 
 cdef class OutRing:
@@ -90,6 +98,7 @@ cdef class OutRing:
     cdef inline void _set_dirty(self) noexcept
     cdef Py_ssize_t _send_direct(self) noexcept
     cdef void _consume(self, Py_ssize_t n) noexcept
+    cdef void _release(self) noexcept
     cdef int _append(self, const char* p, Py_ssize_t n) except -1
     cdef bytes _take(self)
 

@@ -87,6 +87,10 @@ class Config:
         default=32 << 20,
         metadata={"help": "bytes of emptied out-ring buffers kept for reuse (0: none)"},
     )
+    ring_pool: int = field(
+        default=32 << 20,
+        metadata={"help": "bytes of emptied out-ring buffers kept for reuse (0: none)"},
+    )
     direct_write: int = field(
         default=1,
         metadata={
@@ -159,6 +163,8 @@ class Config:
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
+        if self.ring_pool < 0:
+            raise ConfigError(f"ring_pool: must be >= 0, got {self.ring_pool}")
         if self.ring_pool < 0:
             raise ConfigError(f"ring_pool: must be >= 0, got {self.ring_pool}")
         if self.direct_write not in (0, 1):

@@ -53,6 +53,7 @@ class Node:
         loop = asyncio.get_running_loop()
         cfg = self.config
         self.flusher = _core.Flusher(loop.call_soon)
+        self.flusher.pool_limit = cfg.ring_pool
         resolution = max(
             0.01,
             min(

@@ -9,6 +9,25 @@ N_FORMATS = 5
 
 DEFAULT_RING_CAP = 4 * 1024 * 1024
 
+# Ring buffers are powers of two; emptied ones wait in the flusher's pool for the next
+# tick instead of going back to malloc (free + malloc of every ring's buffer every tick
+# were ~10% of a saturated node's CPU: docs/performance.md).
+DEF POOL_MIN_SHIFT = 9       # 512 bytes
+DEF POOL_CLASSES = 8         # .. 64 KiB; bigger buffers are malloc'd and freed
+DEFAULT_POOL_LIMIT = 32 * 1024 * 1024
+
+
+cdef inline int _pool_class(Py_ssize_t cap) noexcept:
+    """The size class of a power-of-two capacity, or -1 if the pool does not keep it."""
+    cdef int c = 0
+    cdef Py_ssize_t size = 1 << POOL_MIN_SHIFT
+    while c < POOL_CLASSES:
+        if size == cap:
+            return c
+        size <<= 1
+        c += 1
+    return -1
+
 
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
@@ -45,6 +64,58 @@ cdef class Flusher:
         self.scheduled = False
         self.writes = 0
         self.bytes_written = 0
+        self.pool_limit = DEFAULT_POOL_LIMIT
+
+    def __dealloc__(self):
+        cdef int c
+        cdef Py_ssize_t i
+        for c in range(POOL_CLASSES):
+            if self.pool[c] != NULL:
+                for i in range(self.pool_n[c]):
+                    free(self.pool[c][i])
+                free(self.pool[c])
+                self.pool[c] = NULL
+            self.pool_n[c] = 0
+        self.pool_bytes = 0
+
+    cdef char* _get(self, Py_ssize_t cap) noexcept:
+        """A pooled buffer of exactly ``cap`` bytes, else a new one (NULL: out of memory)."""
+        cdef int c = _pool_class(cap)
+        if c >= 0 and self.pool_n[c] > 0:
+            self.pool_n[c] -= 1
+            self.pool_bytes -= cap
+            return self.pool[c][self.pool_n[c]]
+        return <char*>malloc(cap)
+
+    cdef void _put(self, char* buf, Py_ssize_t cap) noexcept:
+        """Keep ``buf`` for reuse if the pool has room, else free it."""
+        cdef int c = _pool_class(cap)
+        cdef Py_ssize_t newcap
+        cdef char** items
+        if c < 0 or self.pool_bytes + cap > self.pool_limit:
+            free(buf)
+            return
+        if self.pool_n[c] == self.pool_cap[c]:
+            newcap = self.pool_cap[c] * 2 if self.pool_cap[c] else 64
+            items = <char**>realloc(self.pool[c], newcap * sizeof(char*))
+            if items == NULL:
+                free(buf)
+                return
+            self.pool[c] = items
+            self.pool_cap[c] = newcap
+        self.pool[c][self.pool_n[c]] = buf
+        self.pool_n[c] += 1
+        self.pool_bytes += cap
+
+    def trim_pool(self):
+        """Free every pooled buffer (the pool refills under load)."""
+        cdef int c
+        cdef Py_ssize_t i
+        for c in range(POOL_CLASSES):
+            for i in range(self.pool_n[c]):
+                free(self.pool[c][i])
+            self.pool_n[c] = 0
+        self.pool_bytes = 0
 
     @property
     def pending(self):
@@ -125,9 +196,17 @@ cdef class OutRing:
         self.fd = -1
 
     def __dealloc__(self):
+        self._release()
+
+    cdef void _release(self) noexcept:
+        """Give the buffer back (to the flusher's pool, or to malloc); keep head/size."""
         if self.buf != NULL:
-            free(self.buf)
+            if self.flusher is not None:
+                self.flusher._put(self.buf, self.bufcap)
+            else:
+                free(self.buf)
             self.buf = NULL
+        self.bufcap = 0
 
     def __len__(self):
         return self.size
@@ -173,7 +252,7 @@ cdef class OutRing:
 
     cdef int _append(self, const char* p, Py_ssize_t n) except -1:
         """1 if stored, 0 if refused (closed, or over the cap: then overflowed)."""
-        cdef Py_ssize_t newcap, tail, first
+        cdef Py_ssize_t newcap, tail, first, pow2
         cdef char* nb
         if self._closed:
             return 0
@@ -189,9 +268,16 @@ cdef class OutRing:
             newcap = self.bufcap * 2
             if newcap < self.size + n:
                 newcap = self.size + n
-            if newcap < 512:
-                newcap = 512
-            nb = <char*>malloc(newcap)
+            if newcap < (1 << POOL_MIN_SHIFT):
+                newcap = 1 << POOL_MIN_SHIFT
+            pow2 = 1 << POOL_MIN_SHIFT
+            while pow2 < newcap:
+                pow2 <<= 1
+            newcap = pow2
+            if self.flusher is not None:
+                nb = self.flusher._get(newcap)
+            else:
+                nb = <char*>malloc(newcap)
             if nb == NULL:
                 raise MemoryError()
             if self.size:
@@ -201,8 +287,7 @@ cdef class OutRing:
                 else:
                     memcpy(nb, self.buf + self.head, first)
                     memcpy(nb + first, self.buf, self.size - first)
-            if self.buf != NULL:
-                free(self.buf)
+            self._release()
             self.buf = nb
             self.bufcap = newcap
             self.head = 0
@@ -233,10 +318,7 @@ cdef class OutRing:
         else:
             memcpy(o, self.buf + self.head, first)
             memcpy(o + first, self.buf, self.size - first)
-        # an idle connection holds no buffer
-        free(self.buf)
-        self.buf = NULL
-        self.bufcap = 0
+        self._release()  # an idle connection holds no buffer
         self.head = 0
         self.size = 0
         return out
@@ -272,9 +354,7 @@ cdef class OutRing:
     cdef void _consume(self, Py_ssize_t n) noexcept:
         """Drop the first ``n`` pending bytes (written); free the buffer when empty."""
         if n >= self.size:
-            free(self.buf)  # an idle connection holds no buffer
-            self.buf = NULL
-            self.bufcap = 0
+            self._release()  # an idle connection holds no buffer
             self.head = 0
             self.size = 0
             return
@@ -313,9 +393,6 @@ cdef class OutRing:
 
     def close(self):
         self._closed = True
-        if self.buf != NULL:
-            free(self.buf)
-            self.buf = NULL
-        self.bufcap = 0
+        self._release()
         self.head = 0
         self.size = 0

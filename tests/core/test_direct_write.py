@@ -146,3 +146,60 @@ def test_set_fd_rejects_nonsense() -> None:
         ring.set_fd(-5)
     ring.set_fd(-1)
     assert ring.direct_fd == -1
+
+
+# --------------------------------------------------------------------------- buffer pool
+
+
+def test_emptied_buffers_are_pooled_and_reused() -> None:
+    flusher = _core.Flusher(None)
+    tr = Recorder()
+    rings = [_core.OutRing(flusher, tr) for _ in range(10)]
+    for r in rings:
+        r.append(b"m" * 700)  # a 1 KiB buffer each
+        assert r.capacity == 1024
+    assert flusher.pool_bytes == 0
+    flusher.flush()
+    assert all(r.capacity == 0 for r in rings)  # idle rings hold nothing...
+    assert flusher.pool_bytes == 10 * 1024  # ...the flusher keeps the buffers
+    rings[0].append(b"n" * 600)
+    assert flusher.pool_bytes == 9 * 1024  # taken from the pool
+    flusher.flush()
+    assert tr.chunks == [b"m" * 700] * 10 + [b"n" * 600]
+    flusher.trim_pool()
+    assert flusher.pool_bytes == 0
+
+
+def test_pool_keeps_at_most_its_limit_and_not_big_buffers() -> None:
+    flusher = _core.Flusher(None)
+    flusher.pool_limit = 4096
+    rings = [_core.OutRing(flusher, Recorder()) for _ in range(8)]
+    for r in rings:
+        r.append(b"x" * 1000)
+    big = _core.OutRing(flusher, Recorder(), cap=1 << 22)
+    big.append(b"y" * 200_000)  # 256 KiB: beyond the largest size class
+    flusher.flush()
+    assert flusher.pool_bytes == 4096
+
+
+def test_closed_and_collected_rings_return_their_buffers() -> None:
+    flusher = _core.Flusher(None)
+    a = _core.OutRing(flusher, Recorder())
+    b = _core.OutRing(flusher, Recorder())
+    a.append(b"1" * 100)
+    b.append(b"2" * 100)
+    a.close()
+    assert flusher.pool_bytes == 512
+    b.pause()
+    flusher.flush()  # b is paused: it keeps its bytes, and leaves the dirty list
+    assert b.capacity == 512
+    del b
+    assert flusher.pool_bytes == 1024
+
+
+def test_rings_without_a_flusher_use_malloc() -> None:
+    r = _core.OutRing(None, Recorder())
+    r.append(b"z" * 3000)
+    assert r.capacity == 4096
+    assert r.take() == b"z" * 3000
+    assert r.capacity == 0
