@@ -349,6 +349,9 @@ class SqliteStore(Store):
         self._lock_fd: int | None = None
         self._closed = False
         self._stopped: asyncio.Future[None] | None = None
+        #: transactions committed and jobs they carried (jobs / transactions = batching)
+        self.transactions = 0
+        self.jobs = 0
 
     @classmethod
     async def open(
@@ -486,6 +489,8 @@ class SqliteStore(Store):
                 conn.execute("ROLLBACK")
             err = self._fail("commit", e)
             return [(f, None, err) for f, _, _ in done]
+        self.transactions += 1
+        self.jobs += len(done)
         return done
 
     def _deliver(self, results: list[_Result]) -> None:
