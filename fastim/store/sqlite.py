@@ -7,8 +7,8 @@ Why it is built this way:
   during one event-loop tick are handed to the writer thread together, and the writer
   runs everything it finds queued in **one transaction**, then resolves the jobs'
   futures in one ``call_soon_threadsafe``. A node that publishes 500 messages in a tick
-  pays for one commit, not 500. Each job runs inside a savepoint, so a job that fails
-  (a full inbox) does not undo its neighbours. A caller's future resolves only after
+  pays for one commit, not 500. A job that is refused (a full inbox) writes nothing and
+  does not disturb its neighbours. A caller's future resolves only after
   ``COMMIT`` returned: an acknowledged append is in the WAL file.
 * **Reads on a second connection, on their own thread.** WAL lets them run while the
   writer writes; each read is one read transaction, so epoch, top and messages come from
@@ -449,49 +449,56 @@ class SqliteStore(Store):
                     self._loop.call_soon_threadsafe(self._set_stopped)
 
     def _transaction(self, w: _Writer, jobs: list[_Job]) -> list[_Result]:
-        """Run ``jobs`` in one transaction; each result is reported only if COMMIT worked."""
+        """Run ``jobs`` in one transaction; each result is reported only if COMMIT worked.
+
+        A refusal (:class:`InboxFull`, :class:`AckOutOfRange`) is raised before its job
+        writes anything, so it fails that job alone. Any other error rolls the whole
+        transaction back; the failing job gets the error and the others run again in a
+        new transaction, once: if that fails too (a full disk fails every write), they
+        all get the error. No savepoint per job: they cost half of an append's time.
+        """
+        failed: list[_Result] = []
+        for attempt in (1, 2):
+            done, bad = self._attempt(w, jobs)
+            if bad is None:
+                return failed + done
+            i, err = bad
+            w.cache.clear()  # it may hold what the rollback undid
+            if i < 0 or attempt == 2:  # BEGIN or COMMIT failed, or a second failure
+                return failed + [(f, None, err) for _, f in jobs]
+            failed.append((jobs[i][1], None, err))
+            jobs = jobs[:i] + jobs[i + 1 :]
+        raise AssertionError("unreachable")
+
+    def _attempt(
+        self, w: _Writer, jobs: list[_Job]
+    ) -> tuple[list[_Result], tuple[int, StoreUnavailable] | None]:
+        """One transaction over ``jobs``: (results, None) after COMMIT, or (_, (index of
+        the job that failed or -1, the error)) after a rollback."""
         conn = w.conn
         done: list[_Result] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
-            err = self._fail("begin", e)
-            return [(fut, None, err) for _, fut in jobs]
-        for fn, fut in jobs:
+            return done, (-1, self._fail("begin", e))
+        for i, (fn, fut) in enumerate(jobs):
             try:
-                conn.execute("SAVEPOINT job")
-                result = fn(w)
-                conn.execute("RELEASE job")
-                done.append((fut, result, None))
-            except Exception as e:
-                w.cache.clear()  # the rollback may undo what the cache holds
-                if not isinstance(e, StoreError):
-                    e = self._fail("write", e)
-                if not conn.in_transaction:
-                    # SQLite rolled the whole transaction back (disk full, I/O error): the
-                    # jobs before this one are undone too, so every job of the batch fails
-                    err = e if isinstance(e, StoreUnavailable) else self._fail("write", e)
-                    return [(f, None, err) for _, f in jobs]
-                try:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                except sqlite3.Error as e2:
-                    err = self._fail("rollback", e2)
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                    return [(f, None, err) for _, f in jobs]
+                done.append((fut, fn(w), None))
+            except StoreError as e:  # a refusal: nothing was written
                 done.append((fut, None, e))
+            except Exception as e:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                return done, (i, self._fail("write", e))
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            w.cache.clear()
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            err = self._fail("commit", e)
-            return [(f, None, err) for f, _, _ in done]
+            return done, (-1, self._fail("commit", e))
         self.transactions += 1
         self.jobs += len(done)
-        return done
+        return done, None
 
     def _deliver(self, results: list[_Result]) -> None:
         loop = self._loop

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fastim.store import HistoryLimits, InboxLimits, StoreUnavailable
+from fastim.store import HistoryLimits, InboxFull, InboxLimits, StoreUnavailable
 from fastim.store.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,3 +164,27 @@ def test_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
             await s.close()
 
     asyncio.run(check())
+
+
+async def test_a_failing_job_does_not_fail_its_neighbours(tmp_path: Path) -> None:
+    s = await SqliteStore.open(tmp_path / "s.db", inbox=InboxLimits(max_unacked=3))
+    try:
+
+        def broken(w: object) -> None:
+            raise RuntimeError("boom")
+
+        results = await asyncio.gather(
+            s.append("c", b"1"),
+            s._write(broken),
+            s.append("c", b"2"),
+            *(s.inbox_append("u", b"%d" % i) for i in range(5)),
+            return_exceptions=True,
+        )
+        assert [r.offset for r in results[0:3:2]] == [1, 2]  # type: ignore[union-attr]
+        assert isinstance(results[1], StoreUnavailable) and "boom" in str(results[1])
+        assert sum(isinstance(r, InboxFull) for r in results[3:]) == 2
+        assert (await s.read("c", 0)).messages == [(1, b"1"), (2, b"2")]
+        assert await s.inbox_state("u") == (0, 3)
+        assert s.transactions >= 1
+    finally:
+        await s.close()
