@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     logdir.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
     t_start = time.monotonic()
+    load_start = os.getloadavg()  # the machine may be shared: say how busy it was
     for rep in range(1, a.reps + 1):
         for name in servers:
             srv = Server(name, server_cpu, logdir)
@@ -427,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": ncpu,
             "python": platform.python_version(),
             "kernel": platform.release(),
+            "loadavg_start": [round(x, 2) for x in load_start],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         },
         "reps": a.reps,
         "server_cpu": server_cpu,

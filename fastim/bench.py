@@ -1158,6 +1158,9 @@ def _measure(
             "rate": args.rate,
             "inflight": args.inflight,
             "duration_s": round(elapsed, 3),
+            # how long after the probe the slowest worker had every message: near 0 when
+            # the generator kept up, large when its own socket buffers were queueing
+            "subscribers_lag_s": round(max([r.wall_s for r in results] or [elapsed]) - elapsed, 3),
             "published": sent,
             "acked": pub.acked if target.fastim else None,
             "publish_per_s": round(sent / elapsed, 1),
@@ -1318,6 +1321,7 @@ def render(r: dict[str, Any]) -> str:
             ),
             ("deliveries", f"{r['deliveries']:,} of {r['deliveries_expected']:,}"),
             ("deliveries/s", f"{r['deliveries_per_s']:,.0f}"),
+            ("subscribers' lag", f"{r['subscribers_lag_s']:.2f}s after the probe had the last"),
             (
                 "latency p50/p90/p99",
                 f"{lat['p50'] / 1000:,.2f} / {lat['p90'] / 1000:,.2f} / {lat['p99'] / 1000:,.2f} ms"

@@ -40,7 +40,7 @@ def test_bench_spawns_a_tcp_node_and_counts_everything() -> None:
     assert r["published"] > 0 and r["acked"] == r["published"]
     assert r["deliveries"] == r["deliveries_expected"] == r["published"] * 30
     assert (r["lost"], r["reordered"], r["duplicates"], r["errors"]) == (0, 0, 0, [])
-    assert r["latency_us"]["samples"] > 0
+    assert r["latency_us"]["samples"] > 0 and "subscribers_lag_s" in r
     assert r["server"]["pid"] and r["server"]["cpu_pct"] is not None
     g = r["generator"]
     assert len(g["worker_cpu_pct"]) == g["processes"] >= 1 and g["publisher_cpu_pct"] >= 0
