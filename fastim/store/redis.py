@@ -78,15 +78,16 @@ T = TypeVar("T")
 
 # The channel scripts share this prelude: read the meta hash, detect a lost stream, create
 # the channel (new epoch) when needed. KEYS[1] meta, KEYS[2] stream; ARGV[1] a fresh epoch,
-# ARGV[2] meta_ttl ms (0 = none). Sets `epoch`, `top`, `created`.
+# ARGV[2] meta_ttl ms (0 = none). Sets `epoch`, `top`, `last` (time of the last append),
+# `created`, `now` (ms).
 _CHANNEL_PRELUDE = """
 local meta, stream = KEYS[1], KEYS[2]
 local mttl = tonumber(ARGV[2])
-local epoch = redis.call('HGET', meta, 'epoch')
-local top = 0
+local m = redis.call('HMGET', meta, 'epoch', 'top', 'ts')
+local epoch, top, last = m[1], 0, tonumber(m[3] or '0')
 local created = false
 if epoch then
-  top = tonumber(redis.call('HGET', meta, 'top'))
+  top = tonumber(m[2])
   if top > 0 and redis.call('EXISTS', stream) == 0 then epoch = false end
 end
 if not epoch then
@@ -110,8 +111,7 @@ local size, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 local n = #ARGV - 4
 local first = top + 1
 if n > 0 then
-  local last = tonumber(redis.call('HGET', meta, 'ts') or '0')
-  if last > now then now = last end  -- time never goes back inside one channel
+  if not created and last > now then now = last end  -- time never goes back in a channel
   for i = 1, n do
     redis.call('XADD', stream, (top + i) .. '-0', 't', now, 'd', ARGV[4 + i])
   end
