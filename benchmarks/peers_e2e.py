@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -118,7 +119,12 @@ class Server:
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if "listening" in self.log_path.read_text(errors="replace"):
+            text = self.log_path.read_text(errors="replace")
+            if "listening" in text:
+                # a peer names its own pid; it must be the one whose RSS and CPU are read
+                m = re.search(r"listening on \S+ pid=(\d+)", text)
+                if m:
+                    self.pid = int(m.group(1))
                 return
             if self.proc.poll() is not None:
                 break
