@@ -40,6 +40,17 @@ class Config:
     ws_echo_path: str = field(
         default="", metadata={"help": "echo endpoint path for conformance suites ('' = off)"}
     )
+    ws_compression: int = field(
+        default=6,
+        metadata={
+            "help": "permessage-deflate for WebSocket clients that offer it: the zlib level, "
+            "1 (fastest) to 9 (smallest); 0 turns it off"
+        },
+    )
+    ws_compression_min_size: int = field(
+        default=256,
+        metadata={"help": "messages shorter than this many bytes are sent uncompressed"},
+    )
     node_id: str = field(default_factory=_default_node_id, metadata={"help": "this node's name"})
     max_frame: int = field(
         default=1 << 20, metadata={"help": "largest fastim frame payload accepted, bytes"}
@@ -83,10 +94,6 @@ class Config:
         default=5.0, metadata={"help": "seconds a graceful shutdown may take"}
     )
     backlog: int = field(default=4096, metadata={"help": "listen() backlog"})
-    ring_pool: int = field(
-        default=32 << 20,
-        metadata={"help": "bytes of emptied out-ring buffers kept for reuse (0: none)"},
-    )
     ring_pool: int = field(
         default=32 << 20,
         metadata={"help": "bytes of emptied out-ring buffers kept for reuse (0: none)"},
@@ -165,8 +172,6 @@ class Config:
                 raise ConfigError(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
         if self.ring_pool < 0:
             raise ConfigError(f"ring_pool: must be >= 0, got {self.ring_pool}")
-        if self.ring_pool < 0:
-            raise ConfigError(f"ring_pool: must be >= 0, got {self.ring_pool}")
         if self.direct_write not in (0, 1):
             raise ConfigError(f"direct_write: must be 0 or 1, got {self.direct_write}")
         if self.history_ttl < 0:
@@ -177,6 +182,12 @@ class Config:
                 raise ConfigError(f"{name}: must start with '/', got {p!r}")
         if self.ws_echo_path and self.ws_echo_path == self.ws_path:
             raise ConfigError("ws_echo_path: must differ from ws_path")
+        if not 0 <= self.ws_compression <= 9:
+            raise ConfigError(f"ws_compression: must be 0 (off) to 9, got {self.ws_compression}")
+        if self.ws_compression_min_size < 0:
+            raise ConfigError(
+                f"ws_compression_min_size: must be >= 0, got {self.ws_compression_min_size}"
+            )
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(
                 f"log_level: must be debug, info, warning or error, got {self.log_level!r}"

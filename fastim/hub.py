@@ -1,14 +1,16 @@
 """Channels, their subscribers, offsets and history; publish and fan-out.
 
 A publish is encoded once per wire format that has subscribers (a fastim MSG frame, that
-frame inside a WebSocket binary frame, a JSON text frame), and then
-:meth:`SubscriberSet.fanout` appends the right one to every subscriber's out-ring in C.
-Nothing here runs per subscriber in Python.
+frame inside a WebSocket binary frame, a JSON text frame, and each WebSocket frame
+compressed with permessage-deflate), and then :meth:`SubscriberSet.fanout` appends the
+right one to every subscriber's out-ring in C. Nothing here runs per subscriber in Python:
+a message is compressed once, however many subscribers negotiated compression.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from typing import TYPE_CHECKING
 
 import orjson
@@ -20,6 +22,13 @@ if TYPE_CHECKING:
     from .config import Config
 
 _MSG = int(FrameType.MSG)
+_OP_BINARY = _core.OP_BINARY
+_OP_TEXT = _core.OP_TEXT
+_FMT_TCP = _core.FMT_TCP
+_FMT_WS_BINARY = _core.FMT_WS_BINARY
+_FMT_WS_JSON = _core.FMT_WS_JSON
+_FMT_WS_BINARY_DEFLATE = _core.FMT_WS_BINARY_DEFLATE
+_FMT_WS_JSON_DEFLATE = _core.FMT_WS_JSON_DEFLATE
 
 
 class HubError(Exception):
@@ -34,6 +43,54 @@ class HubError(Exception):
 def new_epoch() -> str:
     """A short random string that names one continuous history of a channel."""
     return os.urandom(6).hex()
+
+
+class Deflater:
+    """The node's one permessage-deflate compressor (RFC 7692), shared by every channel.
+
+    The WebSocket transport accepts compression only with ``server_no_context_takeover``:
+    each message is compressed as if it were the first, so the compressed frame does not
+    depend on what a connection received before, and one frame serves every subscriber
+    of a message. ``flush(Z_FULL_FLUSH)`` ends a message *and* resets the compressor's
+    history, so one reused compressobj gives that independence without the cost of a
+    fresh one per message (a deflate state is ~260 KiB to allocate and clear), and no
+    connection holds compression state of its own. Created on first use.
+    """
+
+    __slots__ = ("_z", "bytes_in", "bytes_out", "level", "messages", "min_size")
+
+    def __init__(self, level: int = 6, min_size: int = 256) -> None:
+        self.level = level
+        #: messages shorter than this go uncompressed (RSV1 is per message, RFC 7692 §6)
+        self.min_size = min_size
+        self._z: zlib._Compress | None = None
+        #: messages compressed, and their bytes before and after (the 4-byte tail dropped)
+        self.messages = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def compress(self, payload: bytes) -> memoryview:
+        """``payload`` compressed on its own, without the trailing ``00 00 ff ff`` (§7.2.1)."""
+        z = self._z
+        if z is None:
+            z = self._z = zlib.compressobj(self.level, zlib.DEFLATED, -15)
+        out = z.compress(payload) + z.flush(zlib.Z_FULL_FLUSH)
+        self.messages += 1
+        self.bytes_in += len(payload)
+        self.bytes_out += len(out) - 4
+        return memoryview(out)[:-4]
+
+    def frame(self, opcode: int, payload: bytes, plain: bytes | None = None) -> bytes:
+        """The message as one frame for a deflate connection.
+
+        Compressed with RSV1 set if it is at least ``min_size`` bytes and compressing
+        makes it smaller; otherwise the plain frame (``plain`` if already built).
+        """
+        if len(payload) >= self.min_size:
+            body = self.compress(payload)
+            if len(body) < len(payload):
+                return _core.ws_encode(opcode, body, rsv1=True)
+        return plain if plain is not None else _core.ws_encode(opcode, payload)
 
 
 class Channel:
@@ -60,23 +117,39 @@ class Channel:
         self.idle_since = 0.0
         self._json_prefix = b'{"op":"msg","ch":' + orjson.dumps(name) + b',"off":'
 
-    def encode(self, offset: int, data: bytes) -> tuple[bytes | None, bytes | None, bytes | None]:
-        """The message in each wire format some subscriber uses (None for the others)."""
-        subs = self.subs
-        tcp = wsb = js = None
-        n_tcp = subs.count(_core.FMT_TCP)
-        n_wsb = subs.count(_core.FMT_WS_BINARY)
-        if n_tcp or n_wsb:
+    def encode(
+        self, offset: int, data: bytes, deflater: Deflater | None = None
+    ) -> tuple[bytes | None, ...]:
+        """The message in each wire format some subscriber uses (None for the others).
+
+        Indexed by ``FMT_*``; three entries when no subscriber uses a deflate format (the
+        fan-out reads a short tuple as None for the rest). The deflate formats are
+        compressed once here, whatever their number of subscribers; without a
+        ``deflater`` they get the plain frames.
+        """
+        count = self.subs.count
+        n_tcp = count(_FMT_TCP)
+        n_wsb = count(_FMT_WS_BINARY)
+        n_wsbz = count(_FMT_WS_BINARY_DEFLATE)
+        n_js = count(_FMT_WS_JSON)
+        n_jsz = count(_FMT_WS_JSON_DEFLATE)
+        tcp = wsb = wsbz = js = jsz = None
+        if n_tcp or n_wsb or n_wsbz:
             frame = _core.encode_frame(_MSG, pack_msg(offset, self.name_b, data))
             if n_tcp:
                 tcp = frame
-            if n_wsb:
-                wsb = _core.ws_encode(_core.OP_BINARY, frame)
-        if subs.count(_core.FMT_WS_JSON):
-            js = _core.ws_encode(
-                _core.OP_TEXT,
-                b"".join((self._json_prefix, str(offset).encode(), b',"data":', data, b"}")),
-            )
+            if n_wsb or (n_wsbz and deflater is None):
+                wsb = _core.ws_encode(_OP_BINARY, frame)
+            if n_wsbz:
+                wsbz = wsb if deflater is None else deflater.frame(_OP_BINARY, frame, wsb)
+        if n_js or n_jsz:
+            text = b"".join((self._json_prefix, str(offset).encode(), b',"data":', data, b"}"))
+            if n_js or deflater is None:
+                js = _core.ws_encode(_OP_TEXT, text)
+            if n_jsz:
+                jsz = js if deflater is None else deflater.frame(_OP_TEXT, text, js)
+        if n_wsbz or n_jsz:
+            return tcp, wsb if n_wsb else None, js if n_js else None, wsbz, jsz
         return tcp, wsb, js
 
 
@@ -92,6 +165,8 @@ class Hub:
         self.now = 0.0
         self.published = 0
         self.delivered = 0
+        #: compresses each message once for every permessage-deflate subscriber
+        self.deflater = Deflater(config.ws_compression or 6, config.ws_compression_min_size)
 
     def channel(self, name: str, create: bool = True) -> Channel | None:
         ch = self.channels.get(name)
@@ -145,7 +220,7 @@ class Hub:
         ch.history.append(off, data)
         self.published += 1
         if len(ch.subs):
-            self.delivered += ch.subs.fanout(ch.encode(off, data))
+            self.delivered += ch.subs.fanout(ch.encode(off, data, self.deflater))
         elif self.config.history_size == 0:
             self._drop(name)
         else:

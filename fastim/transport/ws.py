@@ -5,6 +5,12 @@ frames (binary clients). A connection uses one of the two: the subprotocol
 ``fastim.json`` / ``fastim.binary`` fixes it at the upgrade, otherwise the first
 message does. Plain HTTP requests get a status and a close: 426 on the WebSocket path
 without an upgrade, 404 elsewhere, 400 for a malformed request or upgrade.
+
+permessage-deflate (RFC 7692) is accepted when a client offers it, always with
+``server_no_context_takeover`` (each message the node sends is compressed on its own,
+so one compressed frame serves every subscriber: :class:`~fastim.hub.Deflater`) and
+``client_no_context_takeover`` (each message the client sends inflates on its own, so
+a connection keeps no zlib state between messages). See docs/protocol.md, Compression.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from typing import TYPE_CHECKING
 
 import httptools
@@ -50,10 +57,172 @@ MODE_UNSET, MODE_JSON, MODE_BINARY, MODE_ECHO = range(4)
 #: shared by every upgraded session (never written: httptools is gone by then)
 _NO_HEADERS: dict[bytes, bytes] = {}
 
+_OP_COMPRESSED = _core.OP_COMPRESSED
+
 
 def accept_key(key: bytes) -> bytes:
     """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
     return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+
+
+# ---------------------------------------------------------------------- extensions
+
+#: one lexical item of a Sec-WebSocket-Extensions header (RFC 6455 §9.1, RFC 7230 §3.2.6):
+#: a token, a quoted string, a separator, or anything else (which spoils the header)
+_EXT_ITEM = re.compile(
+    rb"""[ \t]*(?:(?P<tok>[!#$%&'*+\-.^_`|~0-9A-Za-z]+)"""
+    rb"""|"(?P<qs>(?:[^"\\]|\\.)*)"|(?P<sep>[,;=])|(?P<bad>.))"""
+)
+_UNESCAPE = re.compile(rb"\\(.)")
+_WINDOW_BITS = {b"%d" % n: n for n in range(8, 16)}  # "8".."15", no leading zeros (§7.1.2)
+
+#: an offer as parsed: the extension name and its parameters in order (value None if absent)
+ExtensionOffer = tuple[bytes, list[tuple[bytes, bytes | None]]]
+
+
+def parse_extensions(header: bytes) -> list[ExtensionOffer | None]:
+    """The offers in a Sec-WebSocket-Extensions value, in order (RFC 6455 §9.1).
+
+    ``extension *( ";" param [ "=" (token | quoted-string) ] )``, comma-separated;
+    several headers arrive joined with commas. Names are lowercased; a quoted value
+    is unescaped (RFC 7692 §7.1: then read as if it had not been quoted). An offer
+    that breaks the grammar is None (declined, the others still count); empty list
+    elements are skipped. Lexically broken input (a stray byte or
+    an unterminated quote) makes the whole header unusable: an empty list.
+    """
+    items: list[tuple[str, bytes]] = []
+    for m in _EXT_ITEM.finditer(header.strip(b" \t")):
+        if m.group("bad") is not None:
+            return []
+        for kind in ("tok", "qs", "sep"):
+            v = m.group(kind)
+            if v is not None:
+                items.append((kind, v))
+                break
+    offers: list[ExtensionOffer | None] = []
+    element: list[tuple[str, bytes]] = []
+    for item in [*items, ("sep", b",")]:
+        if item != ("sep", b","):
+            element.append(item)
+            continue
+        if element:
+            offers.append(_parse_offer(element))
+        element = []
+    return offers
+
+
+def _parse_offer(items: list[tuple[str, bytes]]) -> ExtensionOffer | None:
+    if items[0][0] != "tok":
+        return None
+    name = items[0][1].lower()
+    params: list[tuple[bytes, bytes | None]] = []
+    i = 1
+    while i < len(items):
+        if items[i] != ("sep", b";") or i + 1 >= len(items) or items[i + 1][0] != "tok":
+            return None
+        key = items[i + 1][1].lower()
+        i += 2
+        value: bytes | None = None
+        if i < len(items) and items[i] == ("sep", b"="):
+            if i + 1 >= len(items) or items[i + 1][0] == "sep":
+                return None
+            kind, value = items[i + 1]
+            if kind == "qs":
+                value = _UNESCAPE.sub(rb"\1", value)
+            i += 2
+        params.append((key, value))
+    return name, params
+
+
+class DeflateParams:
+    """What was agreed for permessage-deflate on one connection."""
+
+    __slots__ = ("response", "server_max_window_bits")
+
+    def __init__(self, response: bytes, server_max_window_bits: int) -> None:
+        #: the value of the response's Sec-WebSocket-Extensions header
+        self.response = response
+        #: the window the client allows our compressor; below 15 we send uncompressed
+        self.server_max_window_bits = server_max_window_bits
+
+    @property
+    def compress_outbound(self) -> bool:
+        """Whether messages to this client may be compressed by the node's compressor.
+
+        The shared compressor uses a 32 KiB window (15 bits). A client that asked for
+        a smaller one (``server_max_window_bits`` < 15) is accepted, but gets every
+        message uncompressed: RSV1 is per message (RFC 7692 §6), so that is allowed,
+        and it keeps one compressed frame for every other subscriber.
+        """
+        return self.server_max_window_bits == 15
+
+
+def _deflate_offer(params: list[tuple[bytes, bytes | None]]) -> int | None:
+    """The server_max_window_bits to answer for a valid permessage-deflate offer; else None.
+
+    RFC 7692 §7.1: an unknown parameter, a repeated one, or an invalid value
+    declines the offer (the server then looks at the next one).
+    """
+    seen: set[bytes] = set()
+    window = 15
+    for key, value in params:
+        if key in seen:
+            return None
+        seen.add(key)
+        if key in (b"server_no_context_takeover", b"client_no_context_takeover"):
+            if value is not None:
+                return None
+        elif key == b"server_max_window_bits":
+            if value not in _WINDOW_BITS:
+                return None
+            window = _WINDOW_BITS[value]
+        elif key == b"client_max_window_bits":
+            # we inflate with the largest window, so any window the client uses is fine
+            if value is not None and value not in _WINDOW_BITS:
+                return None
+        else:
+            return None
+    return window
+
+
+def negotiate_deflate(header: bytes) -> DeflateParams | None:
+    """Accept the first valid permessage-deflate offer of a Sec-WebSocket-Extensions value.
+
+    The response always holds ``server_no_context_takeover`` (§7.1.1.1: the server may
+    add it when not offered) and ``client_no_context_takeover`` (§7.1.1.2: likewise),
+    plus ``server_max_window_bits=N`` when the client sent it (§7.1.2.1: accepting
+    it means echoing a value no larger). ``client_max_window_bits`` is left out: the
+    client may then use any window, which inflating with 15 bits accepts.
+    """
+    for offer in parse_extensions(header):
+        if offer is None or offer[0] != b"permessage-deflate":
+            continue
+        window = _deflate_offer(offer[1])
+        if window is None:
+            continue
+        response = b"permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        if any(key == b"server_max_window_bits" for key, _ in offer[1]):
+            response += b"; server_max_window_bits=%d" % window
+        return DeflateParams(response, window)
+    return None
+
+
+#: what a fastim client offers: no context takeover either way, so neither side keeps
+#: compression state between messages (negotiate_deflate accepts it as it is)
+CLIENT_DEFLATE_OFFER = b"permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+
+
+def deflate_response_ok(header: bytes) -> bool:
+    """Client side: whether a server's Sec-WebSocket-Extensions value accepts permessage-deflate.
+
+    It must name exactly one extension, permessage-deflate, with valid parameters
+    (§7.1); a client that sent :data:`CLIENT_DEFLATE_OFFER` may then compress what it
+    sends without context takeover, and passes ``deflate=True`` to its WSParser.
+    """
+    offers = parse_extensions(header)
+    if len(offers) != 1 or offers[0] is None or offers[0][0] != b"permessage-deflate":
+        return False
+    return _deflate_offer(offers[0][1]) is not None
 
 
 class WsSession(Session):
@@ -61,6 +230,7 @@ class WsSession(Session):
 
     __slots__ = (
         "close_sent",
+        "deflate",
         "head_bytes",
         "headers",
         "http",
@@ -86,6 +256,8 @@ class WsSession(Session):
         self.parser: _core.WSParser | None = None
         self.mode = MODE_UNSET
         self.close_sent = False
+        #: messages to this client are compressed (permessage-deflate, full window)
+        self.deflate = False
 
     # ------------------------------------------------------------------ httptools callbacks
 
@@ -232,6 +404,12 @@ class WsSession(Session):
         if not ok:
             self.http_reply(400, 'header "Sec-WebSocket-Key" must be 16 bytes in base64')
             return
+        ext_line = b""
+        deflate: DeflateParams | None = None
+        if cfg.ws_compression and b"sec-websocket-extensions" in h:
+            deflate = negotiate_deflate(h[b"sec-websocket-extensions"])
+            if deflate is not None:
+                ext_line = b"Sec-WebSocket-Extensions: " + deflate.response + b"\r\n"
         proto_line = b""
         if mode != MODE_ECHO:
             offered = [p.strip() for p in h.get(b"sec-websocket-protocol", b"").split(b",")]
@@ -247,6 +425,7 @@ class WsSession(Session):
             + accept_key(key)
             + b"\r\n"
             + proto_line
+            + ext_line
             + b"Server: "
             + _SERVER
             + b"\r\n\r\n"
@@ -256,7 +435,8 @@ class WsSession(Session):
         self.headers = _NO_HEADERS
         self.url = b""
         max_message = cfg.max_message
-        self.parser = _core.WSParser(max_message)
+        self.parser = _core.WSParser(max_message, deflate=deflate is not None)
+        self.deflate = deflate is not None and deflate.compress_outbound
         self._set_mode(mode)
         if mode == MODE_ECHO:
             # an echo client may send a message as large as max_message and get it back
@@ -269,13 +449,14 @@ class WsSession(Session):
     def _set_mode(self, mode: int) -> None:
         self.mode = mode
         assert self.ring is not None
+        # replies stay uncompressed (RSV1 is per message); channel messages are not
         if mode == MODE_BINARY:
             self.replies = WS_BINARY_REPLIES
-            self.ring.fmt = _core.FMT_WS_BINARY
+            self.ring.fmt = _core.FMT_WS_BINARY_DEFLATE if self.deflate else _core.FMT_WS_BINARY
             self.decoder = _core.FrameDecoder(self.config.max_frame, CLIENT_TYPES_MASK)
         else:
             self.replies = JSON_REPLIES
-            self.ring.fmt = _core.FMT_WS_JSON
+            self.ring.fmt = _core.FMT_WS_JSON_DEFLATE if self.deflate else _core.FMT_WS_JSON
 
     def on_handshake_timeout(self) -> None:
         self.http_reply(
@@ -308,10 +489,18 @@ class WsSession(Session):
             self.fail(e)
 
     def _ws_event(self, opcode: int, payload: bytes) -> None:
+        if opcode & _OP_COMPRESSED:
+            # permessage-deflate: a fresh inflate per message (client_no_context_takeover),
+            # capped at max_message (1009), then the UTF-8 check of text (1007)
+            opcode &= 0x0F
+            payload = _core.ws_inflate(payload, self.config.max_message, opcode == _core.OP_TEXT)
         if opcode == _core.OP_TEXT or opcode == _core.OP_BINARY:
             mode = self.mode
             if mode == MODE_ECHO:
-                self.send(_core.ws_encode(opcode, payload))
+                if self.deflate:
+                    self.send(self.node.hub.deflater.frame(opcode, payload))
+                else:
+                    self.send(_core.ws_encode(opcode, payload))
                 return
             if opcode == _core.OP_TEXT:
                 if mode == MODE_BINARY:
