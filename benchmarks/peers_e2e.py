@@ -215,6 +215,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 m["generator_cpu_pct"] = _median(
                     [r["generator"]["load_pct_of_cores"] for r in good]
                 )
+                if case == "sat":
+                    m["starved_runs"] = sum(1 for r in good if _starved(r))
             per[srv] = m
         if not per:
             continue
@@ -350,6 +352,21 @@ def markdown(report: dict[str, Any]) -> str:
             for srv in servers
         )
     )
+    starved = {
+        srv: m["starved_runs"]
+        for srv, m in s.get("sat", {}).get("servers", {}).items()
+        if m.get("starved_runs")
+    }
+    if starved:
+        lines.append("")
+        lines.append(
+            f"Saturation runs where the server used less than {STARVED_PCT}% of its core (so "
+            "something else held it, or the generator lagged; rerun on a quiet machine): "
+            + ", ".join(
+                f"{srv} {n} of {s['sat']['servers'][srv]['runs']}" for srv, n in starved.items()
+            )
+            + "."
+        )
     lines.append("")
     lines.append("| target | met | figure |")
     lines.append("|---|---|---|")
@@ -455,6 +472,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+STARVED_PCT = 85
+
+
+def _starved(r: dict[str, Any]) -> bool:
+    """A saturation run whose server did not get (or use) its core: its figure is suspect."""
+    cpu = r.get("server", {}).get("cpu_pct")
+    return r.get("mode") == "saturation" and cpu is not None and cpu < STARVED_PCT
+
+
 def _line(r: dict[str, Any]) -> str:
     """One progress line per run."""
     if r.get("failed"):
@@ -468,6 +494,7 @@ def _line(r: dict[str, Any]) -> str:
         f"{r['deliveries_per_s']:>12,.0f} deliveries/s  p50 {lat['p50'] / 1000:8.1f} ms"
         f"  p99 {lat['p99'] / 1000:8.1f} ms  lost {r['lost']}  server {r['server']['cpu_pct']}%"
         f"  gen {r['generator']['load_pct_of_cores']}%{flag}"
+        + ("  [server below its core: starved?]" if _starved(r) else "")
     )
 
 
