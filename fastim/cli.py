@@ -78,6 +78,8 @@ def _tune_malloc() -> None:
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per Config field: --tcp-port, --ping-interval, ..."""
     for f in fields(Config):
+        if f.metadata.get("file_only"):
+            continue
         typ: Any = {"int": int, "float": float, "str": str}[str(f.type)]
         default = f.default if f.default is not MISSING else "(computed)"
         p.add_argument(
@@ -99,7 +101,9 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    overrides = {f.name: getattr(args, f.name) for f in fields(Config)}
+    overrides = {
+        f.name: getattr(args, f.name) for f in fields(Config) if not f.metadata.get("file_only")
+    }
     try:
         cfg = build(args.config, **overrides)
     except ConfigError as e:

@@ -76,7 +76,7 @@ class Config:
     )
     history_ttl: float = field(
         default=300.0,
-        metadata={"help": "seconds a channel with no subscribers keeps its history"},
+        metadata={"help": "seconds a message stays in history, recoverable (0: no age limit)"},
     )
     ping_interval: float = field(
         default=25.0, metadata={"help": "seconds of silence before the server pings a client"}
@@ -106,6 +106,22 @@ class Config:
         },
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    recovery_max: int = field(
+        default=10_000,
+        metadata={"help": "messages one subscribe may recover (a longer gap: not recovered)"},
+    )
+    presence_max: int = field(
+        default=100, metadata={"help": "user ids a presence reply lists at most"}
+    )
+    dm_retry: float = field(
+        default=2.0,
+        metadata={"help": "seconds before an unacked direct message is sent again (doubling)"},
+    )
+    #: ``[namespaces.NAME]`` tables of the config file (see fastim.namespaces); file only
+    namespaces: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "per-namespace settings: [namespaces.NAME] tables", "file_only": True},
+    )
     store: str = field(
         default="memory",
         metadata={"help": "where history and inboxes live: memory, sqlite or redis"},
@@ -141,6 +157,8 @@ class Config:
     def validate(self) -> Config:
         """Raise ConfigError naming the first bad setting; return self."""
         for f in fields(self):
+            if f.metadata.get("file_only"):
+                continue
             value = getattr(self, f.name)
             want: Any = {"int": int, "float": (int, float), "str": str}[str(f.type)]
             if isinstance(value, bool) or not isinstance(value, want):
@@ -193,6 +211,17 @@ class Config:
                 f"log_level: must be debug, info, warning or error, got {self.log_level!r}"
             )
         self._validate_store()
+        for name in ("recovery_max", "presence_max"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.dm_retry > 0:
+            raise ConfigError(f"dm_retry: must be > 0 seconds, got {self.dm_retry}")
+        from .namespaces import check_namespaces
+
+        try:
+            self.namespaces = check_namespaces(self.namespaces)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
     def _validate_store(self) -> None:

@@ -9,17 +9,32 @@ a message is compressed once, however many subscribers negotiated compression.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import zlib
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 
 from . import _core
-from .protocol import FrameType, pack_msg
+from .namespaces import Namespace, Namespaces
+from .protocol import ErrorCode, FrameType, pack_msg
+from .store import Store, StoreError
 
 if TYPE_CHECKING:
     from .config import Config
+    from .session import Replies, Session
+
+log = logging.getLogger("fastim")
+
+#: called when a durable publish is settled: (offset, None) or (0, reason)
+Done = Callable[[int, "str | None"], None]
+
+#: publishes one channel may have waiting for the store before new ones are refused
+MAX_PENDING = 10_000
+_EVENT = int(FrameType.EVENT)
 
 _MSG = int(FrameType.MSG)
 _OP_BINARY = _core.OP_BINARY
@@ -94,27 +109,46 @@ class Deflater:
 
 
 class Channel:
-    """One channel: subscribers, the offset sequence, and recent history."""
+    """One channel: subscribers, the offset sequence, recent history, presence."""
 
     __slots__ = (
         "_json_prefix",
+        "durable",
         "epoch",
         "history",
         "idle_since",
+        "inflight",
+        "loaded",
         "name",
         "name_b",
+        "ns",
         "offset",
+        "pending",
         "subs",
+        "users",
     )
 
-    def __init__(self, name: str, history_size: int) -> None:
+    def __init__(self, name: str, ns: Namespace, durable: bool = False) -> None:
         self.name = name
         self.name_b = name.encode("utf-8")
+        self.ns = ns
+        #: history lives in the store (publishes acked after it took them), the ring below
+        #: is a cache of its newest messages; else the ring *is* the history
+        self.durable = durable
         self.subs = _core.SubscriberSet()
-        self.history = _core.HistoryRing(history_size)
+        #: (offset, (data, time)) of the newest messages
+        self.history = _core.HistoryRing(ns.history_size)
+        #: the last offset delivered to subscribers
         self.offset = 0
         self.epoch = new_epoch()
+        #: epoch and offset known (a durable channel learns them from the store first)
+        self.loaded = not durable
         self.idle_since = 0.0
+        #: publishes waiting for the store: (data, done callback); one append in flight
+        self.pending: list[tuple[bytes, Done]] = []
+        self.inflight = False
+        #: user id → subscribed connections of that user (presence, join/leave)
+        self.users: dict[str, int] = {}
         self._json_prefix = b'{"op":"msg","ch":' + orjson.dumps(name) + b',"off":'
 
     def encode(
@@ -153,11 +187,48 @@ class Channel:
         return tcp, wsb, js
 
 
-class Hub:
-    """All channels of this node."""
+    def encode_one(self, fmt: int, offset: int, data: bytes) -> bytes:
+        """The message for one connection of wire format ``fmt`` (recovery; uncompressed)."""
+        if fmt == _FMT_TCP:
+            return _core.encode_frame(_MSG, pack_msg(offset, self.name_b, data))
+        if fmt in (_FMT_WS_BINARY, _FMT_WS_BINARY_DEFLATE):
+            return _core.ws_encode(
+                _OP_BINARY, _core.encode_frame(_MSG, pack_msg(offset, self.name_b, data))
+            )
+        text = b"".join((self._json_prefix, str(offset).encode(), b',"data":', data, b"}"))
+        return _core.ws_encode(_OP_TEXT, text)
 
-    def __init__(self, config: Config) -> None:
+
+def encode_event(body: bytes) -> tuple[bytes, ...]:
+    """A JSON event (join, leave, resubscribe) in every wire format, indexed by ``FMT_*``."""
+    frame = _core.encode_frame(_EVENT, body)
+    wsb = _core.ws_encode(_OP_BINARY, frame)
+    js = _core.ws_encode(_OP_TEXT, body)
+    return frame, wsb, js, wsb, js
+
+
+class Since(NamedTuple):
+    """Where a subscriber's history ends: its last offset, in an epoch."""
+
+    off: int
+    epoch: str
+
+
+class Hub:
+    """All channels of this node: offsets, history, fan-out, recovery, presence.
+
+    Channels of a durable namespace, with a durable store (sqlite, redis), take their
+    offsets from the store: publishes made in one loop tick go to the store in one
+    ``append_many`` per channel (one transaction / one script call), and are delivered
+    and acknowledged when it returns; one append per channel is in flight at a time, so
+    delivery follows offset order. Other channels are numbered and kept here, and a
+    publish is delivered and acknowledged at once.
+    """
+
+    def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
+        self.store = store
+        self.namespaces = Namespaces(config)
         self.channels: dict[str, Channel] = {}
         #: channels with no subscribers, kept for their history until ``history_ttl``
         self.idle: dict[str, Channel] = {}
@@ -165,72 +236,371 @@ class Hub:
         self.now = 0.0
         self.published = 0
         self.delivered = 0
+        self.store_errors = 0
+        self.recovered = 0
         #: compresses each message once for every permessage-deflate subscriber
         self.deflater = Deflater(config.ws_compression or 6, config.ws_compression_min_size)
+        self._dirty: list[Channel] = []
+        self._kick_scheduled = False
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    @property
+    def durable_store(self) -> bool:
+        return self.store is not None and self.store.name != "memory"
 
     def channel(self, name: str, create: bool = True) -> Channel | None:
         ch = self.channels.get(name)
         if ch is None and create:
             if len(self.channels) >= self.config.max_channels:
-                from .protocol import ErrorCode
-
                 raise HubError(
                     ErrorCode.LIMIT_EXCEEDED,
                     f"node holds the maximum of {self.config.max_channels} channels",
                 )
-            ch = Channel(name, self.config.history_size)
+            ns = self.namespaces.of(name)
+            ch = Channel(name, ns, durable=self.durable_store and ns.durable)
             ch.idle_since = self.now
             self.channels[name] = ch
             self.idle[name] = ch
         return ch
 
     def _drop(self, name: str) -> None:
+        ch = self.channels.get(name)
+        if ch is not None and (ch.pending or ch.inflight):
+            return  # publishes on their way to the store: keep it
         self.channels.pop(name, None)
         self.idle.pop(name, None)
 
-    def subscribe(self, name: str, ring: _core.OutRing) -> Channel:
+    # ------------------------------------------------------------------ publish
+
+    def publish(self, name: str, data: bytes, done: Done | None = None) -> int | None:
+        """Publish ``data`` (a JSON document, validated by the caller).
+
+        In memory: assign the next offset, keep it, deliver, return the offset.
+        Durable: queue it for the store and return None; ``done(offset, None)`` runs
+        after the store took it and it was delivered, ``done(0, reason)`` if the store
+        failed (then it was neither stored nor delivered).
+        """
+        ch = self.channel(name)
+        assert ch is not None
+        if not ch.durable:
+            off = ch.offset + 1
+            self._deliver(ch, off, data)
+            if len(ch.subs) == 0 and ch.ns.history_size == 0:
+                self._drop(name)
+            return off
+        if len(ch.pending) >= MAX_PENDING:
+            raise HubError(
+                ErrorCode.STORE_UNAVAILABLE,
+                f"the store is behind: {len(ch.pending)} publishes to {name!r} wait for it",
+            )
+        ch.pending.append((data, done or _ignore))
+        if not ch.inflight and len(ch.pending) == 1:
+            self._dirty.append(ch)
+            if not self._kick_scheduled:
+                self._kick_scheduled = True
+                asyncio.get_running_loop().call_soon(self._kick)
+        return None
+
+    def _deliver(self, ch: Channel, off: int, data: bytes) -> None:
+        ch.offset = off
+        if ch.history.capacity:
+            ch.history.append(off, (data, self.now))
+        self.published += 1
+        if len(ch.subs):
+            self.delivered += ch.subs.fanout(ch.encode(off, data, self.deflater))
+        else:
+            ch.idle_since = self.now
+
+    def _kick(self) -> None:
+        """Once per tick: one store append per channel with queued publishes."""
+        self._kick_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for ch in dirty:
+            if ch.pending and not ch.inflight:
+                batch, ch.pending = ch.pending, []
+                ch.inflight = True
+                self._run(self._append(ch, batch))
+
+    async def _append(self, ch: Channel, batch: list[tuple[bytes, Done]]) -> None:
+        store = self.store
+        assert store is not None
+        try:
+            try:
+                first, epoch = await store.append_many(
+                    ch.name, [d for d, _ in batch], ch.ns.limits
+                )
+            except StoreError as e:
+                self.store_errors += 1
+                log.warning("publish to %r not stored: %s", ch.name, e)
+                reason = f"not stored (not delivered, not acknowledged): {e}"
+                for _d, done in batch:
+                    done(0, reason)
+                return
+            self._adopt(ch, epoch, first - 1)
+            for i, (data, done) in enumerate(batch):
+                off = first + i
+                self._deliver(ch, off, data)
+                done(off, None)
+        finally:
+            ch.inflight = False
+            if ch.pending:
+                self._dirty.append(ch)
+                if not self._kick_scheduled:
+                    self._kick_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._kick)
+
+    def _adopt(self, ch: Channel, epoch: str, top: int) -> None:
+        """The store says the channel is at (epoch, top): align what this node holds."""
+        if ch.loaded and epoch == ch.epoch and top == ch.offset:
+            return
+        if ch.loaded and epoch != ch.epoch:
+            self._epoch_changed(ch, epoch)
+        elif ch.loaded and top != ch.offset:
+            log.warning("channel %r: store at %d, node at %d", ch.name, top, ch.offset)
+        ch.epoch = epoch
+        ch.offset = top
+        ch.loaded = True
+        ch.history = _core.HistoryRing(ch.ns.history_size)  # the cache no longer fits
+
+    def _epoch_changed(self, ch: Channel, epoch: str) -> None:
+        """History was lost: tell subscribers to subscribe again (and recover what exists)."""
+        log.warning("channel %r lost its history: epoch %s -> %s", ch.name, ch.epoch, epoch)
+        rings = ch.subs.rings()
+        if rings:
+            ch.subs.fanout(
+                encode_event(orjson.dumps({"op": "resubscribe", "ch": ch.name, "epoch": epoch}))
+            )
+        for ring in rings:
+            ch.subs.remove(ring)
+            owner = ring.on_overflow  # the session (see Session.__call__)
+            subs = getattr(owner, "subs", None)
+            if subs and ch.name in subs:
+                subs.remove(ch.name)
+        ch.users.clear()
+
+    # ------------------------------------------------------------------ subscribe
+
+    def subscribe(
+        self, session: Session, replies: Replies, req_id: Any, name: str, since: Since | None
+    ) -> None:
+        """Subscribe ``session``: reply, recovered messages, then live ones, in order.
+
+        The caller has checked the name, the limits, and added ``name`` to
+        ``session.subs`` (so a second subscribe is refused while this one loads).
+        Synchronous when the channel's state and the needed history are in memory.
+        """
+        ch = self.channel(name)
+        assert ch is not None
+        if ch.loaded and (since is None or self._servable(ch, since)):
+            self._finish_subscribe(session, replies, req_id, ch, since, [])
+            return
+        self._run(self._subscribe_async(session, replies, req_id, ch, since))
+
+    def _servable(self, ch: Channel, since: Since) -> bool:
+        """Can recovery from ``since`` be answered from memory (or is it hopeless)?"""
+        if since.epoch != ch.epoch or since.off >= ch.offset or not ch.durable:
+            return True
+        h = ch.history
+        return len(h) > 0 and h.first_offset <= since.off + 1
+
+    async def _subscribe_async(
+        self, session: Session, replies: Replies, req_id: Any, ch: Channel, since: Since | None
+    ) -> None:
+        store = self.store
+        assert store is not None
+        prefix: list[tuple[int, bytes]] = []
+        try:
+            if not ch.loaded:
+                epoch, top = await store.state(ch.name, ch.ns.limits)
+                if not ch.loaded:
+                    self._adopt(ch, epoch, top)
+            if since is not None and since.epoch == ch.epoch and since.off < ch.offset:
+                after = max(since.off, ch.offset - self.config.recovery_max)
+                while not self._covers(ch, after):
+                    hist = await store.read(ch.name, after, 1000, ch.ns.limits)
+                    if hist.epoch != ch.epoch:
+                        break  # lost meanwhile: not recovered
+                    msgs = [(o, d) for o, d in hist.messages if o <= ch.offset]
+                    if not msgs:
+                        break
+                    prefix.extend(msgs)
+                    after = msgs[-1][0]
+                    if after >= ch.offset:
+                        break
+        except StoreError as e:
+            self.store_errors += 1
+            if session.subs and ch.name in session.subs:
+                session.subs.remove(ch.name)
+            session.send(
+                replies.error(
+                    req_id, ErrorCode.STORE_UNAVAILABLE, f"cannot subscribe to {ch.name!r}: {e}"
+                )
+            )
+            return
+        self._finish_subscribe(session, replies, req_id, ch, since, prefix)
+
+    @staticmethod
+    def _covers(ch: Channel, after: int) -> bool:
+        h = ch.history
+        return after >= ch.offset or (len(h) > 0 and h.first_offset <= after + 1)
+
+    def _finish_subscribe(
+        self,
+        session: Session,
+        replies: Replies,
+        req_id: Any,
+        ch: Channel,
+        since: Since | None,
+        prefix: list[tuple[int, bytes]],
+    ) -> None:
+        ring = session.ring
+        if not session.is_open() or ring is None or not session.subs or ch.name not in session.subs:
+            return  # closed or unsubscribed meanwhile
+        if self.channels.get(ch.name) is not ch:
+            self.channels[ch.name] = ch  # swept while loading: it is in use again
+        recovered = False
+        msgs: list[tuple[int, bytes]] = []
+        if since is not None and since.epoch == ch.epoch and since.off <= ch.offset:
+            recovered, msgs = self._recover(ch, since.off, prefix)
+        session.send(replies.subscribed(req_id, ch.name, ch.offset, ch.epoch, recovered))
+        fmt = ring.fmt
+        for off, data in msgs:
+            session.send(ch.encode_one(fmt, off, data))
+        self.recovered += len(msgs)
+        self.join(ch.name, ring, session.user)
+
+    def join(self, name: str, ring: _core.OutRing, user: str | None = None) -> Channel:
+        """Add ``ring`` to the channel's subscribers now (no reply, no recovery)."""
         ch = self.channel(name)
         assert ch is not None
         ch.subs.add(ring)
         self.idle.pop(name, None)
+        if user is not None:
+            n = ch.users.get(user, 0)
+            ch.users[user] = n + 1
+            if n == 0 and ch.ns.join_leave:
+                self._announce(ch, "join", user)
         return ch
 
-    def unsubscribe(self, name: str, ring: _core.OutRing) -> bool:
+    def _recover(
+        self, ch: Channel, since: int, prefix: list[tuple[int, bytes]]
+    ) -> tuple[bool, list[tuple[int, bytes]]]:
+        """Messages (since, ch.offset] from ``prefix`` then the history ring; complete?"""
+        top = ch.offset
+        limit = self.config.recovery_max
+        complete = top - since <= limit
+        start = max(since, top - limit)
+        out: list[tuple[int, bytes]] = []
+        expect = start + 1
+        for off, data in prefix:
+            if off < expect:
+                continue
+            if off > expect:
+                complete = False
+            out.append((off, data))
+            expect = off + 1
+        h = ch.history
+        ttl = ch.ns.history_ttl
+        oldest = self.now - ttl if ttl and not ch.durable else None
+        if expect <= top and len(h):
+            first = max(expect, h.first_offset)
+            if first > expect:
+                complete = False
+            for off in range(first, top + 1):
+                item = h.get(off)
+                if item is None:
+                    complete = False
+                    continue
+                data, at = cast("tuple[bytes, float]", item)
+                if oldest is not None and at < oldest:
+                    complete = False  # expired
+                    continue
+                out.append((off, data))
+            expect = top + 1
+        if expect <= top:
+            complete = False
+        return complete, out
+
+    def unsubscribe(self, name: str, session: Session) -> bool:
+        ring = session.ring
+        return ring is not None and self.leave(name, ring, session.user)
+
+    def leave(self, name: str, ring: _core.OutRing, user: str | None = None) -> bool:
+        """Remove ``ring`` from the channel's subscribers; False if it was not one."""
         ch = self.channels.get(name)
         if ch is None or not ch.subs.remove(ring):
             return False
+        if user is not None and user in ch.users:
+            n = ch.users[user] - 1
+            if n:
+                ch.users[user] = n
+            else:
+                del ch.users[user]
+                if ch.ns.join_leave:
+                    self._announce(ch, "leave", user)
         if len(ch.subs) == 0:
-            if self.config.history_size == 0 or ch.offset == 0:
+            if ch.ns.history_size == 0 or ch.offset == 0:
                 self._drop(name)
             else:
                 ch.idle_since = self.now
                 self.idle[name] = ch
         return True
 
-    def publish(self, name: str, data: bytes) -> int:
-        """Assign the next offset, keep it in history, deliver to every subscriber.
+    # ------------------------------------------------------------------ presence
 
-        ``data`` is a JSON document (bytes), already validated by the caller.
-        Returns the message's offset.
-        """
-        ch = self.channel(name)
-        assert ch is not None
-        off = ch.offset + 1
-        ch.offset = off
-        ch.history.append(off, data)
-        self.published += 1
+    def _announce(self, ch: Channel, op: str, user: str) -> None:
         if len(ch.subs):
-            self.delivered += ch.subs.fanout(ch.encode(off, data, self.deflater))
-        elif self.config.history_size == 0:
-            self._drop(name)
-        else:
-            ch.idle_since = self.now
-        return off
+            body = orjson.dumps({"op": op, "ch": ch.name, "user": user})
+            self.delivered += ch.subs.fanout(encode_event(body))
+
+    def presence(self, name: str) -> dict[str, Any]:
+        ch = self.channels.get(name)
+        out: dict[str, Any] = {"op": "presence", "ch": name, "count": 0}
+        ns = ch.ns if ch is not None else self.namespaces.of(name)
+        if ch is not None:
+            out["count"] = len(ch.subs)
+        if ns.presence:
+            users = list(ch.users) if ch is not None else []
+            out["users"] = users[: self.config.presence_max]
+        return out
+
+    # ------------------------------------------------------------------ upkeep
 
     def sweep(self, now: float) -> int:
-        """Forget channels that have had no subscribers for ``history_ttl``; return how many."""
-        ttl = self.config.history_ttl
-        dead = [name for name, ch in self.idle.items() if now - ch.idle_since >= ttl]
+        """Forget idle channels whose history has expired; return how many.
+
+        An idle channel (no subscribers) stays while it may still serve recovery: for
+        ``history_ttl`` after it became idle (durable ones are in the store anyway).
+        """
+        ttl = self.config.history_ttl or 300.0
+        dead = [
+            name
+            for name, ch in self.idle.items()
+            if now - ch.idle_since >= (ch.ns.history_ttl or ttl) and not ch.pending
+        ]
         for name in dead:
             self._drop(name)
         return len(dead)
+
+    def _run(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hub task failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Wait (briefly) for publishes on their way to the store, then stop."""
+        if self._dirty:
+            self._kick()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+        for t in list(self._tasks):
+            t.cancel()
+
+
+def _ignore(off: int, err: str | None) -> None:
+    pass

@@ -16,8 +16,10 @@ from . import _core
 from .config import Config
 from .heartbeat import TimerWheel
 from .hub import Hub
+from .postman import Postman
 from .protocol import SHUTDOWN_REASON, CloseCode
 from .session import SessionList
+from .store import Store, StoreError, open_store
 
 log = logging.getLogger("fastim")
 
@@ -30,6 +32,8 @@ class Node:
     def __init__(self, config: Config | None = None) -> None:
         self.config = (config or Config()).validate()
         self.hub = Hub(self.config)
+        self.store: Store | None = None
+        self.postman: Postman | None = None
         self.sessions = SessionList()
         self.flusher: _core.Flusher = _core.Flusher(None)
         self.wheel: TimerWheel
@@ -38,6 +42,7 @@ class Node:
         self._stopped = asyncio.Event()
         self._drained: asyncio.Event | None = None
         self._last_sweep = 0.0
+        self._sweep_task: asyncio.Future[None] | None = None
         self.tcp_port = 0
         self.ws_port = 0
         # counters (exported as metrics by a later issue)
@@ -52,6 +57,10 @@ class Node:
 
         loop = asyncio.get_running_loop()
         cfg = self.config
+        # the store first: a node that cannot reach it must fail at start, not later
+        self.store = await open_store(cfg)
+        self.hub.store = self.store
+        self.postman = Postman(self.store, cfg.dm_retry)
         self.flusher = _core.Flusher(loop.call_soon)
         self.flusher.pool_limit = cfg.ring_pool
         resolution = max(
@@ -90,6 +99,7 @@ class Node:
         except OSError:
             for srv in self._servers:
                 srv.close()
+            await self.store.close()
             raise
         self.wheel.start()
         log.info("fastim node %s listening: %s", cfg.node_id, " ".join(self.urls()))
@@ -107,9 +117,22 @@ class Node:
 
     def _on_tick(self, now: float) -> None:
         self.hub.now = now
+        if self.postman is not None:
+            self.postman.on_tick(now)
         if now - self._last_sweep >= SWEEP_EVERY:
             self._last_sweep = now
             self.hub.sweep(now)
+            if self.store is not None and self._sweep_task is None:
+                self._sweep_task = asyncio.ensure_future(self._sweep_store())
+
+    async def _sweep_store(self) -> None:
+        try:
+            assert self.store is not None
+            await self.store.sweep()
+        except StoreError as e:
+            log.warning("store sweep failed: %s", e)
+        finally:
+            self._sweep_task = None
 
     def on_session_closed(self) -> None:
         if self._drained is not None and not self.sessions:
@@ -124,6 +147,7 @@ class Node:
         cfg = self.config
         for srv in self._servers:
             srv.close()
+        await self.hub.close()  # publishes on their way to the store: stored and acked
         n = len(self.sessions)
         log.info("fastim node %s shutting down: closing %d connections", cfg.node_id, n)
         self._drained = asyncio.Event()
@@ -147,6 +171,12 @@ class Node:
             except asyncio.TimeoutError:
                 pass
         self.wheel.stop()
+        if self.postman is not None:
+            await self.postman.close()
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+        if self.store is not None:
+            await self.store.close()
         self._stopped.set()
         log.info("fastim node %s stopped", cfg.node_id)
 

@@ -33,17 +33,27 @@ class FrameType(IntEnum):
     SUB = 0x10  # c→s  u32 id, u8 len, channel
     UNSUB = 0x11  # c→s  u32 id, u8 len, channel
     PUB = 0x12  # c→s  u32 id, u8 len, channel, data (JSON)
+    CMD = 0x13  # c→s  a JSON command (the WebSocket-text grammar: sub with since, send, ...)
     SUBSCRIBED = 0x20  # s→c  u32 id, u64 offset, u8 len, channel
     UNSUBSCRIBED = 0x21  # s→c  u32 id, u8 len, channel
     PUBACK = 0x22  # s→c  u32 id, u64 offset, u8 len, channel
     MSG = 0x23  # s→c  u64 offset, u8 len, channel, data (JSON)
+    EVENT = 0x24  # s→c  a JSON reply or event (subscribed with epoch, dm, sent, presence...)
     ERROR = 0x2F  # s→c  u32 id, u16 code, reason (UTF-8)
     GOAWAY = 0x30  # s→c  u16 close code, reason (UTF-8); the server closes after it
 
 
 #: Frame types a server accepts from a client; anything else is UNKNOWN_OP.
 CLIENT_FRAME_TYPES = frozenset(
-    {FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.SUB, FrameType.UNSUB, FrameType.PUB}
+    {
+        FrameType.HELLO,
+        FrameType.PING,
+        FrameType.PONG,
+        FrameType.SUB,
+        FrameType.UNSUB,
+        FrameType.PUB,
+        FrameType.CMD,
+    }
 )
 #: Frame types a client accepts from a server.
 SERVER_FRAME_TYPES = frozenset(
@@ -55,6 +65,7 @@ SERVER_FRAME_TYPES = frozenset(
         FrameType.UNSUBSCRIBED,
         FrameType.PUBACK,
         FrameType.MSG,
+        FrameType.EVENT,
         FrameType.ERROR,
         FrameType.GOAWAY,
     }
@@ -89,6 +100,9 @@ class ErrorCode(IntEnum):
     BAD_CHANNEL = 110  # empty, too long, or control characters
     NOT_SUBSCRIBED = 111
     ALREADY_SUBSCRIBED = 112
+    INBOX_FULL = 113  # the recipient's inbox holds inbox_max unacknowledged messages
+    STORE_UNAVAILABLE = 114  # the store failed: nothing was acknowledged, retry
+    NO_USER = 115  # a user-only command on a connection without a user
 
     @property
     def fatal(self) -> bool:
@@ -96,7 +110,14 @@ class ErrorCode(IntEnum):
 
 
 _NON_FATAL = frozenset(
-    {ErrorCode.LIMIT_EXCEEDED, ErrorCode.NOT_SUBSCRIBED, ErrorCode.ALREADY_SUBSCRIBED}
+    {
+        ErrorCode.LIMIT_EXCEEDED,
+        ErrorCode.NOT_SUBSCRIBED,
+        ErrorCode.ALREADY_SUBSCRIBED,
+        ErrorCode.INBOX_FULL,
+        ErrorCode.STORE_UNAVAILABLE,
+        ErrorCode.NO_USER,
+    }
 )
 
 
@@ -193,11 +214,34 @@ def unpack_request(ftype: int, payload: bytes) -> Request:
     return Request("sub" if ftype == FrameType.SUB else "unsub", req_id, ch, b"")
 
 
-def pack_subscribed(req_id: int, offset: int, channel: bytes) -> bytes:
+def pack_puback(req_id: int, offset: int, channel: bytes) -> bytes:
     return _ID_OFF_CH.pack(req_id, offset, len(channel)) + channel
 
 
-pack_puback = pack_subscribed
+def pack_subscribed(
+    req_id: int, offset: int, channel: bytes, epoch: str = "", recovered: bool = False
+) -> bytes:
+    """SUBSCRIBED: id, offset, channel, then ``u8 len, epoch, u8 flags`` (bit 0: recovered)."""
+    e = epoch.encode("ascii")
+    return (
+        _ID_OFF_CH.pack(req_id, offset, len(channel))
+        + channel
+        + bytes((len(e),))
+        + e
+        + bytes((1 if recovered else 0,))
+    )
+
+
+def unpack_subscribed(payload: bytes) -> tuple[int, int, str, str, bool]:
+    """SUBSCRIBED → (id, offset, channel, epoch, recovered); epoch "" from old servers."""
+    req_id, off, _ = _ID_OFF_CH.unpack_from(payload, 0)
+    ch, end = _channel(payload, 12)
+    if end >= len(payload):
+        return req_id, off, ch, "", False
+    n = payload[end]
+    epoch = payload[end + 1 : end + 1 + n].decode("ascii", "replace")
+    flags = payload[end + 1 + n] if end + 1 + n < len(payload) else 0
+    return req_id, off, ch, epoch, bool(flags & 1)
 
 
 def pack_unsubscribed(req_id: int, channel: bytes) -> bytes:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
 from . import _core
 from .errors import BadRequest, ProtocolError
-from .hub import HubError
+from .hub import HubError, Since
 from .protocol import (
     CLIENT_FRAME_TYPES,
     CloseCode,
@@ -29,6 +29,7 @@ from .protocol import (
     negotiate,
     pack_error,
     pack_goaway,
+    pack_puback,
     pack_subscribed,
     pack_unsubscribed,
     type_mask,
@@ -52,18 +53,28 @@ class Replies:
     """How a session encodes what it sends: fastim frames (TCP)."""
 
     json = False
+    #: the replies to JSON commands (CMD frames) on this kind of connection
+    cmd: JsonReplies
 
     def frame(self, ftype: int, payload: bytes) -> bytes:
         return _core.encode_frame(ftype, payload)
 
-    def subscribed(self, req_id: Any, ch: str, off: int) -> bytes:
-        return self.frame(_F.SUBSCRIBED, pack_subscribed(_bin_id(req_id), off, ch.encode()))
+    def event(self, body: bytes) -> bytes:
+        """A JSON event or reply (dm, presence, join...): an EVENT frame here."""
+        return self.frame(_F.EVENT, body)
+
+    def subscribed(
+        self, req_id: Any, ch: str, off: int, epoch: str = "", recovered: bool = False
+    ) -> bytes:
+        return self.frame(
+            _F.SUBSCRIBED, pack_subscribed(_bin_id(req_id), off, ch.encode(), epoch, recovered)
+        )
 
     def unsubscribed(self, req_id: Any, ch: str) -> bytes:
         return self.frame(_F.UNSUBSCRIBED, pack_unsubscribed(_bin_id(req_id), ch.encode()))
 
     def puback(self, req_id: Any, ch: str, off: int) -> bytes:
-        return self.frame(_F.PUBACK, pack_subscribed(_bin_id(req_id), off, ch.encode()))
+        return self.frame(_F.PUBACK, pack_puback(_bin_id(req_id), off, ch.encode()))
 
     def pong(self, req_id: Any, payload: bytes = b"") -> bytes:
         return self.frame(_F.PONG, payload)
@@ -73,6 +84,12 @@ class Replies:
 
     def error(self, req_id: Any, code: int, reason: str) -> bytes:
         return self.frame(_F.ERROR, pack_error(_bin_id(req_id), code, reason))
+
+    def obj(self, obj: dict[str, Any], req_id: Any) -> bytes:
+        """A JSON reply object (with the request's id) as an event."""
+        if req_id is not None:
+            obj["id"] = req_id
+        return self.event(orjson.dumps(obj))
 
 
 class WsBinaryReplies(Replies):
@@ -86,18 +103,29 @@ class WsBinaryReplies(Replies):
 
 
 class JsonReplies(Replies):
-    """JSON objects in WebSocket text messages (the browser-facing shape)."""
+    """JSON objects: WebSocket text messages (browsers), or EVENT frames answering CMD."""
 
     json = True
 
-    @staticmethod
-    def _text(obj: dict[str, Any], req_id: Any) -> bytes:
+    def __init__(self, wrap: Callable[[bytes], bytes], ping: bytes = b"") -> None:
+        self._wrap = wrap
+        self._ping = ping
+
+    def event(self, body: bytes) -> bytes:
+        return self._wrap(body)
+
+    def _text(self, obj: dict[str, Any], req_id: Any) -> bytes:
         if req_id is not None:
             obj["id"] = req_id
-        return _core.ws_encode(_core.OP_TEXT, orjson.dumps(obj))
+        return self._wrap(orjson.dumps(obj))
 
-    def subscribed(self, req_id: Any, ch: str, off: int) -> bytes:
-        return self._text({"op": "subscribed", "ch": ch, "off": off}, req_id)
+    def subscribed(
+        self, req_id: Any, ch: str, off: int, epoch: str = "", recovered: bool = False
+    ) -> bytes:
+        return self._text(
+            {"op": "subscribed", "ch": ch, "off": off, "epoch": epoch, "recovered": recovered},
+            req_id,
+        )
 
     def unsubscribed(self, req_id: Any, ch: str) -> bytes:
         return self._text({"op": "unsubscribed", "ch": ch}, req_id)
@@ -109,7 +137,7 @@ class JsonReplies(Replies):
         return self._text({"op": "pong"}, req_id)
 
     def ping(self) -> bytes:
-        return _core.ws_encode(_core.OP_PING, b"")
+        return self._ping
 
     def error(self, req_id: Any, code: int, reason: str) -> bytes:
         return self._text({"op": "error", "code": code, "reason": reason}, req_id)
@@ -117,7 +145,40 @@ class JsonReplies(Replies):
 
 TCP_REPLIES = Replies()
 WS_BINARY_REPLIES = WsBinaryReplies()
-JSON_REPLIES = JsonReplies()
+JSON_REPLIES = JsonReplies(
+    lambda body: _core.ws_encode(_core.OP_TEXT, body), _core.ws_encode(_core.OP_PING, b"")
+)
+TCP_REPLIES.cmd = JsonReplies(lambda body: _core.encode_frame(_F.EVENT, body))
+WS_BINARY_REPLIES.cmd = JsonReplies(
+    lambda body: _core.ws_encode(_core.OP_BINARY, _core.encode_frame(_F.EVENT, body))
+)
+JSON_REPLIES.cmd = JSON_REPLIES
+
+_CID_MAX = 128
+
+
+def _user_id(value: object, field: str) -> str:
+    """A user id: 1..255 bytes of UTF-8 without control characters (like a channel)."""
+    if not isinstance(value, str):
+        raise BadRequest(f'field "{field}" must be a string, got {type(value).__name__}')
+    try:
+        return validate_channel(value)
+    except ProtocolError as e:
+        raise BadRequest(e.reason.replace('field "ch"', f'field "{field}"')) from None
+
+
+def _since(value: object) -> Since | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadRequest('field "since" must be an object {"off": N, "epoch": "..."}')
+    off = value.get("off")
+    epoch = value.get("epoch")
+    if isinstance(off, bool) or not isinstance(off, int) or off < 0:
+        raise BadRequest('field "since.off" must be an integer >= 0')
+    if not isinstance(epoch, str) or len(epoch) > 64:
+        raise BadRequest('field "since.epoch" must be a string of at most 64 characters')
+    return Since(off, epoch)
 
 
 class SessionList:
@@ -201,6 +262,7 @@ class Session(asyncio.Protocol):
         "state",
         "subs",
         "transport",
+        "user",
         "wheel_tick",
     )
 
@@ -223,6 +285,7 @@ class Session(asyncio.Protocol):
         self.ping_sent_at = 0.0
         self.hello_seen = False
         self.decoder: _core.FrameDecoder | None = None
+        self.user: str | None = None  # declared (hello) or, with auth, from the token
         self._linked = False  # in node.sessions (a SessionList)
         self._prev: Session | None = None
         self._next: Session | None = None
@@ -401,9 +464,18 @@ class Session(asyncio.Protocol):
         subs = self.subs
         if subs and self.ring is not None:
             hub = self.node.hub
-            for ch in subs:
-                hub.unsubscribe(ch, self.ring)
+            for ch in list(subs):
+                hub.unsubscribe(ch, self)
             subs.clear()
+        if self.user is not None and self.node.postman is not None:
+            self.node.postman.detach(self, self.user)
+
+    def is_open(self) -> bool:
+        return self.state == OPEN or (self.state == HANDSHAKE and self.transport is not None)
+
+    def send_event(self, body: bytes) -> None:
+        """A JSON event (dm, join, ...) in this connection's format."""
+        self.send(self.replies.event(body))
 
     # ------------------------------------------------------------------ commands
 
@@ -412,19 +484,23 @@ class Session(asyncio.Protocol):
         if ftype == _F.HELLO:
             if self.hello_seen or (self.state == OPEN and self.hello_required):
                 raise BadRequest("HELLO may only be the first frame")
-            version, _options = negotiate(payload)
+            version, options = negotiate(payload)
             self.hello_seen = True
-            info = orjson.dumps(
-                {
-                    "node": self.config.node_id,
-                    "ping_interval": self.config.ping_interval,
-                    "pong_timeout": self.config.pong_timeout,
-                    "max_frame": self.config.max_frame,
-                }
-            )
-            self.send(self.replies.frame(_F.WELCOME, bytes((version,)) + info))
+            user = None
+            if options.strip() not in (b"", b"{}"):
+                try:
+                    opts = orjson.loads(options)
+                except orjson.JSONDecodeError as e:
+                    raise BadRequest(f"HELLO options are not JSON: {e}") from None
+                if not isinstance(opts, dict):
+                    raise BadRequest("HELLO options must be a JSON object")
+                if opts.get("user") is not None:
+                    user = _user_id(opts["user"], "user")
+            self.send(self.replies.frame(_F.WELCOME, bytes((version,)) + self._welcome(user)))
             if self.state == HANDSHAKE:
                 self.mark_open()
+            if user is not None:
+                self._declare(user)
             return
         if self.state == HANDSHAKE:
             raise ProtocolError(
@@ -438,6 +514,8 @@ class Session(asyncio.Protocol):
             self.send(self.replies.pong(None, payload))
         elif ftype == _F.PONG:
             pass  # liveness was recorded when the bytes arrived
+        elif ftype == _F.CMD:
+            self.handle_json(payload, self.replies.cmd)
         else:
             req = unpack_request(ftype, payload)
             if req.op == "pub":
@@ -445,10 +523,41 @@ class Session(asyncio.Protocol):
                     orjson.loads(req.data)
                 except orjson.JSONDecodeError as e:
                     raise BadRequest(f"PUB data is not a JSON document: {e}") from None
-            self.handle_request(req)
+            self.handle_request(req, self.replies)
 
-    def handle_json(self, text: bytes) -> None:
-        """One JSON command (WebSocket text message)."""
+    def _welcome(self, user: str | None) -> bytes:
+        cfg = self.config
+        info: dict[str, Any] = {
+            "node": cfg.node_id,
+            "ping_interval": cfg.ping_interval,
+            "pong_timeout": cfg.pong_timeout,
+            "max_frame": cfg.max_frame,
+            "max_message": cfg.max_message,
+        }
+        if user is not None:
+            info["user"] = user
+        return orjson.dumps(info)
+
+    def _declare(self, user: str) -> None:
+        """This connection speaks for ``user`` from now on: DMs, presence."""
+        if self.user is not None:
+            raise BadRequest(f"this connection already declared user {self.user!r}")
+        self.user = user
+        hub = self.node.hub
+        for ch in self.subs or ():
+            channel = hub.channels.get(ch)
+            if channel is not None:
+                n = channel.users.get(user, 0)
+                channel.users[user] = n + 1
+                if n == 0 and channel.ns.join_leave:
+                    hub._announce(channel, "join", user)
+        postman = self.node.postman
+        assert postman is not None
+        postman.attach(self, user)
+
+    def handle_json(self, text: bytes, replies: Replies | None = None) -> None:
+        """One JSON command (WebSocket text message, or the payload of a CMD frame)."""
+        replies = replies or self.replies
         try:
             msg = orjson.loads(text)
         except orjson.JSONDecodeError as e:
@@ -462,43 +571,96 @@ class Session(asyncio.Protocol):
         if op is None:
             raise BadRequest('missing field "op"')
         if op == "ping":
-            self.send(self.replies.pong(req_id))
+            self.send(replies.pong(req_id))
             return
-        if op not in ("sub", "unsub", "pub"):
-            raise ProtocolError(f"unknown op {op!r}", ErrorCode.UNKNOWN_OP)
-        if "ch" not in msg:
-            raise BadRequest(f'missing field "ch" in {op!r}')
-        data = b""
-        if op == "pub":
-            if "data" not in msg:
-                raise BadRequest("missing field \"data\" in 'pub'")
-            try:
-                data = orjson.dumps(msg["data"])
-            except TypeError as e:
-                raise BadRequest(f'field "data" cannot be encoded: {e}') from None
-        self.handle_request(Request(op, req_id, msg["ch"], data))
+        if op in ("sub", "unsub", "pub"):
+            if "ch" not in msg:
+                raise BadRequest(f'missing field "ch" in {op!r}')
+            data = b""
+            if op == "pub":
+                if "data" not in msg:
+                    raise BadRequest("missing field \"data\" in 'pub'")
+                data = _json_data(msg["data"])
+            since = _since(msg.get("since")) if op == "sub" else None
+            self.handle_request(Request(op, req_id, msg["ch"], data), replies, since)
+            return
+        if op == "hello":
+            user = _user_id(msg.get("user"), "user")
+            if self.user is not None:
+                raise BadRequest(f"this connection already declared user {self.user!r}")
+            self.send(replies.event(self._welcome(user)[:-1] + _tail(req_id)))
+            self._declare(user)
+            return
+        if op == "presence":
+            ch = validate_channel(msg.get("ch"))
+            self.send(replies.obj(self.node.hub.presence(ch), req_id))
+            return
+        if op in ("send", "ack", "inbox"):
+            postman = self.node.postman
+            assert postman is not None
+            if self.user is None:
+                self.send(
+                    replies.error(
+                        req_id,
+                        ErrorCode.NO_USER,
+                        f"{op!r} needs a user: declare one first (hello)",
+                    )
+                )
+                return
+            if op == "send":
+                to = _user_id(msg.get("to"), "to")
+                if "data" not in msg:
+                    raise BadRequest("missing field \"data\" in 'send'")
+                data = _json_data(msg["data"])
+                if len(data) > self.config.max_message:
+                    raise ProtocolError(
+                        f"data of {len(data)} bytes exceeds max_message", ErrorCode.FRAME_TOO_LARGE
+                    )
+                cid = msg.get("cid")
+                if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= _CID_MAX):
+                    raise BadRequest(f'field "cid" must be a string of 1..{_CID_MAX} characters')
+                postman.send(self, req_id, to, data, cid)
+            elif op == "ack":
+                seq = msg.get("seq")
+                if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+                    raise BadRequest('field "seq" must be an integer >= 0')
+                postman.ack(self, req_id, seq)
+            else:
+                postman.inbox(self, req_id)
+            return
+        raise ProtocolError(f"unknown op {op!r}", ErrorCode.UNKNOWN_OP)
 
-    def handle_request(self, req: Request) -> None:
+    def handle_request(self, req: Request, replies: Replies, since: Since | None = None) -> None:
         ch = validate_channel(req.channel)
         ring = self.ring
         assert ring is not None
         hub = self.node.hub
-        replies = self.replies
         op = req.op
         if op == "pub":
             if len(req.data) > self.config.max_message:
                 raise ProtocolError(
                     f"data of {len(req.data)} bytes exceeds max_message", ErrorCode.FRAME_TOO_LARGE
                 )
+            req_id = req.id
+
+            def done(off: int, err: str | None) -> None:
+                if err is None:
+                    self.send(replies.puback(req_id, ch, off))
+                else:
+                    self.send(replies.error(req_id, ErrorCode.STORE_UNAVAILABLE, err))
+
             try:
-                off = hub.publish(ch, req.data)
+                off = hub.publish(ch, req.data, done)
             except HubError as e:
                 self.send(replies.error(req.id, e.code, e.reason))
                 return
-            self.send(replies.puback(req.id, ch, off))
+            if off is not None:
+                self.send(replies.puback(req.id, ch, off))
         elif op == "sub":
             subs = self.subs
             if subs is None:
+                # a list, created on first subscribe: a 1-element set costs 216 bytes, a
+                # list 64, and membership tests over max_subscriptions names are cheap
                 subs = self.subs = []
             if ch in subs:
                 self.send(
@@ -522,10 +684,10 @@ class Session(asyncio.Protocol):
                 self.send(replies.error(req.id, e.code, e.reason))
                 return
             assert channel is not None
-            # the reply goes into the ring before the first message can: order holds
-            self.send(replies.subscribed(req.id, ch, channel.offset))
-            hub.subscribe(ch, ring)
             subs.append(channel.name)  # the hub's str: one copy per channel, not per client
+            # the reply (and recovered messages) go into the ring before the first live
+            # message can: order holds
+            hub.subscribe(self, replies, req.id, channel.name, since)
         else:  # unsub
             if not self.subs or ch not in self.subs:
                 self.send(
@@ -533,5 +695,20 @@ class Session(asyncio.Protocol):
                 )
                 return
             self.subs.remove(ch)
-            hub.unsubscribe(ch, ring)
+            hub.unsubscribe(ch, self)
             self.send(replies.unsubscribed(req.id, ch))
+
+
+def _json_data(value: object) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError as e:
+        raise BadRequest(f'field "data" cannot be encoded: {e}') from None
+
+
+def _tail(req_id: Any) -> bytes:
+    """Closes a JSON object begun elsewhere, with the op and the request id."""
+    out = b',"op":"welcome"'
+    if req_id is not None:
+        out += b',"id":' + orjson.dumps(req_id)
+    return out + b"}"

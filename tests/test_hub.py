@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import orjson
 import pytest
 
@@ -30,7 +32,14 @@ def test_offsets_are_consecutive_and_history_keeps_the_last_n() -> None:
     assert offs == [1, 2, 3, 4, 5]
     assert hub.publish("b", b"1") == 1  # per channel
     ch = hub.channels["a"]
-    assert ch.history.since(2) == [(3, b'{"n":2}'), (4, b'{"n":3}'), (5, b'{"n":4}')]
+    # history items are (data, publish time)
+    kept = ch.history.since(2)
+    assert kept is not None
+    assert [(o, cast("tuple[bytes, float]", item)[0]) for o, item in kept] == [
+        (3, b'{"n":2}'),
+        (4, b'{"n":3}'),
+        (5, b'{"n":4}'),
+    ]
     assert ch.history.since(1) is None  # evicted
 
 
@@ -38,10 +47,10 @@ def test_each_format_gets_its_encoding_and_only_used_formats_are_built() -> None
     hub = Hub(Config())
     fl = _core.Flusher(None)
     (rt, st), (rb, sb), (rj, sj) = (ring(fl, f) for f in range(3))
-    ch = hub.subscribe("news", rt)
+    ch = hub.join("news", rt)
     assert ch.encode(1, b"{}")[1:] == (None, None)  # nobody on WS yet: nothing built for it
-    hub.subscribe("news", rb)
-    hub.subscribe("news", rj)
+    hub.join("news", rb)
+    hub.join("news", rj)
     off = hub.publish("news", b'{"x":"\xc3\xa9"}')
     fl.flush()
     [(t, p)] = _core.FrameDecoder().feed(st.data)
@@ -60,14 +69,14 @@ def test_channels_without_subscribers_expire_after_ttl() -> None:
     fl = _core.Flusher(None)
     r, _ = ring(fl, 0)
     hub.now = 100.0
-    hub.subscribe("keep", r)
+    hub.join("keep", r)
     hub.publish("gone", b"1")
     assert hub.sweep(105.0) == 0
     assert hub.sweep(111.0) == 1
     assert set(hub.channels) == {"keep"}
     hub.publish("keep", b"1")
     hub.now = 200.0
-    hub.unsubscribe("keep", r)  # idle from now on
+    hub.leave("keep", r)  # idle from now on
     assert hub.sweep(205.0) == 0
     hub.now = 0
     assert hub.sweep(1000.0) == 1

@@ -43,8 +43,19 @@ def pack(ftype: int, f: dict[str, Any]) -> bytes:
         return str(f["payload"]).encode()
     if ftype in (F.SUB, F.UNSUB, F.PUB):
         return P.pack_sub(ftype, f["id"], f["ch"], f.get("data", "").encode())
-    if ftype in (F.SUBSCRIBED, F.PUBACK):
-        return P.pack_subscribed(f["id"], f["off"], f["ch"].encode())
+    if ftype == F.SUBSCRIBED:
+        payload = P.pack_subscribed(
+            f["id"], f["off"], f["ch"].encode(), f["epoch"], f["recovered"]
+        )
+        assert P.unpack_subscribed(payload) == (
+            f["id"], f["off"], f["ch"], f["epoch"], f["recovered"]
+        )
+        assert P.unpack_ack(payload) == (f["id"], f["off"], f["ch"])  # old decoders
+        return payload
+    if ftype == F.PUBACK:
+        return P.pack_puback(f["id"], f["off"], f["ch"].encode())
+    if ftype in (F.CMD, F.EVENT):
+        return str(f["json"]).encode()
     if ftype == F.UNSUBSCRIBED:
         return P.pack_unsubscribed(f["id"], f["ch"].encode())
     if ftype == F.MSG:

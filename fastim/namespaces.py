@@ -1,0 +1,126 @@
+"""Channel namespaces: per-prefix history, durability and presence settings.
+
+The part of a channel name before its first ``:`` is its namespace (``room:1`` →
+``room``); a name without ``:``, or with a prefix the config does not list, belongs to
+the default namespace, whose settings are the top-level ones (``history_size``,
+``history_ttl``...). A config file sets the others in ``[namespaces.NAME]`` tables::
+
+    [namespaces.room]
+    history_size = 500
+    join_leave = true
+
+    [namespaces.ticker]
+    durable = false      # history in node memory only: acked without the store
+
+Why per namespace: a chat room wants long, durable history and presence; a price ticker
+wants neither and every microsecond. One node serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .store import HistoryLimits
+
+if TYPE_CHECKING:
+    from .config import Config
+
+#: settings a ``[namespaces.NAME]`` table may hold, and their types
+NAMESPACE_KEYS: dict[str, type] = {
+    "history_size": int,
+    "history_ttl": float,
+    "durable": bool,
+    "presence": bool,
+    "join_leave": bool,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """What a channel of this namespace keeps and announces."""
+
+    name: str
+    #: messages kept for recovery (0: none; offsets are still assigned)
+    history_size: int = 128
+    #: seconds a message stays recoverable (0: no age limit)
+    history_ttl: float = 300.0
+    #: history in the configured store, publishes acked after it accepted them; false:
+    #: node memory only, acked at once, lost (new epoch) when the node restarts
+    durable: bool = True
+    #: answer presence requests with the list of users (the count is always given)
+    presence: bool = True
+    #: announce a user's first subscription and last unsubscription to subscribers
+    join_leave: bool = False
+    #: seconds the store keeps a channel's epoch after its last publish (0: for ever)
+    meta_ttl: float = 86400.0
+
+    @property
+    def limits(self) -> HistoryLimits:
+        return HistoryLimits(self.history_size, self.history_ttl or None, self.meta_ttl or None)
+
+
+def check_namespaces(raw: object) -> dict[str, dict[str, Any]]:
+    """Validate a ``namespaces`` table; raise ValueError naming ``namespaces.NAME.key``."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"namespaces: must be a table of tables, got {type(raw).__name__}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in raw.items():
+        if not isinstance(name, str) or not name or ":" in name:
+            raise ValueError(f"namespaces.{name}: a namespace name is non-empty, without ':'")
+        if not isinstance(table, dict):
+            raise ValueError(f"namespaces.{name}: must be a table, got {type(table).__name__}")
+        clean: dict[str, Any] = {}
+        for key, value in table.items():
+            want = NAMESPACE_KEYS.get(key)
+            where = f"namespaces.{name}.{key}"
+            if want is None:
+                raise ValueError(
+                    f"{where}: unknown setting (known: {', '.join(sorted(NAMESPACE_KEYS))})"
+                )
+            if want is bool:
+                ok = isinstance(value, bool)
+            elif want is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            if not ok:
+                raise ValueError(f"{where}: expected {want.__name__}, got {value!r}")
+            if key in ("history_size", "history_ttl") and value < 0:
+                raise ValueError(f"{where}: must be >= 0, got {value}")
+            clean[key] = float(value) if want is float else value
+        out[name] = clean
+    return out
+
+
+class Namespaces:
+    """Resolves a channel name to its :class:`Namespace` (a dict lookup per call)."""
+
+    __slots__ = ("_by_name", "default")
+
+    def __init__(self, config: Config) -> None:
+        self.default = Namespace(
+            "",
+            history_size=config.history_size,
+            history_ttl=config.history_ttl,
+            meta_ttl=config.history_meta_ttl,
+        )
+        self._by_name: dict[str, Namespace] = {}
+        for name, table in check_namespaces(config.namespaces).items():
+            settings: dict[str, Any] = {
+                "history_size": self.default.history_size,
+                "history_ttl": self.default.history_ttl,
+                "meta_ttl": self.default.meta_ttl,
+            }
+            settings.update(table)
+            self._by_name[name] = Namespace(name, **settings)
+
+    def of(self, channel: str) -> Namespace:
+        i = channel.find(":")
+        if i <= 0:
+            return self.default
+        return self._by_name.get(channel[:i], self.default)
+
+    def __iter__(self) -> Any:
+        yield self.default
+        yield from self._by_name.values()
