@@ -65,6 +65,7 @@ _SERVER_TYPES = type_mask(
         }
     )
 )
+_monotonic = time.monotonic
 _OP_TEXT = _core.OP_TEXT
 _OP_BINARY = _core.OP_BINARY
 _OP_PING = _core.OP_PING
@@ -126,6 +127,7 @@ class WorkerResult:
     reordered: int = 0
     duplicates: int = 0
     closed: int = 0  # connections the server closed during the run
+    last_rx: float = 0.0  # CLOCK_MONOTONIC of the last message any connection received
     latencies_us: list[float] = field(default_factory=list)
     cpu_s: float = 0.0
     sys_s: float = 0.0  # of cpu_s, in the kernel (mostly recv copies)
@@ -204,6 +206,7 @@ class _Sub(asyncio.Protocol):
         self.closed = False
         self.closing = False
         self.wake: asyncio.Event | None = None
+        self.last_rx = 0.0
         # stride mode
         self.stride = False
         self.F = 0  # wire size of one message
@@ -228,6 +231,7 @@ class _Sub(asyncio.Protocol):
         n = self._stride(data) if self.stride else self.parse(data)
         if n:
             self.count += n
+            self.last_rx = _monotonic()
             if self.wake is not None:
                 self.wake.set()
 
@@ -646,6 +650,7 @@ async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
     res.per_conn_min = min(counts) if counts else 0
     res.per_conn_max = max(counts) if counts else 0
     res.sampled = sum(1 for s in subs if s.sample)
+    res.last_rx = max([s.last_rx for s in subs] or [0.0])
     for s in subs:
         s.close()
     await asyncio.sleep(0.05)  # let the close frames leave
@@ -770,6 +775,7 @@ class PubResult:
     published: int = 0
     acked: int = 0
     probe_received: int = 0
+    probe_last_rx: float = 0.0
     elapsed_s: float = 0.0
     publish_s: float = 0.0
     server_cpu_s: float | None = None
@@ -859,6 +865,7 @@ async def _drive(
     res.published = sent
     res.acked = pub.acked
     res.probe_received = probe.count
+    res.probe_last_rx = probe.last_rx
     res.errors = pub.errors + probe_out.errors
     if stalled:
         res.errors.append(f"the probe received nothing for 10 s (at {probe.count} of {sent})")
@@ -1161,9 +1168,11 @@ def _measure(
             "rate": args.rate,
             "inflight": args.inflight,
             "duration_s": round(elapsed, 3),
-            # how long after the probe the slowest worker had every message: near 0 when
-            # the generator kept up, large when its own socket buffers were queueing
-            "subscribers_lag_s": round(max([r.wall_s for r in results] or [elapsed]) - elapsed, 3),
+            # the last message any subscriber received, after the probe's last: near 0
+            # (or below) when the generator kept up, large when its own sockets queued
+            "subscribers_lag_s": round(
+                max([r.last_rx for r in results] or [pub.probe_last_rx]) - pub.probe_last_rx, 3
+            ),
             "published": sent,
             "acked": pub.acked if target.fastim else None,
             "publish_per_s": round(sent / elapsed, 1),
@@ -1324,7 +1333,10 @@ def render(r: dict[str, Any]) -> str:
             ),
             ("deliveries", f"{r['deliveries']:,} of {r['deliveries_expected']:,}"),
             ("deliveries/s", f"{r['deliveries_per_s']:,.0f}"),
-            ("subscribers' lag", f"{r['subscribers_lag_s']:.2f}s after the probe had the last"),
+            (
+                "subscribers' lag",
+                f"{1000 * r['subscribers_lag_s']:,.1f} ms after the probe's last message",
+            ),
             (
                 "latency p50/p90/p99",
                 f"{lat['p50'] / 1000:,.2f} / {lat['p90'] / 1000:,.2f} / {lat['p99'] / 1000:,.2f} ms"
