@@ -67,9 +67,10 @@ class Deflater:
     each message is compressed as if it were the first, so the compressed frame does not
     depend on what a connection received before, and one frame serves every subscriber
     of a message. ``flush(Z_FULL_FLUSH)`` ends a message *and* resets the compressor's
-    history, so one reused compressobj gives that independence without the cost of a
-    fresh one per message (a deflate state is ~260 KiB to allocate and clear), and no
-    connection holds compression state of its own. Created on first use.
+    history, so one reused compressobj gives that independence: the node holds one
+    deflate state (~260 KiB) for its life, no connection holds any, and nothing is
+    allocated per message (the reset clears the hash table, as a fresh compressobj
+    would: about the same CPU, benchmarks/test_deflate.py). Created on first use.
     """
 
     __slots__ = ("_z", "bytes_in", "bytes_out", "level", "messages", "min_size")
@@ -185,7 +186,6 @@ class Channel:
         if n_wsbz or n_jsz:
             return tcp, wsb if n_wsb else None, js if n_js else None, wsbz, jsz
         return tcp, wsb, js
-
 
     def encode_one(self, fmt: int, offset: int, data: bytes) -> bytes:
         """The message for one connection of wire format ``fmt`` (recovery; uncompressed)."""
@@ -326,9 +326,7 @@ class Hub:
         assert store is not None
         try:
             try:
-                first, epoch = await store.append_many(
-                    ch.name, [d for d, _ in batch], ch.ns.limits
-                )
+                first, epoch = await store.append_many(ch.name, [d for d, _ in batch], ch.ns.limits)
             except StoreError as e:
                 self.store_errors += 1
                 log.warning("publish to %r not stored: %s", ch.name, e)
@@ -336,6 +334,8 @@ class Hub:
                 for _d, done in batch:
                     done(0, reason)
                 return
+            if ch.loaded and epoch == ch.epoch and first - 1 > ch.offset:
+                await self._fill(ch, first - 1)
             self._adopt(ch, epoch, first - 1)
             for i, (data, done) in enumerate(batch):
                 off = first + i
@@ -348,6 +348,29 @@ class Hub:
                 if not self._kick_scheduled:
                     self._kick_scheduled = True
                     asyncio.get_running_loop().call_soon(self._kick)
+
+    async def _fill(self, ch: Channel, top: int) -> None:
+        """Deliver messages the store has below ``top`` that this node never delivered.
+
+        A publish whose store call failed (timeout) may have been applied after all; the
+        next append then starts past it. Its subscribers get it here, in order, so live
+        delivery has no hole. What cannot be read (trimmed, store down) stays a gap,
+        visible to clients as a jump in offsets (they recover with ``since``).
+        """
+        store = self.store
+        assert store is not None
+        try:
+            while ch.offset < top:
+                hist = await store.read(
+                    ch.name, ch.offset, min(1000, top - ch.offset), ch.ns.limits
+                )
+                msgs = [(o, d) for o, d in hist.messages if ch.offset < o <= top]
+                if hist.epoch != ch.epoch or not msgs or msgs[0][0] != ch.offset + 1:
+                    return
+                for off, data in msgs:
+                    self._deliver(ch, off, data)
+        except StoreError as e:
+            log.warning("channel %r: could not read back offsets to %d: %s", ch.name, top, e)
 
     def _adopt(self, ch: Channel, epoch: str, top: int) -> None:
         """The store says the channel is at (epoch, top): align what this node holds."""
@@ -473,13 +496,13 @@ class Hub:
         """Add ``ring`` to the channel's subscribers now (no reply, no recovery)."""
         ch = self.channel(name)
         assert ch is not None
-        ch.subs.add(ring)
-        self.idle.pop(name, None)
         if user is not None:
             n = ch.users.get(user, 0)
             ch.users[user] = n + 1
             if n == 0 and ch.ns.join_leave:
-                self._announce(ch, "join", user)
+                self._announce(ch, "join", user)  # to the others: before adding this one
+        ch.subs.add(ring)
+        self.idle.pop(name, None)
         return ch
 
     def _recover(
