@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, build
+from .config import Config, ConfigError, load, redact
 
 log = logging.getLogger("fastim")
 
@@ -105,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f.name: getattr(args, f.name) for f in fields(Config) if not f.metadata.get("file_only")
     }
     try:
-        cfg = build(args.config, **overrides)
+        cfg = load(args.config, os.environ, overrides)
     except ConfigError as e:
         print(f"fastim: bad configuration: {e}", file=sys.stderr)
         return 2
@@ -120,6 +121,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"fastim: cannot listen: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Validate a config file (with the FASTIM_* environment) and print what a node would use."""
+    try:
+        cfg = load(args.file, os.environ, {})
+    except ConfigError as e:
+        print(f"fastim: bad configuration: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        width = max(len(f.name) for f in fields(Config))
+        for f in fields(Config):
+            value = redact(f.name, getattr(cfg, f.name))
+            print(f"{f.name:<{width}}  {value!r}")
+    print(f"{args.file}: ok", file=sys.stderr)
     return 0
 
 
@@ -142,6 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", "-c", metavar="FILE", help="TOML file of settings")
     _add_config_flags(serve)
     serve.set_defaults(func=cmd_serve)
+
+    config = sub.add_parser("config", help="check a configuration file")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser(
+        "check", help="validate FILE (and FASTIM_* variables); print the effective settings"
+    )
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--quiet", "-q", action="store_true", help="only the verdict")
+    check.set_defaults(func=cmd_config_check)
 
     from .bench import add_bench_parser
 

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -271,14 +272,65 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+#: FASTIM_* variables that are not settings (build switches of setup.py)
+_ENV_NOT_SETTINGS = frozenset({"FASTIM_DEBUG", "FASTIM_ANNOTATE"})
+
+
+def env_name(setting: str) -> str:
+    return "FASTIM_" + setting.upper()
+
+
+def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from ``FASTIM_<SETTING>`` variables, typed; raise ConfigError naming the
+    variable for a bad value or an unknown ``FASTIM_*`` name (a typo must not pass)."""
+    by_env = {env_name(f.name): f for f in fields(Config) if not f.metadata.get("file_only")}
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith("FASTIM_") or key in _ENV_NOT_SETTINGS:
+            continue
+        f = by_env.get(key)
+        if f is None:
+            raise ConfigError(
+                f"{key}: no such setting (settings are FASTIM_<NAME>, e.g. FASTIM_TCP_PORT)"
+            )
+        typ = str(f.type)
+        try:
+            out[f.name] = int(raw) if typ == "int" else float(raw) if typ == "float" else raw
+        except ValueError:
+            raise ConfigError(f"{key}: expected {typ}, got {raw!r}") from None
+    return out
+
+
 def build(path: str | Path | None = None, **overrides: Any) -> Config:
     """Defaults, then the file at ``path``, then ``overrides`` (None values ignored)."""
+    return load(path, None, overrides)
+
+
+def load(
+    path: str | Path | None, environ: Mapping[str, str] | None, overrides: Mapping[str, Any]
+) -> Config:
+    """Defaults, then the file at ``path``, then ``FASTIM_*`` variables of ``environ``
+    (when given), then ``overrides`` (None values ignored): later wins. Validated."""
     values: dict[str, Any] = {}
     if path is not None:
         values.update(load_file(path))
+    if environ is not None:
+        values.update(load_env(environ))
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = Config(**values)
     except TypeError as e:
         raise ConfigError(str(e)) from None
     return cfg.validate()
+
+
+def redact(name: str, value: Any) -> Any:
+    """A setting's value fit for logs: passwords in URLs and secret settings masked."""
+    if isinstance(value, str) and "://" in value and "@" in value:
+        scheme, rest = value.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0] if ":" in creds else ""
+        return f"{scheme}://{user}:***@{host}"
+    if any(word in name for word in ("secret", "password", "api_key", "token")) and value:
+        return "***"
+    return value

@@ -70,3 +70,63 @@ def test_every_setting_is_documented_and_has_a_flag() -> None:
         if not f.metadata.get("file_only"):
             assert f"`--{f.name.replace('_', '-')}`" in doc
     assert os.path.exists(DOCS)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
+    from fastim.config import load
+
+    p = tmp_path / "f.toml"
+    p.write_text("tcp_port = 1111\nws_port = 2222\nping_interval = 5.0\n")
+    env = {"FASTIM_WS_PORT": "3333", "FASTIM_PING_INTERVAL": "7.5", "PATH": "/bin"}
+    cfg = load(p, env, {"tcp_port": None, "ping_interval": 9.0})
+    assert (cfg.tcp_port, cfg.ws_port, cfg.ping_interval) == (1111, 3333, 9.0)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FASTIM_TCP_PORT": "seventy"}, "FASTIM_TCP_PORT: expected int, got 'seventy'"),
+        ({"FASTIM_TCP_PROT": "1"}, "FASTIM_TCP_PROT: no such setting"),
+        ({"FASTIM_PONG_TIMEOUT": "-1"}, "pong_timeout: must be > 0"),
+    ],
+)
+def test_bad_environment_is_named(env: dict[str, str], message: str) -> None:
+    from fastim.config import load
+
+    with pytest.raises(ConfigError) as e:
+        load(None, env, {})
+    assert message in str(e.value)
+
+
+def test_build_switches_are_not_settings() -> None:
+    from fastim.config import load
+
+    assert load(None, {"FASTIM_DEBUG": "1"}, {}).tcp_port == 7070
+
+
+def test_config_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(
+        'store = "redis"\nredis_url = "redis://app:hunter2@10.0.0.5:6379/0"\n'
+        "[namespaces.room]\njoin_leave = true\n"
+    )
+    assert main(["config", "check", str(good)]) == 0
+    out = capsys.readouterr()
+    assert "ok" in out.err
+    assert "hunter2" not in out.out and "redis://app:***@10.0.0.5:6379/0" in out.out
+    assert "'room': {'join_leave': True}" in out.out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[namespaces.room]\njoin_leave = 3\n")
+    assert main(["config", "check", str(bad)]) == 2
+    assert "namespaces.room.join_leave: expected bool, got 3" in capsys.readouterr().err
+
+
+def test_serve_reads_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FASTIM_MAX_FRAME", "-3")
+    assert main(["serve"]) == 2
+    assert "max_frame: must be >= 1, got -3" in capsys.readouterr().err
