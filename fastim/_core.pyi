@@ -267,3 +267,21 @@ class HistoryRing:
     @property
     def last_offset(self) -> int:
         """Offset of the newest message appended (0 when nothing ever was)."""
+
+
+class TokenBucket:
+    """A token bucket: ``rate`` tokens per second, at most ``burst`` saved, full at start.
+
+    ``take(now)`` spends one token (or ``n``) if there is one and says whether it did;
+    ``now`` is any monotonic clock in seconds (the node passes its timer wheel's time,
+    so no clock is read per call). A connection that publishes gets one lazily: idle
+    connections carry none. ``refused`` counts the takes that failed.
+    """
+
+    rate: float
+    burst: float
+    refused: int
+    def __init__(self, rate: float, burst: float, now: float = 0.0) -> None: ...
+    def take(self, now: float, n: float = 1.0) -> bool: ...
+    @property
+    def available(self) -> float: ...

@@ -8,6 +8,7 @@ key and value, so a typo in a config file fails loudly instead of being ignored.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 import sys
@@ -71,6 +72,25 @@ class Config:
     outbound_cap: int = field(
         default=4 << 20,
         metadata={"help": "bytes queued for one client before it is closed as slow"},
+    )
+    max_connections_per_ip: int = field(
+        default=10_000, metadata={"help": "connections one client address may hold (0: no limit)"}
+    )
+    connect_rate_per_ip: float = field(
+        default=200.0,
+        metadata={"help": "new connections per second from one address, burst 2x (0: no limit)"},
+    )
+    ip_limits_exempt: str = field(
+        default="127.0.0.0/8,::1",
+        metadata={"help": "comma-separated networks the per-address limits do not apply to"},
+    )
+    publish_rate: float = field(
+        default=10_000.0,
+        metadata={"help": "publishes and sends per second per connection, burst 2x (0: no limit)"},
+    )
+    rate_limit_strikes: int = field(
+        default=100,
+        metadata={"help": "refusals for rate before the connection is closed (4002)"},
     )
     history_size: int = field(
         default=128, metadata={"help": "messages kept per channel (for recovery)"}
@@ -189,6 +209,16 @@ class Config:
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
+        for name in ("max_connections_per_ip", "rate_limit_strikes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("connect_rate_per_ip", "publish_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0 (0: no limit), got {getattr(self, name)}")
+        try:
+            self.exempt_networks()
+        except ValueError as e:
+            raise ConfigError(f"ip_limits_exempt: {e}") from None
         if self.ring_pool < 0:
             raise ConfigError(f"ring_pool: must be >= 0, got {self.ring_pool}")
         if self.direct_write not in (0, 1):
@@ -249,6 +279,13 @@ class Config:
         for name in ("history_meta_ttl", "inbox_dedup_window"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+
+    def exempt_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [
+            ipaddress.ip_network(part.strip(), strict=False)
+            for part in self.ip_limits_exempt.split(",")
+            if part.strip()
+        ]
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

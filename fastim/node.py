@@ -9,6 +9,7 @@ bounded time, drop the rest).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 
@@ -18,7 +19,7 @@ from .heartbeat import TimerWheel
 from .hub import Hub
 from .postman import Postman
 from .protocol import SHUTDOWN_REASON, CloseCode
-from .session import SessionList
+from .session import Session, SessionList
 from .store import Store, StoreError, open_store
 
 log = logging.getLogger("fastim")
@@ -51,6 +52,13 @@ class Node:
         self.http_rejects = 0
         self.slow_disconnects = 0
         self.heartbeat_timeouts = 0
+        self.rate_limited = 0
+        self.limit_refusals = 0
+        # per-address limits (addresses in ip_limits_exempt are not tracked at all)
+        self._exempt = self.config.exempt_networks()
+        self._exempt_cache: dict[str, bool] = {}
+        self._ip_conns: dict[str, int] = {}
+        self._ip_buckets: dict[str, _core.TokenBucket] = {}
 
     async def start(self) -> None:
         from .transport import TcpSession, WsSession
@@ -122,6 +130,7 @@ class Node:
         if now - self._last_sweep >= SWEEP_EVERY:
             self._last_sweep = now
             self.hub.sweep(now)
+            self._prune_ip_buckets(now)
             if self.store is not None and self._sweep_task is None:
                 self._sweep_task = asyncio.ensure_future(self._sweep_store())
 
@@ -133,6 +142,62 @@ class Node:
             log.warning("store sweep failed: %s", e)
         finally:
             self._sweep_task = None
+
+    def admit(self, session: Session) -> tuple[int, str] | None:
+        """Per-address limits for a new connection: None, or (HTTP status, reason)."""
+        cfg = self.config
+        if not cfg.max_connections_per_ip and not cfg.connect_rate_per_ip:
+            return None
+        assert session.transport is not None
+        peer = session.transport.get_extra_info("peername")
+        if not peer or not isinstance(peer, tuple):
+            return None  # a Unix socket: no address
+        ip = str(peer[0])
+        exempt = self._exempt_cache.get(ip)
+        if exempt is None:
+            try:
+                addr = ipaddress.ip_address(ip)
+                exempt = any(addr in net for net in self._exempt)
+            except ValueError:
+                exempt = False
+            if len(self._exempt_cache) > 65536:
+                self._exempt_cache.clear()
+            self._exempt_cache[ip] = exempt
+        if exempt:
+            return None
+        rate = cfg.connect_rate_per_ip
+        if rate:
+            bucket = self._ip_buckets.get(ip)
+            if bucket is None:
+                bucket = self._ip_buckets[ip] = _core.TokenBucket(rate, 2 * rate, self.wheel.now)
+            if not bucket.take(self.wheel.now):
+                return 429, f"over {rate:g} new connections per second from {ip}"
+        n = self._ip_conns.get(ip, 0)
+        if cfg.max_connections_per_ip and n >= cfg.max_connections_per_ip:
+            return 503, f"{ip} holds the maximum of {cfg.max_connections_per_ip} connections"
+        self._ip_conns[ip] = n + 1
+        session.ip = ip
+        return None
+
+    def release(self, ip: str) -> None:
+        n = self._ip_conns.get(ip, 0) - 1
+        if n > 0:
+            self._ip_conns[ip] = n
+        else:
+            self._ip_conns.pop(ip, None)
+
+    def _prune_ip_buckets(self, now: float) -> None:
+        """Forget connect-rate buckets that have refilled (an idle address costs nothing)."""
+        rate = self.config.connect_rate_per_ip
+        if not rate:
+            return
+        full = []
+        for ip, b in self._ip_buckets.items():
+            b.take(now, 0.0)  # refill up to now
+            if b.available >= b.burst:
+                full.append(ip)
+        for ip in full:
+            del self._ip_buckets[ip]
 
     def on_session_closed(self) -> None:
         if self._drained is not None and not self.sessions:

@@ -103,6 +103,7 @@ class ErrorCode(IntEnum):
     INBOX_FULL = 113  # the recipient's inbox holds inbox_max unacknowledged messages
     STORE_UNAVAILABLE = 114  # the store failed: nothing was acknowledged, retry
     NO_USER = 115  # a user-only command on a connection without a user
+    RATE_LIMITED = 116  # over publish_rate: this request was refused, slow down
 
     @property
     def fatal(self) -> bool:
@@ -117,6 +118,7 @@ _NON_FATAL = frozenset(
         ErrorCode.INBOX_FULL,
         ErrorCode.STORE_UNAVAILABLE,
         ErrorCode.NO_USER,
+        ErrorCode.RATE_LIMITED,
     }
 )
 
@@ -137,6 +139,7 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 1011
     HEARTBEAT_TIMEOUT = 4000  # no pong in time: reconnect
     SLOW_CONSUMER = 4001  # outbound buffer over its cap: reconnect, recover from history
+    RATE_LIMITED = 4002  # too many requests or connections: reconnect later, with backoff
     BAD_REQUEST = 4500  # malformed command: do not retry as is
 
     @staticmethod

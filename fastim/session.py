@@ -251,9 +251,11 @@ class Session(asyncio.Protocol):
         "_next",
         "_prev",
         "awaiting_pong",
+        "bucket",
         "config",
         "decoder",
         "hello_seen",
+        "ip",
         "last_rx",
         "node",
         "ping_sent_at",
@@ -286,6 +288,8 @@ class Session(asyncio.Protocol):
         self.hello_seen = False
         self.decoder: _core.FrameDecoder | None = None
         self.user: str | None = None  # declared (hello) or, with auth, from the token
+        self.ip: str | None = None  # the client's address when per-address limits apply
+        self.bucket: _core.TokenBucket | None = None  # publish/send rate, on first use
         self._linked = False  # in node.sessions (a SessionList)
         self._prev: Session | None = None
         self._next: Session | None = None
@@ -308,6 +312,10 @@ class Session(asyncio.Protocol):
             self._enable_direct_write()
         if len(node.sessions) > self.config.max_connections:
             self.refuse_overload()
+            return
+        refusal = node.admit(self)
+        if refusal is not None:
+            self.refuse_limit(*refusal)
             return
         node.wheel.schedule(self, node.wheel.now + self.config.handshake_timeout)
 
@@ -335,6 +343,9 @@ class Session(asyncio.Protocol):
         self.ring.set_fd(fd)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.ip is not None:
+            self.node.release(self.ip)
+            self.ip = None
         self.state = CLOSED
         self._drop_subscriptions()
         if self.ring is not None:
@@ -354,6 +365,36 @@ class Session(asyncio.Protocol):
     def refuse_overload(self) -> None:
         """Called when the node is at max_connections; the transport closes."""
         self.close(CloseCode.GOING_AWAY, "node at its connection limit, try another")
+
+    def refuse_limit(self, status: int, reason: str) -> None:
+        """A per-address limit refused this connection (``status``: the HTTP answer)."""
+        self.node.limit_refusals += 1
+        self.close(CloseCode.RATE_LIMITED, reason)
+
+    def rate_ok(self, req_id: Any, replies: Replies) -> bool:
+        """Spend a publish/send token; on refusal answer RATE_LIMITED (and close on repeat)."""
+        rate = self.config.publish_rate
+        if not rate:
+            return True
+        now = self.node.wheel.now
+        bucket = self.bucket
+        if bucket is None:
+            bucket = self.bucket = _core.TokenBucket(rate, max(1.0, 2 * rate), now)
+        if bucket.take(now):
+            return True
+        self.node.rate_limited += 1
+        if bucket.refused >= self.config.rate_limit_strikes:
+            self.close(
+                CloseCode.RATE_LIMITED,
+                f"over {rate:g} publishes/s {bucket.refused} times; reconnect later",
+            )
+            return False
+        self.send(
+            replies.error(
+                req_id, ErrorCode.RATE_LIMITED, f"over {rate:g} publishes and sends per second"
+            )
+        )
+        return False
 
     # ------------------------------------------------------------------ sending
 
@@ -619,7 +660,8 @@ class Session(asyncio.Protocol):
                 cid = msg.get("cid")
                 if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= _CID_MAX):
                     raise BadRequest(f'field "cid" must be a string of 1..{_CID_MAX} characters')
-                postman.send(self, req_id, to, data, cid)
+                if self.rate_ok(req_id, replies):
+                    postman.send(self, req_id, to, data, cid)
             elif op == "ack":
                 seq = msg.get("seq")
                 if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
@@ -641,6 +683,8 @@ class Session(asyncio.Protocol):
                 raise ProtocolError(
                     f"data of {len(req.data)} bytes exceeds max_message", ErrorCode.FRAME_TOO_LARGE
                 )
+            if not self.rate_ok(req.id, replies):
+                return
             req_id = req.id
 
             def done(off: int, err: str | None) -> None:

@@ -47,6 +47,7 @@ _STATUS = {
     404: b"Not Found",
     405: b"Method Not Allowed",
     426: b"Upgrade Required",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     503: b"Service Unavailable",
     200: b"OK",
@@ -462,6 +463,10 @@ class WsSession(Session):
         self.http_reply(
             400, f"no complete WebSocket upgrade within {self.config.handshake_timeout:g}s"
         )
+
+    def refuse_limit(self, status: int, reason: str) -> None:
+        self.node.limit_refusals += 1
+        self.http_reply(status, reason, b"Retry-After: 1\r\n")
 
     def refuse_overload(self) -> None:
         self.http_reply(503, "node at its connection limit, try another", b"Retry-After: 1\r\n")
