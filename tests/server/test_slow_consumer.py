@@ -182,3 +182,84 @@ async def test_stalled_ws_subscriber_is_closed_with_4001(node_factory: Any) -> N
     await wait_for_sessions(node, 2, timeout=10)
     await good.close()
     await pub.close()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_stalled_reader_under_10k_msgs_per_s_rss_bounded_others_on_time(
+    node_process: Any,
+) -> None:
+    """P4: a client stops reading while ~10,000 messages/s are published. The node closes
+    it at outbound_cap (1 MiB here); its RSS stays bounded; every other subscriber gets
+    every message, and none falls behind by more than a generous liveness bound (this is
+    not a benchmark: the bound only says "not blocked by the stalled client")."""
+    import time
+
+    proc = node_process("--outbound-cap", str(1 << 20))
+    ch = "ticker"
+    stalled = await TcpClient.connect(proc.tcp_port, rcvbuf=4096)
+    await stalled.sub(ch)
+    stalled.writer.transport.pause_reading()  # type: ignore[attr-defined]
+    goods = [await TcpClient.connect(proc.tcp_port) for _ in range(5)]
+    for g in goods:
+        await g.sub(ch)
+    pub = await TcpClient.connect(proc.tcp_port)
+    rss0 = _rss_kib(proc.proc.pid)
+    rss_max = rss0
+    lag_max = 0.0
+    n_msgs = 20_000
+    pad = "x" * 400
+    received = [0] * len(goods)
+
+    async def read(i: int, g: TcpClient) -> None:
+        nonlocal lag_max
+        while received[i] < n_msgs:
+            off, _c, data = await g.msg(timeout=10)
+            assert off == received[i] + 1
+            received[i] += 1
+            if off % 500 == 0:
+                lag_max = max(lag_max, time.monotonic() - orjson.loads(data)["t"])
+
+    readers = [asyncio.ensure_future(read(i, g)) for i, g in enumerate(goods)]
+    try:
+        async with deadline(60):
+            start = time.monotonic()
+            for i in range(n_msgs):
+                # paced at 10k/s: 100 messages per 10 ms slot, pipelined (acks read below)
+                pub.send_pub(ch, orjson.dumps({"t": time.monotonic(), "pad": pad}), i + 1)
+                if i % 100 == 99:
+                    ahead = start + (i + 1) / 10_000 - time.monotonic()
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                    if i % 2000 == 1999:
+                        rss_max = max(rss_max, _rss_kib(proc.proc.pid))
+            for _ in range(n_msgs):
+                t, _p = await pub.recv()
+                assert t == F.PUBACK
+            await asyncio.gather(*readers)
+    finally:
+        for r in readers:
+            r.cancel()
+    assert received == [n_msgs] * len(goods)
+    # 20k × ~430 B = 9 MB went to each subscriber; the stalled one was cut at 1 MiB
+    growth_mib = (rss_max - rss0) / 1024
+    assert growth_mib < 48, f"node RSS grew {growth_mib:.1f} MiB"
+    # the test process decodes every message in Python: most of any lag is its own
+    assert lag_max < 3.0, f"a good subscriber fell {lag_max:.2f} s behind"
+    stalled.writer.transport.resume_reading()  # type: ignore[attr-defined]
+    frames: list[tuple[int, bytes]] = []
+    try:
+        frames = await stalled.recv_all_until_eof(timeout=15)
+    except Closed:
+        pass
+    goaways = [unpack_goaway(p) for t, p in frames if t == F.GOAWAY]
+    assert goaways == [] or goaways[0][0] == CloseCode.SLOW_CONSUMER
+    assert stalled.eof
+    for c in (*goods, pub):
+        await c.close()
