@@ -1,14 +1,20 @@
-"""The asyncio client: connect, subscribe, publish, heartbeat, reconnect.
+"""The asyncio client: connect, subscribe, publish, direct messages, heartbeat, reconnect.
 
 One :class:`Client` holds one connection at a time and one reader task. The reader
 decodes every frame the server sends and dispatches it: replies resolve the future of
 the request with the same id, MSG frames go to the queue of their
-:class:`Subscription`, PINGs are answered at once. When the connection is lost (EOF,
-socket error, silence longer than ``ping_interval + pong_timeout``, a GOAWAY or
-WebSocket close whose code says "reconnect"), the reader fails the pending requests,
-then reconnects with :class:`~fastim.client.Backoff`, re-subscribes every live
-subscription and carries on. A publish in flight at a disconnect is failed, never
-resent: publishes are not idempotent.
+:class:`Subscription`, ``dm`` events to the direct-message inbox, PINGs are answered at
+once. When the connection is lost (EOF, socket error, silence longer than
+``ping_interval + pong_timeout``, a GOAWAY or WebSocket close whose code says
+"reconnect"), the reader fails the pending requests, then reconnects with
+:class:`~fastim.client.Backoff`, subscribes again to every live subscription *with
+``since``* (the epoch and last offset it delivered), so the node sends what was missed
+and the application sees each message once, and carries on.
+
+A publish in flight at a disconnect is failed, never resent: channel publishes carry no
+idempotency key, and a resend could store the message twice. A direct message
+(:meth:`Client.send`) is resent with the same client id (``cid``) until acknowledged:
+the node stores it once.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import contextlib
 import functools
 import logging
 import struct
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import orjson
 
@@ -29,6 +36,8 @@ from ..errors import ConnectionClosed, FastimError, ProtocolError, RequestError
 from ..protocol import CloseCode, ErrorCode, FrameType
 from .backoff import Backoff
 from .connection import Connection, HandshakeError, deadline, open_connection, parse_url
+from .direct import DirectInbox, DirectMessages, InboxState, Sent
+from .subscription import Gap, GapCallback, Message, Since, Subscription
 
 __all__ = ["CLIENT_NAME", "Client", "Message", "Subscription", "connect"]
 
@@ -37,25 +46,27 @@ log = logging.getLogger("fastim.client")
 #: What the SDK calls itself in HELLO.
 CLIENT_NAME = "fastim-py/0.1"
 
-_HELLO = encode_frame(
-    FrameType.HELLO,
-    protocol.pack_hello(
-        protocol.SUPPORTED_VERSIONS[0],
-        protocol.SUPPORTED_VERSIONS[-1],
-        orjson.dumps({"client": CLIENT_NAME}),
-    ),
-)
 _MAX_ID = 0xFFFFFFFF
 _CLIENT_CLOSED = (CloseCode.NORMAL, "client closed")
 _UNSUBSCRIBED = (CloseCode.NORMAL, "unsubscribed")
+#: first and last delay between attempts of a resubscribe the store could not serve
+_RESUB_RETRY = (0.2, 5.0)
+#: how a :meth:`Client.send` spaces its retries after STORE_UNAVAILABLE
+_SEND_BACKOFF = (0.05, 2.0, 2.0)  # base, factor, max
 
 
-class Message(NamedTuple):
-    """One message of a channel."""
-
-    channel: str
-    offset: int  # position in the channel, strictly increasing
-    data: Any  # the published JSON document, decoded
+def _hello_frame(user: str | None) -> bytes:
+    options: dict[str, Any] = {"client": CLIENT_NAME}
+    if user is not None:
+        options["user"] = user
+    return encode_frame(
+        FrameType.HELLO,
+        protocol.pack_hello(
+            protocol.SUPPORTED_VERSIONS[0],
+            protocol.SUPPORTED_VERSIONS[-1],
+            orjson.dumps(options),
+        ),
+    )
 
 
 def _check_channel(channel: str) -> str:
@@ -67,134 +78,42 @@ def _check_channel(channel: str) -> str:
         raise ValueError(f"invalid channel name {channel!r}: {e.reason}") from None
 
 
-class Subscription:
-    """A channel subscription: an async iterator of :class:`Message`.
+def _check_user(user: str, field: str) -> str:
+    """A user id follows the rules of a channel name (1..255 bytes, no control chars)."""
+    if not isinstance(user, str):
+        raise TypeError(f"{field} must be a str, got {type(user).__name__}")
+    try:
+        return protocol.validate_channel(user)
+    except ProtocolError as e:
+        reason = e.reason.replace('field "ch"', field)
+        raise ValueError(f"invalid user id {user!r}: {reason}") from None
 
-    Created by :meth:`Client.subscribe`. Messages wait in a queue until read with
-    ``async for`` or :meth:`get`. The queue is unbounded by default; with
-    ``max_queue=N`` it keeps the newest N messages: when a message arrives at a full
-    queue the *oldest* one is dropped and :attr:`dropped` counts it (the reader never
-    blocks, so one slow consumer cannot stall the connection or its heartbeat).
 
-    Iteration ends (``StopAsyncIteration``) after :meth:`unsubscribe` or
-    :meth:`Client.aclose`, once the queued messages are read. If the client gives up
-    on the connection, iteration raises :class:`~fastim.errors.ConnectionClosed`.
-    Across a reconnect the subscription lives on: the client subscribes again and
-    drops messages at offsets it has already delivered.
-    """
+def _future() -> asyncio.Future[Any]:
+    return asyncio.get_running_loop().create_future()
 
-    def __init__(self, client: Client, channel: str, max_queue: int = 0) -> None:
-        self.channel = channel
-        #: Latest offset seen: from SUBSCRIBED, then from each message.
-        self.offset = 0
-        #: Queue bound (0: unbounded).
-        self.max_queue = max_queue
-        #: Messages dropped because the queue was full.
-        self.dropped = 0
-        self._client = client
-        self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
-        self._end: BaseException | None = None
-        self._end_normal = False
 
-    def __repr__(self) -> str:
-        state = "active" if self._end is None else "ended"
-        return f"<Subscription {self.channel!r} offset={self.offset} {state}>"
-
-    @property
-    def active(self) -> bool:
-        """Whether messages may still arrive (not unsubscribed, closed or failed)."""
-        return self._end is None
-
-    def qsize(self) -> int:
-        """Messages waiting to be read."""
-        n = self._queue.qsize()
-        return n - 1 if self._end is not None and n else n
-
-    async def get(self) -> Message:
-        """Wait for the next message.
-
-        Returns:
-            The next :class:`Message`, in offset order.
-
-        Raises:
-            ConnectionClosed: the subscription has ended and its queue is empty: code
-                1000 after :meth:`unsubscribe` or :meth:`Client.aclose`; the close code
-                of the connection if the client gave up on it.
-            RequestError: the server refused to subscribe again after a reconnect.
-        """
-        item = await self._queue.get()
-        if item is None:
-            self._queue.put_nowait(None)  # the end marker stays for other readers
-            raise self._end_error()
-        return item
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Message:
-        try:
-            return await self.get()
-        except ConnectionClosed:
-            if self._end_normal:
-                raise StopAsyncIteration from None
-            raise
-
-    async def unsubscribe(self) -> None:
-        """Stop the subscription; iteration ends once the queued messages are read.
-
-        Idempotent. The subscription ends locally at once, whatever the server says; if
-        the connection is down there is nothing to tell the server (it dropped the
-        subscription with the connection).
-
-        Raises:
-            asyncio.TimeoutError: the server did not confirm within ``request_timeout``
-                (the subscription has ended locally all the same).
-        """
-        await self._client._unsubscribe(self)
-
-    # ----------------------------------------------------------------- client side
-
-    def _deliver(self, msg: Message) -> None:
-        q = self._queue
-        if self.max_queue and q.qsize() >= self.max_queue:
-            q.get_nowait()
-            self.dropped += 1
-        q.put_nowait(msg)
-
-    def _finish(self, exc: BaseException, normal: bool) -> None:
-        if self._end is not None:
-            return
-        self._end = exc
-        self._end_normal = normal
-        self._queue.put_nowait(None)
-
-    def _end_error(self) -> BaseException:
-        end = self._end
-        assert end is not None
-        # a fresh exception per raise: re-raising one object would pile up tracebacks
-        if isinstance(end, ConnectionClosed):
-            return ConnectionClosed(end.code, end.reason)
-        if isinstance(end, RequestError):
-            return RequestError(end.code, end.reason)
-        return end
+def _resolve(p: _Pending, result: Any) -> None:
+    if not p.future.done():
+        p.future.set_result(result)
 
 
 class _Pending:
     """A request waiting for its reply."""
 
-    __slots__ = ("ftype", "future", "resubscribe", "sub")
+    __slots__ = ("future", "resubscribe", "since", "sub")
 
     def __init__(
         self,
-        future: asyncio.Future[tuple[int, bytes]],
-        ftype: int,
+        future: asyncio.Future[Any],
         sub: Subscription | None = None,
         resubscribe: bool = False,
+        since: Since | None = None,
     ) -> None:
         self.future = future
-        self.ftype = ftype
-        self.sub = sub  # SUB: registered by the reader the moment SUBSCRIBED arrives
+        self.sub = sub  # a subscribe: registered by the reader the moment its reply arrives
         self.resubscribe = resubscribe
+        self.since = since  # a subscribe with since: where recovery was asked from
 
 
 class Client:
@@ -202,30 +121,43 @@ class Client:
 
     Attributes:
         urls: the server URLs, primary first; reconnects try them in turn.
+        user: the user id declared in HELLO (None: no user, no direct messages).
         server_info: the JSON object of the last WELCOME (node, ping_interval, ...).
         reconnects: how many times the client has connected again after a loss.
+        send_timeout: seconds :meth:`send` keeps retrying before it gives up.
+        on_event: called with each JSON event the client does not handle itself
+            (``join`` / ``leave`` on channels with ``join_leave``), from the reader.
     """
 
     def __init__(
         self,
         urls: Sequence[str],
         *,
+        user: str | None = None,
         reconnect: bool = True,
         backoff: Backoff | None = None,
         connect_timeout: float = 5.0,
         request_timeout: float = 10.0,
+        send_timeout: float = 30.0,
+        on_event: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
         if not urls:
             raise ValueError("at least one URL is needed")
-        if not connect_timeout > 0 or not request_timeout > 0:
-            raise ValueError("connect_timeout and request_timeout must be > 0")
+        if not connect_timeout > 0 or not request_timeout > 0 or not send_timeout > 0:
+            raise ValueError("connect_timeout, request_timeout and send_timeout must be > 0")
+        if user is not None:
+            _check_user(user, "user")
         self.urls = list(urls)
+        self.user = user
         self.reconnect = reconnect
         self.backoff = backoff if backoff is not None else Backoff()
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
+        self.send_timeout = send_timeout
+        self.on_event = on_event
         self.server_info: dict[str, Any] = {}
         self.reconnects = 0
+        self._hello = _hello_frame(user)
         self._url = self.urls[0]
         self._conn: Connection | None = None
         self._ready = asyncio.Event()
@@ -237,6 +169,12 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._next_id = 0
         self._max_frame = DEFAULT_MAX_FRAME  # the server's, from WELCOME
+        self._inbox = DirectInbox(self)
+        # a node that could not read our inbox at connect never replays it on that
+        # connection: connect again, no faster than this backoff allows
+        self._inbox_backoff = Backoff(base=0.5, factor=2.0, max=30.0)
+        self._inbox_retry: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         # heartbeat (per connection)
         self._ping_interval = 0.0
         self._dead_after = 0.0
@@ -271,13 +209,26 @@ class Client:
         """The live subscriptions, by channel (a copy)."""
         return dict(self._subs)
 
+    @property
+    def inbox(self) -> DirectInbox:
+        """The receiving side of direct messages (counters: ``delivered``, ``taken``,
+        ``acked``, ``duplicates``)."""
+        return self._inbox
+
     async def __aenter__(self) -> Client:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def subscribe(self, channel: str, *, max_queue: int = 0) -> Subscription:
+    async def subscribe(
+        self,
+        channel: str,
+        *,
+        max_queue: int = 0,
+        since: Since | tuple[int, str] | None = None,
+        on_gap: GapCallback | None = None,
+    ) -> Subscription:
         """Subscribe to a channel.
 
         Waits for the connection if the client is reconnecting (all within
@@ -287,6 +238,13 @@ class Client:
             channel: 1..255 bytes of UTF-8, no control characters.
             max_queue: bound of the subscription's queue; 0 for unbounded. When full,
                 the oldest message is dropped (see :class:`Subscription`).
+            since: ``(offset, epoch)`` of the last message the application already
+                has (e.g. :attr:`Subscription.since` saved by an earlier run): the node
+                sends every later message it still has, then live ones. Without it,
+                live messages only.
+            on_gap: called with a :class:`Gap` when reading reaches a point where
+                messages were lost for good (recovery incomplete); see
+                :attr:`Subscription.gaps`.
 
         Returns:
             The :class:`Subscription`, once the server confirmed it.
@@ -294,8 +252,9 @@ class Client:
         Raises:
             ValueError: the channel name is invalid (checked before sending).
             RequestError: the server refused (``code`` is an ErrorCode, e.g.
-                LIMIT_EXCEEDED), or this client is already subscribed to ``channel``
-                (ALREADY_SUBSCRIBED, without asking the server).
+                LIMIT_EXCEEDED, STORE_UNAVAILABLE while reading history), or this
+                client is already subscribed to ``channel`` (ALREADY_SUBSCRIBED,
+                without asking the server).
             asyncio.TimeoutError: no reply within ``request_timeout``.
             ConnectionClosed: the connection was lost before the reply, or the
                 client is closed.
@@ -303,13 +262,27 @@ class Client:
         _check_channel(channel)
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
+        start: Since | None = None
+        if since is not None:
+            off, epoch = since
+            if isinstance(off, bool) or not isinstance(off, int) or off < 0:
+                raise ValueError("since: the offset must be an integer >= 0")
+            if not isinstance(epoch, str) or len(epoch) > 64:
+                raise ValueError("since: the epoch must be a string of at most 64 characters")
+            start = Since(off, epoch)
         self._check_open()
         if channel in self._subs or channel in self._subscribing:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}")
-        sub = Subscription(self, channel, max_queue)
+        sub = Subscription(self, channel, max_queue, on_gap)
+        if start is not None:
+            sub.offset, sub.epoch = start
         self._subscribing.add(channel)
         try:
-            await self._request(FrameType.SUB, channel, sub=sub)
+            if start is None:
+                await self._request(FrameType.SUB, channel, sub=sub)
+            else:
+                cmd = {"op": "sub", "ch": channel, "since": start._asdict()}
+                await self._call(self._cmd_frame(cmd), _Pending(_future(), sub, since=start))
         except BaseException:
             if self._subs.get(channel) is sub:  # the reply won the race with a timeout
                 del self._subs[channel]
@@ -326,7 +299,7 @@ class Client:
         Waits for the connection if the client is reconnecting (all within
         ``request_timeout``). A publish whose connection is lost before the server's
         acknowledgement fails with ConnectionClosed and is *not* resent (the server
-        may or may not have it).
+        may or may not have it; a resend could store it twice).
 
         Args:
             channel: 1..255 bytes of UTF-8, no control characters.
@@ -339,7 +312,9 @@ class Client:
             ValueError: invalid channel name, or the message exceeds the server's
                 ``max_frame``.
             TypeError: ``data`` cannot be encoded as JSON.
-            RequestError: the server refused.
+            RequestError: the server refused; STORE_UNAVAILABLE (114): the store
+                failed and the message was not acknowledged (it may or may not have
+                been stored).
             asyncio.TimeoutError: no acknowledgement within ``request_timeout``.
             ConnectionClosed: the connection was lost before the acknowledgement, or
                 the client is closed.
@@ -351,11 +326,127 @@ class Client:
         _, offset, _ = protocol.unpack_ack(payload)
         return offset
 
+    async def send(
+        self, to: str, data: Any, cid: str | None = None, *, timeout: float | None = None
+    ) -> Sent:
+        """Send a direct message to user ``to``; return once the node stored it.
+
+        The message carries a client id (``cid``; a random one when not given). Until
+        the node acknowledges it, the send is retried with the *same* cid: after a lost
+        connection (once reconnected), after STORE_UNAVAILABLE (with backoff), after a
+        request timeout. The node stores a cid once, so the recipient gets the message
+        once however many attempts it took; a retry of a send that had been stored is
+        answered with its ``mid`` and ``seq`` and ``dup=True``.
+
+        Args:
+            to: the recipient's user id.
+            data: any value orjson can encode.
+            cid: the client id (1..128 characters): pass the same one to make a send
+                made again later (after a crash, say) idempotent too.
+            timeout: seconds to keep trying (default :attr:`send_timeout`).
+
+        Returns:
+            :class:`Sent` (``mid``, ``seq``, ``dup``).
+
+        Raises:
+            ValueError: ``to`` or ``cid`` is invalid.
+            TypeError: ``data`` cannot be encoded as JSON.
+            RequestError: refused for good: NO_USER (115, this client declared no
+                user), INBOX_FULL (113, the recipient has ``inbox_max`` unacknowledged
+                messages), or another error code.
+            asyncio.TimeoutError: not acknowledged within ``timeout`` (the message
+                may or may not be stored; sending it again with the same ``cid``
+                is safe).
+            ConnectionClosed: the client is closed or gave up.
+        """
+        _check_user(to, "to")
+        if cid is None:
+            cid = uuid.uuid4().hex
+        elif not isinstance(cid, str) or not 0 < len(cid) <= 128:
+            raise ValueError("cid must be a string of 1..128 characters")
+        cmd = {"op": "send", "to": to, "data": data, "cid": cid}
+        orjson.dumps(cmd)  # TypeError now rather than on each attempt
+        limit = self.send_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit
+        backoff = Backoff(*_SEND_BACKOFF)
+        last: BaseException | None = None
+        while True:
+            self._check_open()
+            left = end - loop.time()
+            if left <= 0:
+                raise asyncio.TimeoutError(
+                    f"send to {to!r} (cid {cid}) not acknowledged within {limit:g}s: {last!r}"
+                ) from last
+            try:
+                reply = await self._cmd(cmd, timeout=min(self.request_timeout, left))
+            except RequestError as e:
+                if e.code != ErrorCode.STORE_UNAVAILABLE:
+                    raise
+                last = e
+                await asyncio.sleep(min(backoff.next(), max(0.0, end - loop.time())))
+                continue
+            except ConnectionClosed as e:
+                if self.closed or not e.temporary:
+                    raise
+                last = e  # the reader reconnects; the next attempt waits for it
+                continue
+            except asyncio.TimeoutError as e:
+                last = e
+                continue
+            try:
+                return Sent(str(reply["mid"]), int(reply["seq"]), bool(reply.get("dup")))
+            except (KeyError, TypeError, ValueError):
+                raise ProtocolError(f"malformed 'sent' reply: {reply!r}") from None
+
+    def direct_messages(self, *, auto_ack: bool = True) -> DirectMessages:
+        """The direct messages to this client's user: each ``seq`` once, in order.
+
+        ``async for msg in client.direct_messages(): ...`` yields
+        :class:`~fastim.client.DirectMessage` items, across reconnects, without
+        duplicates. With ``auto_ack`` a message is acknowledged (cumulatively, in
+        batches: at most one ack in flight) once the iterator handed it over; without,
+        call :meth:`ack`. Several iterators share one queue (each message goes to one).
+        Needs ``user`` in :func:`connect`.
+        """
+        if self.user is None:
+            raise ValueError("direct messages need a user: connect(..., user=...)")
+        return DirectMessages(self._inbox, auto_ack)
+
+    def ack(self, seq: int) -> None:
+        """Acknowledge direct messages up to ``seq`` (for ``auto_ack=False``).
+
+        Returns at once; the ack goes out in the background (batched, resent after a
+        reconnect). Never acknowledges past what this client received.
+        """
+        self._inbox.took(seq)
+
+    async def presence(self, channel: str) -> dict[str, Any]:
+        """Who is subscribed to ``channel``.
+
+        Returns:
+            ``{"ch": ..., "count": N, "users": [...]}``: ``count`` subscribed
+            connections; ``users`` the distinct user ids among them (at most the
+            node's ``presence_max``; absent when the namespace disables presence).
+        """
+        _check_channel(channel)
+        reply = await self._cmd({"op": "presence", "ch": channel})
+        return {k: v for k, v in reply.items() if k not in ("op", "id")}
+
+    async def inbox_state(self) -> InboxState:
+        """The inbox of this client's user: ``acked`` and ``top`` sequences.
+
+        Raises:
+            RequestError: NO_USER (115) without a user; STORE_UNAVAILABLE (114).
+        """
+        reply = await self._cmd({"op": "inbox"})
+        return InboxState(int(reply["acked"]), int(reply["top"]))
+
     async def aclose(self) -> None:
         """Close the connection and end every subscription. Idempotent.
 
-        Pending requests fail with ConnectionClosed (code 1000); subscription iterators
-        end once their queued messages are read.
+        Pending requests fail with ConnectionClosed (code 1000); subscription and
+        direct-message iterators end once their queued messages are read.
         """
         if self._closing:
             if self._reader is not None:
@@ -365,11 +456,19 @@ class Client:
         self._ready.set()  # wake requests waiting for a connection: they see _closing
         self._fail_pending(ConnectionClosed(*_CLIENT_CLOSED))
         self._end_subscriptions(ConnectionClosed(*_CLIENT_CLOSED), normal=True)
+        self._inbox.finish(ConnectionClosed(*_CLIENT_CLOSED), normal=True)
         self._stop_heartbeat()
+        if self._inbox_retry is not None:
+            self._inbox_retry.cancel()
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
         reader = self._reader
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            tasks.append(reader)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close(CloseCode.NORMAL, "client closed")
@@ -402,7 +501,7 @@ class Client:
         async def run() -> tuple[Connection, list[tuple[int, bytes]]]:
             nonlocal conn
             conn = await open_connection(url)
-            conn.write(_HELLO)
+            conn.write(self._hello)
             await conn.drain()
             error: tuple[int, str] | None = None
             while True:
@@ -471,39 +570,54 @@ class Client:
                 self._resubscribe(conn, sub)
         self._start_heartbeat()
         self._ready.set()
+        self._inbox.pump()  # an ack the last connection could not deliver
 
     def _resubscribe(self, conn: Connection, sub: Subscription) -> None:
-        """Subscribe ``sub`` again on a new connection (reply handled by the reader)."""
-        req_id = self._new_id()
-        fut: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(functools.partial(self._resubscribed, sub))
-        self._pending[req_id] = _Pending(fut, FrameType.SUB, sub, resubscribe=True)
-        conn.write(
-            encode_frame(
-                FrameType.SUB,
-                protocol.pack_sub(FrameType.SUB, req_id, sub.channel, self._recovery_hint(sub)),
-            )
-        )
+        """Subscribe ``sub`` again on ``conn`` (the reply is handled by the reader).
 
-    def _recovery_hint(self, sub: Subscription) -> bytes:
-        """Extra SUB payload on a re-subscribe; empty for now.
-
-        Hook for history recovery: once the server takes a ``since`` offset in SUB, this
-        returns it (from ``sub.offset``) and the server replays what was missed; the
-        offset check in :meth:`_on_msg` already drops anything delivered twice.
+        With ``since`` = where the subscription is, so the node sends what was missed,
+        when the server has named an epoch; a server without epochs gets a plain SUB.
         """
-        return b""
+        req_id = self._new_id()
+        fut: asyncio.Future[Any] = _future()
+        fut.add_done_callback(functools.partial(self._resubscribed, sub, conn))
+        if sub.epoch:
+            since = sub.since
+            self._pending[req_id] = _Pending(fut, sub, resubscribe=True, since=since)
+            cmd = {"op": "sub", "ch": sub.channel, "since": since._asdict(), "id": req_id}
+            conn.write(encode_frame(FrameType.CMD, orjson.dumps(cmd)))
+        else:
+            self._pending[req_id] = _Pending(fut, sub, resubscribe=True)
+            payload = protocol.pack_sub(FrameType.SUB, req_id, sub.channel)
+            conn.write(encode_frame(FrameType.SUB, payload))
 
-    def _resubscribed(self, sub: Subscription, fut: asyncio.Future[tuple[int, bytes]]) -> None:
+    def _resubscribed(self, sub: Subscription, conn: Connection, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled():
             return
         exc = fut.exception()
-        if isinstance(exc, RequestError):
-            log.warning("fastim client: re-subscribing to %r refused: %s", sub.channel, exc)
-            if self._subs.get(sub.channel) is sub:
-                del self._subs[sub.channel]
-            sub._finish(exc, normal=False)
-        # ConnectionClosed: the sub stays in _subs and is re-subscribed on the next connect
+        if exc is None:
+            sub._retry_delay = 0.0
+            return
+        if not isinstance(exc, RequestError):
+            return  # ConnectionClosed: the sub stays in _subs, resubscribed on the next connect
+        if self._subs.get(sub.channel) is not sub:
+            return
+        if exc.code == ErrorCode.STORE_UNAVAILABLE:
+            # the node could not read the history (or the channel's state): try again
+            # on this connection, later; the sub is not on the node meanwhile
+            delay = min(max(sub._retry_delay * 2, _RESUB_RETRY[0]), _RESUB_RETRY[1])
+            sub._retry_delay = delay
+            log.info("fastim client: resubscribe %r: %s; again in %.1fs", sub.channel, exc, delay)
+            asyncio.get_running_loop().call_later(delay, self._retry_resubscribe, sub, conn)
+            return
+        log.warning("fastim client: re-subscribing to %r refused: %s", sub.channel, exc)
+        del self._subs[sub.channel]
+        sub._finish(exc, normal=False)
+
+    def _retry_resubscribe(self, sub: Subscription, conn: Connection) -> None:
+        if self._conn is conn and self.connected and self._subs.get(sub.channel) is sub:
+            with contextlib.suppress(ConnectionClosed):
+                self._resubscribe(conn, sub)
 
     async def _reconnect_loop(self) -> tuple[Connection, list[tuple[int, bytes]]] | None:
         """Sleep, try the next URL, repeat; None if the client closed or gave up."""
@@ -608,6 +722,7 @@ class Client:
         self._ready.set()  # wake requests waiting for a connection: they see _failure
         self._fail_pending(why)
         self._end_subscriptions(why, normal=False)
+        self._inbox.finish(why, normal=False)
 
     def _fail_pending(self, exc: ConnectionClosed) -> None:
         pending, self._pending = self._pending, {}
@@ -624,12 +739,22 @@ class Client:
         try:
             if ftype == FrameType.MSG:
                 self._on_msg(payload)
-            elif ftype in (FrameType.SUBSCRIBED, FrameType.PUBACK):
-                req_id, offset, channel = protocol.unpack_ack(payload)
-                self._on_reply(req_id, ftype, payload, offset, channel)
+            elif ftype == FrameType.EVENT:
+                self._on_event(payload)
+            elif ftype == FrameType.SUBSCRIBED:
+                req_id, off, ch, epoch, recovered = protocol.unpack_subscribed(payload)
+                p = self._pending.pop(req_id, None)
+                if p is None:
+                    self._late_subscribed(ch)
+                    return
+                self._on_subscribed(p, ch, off, epoch, recovered)
+                _resolve(p, (ftype, payload))
+            elif ftype == FrameType.PUBACK:
+                req_id, _off, _ch = protocol.unpack_ack(payload)
+                self._on_reply(req_id, (ftype, payload))
             elif ftype == FrameType.UNSUBSCRIBED:
-                req_id, channel = protocol.unpack_unsubscribed(payload)
-                self._on_reply(req_id, ftype, payload, 0, channel)
+                req_id, _ch = protocol.unpack_unsubscribed(payload)
+                self._on_reply(req_id, (ftype, payload))
             elif ftype == FrameType.ERROR:
                 self._on_error(payload)
             elif ftype == FrameType.PING:
@@ -655,39 +780,116 @@ class Client:
             return
         sub._deliver(Message(channel, offset, value))
 
-    def _on_reply(self, req_id: int, ftype: int, payload: bytes, offset: int, ch: str) -> None:
-        p = self._pending.pop(req_id, None)
-        if p is None:
-            if ftype == FrameType.SUBSCRIBED and ch not in self._subs:
-                # the reply to a subscribe that timed out: the server has it, we do not
-                self._send_unsub(ch)
+    def _on_event(self, payload: bytes) -> None:
+        """An EVENT frame: a JSON reply to a CMD (by ``id``) or an event of the node."""
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError as e:
+            raise ProtocolError(f"EVENT payload is not JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError("EVENT payload is not a JSON object")
+        op = obj.get("op")
+        if op == "dm":
+            self._inbox_ok()
+            self._inbox.on_dm(obj)
             return
-        if ftype == FrameType.SUBSCRIBED and p.sub is not None:
-            sub = p.sub
-            if p.resubscribe:
-                if self._subs.get(ch) is not sub:  # unsubscribed while re-subscribing
-                    self._send_unsub(ch)
-                elif offset < sub.offset:
-                    log.info(
-                        "fastim client: %r offsets restarted at %d (was %d): new history",
-                        ch,
-                        offset,
-                        sub.offset,
-                    )
-                elif offset > sub.offset:
-                    log.info(
-                        "fastim client: %r: messages %d..%d were published while away",
-                        ch,
-                        sub.offset + 1,
-                        offset,
-                    )
-            else:
-                self._subs[ch] = sub
-            # without recovery the server sends what follows `offset`; with it (see
-            # _recovery_hint) this is where the replay would start from sub.offset instead
-            sub.offset = offset
-        if not p.future.done():
-            p.future.set_result((ftype, payload))
+        if op == "resubscribe":
+            self._on_resubscribe(obj)
+            return
+        req_id = obj.get("id")
+        p = None
+        if isinstance(req_id, int) and not isinstance(req_id, bool):
+            p = self._pending.pop(req_id, None)
+        if p is None:
+            if op == "subscribed":
+                self._late_subscribed(obj.get("ch"))
+            elif op == "error":
+                self._on_unsolicited_error(obj)
+            elif req_id is None and self.on_event is not None:
+                try:
+                    self.on_event(obj)
+                except Exception:
+                    log.exception("fastim client: on_event callback failed")
+            return
+        if op == "error":
+            code, reason = obj.get("code"), obj.get("reason")
+            if not p.future.done():
+                p.future.set_exception(
+                    RequestError(code if isinstance(code, int) else 0, str(reason or ""))
+                )
+            return
+        if op == "subscribed":
+            try:
+                ch, off = str(obj["ch"]), int(obj["off"])
+            except (KeyError, TypeError, ValueError):
+                raise ProtocolError(f"malformed 'subscribed' reply: {obj!r}") from None
+            self._on_subscribed(
+                p, ch, off, str(obj.get("epoch") or ""), obj.get("recovered") is True
+            )
+        _resolve(p, obj)
+
+    def _on_subscribed(self, p: _Pending, ch: str, off: int, epoch: str, recovered: bool) -> None:
+        """A subscribe was answered: register it, and place it in the channel's history.
+
+        Runs in the reader, before any message that follows the reply is dispatched:
+        the replayed messages and the live ones meet the right ``offset``.
+        """
+        sub = p.sub
+        if sub is None:
+            return
+        if p.resubscribe:
+            if self._subs.get(ch) is not sub:  # unsubscribed while re-subscribing
+                self._send_unsub(ch)
+                return
+        else:
+            self._subs[ch] = sub
+        since = p.since
+        if since is None:
+            if p.resubscribe and sub.offset:
+                log.info(
+                    "fastim client: %r resubscribed at %d without recovery (was at %d)",
+                    ch,
+                    off,
+                    sub.offset,
+                )
+            sub.offset, sub.epoch = off, epoch  # live messages after `off`
+            return
+        if recovered:
+            sub.epoch = epoch  # (since.off, off] follow, then live ones
+            return
+        if epoch == since.epoch and off >= since.off:
+            reason = "trimmed"  # what the node still had of (since.off, off] follows
+        else:
+            reason = "epoch" if epoch != since.epoch else "rewound"
+            sub.offset = off  # offsets start again: live messages after `off`
+        sub.epoch = epoch
+        sub._gap(Gap(ch, since.epoch, since.off, epoch, off, reason))
+
+    def _late_subscribed(self, ch: object) -> None:
+        """The reply to a subscribe given up on (timeout): the server has it, we do not."""
+        if isinstance(ch, str) and ch not in self._subs:
+            self._send_unsub(ch)
+
+    def _on_resubscribe(self, obj: dict[str, Any]) -> None:
+        """The channel's history was lost while subscribed (a new epoch); the node
+        dropped the subscription. Subscribe again from the start of the new epoch:
+        what this subscription had came live, so nothing is missing unless the new
+        epoch's history is (then the reply says recovered: false, and that is a gap)."""
+        ch, epoch = obj.get("ch"), obj.get("epoch")
+        sub = self._subs.get(ch) if isinstance(ch, str) else None
+        conn = self._conn
+        if sub is None or not isinstance(epoch, str):
+            return
+        log.info("fastim client: %r: history lost, new epoch %s", ch, epoch)
+        sub.offset, sub.epoch = 0, epoch
+        if conn is not None:
+            with contextlib.suppress(ConnectionClosed):
+                self._resubscribe(conn, sub)
+
+    def _on_reply(self, req_id: int, result: Any) -> None:
+        p = self._pending.pop(req_id, None)
+        if p is not None:
+            _resolve(p, result)
 
     def _on_error(self, payload: bytes) -> None:
         req_id, code, reason = protocol.unpack_error(payload)
@@ -700,6 +902,31 @@ class Client:
             return
         if not p.future.done():
             p.future.set_exception(RequestError(code, reason))
+
+    def _on_unsolicited_error(self, obj: dict[str, Any]) -> None:
+        code = obj.get("code")
+        log.warning("fastim client: server error %s: %s", code, obj.get("reason"))
+        # STORE_UNAVAILABLE without a request: the node could not read our inbox when we
+        # connected, and will not replay the unacknowledged messages on this connection;
+        # a new connection asks again
+        if code == ErrorCode.STORE_UNAVAILABLE and self.user and self._inbox_retry is None:
+            delay = self._inbox_backoff.next()
+            self._inbox_retry = asyncio.get_running_loop().call_later(
+                delay, self._reconnect_for_inbox
+            )
+
+    def _reconnect_for_inbox(self) -> None:
+        self._inbox_retry = None
+        conn = self._conn
+        if conn is not None and not self._closing:
+            self._abort_reason = ConnectionClosed(
+                CloseCode.INTERNAL_ERROR, "the node could not read the inbox; reconnecting"
+            )
+            conn.abort()
+
+    def _inbox_ok(self) -> None:
+        """The node serves our inbox: connect-again delays for it start over."""
+        self._inbox_backoff.reset()
 
     # ----------------------------------------------------------------- requests
 
@@ -722,29 +949,66 @@ class Client:
                 return conn
             await self._ready.wait()
 
-    async def _request(
-        self, ftype: int, channel: str, data: bytes = b"", sub: Subscription | None = None
-    ) -> tuple[int, bytes]:
-        async def run() -> tuple[int, bytes]:
+    async def _call(
+        self,
+        frame: Callable[[int], bytes],
+        pending: _Pending,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send the frame ``frame(request id)`` and wait for its reply.
+
+        Waits for the connection first; all within ``timeout`` (``request_timeout``).
+        """
+
+        async def run() -> Any:
             conn = await self._wait_ready()
             req_id = self._new_id()
-            payload = protocol.pack_sub(ftype, req_id, channel, data)
-            if len(payload) > self._max_frame:
-                raise ValueError(
-                    f"{FrameType(ftype).name} of {len(payload)} bytes exceeds the server's "
-                    f"max_frame of {self._max_frame}"
-                )
-            fut: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-            self._pending[req_id] = _Pending(fut, ftype, sub)
+            data = frame(req_id)
+            self._pending[req_id] = pending
             try:
-                conn.write(encode_frame(ftype, payload))
+                conn.write(data)
                 await conn.drain()
-                return await fut
+                return await pending.future
             finally:
                 self._pending.pop(req_id, None)
 
-        async with deadline(self.request_timeout):
+        async with deadline(self.request_timeout if timeout is None else timeout):
             return await run()
+
+    def _frame(self, ftype: int, channel: str, data: bytes = b"") -> Callable[[int], bytes]:
+        def make(req_id: int) -> bytes:
+            payload = protocol.pack_sub(ftype, req_id, channel, data)
+            self._check_size(FrameType(ftype).name, len(payload))
+            return encode_frame(ftype, payload)
+
+        return make
+
+    def _cmd_frame(self, cmd: dict[str, Any]) -> Callable[[int], bytes]:
+        def make(req_id: int) -> bytes:
+            body = orjson.dumps({**cmd, "id": req_id})
+            self._check_size(f"{cmd.get('op')!r} command", len(body))
+            return encode_frame(FrameType.CMD, body)
+
+        return make
+
+    def _check_size(self, what: str, size: int) -> None:
+        if size > self._max_frame:
+            raise ValueError(
+                f"{what} of {size} bytes exceeds the server's max_frame of {self._max_frame}"
+            )
+
+    async def _request(
+        self, ftype: int, channel: str, data: bytes = b"", sub: Subscription | None = None
+    ) -> tuple[int, bytes]:
+        result: tuple[int, bytes] = await self._call(
+            self._frame(ftype, channel, data), _Pending(_future(), sub)
+        )
+        return result
+
+    async def _cmd(self, cmd: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """A JSON command (CMD frame); its JSON reply (EVENT frame), or RequestError."""
+        reply: dict[str, Any] = await self._call(self._cmd_frame(cmd), _Pending(_future()), timeout)
+        return reply
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         if not sub.active:
@@ -771,6 +1035,17 @@ class Client:
         with contextlib.suppress(ConnectionClosed):
             payload = protocol.pack_sub(FrameType.UNSUB, self._new_id(), channel)
             conn.write(encode_frame(FrameType.UNSUB, payload))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a background coroutine of the client (cancelled by :meth:`aclose`)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("fastim client: background task failed", exc_info=task.exception())
 
     # ----------------------------------------------------------------- heartbeat
 
@@ -816,13 +1091,16 @@ class Client:
 
 
 async def connect(
-    url: str,
+    url: str | Sequence[str],
     *,
     urls: Sequence[str] | None = None,
+    user: str | None = None,
     reconnect: bool = True,
     backoff: Backoff | None = None,
     connect_timeout: float = 5.0,
     request_timeout: float = 10.0,
+    send_timeout: float = 30.0,
+    on_event: Callable[[dict[str, Any]], object] | None = None,
 ) -> Client:
     """Connect to a fastim server.
 
@@ -830,36 +1108,48 @@ async def connect(
     retries with backoff are for *re*-connecting after a loss.
 
     Args:
-        url: ``tcp://host:port`` or ``ws://host:port/ws``.
-        urls: fallback URLs, tried in turn (after ``url``) when (re)connecting.
+        url: ``tcp://host:port`` or ``ws://host:port/ws``, or a list of them (the
+            first is the primary, the others fallbacks).
+        urls: more fallback URLs, tried in turn (after ``url``) when (re)connecting.
+        user: the user id to declare (in HELLO's options): needed to send and receive
+            direct messages, and named in presence. 1..255 bytes of UTF-8.
         reconnect: reconnect after a connection loss whose close code allows it
             (EOF, heartbeat silence, server shutdown: yes; a "bad request" close: no).
         backoff: delays between reconnect attempts; default
             ``Backoff(base=0.1, factor=2.0, max=10.0, jitter="full")``.
         connect_timeout: seconds for one attempt: TCP connect, WebSocket upgrade,
             HELLO / WELCOME.
-        request_timeout: seconds a subscribe / publish / unsubscribe may take.
+        request_timeout: seconds a subscribe / publish / unsubscribe / command may
+            take (waiting for a reconnect included).
+        send_timeout: seconds :meth:`Client.send` keeps retrying a direct message.
+        on_event: called (from the reader) with JSON events the client does not
+            handle itself, e.g. ``{"op":"join","ch":...,"user":...}``.
 
     Returns:
         A connected :class:`Client`; close it with ``aclose()`` or ``async with``.
 
     Raises:
-        ValueError: a URL is not understood.
+        ValueError: a URL or the user id is not understood.
         OSError: no server accepted the TCP connection.
         asyncio.TimeoutError: the handshake did not finish within ``connect_timeout``.
         HandshakeError: the WebSocket upgrade failed (a ProtocolError).
-        ProtocolError: the server refused the HELLO (e.g. UNSUPPORTED_VERSION).
+        ProtocolError: the server refused the HELLO (e.g. UNSUPPORTED_VERSION, or a
+            BAD_REQUEST for the user id).
         ConnectionClosed: the server closed the connection during the handshake.
     """
-    all_urls = [url, *(urls or ())]
+    first = [url] if isinstance(url, str) else list(url)
+    all_urls = [*first, *(urls or ())]
     for u in all_urls:
         parse_url(u)  # fail fast on a typo
     client = Client(
         all_urls,
+        user=user,
         reconnect=reconnect,
         backoff=backoff,
         connect_timeout=connect_timeout,
         request_timeout=request_timeout,
+        send_timeout=send_timeout,
+        on_event=on_event,
     )
     await client._start()
     return client
