@@ -442,6 +442,17 @@ class Client:
         reply = await self._cmd({"op": "inbox"})
         return InboxState(int(reply["acked"]), int(reply["top"]))
 
+    async def ping(self) -> float:
+        """A round trip through the node's command path; returns it in seconds.
+
+        Answered by the node's event loop without touching the store: a way to tell a
+        node that is up from one that hangs.
+        """
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await self._cmd({"op": "ping"})
+        return loop.time() - start
+
     async def aclose(self) -> None:
         """Close the connection and end every subscription. Idempotent.
 
@@ -852,7 +863,7 @@ class Client:
                     off,
                     sub.offset,
                 )
-            sub.offset, sub.epoch = off, epoch  # live messages after `off`
+            sub._move(epoch, off)  # live messages after `off`
             return
         if recovered:
             sub.epoch = epoch  # (since.off, off] follow, then live ones
@@ -861,7 +872,7 @@ class Client:
             reason = "trimmed"  # what the node still had of (since.off, off] follows
         else:
             reason = "epoch" if epoch != since.epoch else "rewound"
-            sub.offset = off  # offsets start again: live messages after `off`
+            sub._move(epoch, off)  # offsets start again: live messages after `off`
         sub.epoch = epoch
         sub._gap(Gap(ch, since.epoch, since.off, epoch, off, reason))
 
@@ -881,7 +892,9 @@ class Client:
         if sub is None or not isinstance(epoch, str):
             return
         log.info("fastim client: %r: history lost, new epoch %s", ch, epoch)
-        sub.offset, sub.epoch = 0, epoch
+        # an epoch names one history, never reused: one this subscription has been in
+        # before (a store that answered wrongly for a while) is resumed where it was left
+        sub._move(epoch, sub._left.get(epoch, 0))
         if conn is not None:
             with contextlib.suppress(ConnectionClosed):
                 self._resubscribe(conn, sub)

@@ -127,6 +127,8 @@ class Subscription:
         self._end: BaseException | None = None
         self._end_normal = False
         self._retry_delay = 0.0  # the client's, for resubscribes the store refused
+        #: epochs this subscription left → the last offset it delivered in each (a few)
+        self._left: dict[str, int] = {}
 
     def __repr__(self) -> str:
         state = "active" if self._end is None else "ended"
@@ -231,6 +233,15 @@ class Subscription:
         )
         self._items.append(gap)
         self._wake.set()
+
+    def _move(self, epoch: str, offset: int) -> None:
+        """Continue in ``epoch`` after ``offset``; remember where the old epoch ended."""
+        if self.epoch and epoch != self.epoch:
+            left = self._left
+            left[self.epoch] = self.offset
+            while len(left) > 8:
+                del left[next(iter(left))]
+        self.epoch, self.offset = epoch, offset
 
     def _reached(self, gap: Gap) -> None:
         cb = self.on_gap

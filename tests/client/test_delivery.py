@@ -649,3 +649,41 @@ async def test_closing_ends_the_direct_message_iterator() -> None:
         assert await within(reader) == []
         with pytest.raises(ConnectionClosed):
             await client.send("x", 1)
+
+
+async def test_an_epoch_left_before_is_resumed_where_it_was_left() -> None:
+    # an epoch is never reused; a store that answered with a wrong epoch for a while (see
+    # the redis fault test) flips a channel to another epoch and back: the client must
+    # not take the old epoch's offsets for new ones
+    subs: list[dict[str, Any]] = []
+
+    async def script(peer: Peer, n: int) -> None:
+        await peer.handshake()
+        _op, req_id, ch, _ = protocol.unpack_request(
+            FrameType.SUB, await peer.expect(FrameType.SUB)
+        )
+        assert isinstance(req_id, int)
+        peer.send(
+            FrameType.SUBSCRIBED, protocol.pack_subscribed(req_id, 0, ch.encode(), "e1", False)
+        )
+        for off in (1, 2, 3):
+            peer.send(FrameType.MSG, protocol.pack_msg(off, ch.encode(), b'"e1"'))
+        for epoch, top in (("bad", 0), ("e1", 3)):
+            peer.event({"op": "resubscribe", "ch": ch, "epoch": epoch})
+            cmd = await peer.cmd("sub")
+            subs.append(cmd["since"])
+            peer.event(
+                {"op": "subscribed", "ch": ch, "off": top, "epoch": epoch, "recovered": True,
+                 "id": cmd["id"]}
+            )  # fmt: skip
+        for off in (1, 2, 3, 4):  # a replay from the start of e1 would bring 1..3 again
+            peer.send(FrameType.MSG, protocol.pack_msg(off, ch.encode(), b'"e1"'))
+        await hold(peer)
+
+    async with Scripted(script) as srv, await fast(srv.url) as client:
+        sub = await within(client.subscribe("f"))
+        got = await take(sub, 4)
+        assert [m.offset for m in got] == [1, 2, 3, 4]
+        assert subs == [{"off": 0, "epoch": "bad"}, {"off": 3, "epoch": "e1"}]
+        await asyncio.sleep(0.05)
+        assert sub.qsize() == 0
