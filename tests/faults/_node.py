@@ -1,0 +1,118 @@
+"""A fastim node as a real child process that the fault tests can kill -9 and start
+again on the same ports (and the same store), so the SDK's clients reconnect to it.
+
+``python -m fastim serve`` writes its log to a file (a pipe nobody reads would fill up
+and block the node); :meth:`NodeProc.start` waits for the "listening" line. Every wait
+is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class NodeProc:
+    """One node's command line; :meth:`start` runs it (again), :meth:`kill` SIGKILLs it."""
+
+    def __init__(self, directory: Path, tcp_port: int, ws_port: int, *args: str) -> None:
+        self.directory = directory
+        self.tcp_port = tcp_port
+        self.ws_port = ws_port
+        self.args = list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def tcp_url(self) -> str:
+        return f"tcp://127.0.0.1:{self.tcp_port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/ws"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / f"node-{self.starts}.log"
+
+    def start(self, timeout: float = 20.0) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.starts += 1
+        cmd = [
+            sys.executable, "-m", "fastim", "serve",
+            "--tcp-port", str(self.tcp_port),
+            "--ws-port", str(self.ws_port),
+            "--node-id", "fault-node",
+            "--log-level", "info",
+            *self.args,
+        ]  # fmt: skip
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+            if "listening" in self.log():
+                return
+            time.sleep(0.02)
+        self.proc.kill()
+        self.proc.wait(10)
+        raise AssertionError(f"node did not start within {timeout}s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no flush, no goodbye to the clients."""
+        assert self.proc is not None and self.proc.poll() is None, "not running"
+        os.kill(self.proc.pid, signal.SIGKILL)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"node survived SIGKILL for 10s: {self.state()}") from None
+
+    def state(self) -> str:
+        """The process's state line and kernel wait channel (why it is stuck)."""
+        if self.proc is None:
+            return "not started"
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+            wchan = Path(f"/proc/{self.proc.pid}/wchan").read_text()
+        except OSError as e:
+            return f"exited ({e})"
+        line = next((x for x in status.splitlines() if x.startswith("State:")), "?")
+        return f"{line.strip()}, wchan {wchan or '?'}"
+
+    def stop(self) -> None:
+        """SIGTERM (graceful), or SIGKILL if that takes over 10 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return "(no log)"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
