@@ -9,7 +9,10 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
+from datetime import datetime, timezone
 from typing import Any
+
+import orjson
 
 from . import __version__
 from .config import Config, ConfigError, load, redact
@@ -93,12 +96,90 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         )
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+#: attributes every LogRecord has; any other one came in ``extra=`` and is a JSON field
+_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
+    ``message``, then each ``extra=`` field, and ``exc`` with a traceback.
+
+    For log shippers (Loki, Elasticsearch, CloudWatch): no multi-line records to stitch
+    back together, and fields to filter on without parsing free text.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRS and not key.startswith("_") and key not in out:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+class MaskingFormatter(logging.Formatter):
+    """Another formatter's output with every secret replaced by ``***``.
+
+    Masking the finished line catches a secret wherever it hides: the message, its
+    arguments, an ``extra`` field, an exception's text (a driver error that quotes its
+    URL). Each secret is also masked as JSON escapes it, so a key holding a quote or a
+    backslash cannot slip through a JSON line.
+    """
+
+    def __init__(self, inner: logging.Formatter, secrets: Sequence[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        forms = set()
+        for s in secrets:
+            forms.add(s)
+            forms.add(orjson.dumps(s).decode()[1:-1])
+        self.forms = sorted(forms, key=len, reverse=True)  # a longer form first
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self.inner.format(record)
+        for secret in self.forms:
+            if secret in line:
+                line = line.replace(secret, "***")
+        return line
+
+
+def secrets_of(cfg: Config) -> list[str]:
+    """The secret values of a configuration: what ``redact`` masks (passwords in URLs,
+    ``api_key``, settings named secret/password/token). Values under 4 characters are
+    left out: masking them would garble every log line."""
+    out = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not isinstance(value, str) or not value or redact(f.name, value) == value:
+            continue
+        if "://" in value and "@" in value:
+            creds = value.split("://", 1)[1].rsplit("@", 1)[0]
+            value = creds.split(":", 1)[1] if ":" in creds else creds
+        if len(value) >= 4:
+            out.append(value)
+    return out
+
+
+def _setup_logging(cfg: Config) -> None:
+    """Logs to stderr as text or JSON lines (``log_format``), secrets masked."""
+    inner = (
+        JsonFormatter()
+        if cfg.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(MaskingFormatter(inner, secrets_of(cfg)))
+    logging.basicConfig(level=getattr(logging, cfg.log_level.upper()), handlers=[handler])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -110,7 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"fastim: bad configuration: {e}", file=sys.stderr)
         return 2
-    _setup_logging(cfg.log_level)
+    _setup_logging(cfg)
     _raise_fd_limit(cfg.max_connections)
     _tune_malloc()
     from .node import Node

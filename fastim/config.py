@@ -174,6 +174,16 @@ class Config:
         default=86400.0,
         metadata={"help": "seconds a sender's client message id is remembered (idempotent send)"},
     )
+    api_key: str = field(
+        default="",
+        metadata={
+            "help": "key of the server HTTP API under /api/ (Authorization: Bearer KEY or "
+            "X-API-Key); '' turns the API off. Prefer FASTIM_API_KEY or the file to the flag"
+        },
+    )
+    log_format: str = field(
+        default="text", metadata={"help": "text, or json (one JSON object per line)"}
+    )
 
     def validate(self) -> Config:
         """Raise ConfigError naming the first bad setting; return self."""
@@ -242,6 +252,7 @@ class Config:
                 f"log_level: must be debug, info, warning or error, got {self.log_level!r}"
             )
         self._validate_store()
+        self._validate_observability()
         for name in ("recovery_max", "presence_max"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -254,6 +265,17 @@ class Config:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return self
+
+    def _validate_observability(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
+        key = self.api_key
+        if key and (len(key) < 16 or not key.isprintable() or not key.isascii() or " " in key):
+            # the value itself is a secret: never in an error message
+            raise ConfigError(
+                "api_key: must be at least 16 printable ASCII characters without spaces "
+                f"(got {len(key)} characters)"
+            )
 
     def _validate_store(self) -> None:
         if self.store not in ("memory", "sqlite", "redis"):

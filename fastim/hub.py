@@ -14,11 +14,13 @@ import logging
 import os
 import zlib
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 
 from . import _core
+from .metrics import LatencyHistogram
 from .namespaces import Namespace, Namespaces
 from .protocol import ErrorCode, FrameType, pack_msg
 from .store import Store, StoreError
@@ -145,8 +147,9 @@ class Channel:
         #: epoch and offset known (a durable channel learns them from the store first)
         self.loaded = not durable
         self.idle_since = 0.0
-        #: publishes waiting for the store: (data, done callback); one append in flight
-        self.pending: list[tuple[bytes, Done]] = []
+        #: publishes waiting for the store: (data, done callback, arrival time for the
+        #: latency histogram); one append in flight
+        self.pending: list[tuple[bytes, Done, float]] = []
         self.inflight = False
         #: user id → subscribed connections of that user (presence, join/leave)
         self.users: dict[str, int] = {}
@@ -238,6 +241,8 @@ class Hub:
         self.delivered = 0
         self.store_errors = 0
         self.recovered = 0
+        #: publish arrival → end of its fan-out, once per message (fastim.metrics)
+        self.latency = LatencyHistogram()
         #: compresses each message once for every permessage-deflate subscriber
         self.deflater = Deflater(config.ws_compression or 6, config.ws_compression_min_size)
         self._dirty: list[Channel] = []
@@ -283,8 +288,10 @@ class Hub:
         ch = self.channel(name)
         assert ch is not None
         if not ch.durable:
+            t0 = perf_counter()
             off = ch.offset + 1
             self._deliver(ch, off, data)
+            self.latency.observe(perf_counter() - t0)
             if len(ch.subs) == 0 and ch.ns.history_size == 0:
                 self._drop(name)
             return off
@@ -293,7 +300,7 @@ class Hub:
                 ErrorCode.STORE_UNAVAILABLE,
                 f"the store is behind: {len(ch.pending)} publishes to {name!r} wait for it",
             )
-        ch.pending.append((data, done or _ignore))
+        ch.pending.append((data, done or _ignore, perf_counter()))
         if not ch.inflight and len(ch.pending) == 1:
             self._dirty.append(ch)
             if not self._kick_scheduled:
@@ -321,25 +328,26 @@ class Hub:
                 ch.inflight = True
                 self._run(self._append(ch, batch))
 
-    async def _append(self, ch: Channel, batch: list[tuple[bytes, Done]]) -> None:
+    async def _append(self, ch: Channel, batch: list[tuple[bytes, Done, float]]) -> None:
         store = self.store
         assert store is not None
         try:
             try:
-                first, epoch = await store.append_many(ch.name, [d for d, _ in batch], ch.ns.limits)
+                first, epoch = await store.append_many(ch.name, [b[0] for b in batch], ch.ns.limits)
             except StoreError as e:
                 self.store_errors += 1
                 log.warning("publish to %r not stored: %s", ch.name, e)
                 reason = f"not stored (not delivered, not acknowledged): {e}"
-                for _d, done in batch:
+                for _d, done, _t in batch:
                     done(0, reason)
                 return
             if ch.loaded and epoch == ch.epoch and first - 1 > ch.offset:
                 await self._fill(ch, first - 1)
             self._adopt(ch, epoch, first - 1)
-            for i, (data, done) in enumerate(batch):
+            for i, (data, done, t0) in enumerate(batch):
                 off = first + i
                 self._deliver(ch, off, data)
+                self.latency.observe(perf_counter() - t0)
                 done(off, None)
         finally:
             ch.inflight = False

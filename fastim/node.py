@@ -16,7 +16,9 @@ import signal
 from . import _core
 from .config import Config
 from .heartbeat import TimerWheel
+from .http_api import HttpApi
 from .hub import Hub
+from .metrics import Metrics, StoreProbe
 from .postman import Postman
 from .protocol import SHUTDOWN_REASON, CloseCode
 from .session import Session, SessionList
@@ -54,6 +56,10 @@ class Node:
         self.heartbeat_timeouts = 0
         self.rate_limited = 0
         self.limit_refusals = 0
+        # observability and the server HTTP API (fastim/metrics.py, fastim/http_api.py)
+        self.metrics = Metrics(self)
+        self.api = HttpApi(self)
+        self.store_probe: StoreProbe | None = None
         # per-address limits (addresses in ip_limits_exempt are not tracked at all)
         self._exempt = self.config.exempt_networks()
         self._exempt_cache: dict[str, bool] = {}
@@ -83,6 +89,7 @@ class Node:
         )
         self.wheel = TimerWheel(loop, resolution=resolution, on_tick=self._on_tick)
         self.hub.now = self.wheel.now
+        self.store_probe = StoreProbe(self.store, self.wheel.now)  # for /ready
         try:
             if cfg.tcp_port:
                 srv = await loop.create_server(
@@ -123,8 +130,18 @@ class Node:
                 out.append(f"ws://{cfg.host}:{self.ws_port}{cfg.ws_echo_path} (echo)")
         return out
 
+    def readiness(self) -> str | None:
+        """None when the node should get traffic (``/ready`` 200); else why not (503)."""
+        if self._stopping:
+            return "shutting down"
+        if not self._servers or self.store_probe is None:
+            return "not listening yet"
+        return self.store_probe.status(self.wheel.now)
+
     def _on_tick(self, now: float) -> None:
         self.hub.now = now
+        if self.store_probe is not None:
+            self.store_probe.on_tick(now)
         if self.postman is not None:
             self.postman.on_tick(now)
         if now - self._last_sweep >= SWEEP_EVERY:
@@ -240,6 +257,9 @@ class Node:
             await self.postman.close()
         if self._sweep_task is not None:
             self._sweep_task.cancel()
+        await self.api.close()
+        if self.store_probe is not None:
+            await self.store_probe.close()
         if self.store is not None:
             await self.store.close()
         self._stopped.set()

@@ -141,6 +141,7 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4001  # outbound buffer over its cap: reconnect, recover from history
     RATE_LIMITED = 4002  # too many requests or connections: reconnect later, with backoff
     BAD_REQUEST = 4500  # malformed command: do not retry as is
+    DISCONNECTED = 4510  # closed by the server HTTP API (/api/disconnect): do not reconnect
 
     @staticmethod
     def should_reconnect(code: int) -> bool:

@@ -22,6 +22,7 @@ import re
 from typing import TYPE_CHECKING
 
 import httptools
+import orjson
 
 from .. import __version__, _core
 from ..errors import ProtocolError, WebSocketError
@@ -44,11 +45,16 @@ _SERVER = f"fastim/{__version__}".encode()
 
 _STATUS = {
     400: b"Bad Request",
+    401: b"Unauthorized",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    409: b"Conflict",
+    413: b"Content Too Large",
+    415: b"Unsupported Media Type",
     426: b"Upgrade Required",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
     503: b"Service Unavailable",
     200: b"OK",
 }
@@ -230,6 +236,7 @@ class WsSession(Session):
     """One client on the WebSocket port, from its first HTTP byte to its close."""
 
     __slots__ = (
+        "body",
         "close_sent",
         "deflate",
         "head_bytes",
@@ -254,6 +261,8 @@ class WsSession(Session):
         self.n_headers = 0
         self.reject: tuple[int, str] | None = None
         self.request_done = False
+        #: None until the request head is complete; then the body (plain requests: /api/)
+        self.body: bytes | bytearray | None = None
         self.parser: _core.WSParser | None = None
         self.mode = MODE_UNSET
         self.close_sent = False
@@ -275,6 +284,27 @@ class WsSession(Session):
             self.headers[key] += b"," + value
         else:
             self.headers[key] = value
+
+    def on_headers_complete(self) -> None:
+        # from here on bytes are body: limited by max_message (413), not the head limit
+        self.body = b""
+        cl = self.headers.get(b"content-length", b"").strip()
+        if cl.isdigit() and int(cl) > self.config.max_message:
+            self.reject = (413, f"request body over max_message ({self.config.max_message} bytes)")
+        elif self.reject is None and self.headers.get(b"expect", b"").lower() == b"100-continue":
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        buf = self.body
+        if self.reject is not None or buf is None:
+            return
+        if len(buf) + len(body) > self.config.max_message:
+            self.reject = (413, f"request body over max_message ({self.config.max_message} bytes)")
+            return
+        if not isinstance(buf, bytearray):
+            buf = self.body = bytearray()
+        buf += body
 
     def on_message_complete(self) -> None:
         # a complete request; if it is not an upgrade, it gets a plain HTTP answer
@@ -298,6 +328,8 @@ class WsSession(Session):
 
     def _http_data(self, data: bytes) -> None:
         assert self.http is not None
+        if self.request_done:
+            return  # one request per connection: its answer is on the way, then we close
         self.head_bytes += len(data)
         try:
             self.http.feed_data(data)
@@ -315,19 +347,29 @@ class WsSession(Session):
             self.http_reply(*self.reject)
         elif self.request_done:
             self._plain_request()
-        elif self.head_bytes > MAX_REQUEST_HEAD:
+        elif self.body is None and self.head_bytes > MAX_REQUEST_HEAD:
             self.http_reply(431, f"request head over {MAX_REQUEST_HEAD} bytes")
 
     def http_reply(self, status: int, body: str, extra: bytes = b"") -> None:
-        """Answer a plain HTTP request and close the connection."""
+        """Answer a plain HTTP request and close the connection: text, JSON under /api/."""
+        if self._path().startswith(b"/api/"):
+            self.http_send(status, orjson.dumps({"error": body}), b"application/json", extra)
+        else:
+            self.http_send(status, (body + "\n").encode(), b"text/plain; charset=utf-8", extra)
+
+    def http_send(
+        self, status: int, payload: bytes, content_type: bytes, extra: bytes = b""
+    ) -> None:
+        """Write one HTTP response and close the connection (no keep-alive)."""
         if self.transport is None or self.state >= CLOSING:
             return
-        self.node.http_rejects += 1
-        payload = (body + "\n").encode()
-        head = b"HTTP/1.1 %d %s\r\nServer: %s\r\nContent-Type: text/plain; charset=utf-8\r\n" % (
+        if status >= 400:
+            self.node.http_rejects += 1
+        head = b"HTTP/1.1 %d %s\r\nServer: %s\r\nContent-Type: %s\r\n" % (
             status,
             _STATUS.get(status, b"Error"),
             _SERVER,
+            content_type,
         )
         self.http = None
         self.state = CLOSING
@@ -367,6 +409,14 @@ class WsSession(Session):
                 )
         elif path == b"/health" and method == b"GET":
             self.http_reply(200, "ok")
+        elif path == b"/ready" and method == b"GET":
+            why = self.node.readiness()
+            self.http_reply(200, "ready") if why is None else self.http_reply(503, why)
+        elif path == b"/metrics" and method == b"GET":
+            metrics = self.node.metrics
+            self.http_send(200, metrics.render(), metrics.content_type.encode())
+        elif path.startswith(b"/api/"):
+            self.node.api.handle(self, method, path)
         else:
             self.http_reply(404, f"no such endpoint: {path.decode('latin-1')}")
 
@@ -460,6 +510,9 @@ class WsSession(Session):
             self.ring.fmt = _core.FMT_WS_JSON_DEFLATE if self.deflate else _core.FMT_WS_JSON
 
     def on_handshake_timeout(self) -> None:
+        if self.request_done:  # an API request still working (a store that does not answer)
+            self.http_reply(503, f"not answered within {self.config.handshake_timeout:g}s")
+            return
         self.http_reply(
             400, f"no complete WebSocket upgrade within {self.config.handshake_timeout:g}s"
         )

@@ -1,0 +1,748 @@
+"""The server HTTP API: what a backend does to a node without holding a connection.
+
+Routes under ``/api/`` on the WebSocket/HTTP port (docs/api.md): publish, broadcast,
+send to a user, presence, history, disconnect a user, and the OpenAPI document that
+describes them (:data:`OPENAPI`). JSON in, JSON out; every error is
+``{"error": "...", "field": "..."}`` (``field`` when one field is to blame, ``code``
+when a fastim error code applies) with a 4xx/5xx status.
+
+Why it is built this way:
+
+* **The same paths as the clients.** A publish goes through :meth:`Hub.publish` and is
+  answered when a client's would be acknowledged (after the store took it, for durable
+  channels); a send goes through the store's ``inbox_append`` and
+  :meth:`Postman.deliver`, so idempotency (``cid``), retries and replay are the same
+  as for a ``send`` command. Nothing is reimplemented, nothing behaves differently.
+* **An API key, compared in constant time** (:func:`hmac.compare_digest`). No key
+  configured means no API at all: every ``/api/`` path is a 404, so an operator who
+  never set one exposes nothing. Only ``/api/openapi.json`` is served without the key:
+  it describes the API and holds no data.
+* **One request per connection.** The transport answers and closes (as for every
+  plain HTTP request on this port); a backend that calls often should keep its request
+  rate in mind, or use a client connection and ``pub``/``send`` commands instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import parse_qs
+
+import httptools
+import orjson
+
+from .errors import ProtocolError
+from .hub import HubError
+from .protocol import CloseCode, ErrorCode, validate_channel
+from .store import InboxFull, InboxMessage, StoreError
+
+if TYPE_CHECKING:
+    from .node import Node
+    from .transport.ws import WsSession
+
+log = logging.getLogger("fastim.api")
+
+JSON = b"application/json"
+
+#: channels one broadcast may name
+MAX_BROADCAST = 1000
+#: messages one history request may return
+MAX_HISTORY = 1000
+DEFAULT_HISTORY = 100
+_CID_MAX = 128
+_REASON_MAX = 120  # a WebSocket close reason holds at most 123 bytes
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, message, and the field or fastim code it concerns."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        code: int | None = None,
+        headers: bytes = b"",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.message}
+        if self.field is not None:
+            out["field"] = self.field
+        if self.code is not None:
+            out["code"] = self.code
+        return out
+
+
+class Request:
+    """One API request as the handlers see it: query parameters and the JSON body."""
+
+    __slots__ = ("body", "query")
+
+    def __init__(self, query: dict[str, str], body: dict[str, Any]) -> None:
+        self.query = query
+        self.body = body
+
+
+Handler = Callable[["HttpApi", Request], Awaitable[dict[str, Any]]]
+
+#: path → (method, handler, body fields allowed, query parameters allowed)
+_ROUTES: dict[str, tuple[str, str, frozenset[str], frozenset[str]]] = {
+    "/api/publish": ("POST", "publish", frozenset({"channel", "data"}), frozenset()),
+    "/api/broadcast": ("POST", "broadcast", frozenset({"channels", "data"}), frozenset()),
+    "/api/send": ("POST", "send", frozenset({"to", "data", "from", "cid"}), frozenset()),
+    "/api/presence": ("GET", "presence", frozenset(), frozenset({"channel"})),
+    "/api/history": ("GET", "history", frozenset(), frozenset({"channel", "since", "limit"})),
+    "/api/disconnect": ("POST", "disconnect", frozenset({"user", "reason"}), frozenset()),
+    "/api/openapi.json": ("GET", "openapi", frozenset(), frozenset()),
+}
+
+#: every route and its method, for the tests and the OpenAPI check
+ROUTES: dict[str, str] = {path: r[0] for path, r in _ROUTES.items()}
+
+
+def _status_of(code: int) -> int:
+    """The HTTP status for a fastim error code a hub or store refusal carries."""
+    if code == ErrorCode.STORE_UNAVAILABLE:
+        return 503
+    if code in (ErrorCode.LIMIT_EXCEEDED, ErrorCode.INBOX_FULL):
+        return 429
+    return 400
+
+
+class HttpApi:
+    """The ``/api/`` routes of one node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        key = node.config.api_key
+        self._key = key.encode() if key else b""
+        #: (route, status) → answers given (exported as fastim_api_requests_total)
+        self.requests: dict[tuple[str, int], int] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._openapi = orjson.dumps(OPENAPI)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._key)
+
+    # ------------------------------------------------------------------ entry
+
+    def handle(self, session: WsSession, method: bytes, path: bytes) -> None:
+        """Answer one complete request to an ``/api/`` path (now, or when its work is done)."""
+        route = path.decode("latin-1")
+        label = route if route in _ROUTES else "other"
+        if not self.enabled:
+            self._reply(session, "other", ApiError(404, "the HTTP API is off (no api_key)"))
+            return
+        spec = _ROUTES.get(route)
+        if spec is not None and spec[1] == "openapi" and method == b"GET":
+            self._count(label, 200)
+            session.http_send(200, self._openapi, JSON)
+            return
+        if not self._authorized(session.headers):
+            self._reply(
+                session,
+                label,
+                ApiError(
+                    401,
+                    "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
+                    headers=b'WWW-Authenticate: Bearer realm="fastim"\r\n',
+                ),
+            )
+            return
+        try:
+            if spec is None:
+                raise ApiError(404, f"no such API route: {route}")
+            want, name, fields, params = spec
+            if method.decode("latin-1") != want:
+                raise ApiError(
+                    405,
+                    f"{route} takes {want}",
+                    headers=b"Allow: %s\r\n" % want.encode(),
+                )
+            query = _query(session.url, params)
+            body = _json_body(session, fields) if want == "POST" else {}
+            handler = cast(Handler, getattr(HttpApi, "_" + name))
+        except ApiError as e:
+            self._reply(session, label, e)
+            return
+        task = asyncio.ensure_future(self._run(session, label, handler, Request(query, body)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, session: WsSession, label: str, handler: Handler, req: Request) -> None:
+        try:
+            result = await handler(self, req)
+        except ApiError as e:
+            self._reply(session, label, e)
+            return
+        except Exception:
+            log.exception("API %s failed", label)
+            self._reply(session, label, ApiError(500, "internal error (logged by the node)"))
+            return
+        self._count(label, 200)
+        session.http_send(200, orjson.dumps(result), JSON)
+
+    def _reply(self, session: WsSession, label: str, err: ApiError) -> None:
+        self._count(label, err.status)
+        log.debug("API %s: %d %s", label, err.status, err.message)
+        session.http_send(err.status, orjson.dumps(err.body()), JSON, err.headers)
+
+    def _count(self, label: str, status: int) -> None:
+        k = (label, status)
+        self.requests[k] = self.requests.get(k, 0) + 1
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        got: bytes | None = None
+        auth = headers.get(b"authorization")
+        if auth is not None:
+            scheme, _, cred = auth.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                got = cred.strip()
+        if got is None:
+            got = headers.get(b"x-api-key")
+        # compare_digest: the time taken does not tell how much of the key was right
+        return got is not None and hmac.compare_digest(got.strip(), self._key)
+
+    async def close(self) -> None:
+        """Cancel requests still working (the node is stopping; their clients got 503)."""
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ routes
+
+    async def _publish(self, req: Request) -> dict[str, Any]:
+        name = _channel(req.body.get("channel"), "channel")
+        data = self._data(req.body)
+        return await self._publish_one(name, data)
+
+    async def _publish_one(self, name: str, data: bytes) -> dict[str, Any]:
+        hub = self.node.hub
+        loop = asyncio.get_running_loop()
+        settled: asyncio.Future[tuple[int, str | None]] = loop.create_future()
+
+        def done(off: int, err: str | None) -> None:
+            if not settled.done():
+                settled.set_result((off, err))
+
+        try:
+            ch = hub.channel(name)  # the channel object: its epoch, even if dropped after
+            assert ch is not None
+            off = hub.publish(name, data, done)
+        except HubError as e:
+            raise ApiError(_status_of(e.code), e.reason, code=e.code) from None
+        if off is None:  # durable: answered after the store took it (or failed)
+            off, err = await settled
+            if err is not None:
+                raise ApiError(503, err, code=ErrorCode.STORE_UNAVAILABLE)
+        return {"offset": off, "epoch": ch.epoch}
+
+    async def _broadcast(self, req: Request) -> dict[str, Any]:
+        names = req.body.get("channels")
+        if not isinstance(names, list) or not names:
+            raise ApiError(
+                400, 'field "channels" must be a non-empty array of channels', "channels"
+            )
+        if len(names) > MAX_BROADCAST:
+            raise ApiError(
+                400,
+                f'field "channels" holds {len(names)} channels, at most {MAX_BROADCAST}',
+                "channels",
+            )
+        checked = [_channel(n, f"channels[{i}]") for i, n in enumerate(names)]
+        data = self._data(req.body)
+
+        async def one(name: str) -> dict[str, Any]:
+            try:
+                res = await self._publish_one(name, data)
+            except ApiError as e:
+                return {"channel": name, **e.body()}
+            return {"channel": name, **res}
+
+        results = await asyncio.gather(*(one(n) for n in checked))
+        return {"results": list(results)}
+
+    async def _send(self, req: Request) -> dict[str, Any]:
+        body = req.body
+        to = _user(body.get("to"), "to")
+        sender = _user(body["from"], "from") if body.get("from") is not None else None
+        cid = body.get("cid")
+        if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= _CID_MAX):
+            raise ApiError(400, f'field "cid" must be a string of 1..{_CID_MAX} characters', "cid")
+        data = self._data(body)
+        node = self.node
+        store, postman = node.store, node.postman
+        assert store is not None and postman is not None
+        try:
+            res = await store.inbox_append(to, data, cid, sender)
+        except InboxFull as e:
+            raise ApiError(429, str(e), code=ErrorCode.INBOX_FULL) from None
+        except StoreError as e:
+            postman.store_errors += 1
+            raise ApiError(
+                503, f"not sent, retry with the same cid: {e}", code=ErrorCode.STORE_UNAVAILABLE
+            ) from None
+        postman.sent += 1
+        if not res.duplicate:
+            postman.deliver(to, InboxMessage(res.seq, res.msg_id, sender, data))
+        return {"mid": res.msg_id, "seq": res.seq, "dup": res.duplicate}
+
+    async def _presence(self, req: Request) -> dict[str, Any]:
+        name = _channel(req.query.get("channel"), "channel")
+        p = self.node.hub.presence(name)
+        out: dict[str, Any] = {"channel": name, "count": p["count"]}
+        if "users" in p:
+            out["users"] = p["users"]
+        return out
+
+    async def _history(self, req: Request) -> dict[str, Any]:
+        q = req.query
+        name = _channel(q.get("channel"), "channel")
+        since = _int_param(q, "since", 0, 0, None)
+        limit = _int_param(q, "limit", DEFAULT_HISTORY, 1, MAX_HISTORY)
+        hub = self.node.hub
+        ns = hub.namespaces.of(name)
+        if hub.durable_store and ns.durable:
+            store = self.node.store
+            assert store is not None
+            try:
+                hist = await store.read(name, since, limit, ns.limits)
+            except StoreError as e:
+                hub.store_errors += 1
+                raise ApiError(503, str(e), code=ErrorCode.STORE_UNAVAILABLE) from None
+            epoch, top, msgs = hist.epoch, hist.top, hist.messages
+        else:
+            try:
+                ch = hub.channel(name)  # as a subscribe would: its epoch then stays
+            except HubError as e:
+                raise ApiError(_status_of(e.code), e.reason, code=e.code) from None
+            assert ch is not None
+            epoch, top = ch.epoch, ch.offset
+            msgs = []
+            h = ch.history
+            ttl = ch.ns.history_ttl
+            oldest = hub.now - ttl if ttl else None
+            if len(h):
+                for off in range(max(since + 1, h.first_offset), top + 1):
+                    item = h.get(off)
+                    if item is None:
+                        continue
+                    data, at = cast("tuple[bytes, float]", item)
+                    if oldest is not None and at < oldest:
+                        continue
+                    msgs.append((off, data))
+                    if len(msgs) >= limit:
+                        break
+        return {
+            "channel": name,
+            "epoch": epoch,
+            "top": top,
+            # data is stored as JSON text: spliced in as it is, not parsed again
+            "messages": [{"offset": o, "data": orjson.Fragment(d)} for o, d in msgs[:limit]],
+        }
+
+    async def _disconnect(self, req: Request) -> dict[str, Any]:
+        user = _user(req.body.get("user"), "user")
+        reason = req.body.get("reason", "disconnected by the server")
+        if not isinstance(reason, str) or len(reason.encode()) > _REASON_MAX:
+            raise ApiError(
+                400, f'field "reason" must be a string of at most {_REASON_MAX} bytes', "reason"
+            )
+        n = 0
+        # one pass over the node's connections: an admin action, not a hot path
+        for s in self.node.sessions:
+            if s.user == user and s.is_open():
+                s.close(CloseCode.DISCONNECTED, reason)
+                n += 1
+        log.info("API: disconnected %d connections of user %r", n, user)
+        return {"disconnected": n}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _data(self, body: dict[str, Any]) -> bytes:
+        if "data" not in body:
+            raise ApiError(400, 'missing field "data"', "data")
+        data = orjson.dumps(body["data"])
+        limit = self.node.config.max_message
+        if len(data) > limit:
+            raise ApiError(413, f'field "data" is {len(data)} bytes, over max_message', "data")
+        return data
+
+
+def _channel(value: object, field: str) -> str:
+    if value is None:
+        raise ApiError(400, f'missing field "{field}"', field)
+    try:
+        return validate_channel(value)
+    except ProtocolError as e:
+        raise ApiError(400, e.reason.replace('field "ch"', f'field "{field}"'), field) from None
+
+
+def _user(value: object, field: str) -> str:
+    """A user id: like a channel name, 1..255 bytes of UTF-8 without control characters."""
+    return _channel(value, field)
+
+
+def _int_param(q: dict[str, str], name: str, default: int, low: int, high: int | None) -> int:
+    raw = q.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ApiError(400, f'parameter "{name}" must be an integer, got {raw!r}', name) from None
+    if v < low or (high is not None and v > high):
+        span = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ApiError(400, f'parameter "{name}" must be {span}, got {v}', name)
+    return v
+
+
+def _query(url: bytes, allowed: frozenset[str]) -> dict[str, str]:
+    try:
+        raw = httptools.parse_url(url).query or b""
+        text = raw.decode("utf-8")
+    except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+        raise ApiError(400, "the query string is not valid (UTF-8, URL-encoded)") from None
+    out: dict[str, str] = {}
+    for name, values in parse_qs(text, keep_blank_values=True).items():
+        if name not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise ApiError(400, f'unknown parameter "{name}" (known: {known})', name)
+        if len(values) != 1:
+            raise ApiError(400, f'parameter "{name}" given {len(values)} times', name)
+        out[name] = values[0]
+    return out
+
+
+def _json_body(session: WsSession, allowed: frozenset[str]) -> dict[str, Any]:
+    ctype = session.headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    if ctype != JSON:
+        raise ApiError(415, "the body must be JSON: send Content-Type: application/json")
+    raw = bytes(session.body or b"")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {type(obj).__name__}")
+    for key in obj:
+        if key not in allowed:
+            known = ", ".join(sorted(allowed))
+            raise ApiError(400, f'unknown field "{key}" (known: {known})', key)
+    return obj
+
+
+# --------------------------------------------------------------------------- OpenAPI
+
+_ERR = {"$ref": "#/components/responses/Error"}
+_CHANNEL = {
+    "type": "string",
+    "minLength": 1,
+    "description": "a channel: 1..255 bytes of UTF-8, no control characters",
+}
+_USER = {
+    "type": "string",
+    "minLength": 1,
+    "description": "a user id: 1..255 bytes of UTF-8, no control characters",
+}
+_S = "#/components/schemas/"
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _ok(description: str, ref: str) -> dict[str, Any]:
+    return {"description": description, "content": _json_content({"$ref": ref})}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): _ERR for s in statuses}
+
+
+#: the OpenAPI 3.1 document served at ``/api/openapi.json`` (tests check it covers ROUTES)
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "fastim server HTTP API",
+        "version": "1",
+        "description": "Publish, broadcast, send to users, presence, history and disconnect "
+        "on a fastim node. Served on the WebSocket/HTTP port under /api/, when the node has "
+        "an api_key. See docs/api.md.",
+    },
+    "security": [{"bearer": []}, {"apiKey": []}],
+    "paths": {
+        "/api/publish": {
+            "post": {
+                "operationId": "publish",
+                "summary": "Publish one message to a channel",
+                "description": "Answered when a client's publish would be acknowledged: "
+                "durable channels after the store accepted the message.",
+                "requestBody": {
+                    "required": True,
+                    "content": _json_content({"$ref": _S + "PublishRequest"}),
+                },
+                "responses": {
+                    "200": _ok("the message's offset and its channel's epoch", _S + "Published"),
+                    **_errors(400, 401, 413, 415, 429, 503),
+                },
+            }
+        },
+        "/api/broadcast": {
+            "post": {
+                "operationId": "broadcast",
+                "summary": "Publish one message to many channels",
+                "requestBody": {
+                    "required": True,
+                    "content": _json_content({"$ref": _S + "BroadcastRequest"}),
+                },
+                "responses": {
+                    "200": _ok("one result per channel, in order", _S + "BroadcastResult"),
+                    **_errors(400, 401, 413, 415),
+                },
+            }
+        },
+        "/api/send": {
+            "post": {
+                "operationId": "send",
+                "summary": "Send a direct message to a user (stored in the user's inbox)",
+                "requestBody": {
+                    "required": True,
+                    "content": _json_content({"$ref": _S + "SendRequest"}),
+                },
+                "responses": {
+                    "200": _ok("stored; delivered to the user's connections", _S + "Sent"),
+                    **_errors(400, 401, 413, 415, 429, 503),
+                },
+            }
+        },
+        "/api/presence": {
+            "get": {
+                "operationId": "presence",
+                "summary": "Who is subscribed to a channel on this node",
+                "parameters": [
+                    {"name": "channel", "in": "query", "required": True, "schema": _CHANNEL}
+                ],
+                "responses": {
+                    "200": _ok("connection count and user ids", _S + "Presence"),
+                    **_errors(400, 401),
+                },
+            }
+        },
+        "/api/history": {
+            "get": {
+                "operationId": "history",
+                "summary": "A channel's kept messages after an offset",
+                "parameters": [
+                    {"name": "channel", "in": "query", "required": True, "schema": _CHANNEL},
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "required": False,
+                        "description": "return messages with offset > since",
+                        "schema": {"type": "integer", "minimum": 0, "default": 0},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_HISTORY,
+                            "default": DEFAULT_HISTORY,
+                        },
+                    },
+                ],
+                "responses": {
+                    "200": _ok("epoch, latest offset and messages, oldest first", _S + "History"),
+                    **_errors(400, 401, 429, 503),
+                },
+            }
+        },
+        "/api/disconnect": {
+            "post": {
+                "operationId": "disconnect",
+                "summary": "Close every connection of a user on this node (close code 4510)",
+                "requestBody": {
+                    "required": True,
+                    "content": _json_content({"$ref": _S + "DisconnectRequest"}),
+                },
+                "responses": {
+                    "200": _ok("how many connections were closed", _S + "Disconnected"),
+                    **_errors(400, 401, 413, 415),
+                },
+            }
+        },
+        "/api/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document (no API key needed)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "the OpenAPI document",
+                        "content": _json_content({"type": "object"}),
+                    }
+                },
+            }
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "Authorization: Bearer <api_key>",
+            },
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        },
+        "responses": {
+            "Error": {
+                "description": "an error; field names the bad field or parameter",
+                "content": _json_content({"$ref": _S + "Error"}),
+            }
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {"type": "string"},
+                    "field": {"type": "string", "description": "the field or parameter at fault"},
+                    "code": {
+                        "type": "integer",
+                        "description": "fastim error code (docs/protocol.md)",
+                    },
+                },
+            },
+            "PublishRequest": {
+                "type": "object",
+                "required": ["channel", "data"],
+                "additionalProperties": False,
+                "properties": {"channel": _CHANNEL, "data": {"description": "any JSON value"}},
+            },
+            "Published": {
+                "type": "object",
+                "required": ["offset", "epoch"],
+                "properties": {
+                    "offset": {"type": "integer", "minimum": 1},
+                    "epoch": {"type": "string"},
+                },
+            },
+            "BroadcastRequest": {
+                "type": "object",
+                "required": ["channels", "data"],
+                "additionalProperties": False,
+                "properties": {
+                    "channels": {
+                        "type": "array",
+                        "items": _CHANNEL,
+                        "minItems": 1,
+                        "maxItems": MAX_BROADCAST,
+                    },
+                    "data": {"description": "any JSON value"},
+                },
+            },
+            "BroadcastResult": {
+                "type": "object",
+                "required": ["results"],
+                "properties": {
+                    "results": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["channel"],
+                            "description": "offset and epoch, or error (and code)",
+                            "properties": {
+                                "channel": {"type": "string"},
+                                "offset": {"type": "integer"},
+                                "epoch": {"type": "string"},
+                                "error": {"type": "string"},
+                                "code": {"type": "integer"},
+                            },
+                        },
+                    }
+                },
+            },
+            "SendRequest": {
+                "type": "object",
+                "required": ["to", "data"],
+                "additionalProperties": False,
+                "properties": {
+                    "to": _USER,
+                    "data": {"description": "any JSON value"},
+                    "from": {**_USER, "description": "the sender user id shown to the recipient"},
+                    "cid": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": _CID_MAX,
+                        "description": "client message id: a retry with the same from and cid "
+                        "is stored once",
+                    },
+                },
+            },
+            "Sent": {
+                "type": "object",
+                "required": ["mid", "seq", "dup"],
+                "properties": {
+                    "mid": {"type": "string"},
+                    "seq": {"type": "integer", "minimum": 1},
+                    "dup": {"type": "boolean"},
+                },
+            },
+            "Presence": {
+                "type": "object",
+                "required": ["channel", "count"],
+                "properties": {
+                    "channel": {"type": "string"},
+                    "count": {"type": "integer"},
+                    "users": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "History": {
+                "type": "object",
+                "required": ["channel", "epoch", "top", "messages"],
+                "properties": {
+                    "channel": {"type": "string"},
+                    "epoch": {"type": "string"},
+                    "top": {"type": "integer", "description": "the channel's latest offset"},
+                    "messages": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["offset", "data"],
+                            "properties": {"offset": {"type": "integer"}, "data": {}},
+                        },
+                    },
+                },
+            },
+            "DisconnectRequest": {
+                "type": "object",
+                "required": ["user"],
+                "additionalProperties": False,
+                "properties": {
+                    "user": _USER,
+                    "reason": {"type": "string", "maxLength": _REASON_MAX},
+                },
+            },
+            "Disconnected": {
+                "type": "object",
+                "required": ["disconnected"],
+                "properties": {"disconnected": {"type": "integer"}},
+            },
+        },
+    },
+}

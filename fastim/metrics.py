@@ -1,0 +1,372 @@
+"""Observability: ``/metrics`` in the Prometheus text format, the publish latency
+histogram, and the store probe behind ``/ready``.
+
+Why the counters are read at scrape time. The node already counts what matters in plain
+integer attributes (``hub.published``, ``hub.delivered``, ``flusher.bytes_written``,
+``node.bytes_in``...), most of them bumped in C or once per batch. Wrapping each in a
+prometheus-client ``Counter`` would add a locked Python call per message or per
+delivery on the fan-out path; instead one custom collector reads the attributes when
+Prometheus scrapes (every 15 s or so) and reports them as counters and gauges. Gauges
+that need a walk (connections by transport, subscriptions) cost O(connections) or
+O(channels) per scrape, not per message.
+
+The one thing measured per message is the publish latency (:class:`LatencyHistogram`):
+a bisect and two additions, with no lock, since the event loop is the only writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.metrics_core import Metric
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .node import Node
+    from .store import Store
+
+log = logging.getLogger("fastim")
+
+#: upper bounds (seconds) of the publish latency buckets: a publish kept in memory takes
+#: microseconds to its last subscriber's ring, one that waits for sqlite or Redis takes
+#: a store round trip (sub-millisecond to seconds when the store struggles)
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+#: seconds between two store probes (``/ready``)
+PROBE_EVERY = 2.0
+#: a probe that takes longer than this fails
+PROBE_TIMEOUT = 5.0
+#: the inbox the probe reads (read-only, in every store): any user id would do
+PROBE_USER = "fastim:ready-probe"
+
+
+class LatencyHistogram:
+    """A Prometheus-style histogram cheap enough to observe once per published message.
+
+    prometheus-client's ``Histogram.observe`` takes a lock and walks the buckets; here the
+    event loop is the only writer, so a bucket is found by bisection and bumped without a
+    lock. The collector turns the counts into cumulative ``le`` buckets at scrape time.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        #: per bucket, not cumulative; the last one is +Inf
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bucket (le = "<=")
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative (le, count) pairs ending with +Inf, as the exposition format wants."""
+        out: list[tuple[str, float]] = []
+        total = 0
+        counts = self.counts
+        for i, bound in enumerate(self.bounds):
+            total += counts[i]
+            out.append((repr(bound), total))
+        total += self.counts[-1]
+        out.append(("+Inf", total))
+        return out
+
+
+class StoreProbe:
+    """Whether the store answers: a cheap read every :data:`PROBE_EVERY` seconds, cached.
+
+    ``/ready`` must answer at once and must not hit the store per request (a load
+    balancer may ask every second from many places), so it reads the last result. The
+    node's timer tick starts a probe when one is due and none is running.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        now: float,
+        every: float = PROBE_EVERY,
+        timeout: float = PROBE_TIMEOUT,
+        spawn: Callable[[Any], asyncio.Future[None]] = asyncio.ensure_future,
+    ) -> None:
+        self.store = store
+        self.every = every
+        self.timeout = timeout
+        self._spawn = spawn
+        #: the store was just opened by the node, so it answered a moment ago
+        self.ok = True
+        self.reason = ""
+        self.checked = now
+        self.failures = 0
+        self._started = now
+        self._task: asyncio.Future[None] | None = None
+
+    def on_tick(self, now: float) -> None:
+        if self._task is None and now - self._started >= self.every:
+            self._started = now
+            self._task = self._spawn(self._probe())
+
+    async def _probe(self) -> None:
+        from .store import StoreError
+
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(self.store.inbox_state(PROBE_USER), self.timeout)
+        except (StoreError, asyncio.TimeoutError) as e:
+            why = str(e) or f"no reply in {self.timeout:g}s"
+            if self.ok:
+                log.warning("store probe failed: %s", why)
+            self.ok = False
+            self.reason = f"store did not answer: {why}"
+            self.failures += 1
+        else:
+            if not self.ok:
+                log.info("store probe: the store answers again")
+            self.ok = True
+            self.reason = ""
+        finally:
+            self.checked = loop.time()
+            self._task = None
+
+    def status(self, now: float) -> str | None:
+        """None if the store answered lately; else why the node is not ready."""
+        if not self.ok:
+            return self.reason
+        overdue = self.every + self.timeout + 1.0
+        if now - self.checked > overdue:
+            return f"store did not answer a probe for {now - self.checked:.1f}s"
+        return None
+
+    async def close(self) -> None:
+        task = self._task
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+class NodeCollector:
+    """Reads a node's counters when Prometheus scrapes (see the module docstring)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        hub = node.hub
+        postman = node.postman
+        flusher = node.flusher
+
+        info = GaugeMetricFamily(
+            "fastim_node_info",
+            "this node: its id, version and store",
+            labels=["node", "version", "store"],
+        )
+        info.add_metric([node.config.node_id, __version__, node.config.store], 1)
+        yield info
+        yield _gauge(
+            "fastim_ready",
+            "1 when /ready answers 200 (listening, store answers)",
+            0 if node.readiness() is not None else 1,
+        )
+
+        conns = GaugeMetricFamily(
+            "fastim_connections",
+            "open client connections; http: WebSocket port, not (yet) upgraded",
+            labels=["transport"],
+        )
+        for transport, n in sorted(connections_by_transport(node).items()):
+            conns.add_metric([transport], n)
+        yield conns
+        yield _gauge(
+            "fastim_subscriptions",
+            "channel subscriptions of all connections",
+            sum(len(ch.subs) for ch in hub.channels.values()),
+        )
+        yield _gauge("fastim_channels", "channels in node memory", len(hub.channels))
+        yield _gauge(
+            "fastim_channels_idle", "channels without subscribers kept for history", len(hub.idle)
+        )
+
+        yield _counter("fastim_messages_published", "channel messages published", hub.published)
+        yield _counter(
+            "fastim_deliveries",
+            "channel messages and events appended to subscribers' rings",
+            hub.delivered,
+        )
+        yield _counter(
+            "fastim_messages_recovered", "messages sent by subscribe-with-since", hub.recovered
+        )
+        yield _counter("fastim_bytes_received", "bytes received from clients", node.bytes_in)
+        yield _counter(
+            "fastim_bytes_sent", "bytes written to clients by the flusher", flusher.bytes_written
+        )
+        yield _counter("fastim_writes", "socket writes made by the flusher", flusher.writes)
+        yield _gauge(
+            "fastim_ring_pool_bytes", "out-ring buffers pooled for reuse", flusher.pool_bytes
+        )
+
+        yield _counter(
+            "fastim_slow_consumer_disconnects",
+            "connections closed with 4001: outbound buffer over outbound_cap",
+            node.slow_disconnects,
+        )
+        yield _counter(
+            "fastim_heartbeat_timeouts",
+            "connections closed with 4000: no pong in time",
+            node.heartbeat_timeouts,
+        )
+        yield _counter(
+            "fastim_rate_limited",
+            "publishes and sends refused with RATE_LIMITED (116)",
+            node.rate_limited,
+        )
+        yield _counter(
+            "fastim_connection_limit_refusals",
+            "connections refused by the per-address limits (429/503, GOAWAY 4002)",
+            node.limit_refusals,
+        )
+        yield _counter(
+            "fastim_protocol_errors",
+            "connections failed for a protocol violation",
+            node.protocol_errors,
+        )
+        yield _counter(
+            "fastim_http_rejects", "plain HTTP requests answered 4xx or 5xx", node.http_rejects
+        )
+
+        store_errors = CounterMetricFamily(
+            "fastim_store_errors",
+            "store calls that failed (part: hub = channels, postman = inboxes)",
+            labels=["part"],
+        )
+        store_errors.add_metric(["hub"], hub.store_errors)
+        store_errors.add_metric(["postman"], postman.store_errors if postman is not None else 0)
+        yield store_errors
+
+        yield _counter(
+            "fastim_direct_messages_sent",
+            "direct messages stored in an inbox (dup included)",
+            postman.sent if postman is not None else 0,
+        )
+        yield _counter(
+            "fastim_direct_messages_delivered",
+            "direct messages written to a recipient's connection (first sends and replays)",
+            postman.delivered if postman is not None else 0,
+        )
+        yield _counter(
+            "fastim_direct_messages_retried",
+            "unacknowledged direct messages sent again",
+            postman.retried if postman is not None else 0,
+        )
+
+        deflater = hub.deflater
+        yield _counter(
+            "fastim_deflate_messages",
+            "messages compressed (once for all subscribers)",
+            deflater.messages,
+        )
+        yield _counter("fastim_deflate_bytes_in", "bytes before compression", deflater.bytes_in)
+        yield _counter("fastim_deflate_bytes_out", "bytes after compression", deflater.bytes_out)
+
+        api = getattr(node, "api", None)
+        if api is not None:
+            reqs = CounterMetricFamily(
+                "fastim_api_requests", "server HTTP API requests", labels=["route", "status"]
+            )
+            for (route, status), n in sorted(api.requests.items()):
+                reqs.add_metric([route, str(status)], n)
+            yield reqs
+
+        lat = hub.latency
+        yield HistogramMetricFamily(
+            "fastim_publish_latency_seconds",
+            "from a publish reaching the hub to the end of its fan-out to every subscriber's "
+            "ring (memory channels: the fan-out; durable ones: the store append too)",
+            buckets=lat.buckets(),
+            sum_value=lat.sum,
+        )
+
+
+def connections_by_transport(node: Node) -> dict[str, int]:
+    """Open connections per transport: one pass over the node's sessions."""
+    from .transport import TcpSession, WsSession
+
+    out = {"tcp": 0, "websocket": 0, "http": 0}
+    for s in node.sessions:
+        if isinstance(s, WsSession):
+            out["websocket" if s.parser is not None else "http"] += 1
+        elif isinstance(s, TcpSession):
+            out["tcp"] += 1
+    return out
+
+
+class Metrics:
+    """A node's registry: the node collector plus process, platform and GC metrics.
+
+    A registry per node (not prometheus-client's global one): several nodes in one
+    process (the tests) must not collide, and the node's numbers are its own.
+    """
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, node: Node) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(NodeCollector(node))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+    def render(self) -> bytes:
+        """The text exposition of every metric, for ``GET /metrics``."""
+        return generate_latest(self.registry)
