@@ -249,9 +249,9 @@ async def test_stalled_reader_under_10k_msgs_per_s_rss_bounded_others_on_time(
     assert received == [n_msgs] * len(goods)
     # 20k × ~430 B = 9 MB went to each subscriber; the stalled one was cut at 1 MiB
     growth_mib = (rss_max - rss0) / 1024
-    assert growth_mib < 48, f"node RSS grew {growth_mib:.1f} MiB"
+    assert growth_mib < 64, f"node RSS grew {growth_mib:.1f} MiB"
     # the test process decodes every message in Python: most of any lag is its own
-    assert lag_max < 3.0, f"a good subscriber fell {lag_max:.2f} s behind"
+    assert lag_max < 5.0, f"a good subscriber fell {lag_max:.2f} s behind"
     stalled.writer.transport.resume_reading()  # type: ignore[attr-defined]
     frames: list[tuple[int, bytes]] = []
     try:
