@@ -143,6 +143,58 @@ class Config:
         default_factory=dict,
         metadata={"help": "per-namespace settings: [namespaces.NAME] tables", "file_only": True},
     )
+    # ---- who may connect and what they may do (fastim/auth.py, docs/security.md)
+    anonymous: str = field(
+        default="auto",
+        metadata={
+            "help": "connections without a token: on, off, or auto (on unless jwt_secret or "
+            "jwt_public_key is set)"
+        },
+    )
+    jwt_secret: str = field(
+        default="",
+        metadata={
+            "help": "HMAC secret (>= 32 bytes) verifying HS256/384/512 connect tokens; '' = "
+            "none. Prefer FASTIM_JWT_SECRET or the file to the flag"
+        },
+    )
+    jwt_public_key: str = field(
+        default="",
+        metadata={"help": "PEM file of the public key (RSA, EC, Ed25519) verifying tokens"},
+    )
+    jwt_audience: str = field(
+        default="", metadata={"help": "required token aud claim ('' = tokens without aud)"}
+    )
+    jwt_issuer: str = field(
+        default="", metadata={"help": "required token iss claim ('' = not checked)"}
+    )
+    jwt_leeway: float = field(
+        default=5.0, metadata={"help": "seconds of clock skew allowed on nbf and iat (not exp)"}
+    )
+    allow_subscribe: str = field(
+        default="any",
+        metadata={"help": "who may subscribe, unless a namespace says: any, user, token, none"},
+    )
+    allow_publish: str = field(
+        default="any",
+        metadata={"help": "who may publish, unless a namespace says: any, user, token, none"},
+    )
+    allow_history: str = field(
+        default="any",
+        metadata={"help": "who may subscribe with since (recover history): any, user, token, none"},
+    )
+    allow_presence: str = field(
+        default="any",
+        metadata={"help": "who may ask for presence: any, user, token, none"},
+    )
+    tls_cert: str = field(
+        default="", metadata={"help": "PEM certificate chain: both listeners speak TLS ('' = off)"}
+    )
+    tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert"})
+    tls_client_ca: str = field(
+        default="",
+        metadata={"help": "PEM CA file: clients must present a certificate it signed ('' = no)"},
+    )
     store: str = field(
         default="memory",
         metadata={"help": "where history and inboxes live: memory, sqlite or redis"},
@@ -264,6 +316,7 @@ class Config:
             self.namespaces = check_namespaces(self.namespaces)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self._validate_security()
         return self
 
     def _validate_observability(self) -> None:
@@ -301,6 +354,15 @@ class Config:
         for name in ("history_meta_ttl", "inbox_dedup_window"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+
+    def _validate_security(self) -> None:
+        """Tokens, rules and TLS (fastim.auth): reads the key and certificate files."""
+        from .auth import check_settings
+
+        try:
+            check_settings(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def exempt_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [

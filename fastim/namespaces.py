@@ -1,4 +1,4 @@
-"""Channel namespaces: per-prefix history, durability and presence settings.
+"""Channel namespaces: per-prefix history, durability, presence and access settings.
 
 The part of a channel name before its first ``:`` is its namespace (``room:1`` →
 ``room``); a name without ``:``, or with a prefix the config does not list, belongs to
@@ -11,9 +11,16 @@ the default namespace, whose settings are the top-level ones (``history_size``,
 
     [namespaces.ticker]
     durable = false      # history in node memory only: acked without the store
+    allow_publish = "none"   # only the server HTTP API publishes here
 
 Why per namespace: a chat room wants long, durable history and presence; a price ticker
 wants neither and every microsecond. One node serves both.
+
+The ``allow_*`` rules say who may subscribe, publish, recover history (subscribe with
+``since``) and ask for presence: ``any``, ``user`` (a verified token), ``token`` (only
+channels the token's ``channels`` claim lists) or ``none``; fastim.auth applies them.
+Like the history settings, a namespace that does not set one inherits the top-level
+setting of the same name (default ``any``: what a node without auth always did).
 """
 
 from __future__ import annotations
@@ -33,7 +40,17 @@ NAMESPACE_KEYS: dict[str, type] = {
     "durable": bool,
     "presence": bool,
     "join_leave": bool,
+    "allow_subscribe": str,
+    "allow_publish": str,
+    "allow_history": str,
+    "allow_presence": str,
 }
+
+#: the values of the allow_* rules: everyone (anonymous too), a verified token, only
+#: channels the token's channels claim lists, nobody (fastim.auth applies them)
+RULE_VALUES = ("any", "user", "token", "none")
+#: the keys of NAMESPACE_KEYS that are access rules, in the order of the docs
+RULE_KEYS = ("allow_subscribe", "allow_publish", "allow_history", "allow_presence")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +71,11 @@ class Namespace:
     join_leave: bool = False
     #: seconds the store keeps a channel's epoch after its last publish (0: for ever)
     meta_ttl: float = 86400.0
+    #: who may subscribe, publish, subscribe with since, ask for presence (RULE_VALUES)
+    allow_subscribe: str = "any"
+    allow_publish: str = "any"
+    allow_history: str = "any"
+    allow_presence: str = "any"
 
     @property
     def limits(self) -> HistoryLimits:
@@ -78,7 +100,13 @@ def check_namespaces(raw: object) -> dict[str, dict[str, Any]]:
                 raise ValueError(
                     f"{where}: unknown setting (known: {', '.join(sorted(NAMESPACE_KEYS))})"
                 )
-            if want is bool:
+            if want is str:
+                if value not in RULE_VALUES:
+                    raise ValueError(
+                        f"{where}: must be one of {', '.join(RULE_VALUES)}, got {value!r}"
+                    )
+                ok = True
+            elif want is bool:
                 ok = isinstance(value, bool)
             elif want is float:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -104,6 +132,7 @@ class Namespaces:
             history_size=config.history_size,
             history_ttl=config.history_ttl,
             meta_ttl=config.history_meta_ttl,
+            **{key: getattr(config, key) for key in RULE_KEYS},
         )
         self._by_name: dict[str, Namespace] = {}
         for name, table in check_namespaces(config.namespaces).items():
@@ -111,6 +140,7 @@ class Namespaces:
                 "history_size": self.default.history_size,
                 "history_ttl": self.default.history_ttl,
                 "meta_ttl": self.default.meta_ttl,
+                **{key: getattr(self.default, key) for key in RULE_KEYS},
             }
             settings.update(table)
             self._by_name[name] = Namespace(name, **settings)

@@ -12,8 +12,10 @@ import asyncio
 import ipaddress
 import logging
 import signal
+from typing import Any
 
 from . import _core
+from .auth import Auth, tls_server_context
 from .config import Config
 from .heartbeat import TimerWheel
 from .http_api import HttpApi
@@ -34,6 +36,7 @@ class Node:
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = (config or Config()).validate()
+        self.auth = Auth(self.config)  # tokens and channel rules (fastim/auth.py)
         self.hub = Hub(self.config)
         self.store: Store | None = None
         self.postman: Postman | None = None
@@ -90,6 +93,12 @@ class Node:
         self.wheel = TimerWheel(loop, resolution=resolution, on_tick=self._on_tick)
         self.hub.now = self.wheel.now
         self.store_probe = StoreProbe(self.store, self.wheel.now)  # for /ready
+        # both listeners speak TLS when tls_cert is set; the handshake gets the same
+        # bound as the protocol's (sessions exist only once TLS is up)
+        tls = tls_server_context(cfg)
+        tls_args: dict[str, Any] = (
+            {"ssl": tls, "ssl_handshake_timeout": cfg.handshake_timeout} if tls else {}
+        )
         try:
             if cfg.tcp_port:
                 srv = await loop.create_server(
@@ -98,6 +107,7 @@ class Node:
                     cfg.tcp_port,
                     backlog=cfg.backlog,
                     reuse_address=True,
+                    **tls_args,
                 )
                 self._servers.append(srv)
                 self.tcp_port = srv.sockets[0].getsockname()[1]
@@ -108,6 +118,7 @@ class Node:
                     cfg.ws_port,
                     backlog=cfg.backlog,
                     reuse_address=True,
+                    **tls_args,
                 )
                 self._servers.append(srv)
                 self.ws_port = srv.sockets[0].getsockname()[1]
@@ -122,12 +133,13 @@ class Node:
     def urls(self) -> list[str]:
         cfg = self.config
         out = []
+        tcp, ws = ("tls", "wss") if cfg.tls_cert else ("tcp", "ws")
         if self.tcp_port:
-            out.append(f"tcp://{cfg.host}:{self.tcp_port}")
+            out.append(f"{tcp}://{cfg.host}:{self.tcp_port}")
         if self.ws_port:
-            out.append(f"ws://{cfg.host}:{self.ws_port}{cfg.ws_path}")
+            out.append(f"{ws}://{cfg.host}:{self.ws_port}{cfg.ws_path}")
             if cfg.ws_echo_path:
-                out.append(f"ws://{cfg.host}:{self.ws_port}{cfg.ws_echo_path} (echo)")
+                out.append(f"{ws}://{cfg.host}:{self.ws_port}{cfg.ws_echo_path} (echo)")
         return out
 
     def readiness(self) -> str | None:

@@ -104,6 +104,8 @@ class ErrorCode(IntEnum):
     STORE_UNAVAILABLE = 114  # the store failed: nothing was acknowledged, retry
     NO_USER = 115  # a user-only command on a connection without a user
     RATE_LIMITED = 116  # over publish_rate: this request was refused, slow down
+    AUTH_FAILED = 117  # token missing, malformed, expired or not verified: close 4501
+    PERMISSION_DENIED = 118  # the token or the namespace's rules refuse this request
 
     @property
     def fatal(self) -> bool:
@@ -119,6 +121,7 @@ _NON_FATAL = frozenset(
         ErrorCode.STORE_UNAVAILABLE,
         ErrorCode.NO_USER,
         ErrorCode.RATE_LIMITED,
+        ErrorCode.PERMISSION_DENIED,
     }
 )
 
@@ -141,6 +144,7 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4001  # outbound buffer over its cap: reconnect, recover from history
     RATE_LIMITED = 4002  # too many requests or connections: reconnect later, with backoff
     BAD_REQUEST = 4500  # malformed command: do not retry as is
+    AUTH_FAILED = 4501  # bad, expired or missing token: reconnect only with a new one
     DISCONNECTED = 4510  # closed by the server HTTP API (/api/disconnect): do not reconnect
 
     @staticmethod

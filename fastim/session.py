@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 
 from . import _core
+from .auth import AuthFailed, Identity
 from .errors import BadRequest, ProtocolError
 from .hub import HubError, Since
 from .protocol import (
@@ -250,11 +251,13 @@ class Session(asyncio.Protocol):
         "_linked",
         "_next",
         "_prev",
+        "auth_wait",
         "awaiting_pong",
         "bucket",
         "config",
         "decoder",
         "hello_seen",
+        "identity",
         "ip",
         "last_rx",
         "node",
@@ -290,6 +293,11 @@ class Session(asyncio.Protocol):
         self.user: str | None = None  # declared (hello) or, with auth, from the token
         self.ip: str | None = None  # the client's address when per-address limits apply
         self.bucket: _core.TokenBucket | None = None  # publish/send rate, on first use
+        #: what the connection's verified token says (None: no token)
+        self.identity: Identity | None = None
+        #: anonymous access is off and no token has been verified yet: only a hello
+        #: (HELLO frame, or JSON hello) with a token is accepted
+        self.auth_wait = node.auth.required
         self._linked = False  # in node.sessions (a SessionList)
         self._prev: Session | None = None
         self._next: Session | None = None
@@ -328,7 +336,12 @@ class Session(asyncio.Protocol):
         """
         transport = self.transport
         assert transport is not None and self.ring is not None
-        if transport.get_extra_info("sslcontext") is not None:
+        # asyncio's and uvloop's SSL transports both report these (tests/server/test_tls.py);
+        # their "socket" is the raw TCP socket, which must never see our plaintext
+        if (
+            transport.get_extra_info("sslcontext") is not None
+            or transport.get_extra_info("ssl_object") is not None
+        ):
             return
         sock = transport.get_extra_info("socket")
         if sock is None:
@@ -426,7 +439,10 @@ class Session(asyncio.Protocol):
 
     def mark_open(self) -> None:
         self.state = OPEN
-        self.node.wheel.schedule(self, self.node.wheel.now + self.config.ping_interval)
+        cfg = self.config
+        # a connection that still owes a token has handshake_timeout to present it
+        wait = cfg.handshake_timeout if self.auth_wait else cfg.ping_interval
+        self.node.wheel.schedule(self, self.node.wheel.now + wait)
 
     def on_deadline(self, now: float) -> float | None:
         cfg = self.config
@@ -439,6 +455,9 @@ class Session(asyncio.Protocol):
             self.on_handshake_timeout()
             return None
         if self.state != OPEN:
+            return None
+        if self.auth_wait:
+            self.fail(AuthFailed(f"no token within {cfg.handshake_timeout:g}s"))
             return None
         if self.awaiting_pong:
             if self.last_rx >= self.ping_sent_at:
@@ -527,7 +546,7 @@ class Session(asyncio.Protocol):
                 raise BadRequest("HELLO may only be the first frame")
             version, options = negotiate(payload)
             self.hello_seen = True
-            user = None
+            opts: dict[str, Any] = {}
             if options.strip() not in (b"", b"{}"):
                 try:
                     opts = orjson.loads(options)
@@ -535,9 +554,9 @@ class Session(asyncio.Protocol):
                     raise BadRequest(f"HELLO options are not JSON: {e}") from None
                 if not isinstance(opts, dict):
                     raise BadRequest("HELLO options must be a JSON object")
-                if opts.get("user") is not None:
-                    user = _user_id(opts["user"], "user")
-            self.send(self.replies.frame(_F.WELCOME, bytes((version,)) + self._welcome(user)))
+            user = self._identify(opts.get("user"), opts.get("token"))
+            welcome = self._welcome(user or self.user)
+            self.send(self.replies.frame(_F.WELCOME, bytes((version,)) + welcome))
             if self.state == HANDSHAKE:
                 self.mark_open()
             if user is not None:
@@ -548,6 +567,8 @@ class Session(asyncio.Protocol):
                 f"first frame must be HELLO (0x01), got 0x{ftype:02x}",
                 ErrorCode.HANDSHAKE_REQUIRED,
             )
+        if self.auth_wait:
+            raise AuthFailed('authenticate first: HELLO with options {"token": ...}')
         self.hello_seen = True
         if ftype == _F.PING:
             if len(payload) > 64:
@@ -596,6 +617,73 @@ class Session(asyncio.Protocol):
         assert postman is not None
         postman.attach(self, user)
 
+    # ------------------------------------------------------------------ auth
+
+    def _identify(self, declared: object, token: object) -> str | None:
+        """Who this connection is, from a hello's ``user`` and ``token`` fields.
+
+        Returns the user to declare now (None: no user, or already declared). With a
+        token the user is the token's ``sub``, and a declared user must be the same;
+        without one, declaring a user is refused wherever tokens can be verified (a
+        name anyone can type must not open someone's inbox). Raises AuthFailed (fatal,
+        close 4501) or BadRequest.
+        """
+        user = None if declared is None else _user_id(declared, "user")
+        if token is not None:
+            if self.identity is not None:
+                raise BadRequest("this connection is already authenticated")
+            identity = self.node.auth.verify(token)
+            if user is not None and user != identity.user:
+                raise AuthFailed('field "user" is not the token\'s "sub": leave "user" out')
+            self.identity = identity
+            self.auth_wait = False
+            return identity.user if self.user is None else None
+        if self.auth_wait:
+            raise AuthFailed('this node needs a token: hello with "token"')
+        if user is None:
+            return None
+        if self.identity is not None:  # authenticated at the WebSocket upgrade
+            if user != self.identity.user:
+                raise AuthFailed('field "user" is not the token\'s "sub": leave "user" out')
+            return None
+        if self.node.auth.enabled:
+            raise AuthFailed('users come from tokens on this node: send "token", not "user"')
+        if self.user is not None:
+            raise BadRequest(f"this connection already declared user {self.user!r}")
+        return user
+
+    def login(self, token: str) -> bool:
+        """Authenticate with a token given at the WebSocket upgrade (``?token=``).
+
+        Returns False when the token was refused: the error went out and the
+        connection is closing.
+        """
+        try:
+            user = self._identify(None, token)
+        except ProtocolError as e:
+            self.fail(e)
+            return False
+        if user is not None:
+            self._declare(user)
+        return True
+
+    def _denied(self, action: str, ch: str, req_id: Any, replies: Replies) -> bool:
+        """Whether the rules refuse ``action`` on ``ch``; if so PERMISSION_DENIED went out.
+
+        Free when nothing can refuse: no namespace restricts anything and the
+        connection's token (if any) carries no channels claim.
+        """
+        auth = self.node.auth
+        identity = self.identity
+        if not auth.rules and (identity is None or (identity.sub is None and identity.pub is None)):
+            return False
+        reason = auth.refusal(self.node.hub.namespaces.of(ch), action, ch, identity)
+        if reason is None:
+            return False
+        auth.denied += 1
+        self.send(replies.error(req_id, ErrorCode.PERMISSION_DENIED, reason))
+        return True
+
     def handle_json(self, text: bytes, replies: Replies | None = None) -> None:
         """One JSON command (WebSocket text message, or the payload of a CMD frame)."""
         replies = replies or self.replies
@@ -611,6 +699,8 @@ class Session(asyncio.Protocol):
         op = msg.get("op")
         if op is None:
             raise BadRequest('missing field "op"')
+        if self.auth_wait and op != "hello":
+            raise AuthFailed('authenticate first: {"op":"hello","token":"..."}')
         if op == "ping":
             self.send(replies.pong(req_id))
             return
@@ -626,15 +716,18 @@ class Session(asyncio.Protocol):
             self.handle_request(Request(op, req_id, msg["ch"], data), replies, since)
             return
         if op == "hello":
-            user = _user_id(msg.get("user"), "user")
-            if self.user is not None:
-                raise BadRequest(f"this connection already declared user {self.user!r}")
-            self.send(replies.event(self._welcome(user)[:-1] + _tail(req_id)))
-            self._declare(user)
+            declared, token = msg.get("user"), msg.get("token")
+            if declared is None and token is None and self.identity is None:
+                _user_id(declared, "user")  # BAD_REQUEST: a hello names a user or a token
+            user = self._identify(declared, token)
+            self.send(replies.event(self._welcome(user or self.user)[:-1] + _tail(req_id)))
+            if user is not None:
+                self._declare(user)
             return
         if op == "presence":
             ch = validate_channel(msg.get("ch"))
-            self.send(replies.obj(self.node.hub.presence(ch), req_id))
+            if not self._denied("presence", ch, req_id, replies):
+                self.send(replies.obj(self.node.hub.presence(ch), req_id))
             return
         if op in ("send", "ack", "inbox"):
             postman = self.node.postman
@@ -683,7 +776,7 @@ class Session(asyncio.Protocol):
                 raise ProtocolError(
                     f"data of {len(req.data)} bytes exceeds max_message", ErrorCode.FRAME_TOO_LARGE
                 )
-            if not self.rate_ok(req.id, replies):
+            if not self.rate_ok(req.id, replies) or self._denied("publish", ch, req.id, replies):
                 return
             req_id = req.id
 
@@ -701,6 +794,10 @@ class Session(asyncio.Protocol):
             if off is not None:
                 self.send(replies.puback(req.id, ch, off))
         elif op == "sub":
+            if self._denied("subscribe", ch, req.id, replies) or (
+                since is not None and self._denied("history", ch, req.id, replies)
+            ):
+                return
             subs = self.subs
             if subs is None:
                 # a list, created on first subscribe: a 1-element set costs 216 bytes, a

@@ -121,10 +121,15 @@ class HandshakeError(ProtocolError):
 class Endpoint:
     """A parsed server URL."""
 
-    scheme: str  # "tcp" | "ws" | "wss"
+    scheme: str  # "tcp" | "tls" | "ws" | "wss"
     host: str
     port: int
     path: str  # request target of a WebSocket upgrade ("/" for tcp)
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection is wrapped in TLS (``tls://``, ``wss://``)."""
+        return self.scheme in ("tls", "wss")
 
     @property
     def host_header(self) -> str:
@@ -138,30 +143,31 @@ def parse_url(url: str) -> Endpoint:
     """Parse a server URL.
 
     Args:
-        url: ``tcp://host:port``, ``ws://host[:port]/path`` or ``wss://host[:port]/path``.
+        url: ``tcp://host:port``, ``tls://host:port`` (fastim frames over TLS),
+            ``ws://host[:port]/path`` or ``wss://host[:port]/path``.
 
     Returns:
         The :class:`Endpoint`.
 
     Raises:
-        ValueError: unknown scheme, missing host, or missing port for ``tcp://``.
+        ValueError: unknown scheme, missing host, or missing port for ``tcp://``/``tls://``.
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in ("tcp", "ws", "wss"):
-        raise ValueError(f"unsupported URL scheme {parts.scheme!r} in {url!r} (tcp, ws, wss)")
+    if scheme not in ("tcp", "tls", "ws", "wss"):
+        raise ValueError(f"unsupported URL scheme {parts.scheme!r} in {url!r} (tcp, tls, ws, wss)")
     host = parts.hostname
     if not host:
         raise ValueError(f"URL {url!r} has no host")
     port = parts.port  # raises ValueError for a bad port
     if port is None:
-        if scheme == "tcp":
+        if scheme in ("tcp", "tls"):
             raise ValueError(f"URL {url!r} needs a port")
         port = 443 if scheme == "wss" else 80
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Endpoint(scheme, host, port, path if scheme != "tcp" else "/")
+    return Endpoint(scheme, host, port, path if scheme in ("ws", "wss") else "/")
 
 
 def ws_accept(key: str) -> str:
@@ -426,28 +432,33 @@ async def _ws_upgrade(
     return leftover
 
 
-async def open_connection(url: str) -> Connection:
+async def open_connection(url: str, ssl: _ssl.SSLContext | None = None) -> Connection:
     """Open a transport to ``url`` (no timeout of its own: the caller sets one).
 
     For ``ws://`` and ``wss://`` this includes the WebSocket upgrade; the fastim
     HELLO / WELCOME exchange is left to the caller.
 
     Args:
-        url: ``tcp://host:port``, ``ws://host:port/ws`` or ``wss://...``.
+        url: ``tcp://host:port``, ``tls://host:port``, ``ws://host:port/ws`` or
+            ``wss://...``.
+        ssl: the TLS context of ``tls://`` and ``wss://`` (a private CA, a client
+            certificate); default: the system's trusted CAs, hostname checked.
+            Ignored for plain ``tcp://`` and ``ws://``.
 
     Returns:
         A :class:`TCPConnection` or :class:`WSConnection`.
 
     Raises:
         ValueError: the URL is not understood.
-        OSError: the TCP connection could not be made.
+        OSError: the TCP connection could not be made (ssl.SSLError: TLS failed,
+            e.g. the server's certificate does not verify).
         HandshakeError: the WebSocket upgrade failed.
     """
     ep = parse_url(url)
-    ssl_ctx = _ssl.create_default_context() if ep.scheme == "wss" else None
+    ssl_ctx = (ssl or _ssl.create_default_context()) if ep.tls else None
     reader, writer = await asyncio.open_connection(ep.host, ep.port, ssl=ssl_ctx)
     try:
-        if ep.scheme == "tcp":
+        if ep.scheme in ("tcp", "tls"):
             return TCPConnection(url, reader, writer)
         leftover = await _ws_upgrade(ep, reader, writer)
         return WSConnection(url, reader, writer, leftover)

@@ -20,6 +20,7 @@ import binascii
 import hashlib
 import re
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 import httptools
 import orjson
@@ -230,6 +231,24 @@ def deflate_response_ok(header: bytes) -> bool:
     if len(offers) != 1 or offers[0] is None or offers[0][0] != b"permessage-deflate":
         return False
     return _deflate_offer(offers[0][1]) is not None
+
+
+def upgrade_token(url: bytes) -> str | None:
+    """The connect token of a WebSocket upgrade's ``?token=`` query parameter, or None.
+
+    A query parameter because browsers cannot set headers on a WebSocket; the URL must
+    therefore never be logged (nothing in the node logs it).
+    """
+    try:
+        query = httptools.parse_url(url).query
+    except httptools.HttpParserInvalidURLError:
+        return None
+    if not query:
+        return None
+    for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if key == "token":
+            return value
+    return None
 
 
 class WsSession(Session):
@@ -481,6 +500,11 @@ class WsSession(Session):
             + _SERVER
             + b"\r\n\r\n"
         )
+        token = None
+        if mode == MODE_ECHO:
+            self.auth_wait = False  # the operator's conformance echo touches no channel or user
+        else:
+            token = upgrade_token(self.url)
         # drop what only the upgrade needed: idle connections are the memory budget
         self.http = None
         self.headers = _NO_HEADERS
@@ -493,6 +517,8 @@ class WsSession(Session):
             # an echo client may send a message as large as max_message and get it back
             assert self.ring is not None
             self.ring.cap = max(self.ring.cap, 2 * max_message + 64)
+        if token is not None and not self.login(token):
+            return  # refused: AUTH_FAILED went out, the connection is closing
         self.mark_open()
         if rest:
             self._ws_data(rest)
