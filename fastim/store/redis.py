@@ -40,6 +40,7 @@ on the next call once Redis is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -389,6 +390,12 @@ class RedisStore(Store):
                     replies[i] = r
         except (RedisError, OSError) as e:
             self._loaded = False
+            # A timed-out pipeline can leave its replies unread on the socket; a later
+            # pipeline on that connection would read them as its own (an append parsed
+            # another call's reply: epoch "54"). Drop every connection: the next call
+            # reconnects with a clean stream.
+            with contextlib.suppress(Exception):
+                await self._redis.connection_pool.disconnect(inuse_connections=True)
             err = StoreUnavailable(f"{self._where}: {type(e).__name__}: {e}")
             for *_, fut in batch:
                 if not fut.done():
@@ -414,15 +421,19 @@ class RedisStore(Store):
                 fut.set_exception(e)
 
     async def _pipeline(self, batch: list[_Call], evalsha: bool) -> list[Any]:
+        # decided once: another batch may set _loaded while this one awaits its replies,
+        # and stripping (or not) the SCRIPT LOAD replies must match what was sent, else
+        # every reply goes to the wrong caller
+        load = evalsha and not self._loaded
         async with self._redis.pipeline(transaction=False) as pipe:
-            if evalsha and not self._loaded:
+            if load:
                 for script in _SCRIPTS.values():
                     pipe.execute_command("SCRIPT", "LOAD", script.source)
             for script, keys, args, _, _ in batch:
                 head = ("EVALSHA", script.sha) if evalsha else ("EVAL", script.source)
                 pipe.execute_command(*head, len(keys), *keys, *args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
-        if evalsha and not self._loaded:
+        if load:
             loads, replies = replies[: len(_SCRIPTS)], replies[len(_SCRIPTS) :]
             self._loaded = not any(isinstance(r, Exception) for r in loads)
         return replies
