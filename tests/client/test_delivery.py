@@ -687,3 +687,22 @@ async def test_an_epoch_left_before_is_resumed_where_it_was_left() -> None:
         assert subs == [{"off": 0, "epoch": "bad"}, {"off": 3, "epoch": "e1"}]
         await asyncio.sleep(0.05)
         assert sub.qsize() == 0
+
+
+async def test_an_inbox_the_node_could_not_read_makes_the_client_connect_again() -> None:
+    # a node whose store failed while replaying the inbox to a new connection says so
+    # (an error without a request id) and will not replay on that connection
+    async def script(peer: Peer, n: int) -> None:
+        opts = await peer.handshake()
+        assert opts["user"] == "u"
+        if n == 1:
+            peer.event({"op": "error", "code": 114, "reason": "inbox unavailable: down"})
+        else:
+            peer.event({"op": "dm", "from": "x", "mid": "m", "seq": 1, "data": "replayed"})
+            cmd = await peer.cmd("inbox")
+            peer.event({"op": "inbox", "acked": 0, "top": 1, "id": cmd["id"]})
+        await hold(peer)
+
+    async with Scripted(script) as srv, await fast(srv.url, user="u") as client:
+        dm = await within(client.direct_messages().get(), 5)
+        assert dm.data == "replayed" and srv.connections == 2 and client.reconnects == 1
