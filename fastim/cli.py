@@ -197,10 +197,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .node import Node
 
     node = Node(cfg)
+    from .store import StoreError
+
     try:
         _run(node.serve_forever())
+    except StoreError as e:
+        log.error("fastim: cannot open the store: %s", e)
+        return 1
     except OSError as e:
-        print(f"fastim: cannot listen: {e}", file=sys.stderr)
+        log.error("fastim: cannot listen: %s", e)
         return 1
     return 0
 

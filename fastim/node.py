@@ -286,6 +286,11 @@ class Node:
             loop.add_signal_handler(sig, stop.set)
         try:
             await self.start()
+        except BaseException:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            raise  # start() released what it had opened
+        try:
             await stop.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):

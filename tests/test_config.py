@@ -130,3 +130,24 @@ def test_serve_reads_the_environment(
     monkeypatch.setenv("FASTIM_MAX_FRAME", "-3")
     assert main(["serve"]) == 2
     assert "max_frame: must be >= 1, got -3" in capsys.readouterr().err
+
+
+def test_serve_without_its_store_exits_with_a_clear_message() -> None:
+    import subprocess
+    import sys
+
+    from server._support import free_port  # type: ignore[import-not-found]
+
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "fastim", "serve",
+            "--tcp-port", str(free_port()), "--ws-port", "0",
+            "--store", "redis", "--redis-url", "redis://u:pw@127.0.0.1:1/0",
+            "--redis-timeout", "0.5",
+        ],
+        capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert "cannot open the store" in r.stderr and "Traceback" not in r.stderr
+    assert "pw" not in r.stderr.replace("pwd", "")

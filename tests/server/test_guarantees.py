@@ -8,6 +8,7 @@ paths through the hub (synchronous vs. one append per channel per tick).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ async def store_node(
     elif kind == "redis":
         server = request.getfixturevalue("redis_for_guarantees")
         settings["redis_url"] = server.url
-        settings["redis_prefix"] = f"t{id(tmp_path)}"
+        settings["redis_prefix"] = "t" + os.urandom(6).hex()  # one history per test
 
     async def make(**more: Any) -> Node:
         node: Node = await node_factory(**{**settings, **more})
