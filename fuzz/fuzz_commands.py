@@ -211,8 +211,9 @@ def check_output(kind: str, out: bytes) -> None:
         elif op == core.OP_BINARY:
             check_fastim_frames(payload)
         elif op == core.OP_CLOSE:
-            code, _ = core.ws_parse_close(payload)
-            assert code in CLOSE_CODES, code
+            # the node's own codes, or the client's close code echoed (RFC 6455 §5.5.1):
+            # either way one a peer may send (ws_parse_close raises for any other)
+            core.ws_parse_close(payload)
 
 
 def TestOneInput(data: bytes) -> None:
