@@ -4,10 +4,17 @@ again on the same ports (and the same store), so the SDK's clients reconnect to 
 ``python -m fastim serve`` writes its log to a file (a pipe nobody reads would fill up
 and block the node); :meth:`NodeProc.start` waits for the "listening" line. Every wait
 is bounded.
+
+The coroutines :meth:`NodeProc.astart` and :meth:`NodeProc.akill` wait with
+``asyncio.sleep`` instead of blocking the loop, and use no thread: in two of some forty
+runs, an ``asyncio.to_thread(node.kill)`` (then ``to_thread(node.start)``) under uvloop
+never came back although the thread's work was done (the node was dead, the next start
+never began), and the test timed out for that reason alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -42,6 +49,25 @@ class NodeProc:
         return self.directory / f"node-{self.starts}.log"
 
     def start(self, timeout: float = 20.0) -> None:
+        """Start the node and wait (blocking) until it listens."""
+        self._spawn()
+        deadline = time.monotonic() + timeout
+        while not self._listening():
+            if time.monotonic() > deadline:
+                self._give_up(timeout)
+            time.sleep(0.02)
+
+    async def astart(self, timeout: float = 20.0) -> None:
+        """:meth:`start` without blocking the event loop."""
+        self._spawn()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._listening():
+            if loop.time() > deadline:
+                self._give_up(timeout)
+            await asyncio.sleep(0.02)
+
+    def _spawn(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
         cmd = [
@@ -56,13 +82,15 @@ class NodeProc:
             self.proc = subprocess.Popen(
                 cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
-            if "listening" in self.log():
-                return
-            time.sleep(0.02)
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+        return "listening" in self.log()
+
+    def _give_up(self, timeout: float) -> None:
+        assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
         raise AssertionError(f"node did not start within {timeout}s:\n{self.log()}")
@@ -76,6 +104,17 @@ class NodeProc:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"node survived SIGKILL for 10s: {self.state()}") from None
 
+    async def akill(self) -> None:
+        """:meth:`kill` without blocking the event loop."""
+        assert self.proc is not None and self.proc.poll() is None, "not running"
+        os.kill(self.proc.pid, signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while self.proc.poll() is None:
+            if loop.time() > deadline:
+                raise AssertionError(f"node survived SIGKILL for 10s: {self.state()}")
+            await asyncio.sleep(0.005)
+
     def state(self) -> str:
         """The process's state line and kernel wait channel (why it is stuck)."""
         if self.proc is None:
@@ -86,7 +125,23 @@ class NodeProc:
         except OSError as e:
             return f"exited ({e})"
         line = next((x for x in status.splitlines() if x.startswith("State:")), "?")
-        return f"{line.strip()}, wchan {wchan or '?'}"
+        return f"{line.strip()}, wchan {wchan or '?'}{self._py_stack()}"
+
+    def _py_stack(self) -> str:
+        """The node's Python stacks (py-spy, when installed): where a stuck node is."""
+        spy = Path(sys.executable).with_name("py-spy")
+        if self.proc is None or not spy.exists():
+            return ""
+        try:
+            out = subprocess.run(
+                [str(spy), "dump", "--pid", str(self.proc.pid)],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"\n(py-spy: {e})"
+        return "\n" + (out.stdout or out.stderr)[-3000:]
 
     def stop(self) -> None:
         """SIGTERM (graceful), or SIGKILL if that takes over 10 s."""

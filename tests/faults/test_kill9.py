@@ -78,16 +78,16 @@ async def windowed(n: int, window: int, one: Callable[[int], Awaitable[None]]) -
 async def kill_and_restart(node: NodeProc, when: Callable[[], bool], down: float = 0.3) -> None:
     """Once ``when()`` holds: SIGKILL the node, leave it dead ``down`` seconds, start it."""
     await eventually(when, what="the stream to reach the kill point")
-    await asyncio.to_thread(node.kill)
+    await node.akill()
     await asyncio.sleep(down)
-    await asyncio.to_thread(node.start)
+    await node.astart()
 
 
 async def test_channel_stream_survives_kill9(
     nodes: Callable[..., NodeProc], store_args: list[str]
 ) -> None:
     node = nodes(*store_args, "--history-size", "5000")
-    await asyncio.to_thread(node.start)
+    await node.astart()
     n = 600
     pub = await client(node.tcp_url)
     subc = await client(node.ws_url)
@@ -141,7 +141,7 @@ async def test_direct_messages_survive_kill9(
     nodes: Callable[..., NodeProc], store_args: list[str]
 ) -> None:
     node = nodes(*store_args, "--dm-retry", "0.5")
-    await asyncio.to_thread(node.start)
+    await node.astart()
     n = 300
     alice = await client(node.tcp_url, user="alice", send_timeout=30.0)
     bob = await client(node.ws_url, user="bob")
