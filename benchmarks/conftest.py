@@ -1,8 +1,10 @@
 """Benchmarks of the compiled kernels against their pure-Python references.
 
-Run: ``make bench`` (or ``pytest benchmarks/ --benchmark-only``). Compare commits with
-``--benchmark-save=NAME`` and ``--benchmark-compare``. They are not part of ``make test``:
-timings on a shared 2-core machine say nothing about correctness.
+Run: ``./dev bench`` (``pytest benchmarks/ --benchmark-only``). Compare commits:
+``./dev bench --benchmark-save=before`` on one commit, then ``./dev bench
+--benchmark-compare=0001 --benchmark-compare-fail=median:20%`` on the next (the saved runs
+live in ``.benchmarks/``). They are not part of ``./dev test``: timings on a shared 2-core
+machine say nothing about correctness.
 """
 
 from __future__ import annotations
