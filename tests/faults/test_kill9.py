@@ -75,12 +75,28 @@ async def windowed(n: int, window: int, one: Callable[[int], Awaitable[None]]) -
     await asyncio.gather(*tasks)
 
 
-async def kill_and_restart(node: NodeProc, when: Callable[[], bool], down: float = 0.3) -> None:
-    """Once ``when()`` holds: SIGKILL the node, leave it dead ``down`` seconds, start it."""
+async def kill_and_restart(
+    node: NodeProc, when: Callable[[], bool], steps: list[str], down: float = 0.3
+) -> None:
+    """Once ``when()`` holds: SIGKILL the node, leave it dead ``down`` seconds, start it.
+
+    ``steps`` records when each step began (loop time), for the message of a timeout.
+    """
+    loop = asyncio.get_running_loop()
+    steps.append(f"wait {loop.time():.2f}")
     await eventually(when, what="the stream to reach the kill point")
+    steps.append(f"kill {loop.time():.2f}")
     await node.akill()
+    steps.append(f"dead {loop.time():.2f}")
     await asyncio.sleep(down)
+    steps.append(f"start {loop.time():.2f}")
     await node.astart()
+    steps.append(f"up {loop.time():.2f}")
+
+
+def progress(node: NodeProc, steps: list[str], what: str) -> str:
+    now = asyncio.get_running_loop().time()
+    return f"{what}; kill/restart steps {steps} (now {now:.2f}); node {node.state()}: {node.log()}"
 
 
 async def test_channel_stream_survives_kill9(
@@ -109,12 +125,14 @@ async def test_channel_stream_survives_kill9(
             except (ConnectionClosed, RequestError, asyncio.TimeoutError):
                 failed.append(i)  # unknown outcome: not retried (no idempotency key)
 
+        steps: list[str] = []
         await within(
             asyncio.gather(
-                windowed(n, 8, publish), kill_and_restart(node, lambda: len(acked) >= n // 3)
+                windowed(n, 8, publish),
+                kill_and_restart(node, lambda: len(acked) >= n // 3, steps),
             ),
             60,
-            lambda: f"{len(acked)} acked, {len(failed)} failed; node {node.state()}: {node.log()}",
+            lambda: progress(node, steps, f"{len(acked)} acked, {len(failed)} failed"),
         )
         last_off = max(off for _, off in acked)
         await eventually(lambda: sub.offset >= last_off, what="the subscriber to catch up")
@@ -158,12 +176,14 @@ async def test_direct_messages_survive_kill9(
         async def send(i: int) -> None:
             sent[i] = await alice.send("bob", {"i": i})  # retried until acknowledged
 
+        steps: list[str] = []
         await within(
             asyncio.gather(
-                windowed(n, 4, send), kill_and_restart(node, lambda: len(sent) >= n // 3)
+                windowed(n, 4, send),
+                kill_and_restart(node, lambda: len(sent) >= n // 3, steps),
             ),
             60,
-            lambda: f"{len(sent)} sent, {len(got)} got; node {node.state()}: {node.log()}",
+            lambda: progress(node, steps, f"{len(sent)} sent, {len(got)} got"),
         )
         await eventually(lambda: len(got) >= n, what=f"{n} direct messages (have {len(got)})")
         await eventually(lambda: bob.inbox.acked == n, what="bob's acks")
