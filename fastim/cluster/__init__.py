@@ -1,0 +1,23 @@
+"""The foundations of a fastim cluster: membership, placement, node links.
+
+- :mod:`fastim.cluster.membership`: this node's registration in etcd under a lease it
+  keeps alive, and the routing table of live nodes, kept by a watch that resumes after
+  etcd hiccups (needs the ``cluster`` extra: ``aetcd``).
+- :mod:`fastim.cluster.placement`: which node owns a channel (rendezvous hashing) and the
+  k-ary broadcast tree of a channel: pure functions of the channel and the live nodes.
+- :mod:`fastim.cluster.link` and :mod:`fastim.cluster.frames`: persistent node-to-node
+  connections carrying batched fastim frames, with heartbeats, reconnect and TLS.
+
+Nothing here is wired into the hub yet; ``docs/cluster.md`` describes the interfaces the
+hub integration (publish forwarding, tree fan-out) is meant to use.
+"""
+
+from __future__ import annotations
+
+
+class ClusterError(Exception):
+    """The cluster cannot be joined or used (etcd unreachable at start, node id taken)."""
+
+
+class NodeIdTaken(ClusterError):
+    """Another live node holds this node id's registration (its lease is being kept alive)."""
