@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import sys
 from collections.abc import Mapping
@@ -236,6 +237,29 @@ class Config:
     log_format: str = field(
         default="text", metadata={"help": "text, or json (one JSON object per line)"}
     )
+    # ---- cluster (fastim/cluster/, docs/cluster.md)
+    etcd_endpoints: str = field(
+        default="",
+        metadata={"help": "comma-separated etcd host:port list to join a cluster ('' = one node)"},
+    )
+    cluster_name: str = field(
+        default="fastim", metadata={"help": "name of the cluster this node joins"}
+    )
+    etcd_prefix: str = field(
+        default="/fastim",
+        metadata={"help": "etcd key prefix: nodes register at PREFIX/CLUSTER/nodes/NODE_ID"},
+    )
+    node_lease_ttl: int = field(
+        default=5,
+        metadata={"help": "seconds a node stays registered after its last etcd keepalive (>= 2)"},
+    )
+    link_port: int = field(
+        default=0,
+        metadata={"help": "port accepting links from the other nodes of the cluster (0 = off)"},
+    )
+    tree_k: int = field(
+        default=8, metadata={"help": "children per node in a channel's broadcast tree (>= 2)"}
+    )
 
     def validate(self) -> Config:
         """Raise ConfigError naming the first bad setting; return self."""
@@ -317,6 +341,7 @@ class Config:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self._validate_security()
+        self._validate_cluster()
         return self
 
     def _validate_observability(self) -> None:
@@ -363,6 +388,38 @@ class Config:
             check_settings(self)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def _validate_cluster(self) -> None:
+        """Cluster settings (fastim.cluster): checked even while etcd_endpoints is empty."""
+        from .cluster.membership import parse_endpoints
+
+        try:
+            parse_endpoints(self.etcd_endpoints)
+        except ValueError as e:
+            raise ConfigError(f"etcd_endpoints: {e}") from None
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.cluster_name):
+            raise ConfigError(
+                "cluster_name: 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                f"or digit, got {self.cluster_name!r}"
+            )
+        p = self.etcd_prefix
+        if (
+            not p.startswith("/")
+            or p.endswith("/")
+            or len(p) > 200
+            or any(c.isspace() or not c.isprintable() for c in p)
+        ):
+            raise ConfigError(
+                f"etcd_prefix: must start with '/', not end with one, no spaces, got {p!r}"
+            )
+        if not 2 <= self.node_lease_ttl <= 3600:
+            raise ConfigError(f"node_lease_ttl: must be 2..3600 seconds, got {self.node_lease_ttl}")
+        if not 0 <= self.link_port <= 65535:
+            raise ConfigError(f"link_port: must be 0..65535, got {self.link_port}")
+        if not 2 <= self.tree_k <= 1024:
+            raise ConfigError(f"tree_k: must be 2..1024, got {self.tree_k}")
+        if self.etcd_endpoints and "/" in self.node_id:
+            raise ConfigError(f"node_id: must not contain '/' in a cluster, got {self.node_id!r}")
 
     def exempt_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [
