@@ -1,0 +1,836 @@
+"""Node links: persistent connections that carry fastim frames from one node to another.
+
+Each node *dials* one link to every peer in the routing table (:class:`Links`) and
+*accepts* the links its peers dial (:class:`LinkServer`, on ``link_port``). A link carries
+traffic one way, from the dialer to the acceptor (the acceptor only answers the
+handshake and heartbeats), so a pair of nodes has two connections, one per direction.
+That keeps every link the same simple thing: no tie-breaking over who dials whom, no
+half-open duel when both restart at once, and a node's outbound queue to a peer is one
+ring whose order is exactly the order of the sends.
+
+**Batching.** ``deliver`` / ``forward`` / ``forward_ack`` append one packed entry to the
+link's open batch; at the end of the loop tick (one ``call_soon`` per link per tick) the
+batch is sealed into one frame (``fastim._core.encode_frame``) and appended to the link's
+``OutRing``, and the ``Flusher`` writes each ring once per tick. So a burst of 10,000
+messages to a peer in one tick costs one frame (a few if over ``BATCH_BYTES``) and one
+``write``, as for client connections. A send of another kind seals the open batch first,
+so frames leave in exactly the order of the calls.
+
+**Heartbeats.** The dialer sends PING every ``heartbeat`` seconds; the acceptor answers
+PONG. A dialer that hears nothing for ``timeout`` seconds declares the peer dead, drops
+the connection and reconnects; an acceptor that hears nothing (no frames, no pings) for
+``timeout`` closes its end. A stopped (SIGSTOP) or partitioned peer is thus noticed in
+``timeout`` seconds, which TCP itself would take minutes to do.
+
+**Reconnect.** A link that is down redials with exponential backoff and jitter
+(``backoff`` = first delay, cap). The handshake checks both ends: HELLO names the
+cluster and the node the dialer expects, WELCOME names the node that answered, and a
+mismatch (another cluster, or another node now on that address) is refused with GOAWAY.
+
+**Delivery promise: in order while up, at most once.** Sends while a link is down return
+False and are counted in ``dropped``; what is queued when a link breaks is lost. Links
+do not retransmit: the hub's reliability comes from offsets and the store (a node that
+sees a gap in a channel's offsets recovers it from history), not from the transport.
+
+**TLS.** Pass an ``ssl.SSLContext`` to both ends (:func:`server_context`,
+:func:`client_context`; with a CA on the server side, both ends present certificates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl as _ssl
+import struct
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, cast
+
+import orjson
+
+from .. import _core
+from ..errors import FastimError
+from .frames import (
+    ACCEPTOR_ACCEPTS,
+    BATCH_BYTES,
+    DIALER_ACCEPTS,
+    LINK_MAX_FRAME,
+    LINK_VERSION,
+    Deliver,
+    Forward,
+    ForwardAck,
+    GoawayCode,
+    LinkDecodeError,
+    LinkFrame,
+    pack_batch,
+    pack_deliver,
+    pack_forward,
+    pack_forward_ack,
+    pack_goaway,
+    unpack_deliver,
+    unpack_forward,
+    unpack_forward_ack,
+    unpack_goaway,
+)
+
+__all__ = [
+    "Link",
+    "LinkHandler",
+    "LinkRefused",
+    "LinkServer",
+    "Links",
+    "client_context",
+    "link_peers",
+    "server_context",
+    "split_address",
+]
+
+log = logging.getLogger("fastim.cluster")
+
+_PING = int(LinkFrame.PING)
+_PONG = int(LinkFrame.PONG)
+_T = struct.Struct(">d")
+#: bytes one link may queue before it is cut as too slow (then it reconnects)
+LINK_CAP = 64 << 20
+
+
+class LinkRefused(ConnectionError):
+    """The other end refused the handshake (GOAWAY) or answered as another node."""
+
+
+class LinkHandler:
+    """What a node does with what its peers send. Subclass and override what you need.
+
+    Every method runs in the event loop, synchronously, once per received frame (a batch
+    arrives as one list, in the order sent). ``peer`` is the sender's node id, checked at
+    the handshake. An exception is logged and the link stays up.
+    """
+
+    def on_forward(self, peer: str, items: list[Forward]) -> None:
+        """Publishes to channels this node owns (answer each with ``forward_ack``)."""
+
+    def on_forward_ack(self, peer: str, items: list[ForwardAck]) -> None:
+        """The owner's answers to publishes this node forwarded."""
+
+    def on_deliver(self, peer: str, items: list[Deliver]) -> None:
+        """Numbered messages coming down a channel's broadcast tree."""
+
+    def on_control(self, peer: str, message: dict[str, Any]) -> None:
+        """A CONTROL frame's JSON object."""
+
+    def on_peer(self, peer: str, connected: bool) -> None:
+        """A peer's link into this node came up (handshake done) or went away."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); ValueError naming the address."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not a host:port address: {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+class _AddressOf(Protocol):
+    @property
+    def addresses(self) -> Mapping[str, str]: ...
+
+
+def link_peers(nodes: Mapping[str, _AddressOf], self_id: str) -> dict[str, str]:
+    """node id → link address, for every node of a routing table but ``self_id`` that
+    advertises one (what :meth:`Links.sync` takes)."""
+    out = {}
+    for node_id, info in nodes.items():
+        addr = info.addresses.get("link")
+        if node_id != self_id and addr:
+            out[node_id] = addr
+    return out
+
+
+def server_context(certfile: str, keyfile: str, cafile: str | None = None) -> _ssl.SSLContext:
+    """TLS for a LinkServer; with ``cafile``, dialers must present a certificate it signed."""
+    ctx = _ssl.create_default_context(_ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(certfile, keyfile)
+    if cafile:
+        ctx.load_verify_locations(cafile)
+        ctx.verify_mode = _ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_context(
+    cafile: str, certfile: str | None = None, keyfile: str | None = None
+) -> _ssl.SSLContext:
+    """TLS for dialing links: trust ``cafile``; present ``certfile`` when given (mutual TLS)."""
+    ctx = _ssl.create_default_context(_ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    if certfile:
+        ctx.load_cert_chain(certfile, keyfile)
+    return ctx
+
+
+class _End(Protocol):
+    """The owner of a connection: a dialing Link or the LinkServer."""
+
+    def conn_made(self, conn: _Conn) -> None: ...
+    def frame(self, conn: _Conn, ftype: int, payload: bytes) -> None: ...
+    def conn_lost(self, conn: _Conn, exc: Exception | None) -> None: ...
+
+
+class _Conn(asyncio.Protocol):
+    """One link connection, either end: frames in through the compiled decoder, frames out
+    through an OutRing that the flusher writes once per tick."""
+
+    def __init__(
+        self, end: _End, flusher: _core.Flusher, cap: int, max_frame: int, accepts: bytes
+    ) -> None:
+        self.end = end
+        self.flusher = flusher
+        self.cap = cap
+        self.decoder = _core.FrameDecoder(max_frame, accepts)
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.ring: _core.OutRing | None = None
+        self.last_rx = self.loop.time()
+        self.peer: str | None = None
+        self.lost = asyncio.Event()
+        self.closing = False
+        self.bytes_in = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        self.ring = _core.OutRing(
+            self.flusher, self.transport, _core.FMT_TCP, self.cap, self._overflow
+        )
+        self.last_rx = self.loop.time()
+        self.end.conn_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = self.loop.time()
+        self.bytes_in += len(data)
+        try:
+            frames = self.decoder.feed(data)
+        except FastimError as e:
+            self.fail(GoawayCode.PROTOCOL, f"bad link frame: {e}")
+            return
+        for ftype, payload in frames:
+            if self.closing:
+                return
+            self.end.frame(self, ftype, payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if self.ring is not None:
+            self.ring.close()
+        self.lost.set()
+        self.end.conn_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.ring is not None:
+            self.ring.pause()
+
+    def resume_writing(self) -> None:
+        if self.ring is not None:
+            self.ring.resume()
+
+    def _overflow(self) -> None:
+        log.warning("link %s: over %d bytes queued, closing it (too slow)", self.peer, self.cap)
+        self.abort()
+
+    def send(self, ftype: int, payload: bytes) -> bool:
+        ring = self.ring
+        if ring is None or self.closing:
+            return False
+        return bool(ring.append(_core.encode_frame(ftype, payload)))
+
+    def close(self) -> None:
+        """Close after writing what is queued."""
+        if self.closing:
+            return
+        self.closing = True
+        t = self.transport
+        if t is not None:
+            if self.ring is not None and len(self.ring):
+                t.write(self.ring.take())
+            t.close()
+
+    def fail(self, code: int, reason: str) -> None:
+        """Tell the other end why (GOAWAY), then close."""
+        if not self.closing:
+            log.warning("link %s: closing: %s", self.peer or "(handshake)", reason)
+            self.send(LinkFrame.GOAWAY, pack_goaway(code, reason))
+        self.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _code_name(code: int) -> str:
+    try:
+        return GoawayCode(code).name
+    except ValueError:
+        return str(code)
+
+
+def _backoff(attempt: int, first: float, cap: float) -> float:
+    """Exponential backoff with jitter: a restarted node is not dialed by everyone at once."""
+    return min(cap, first * (1 << min(attempt, 30))) * random.uniform(0.5, 1.0)
+
+
+class Link:
+    """The dialing end of one link, to one peer: reconnects by itself until closed.
+
+    Created by :class:`Links`. ``state`` is ``down``, ``connecting`` or ``up`` (then
+    ``closed``); sends work only while ``up`` and return False otherwise.
+    """
+
+    def __init__(self, links: Links, peer: str, address: str) -> None:
+        self.links = links
+        self.peer = peer
+        self.address = address
+        self.host, self.port = split_address(address)
+        self.state = "down"
+        self.loop = links.loop
+        self._conn: _Conn | None = None
+        self._hs: asyncio.Future[None] | None = None
+        self._closed = False
+        # the open batch: its frame type, packed entries, count and bytes
+        self._btype = 0
+        self._buf: list[bytes] = []
+        self._bcount = 0
+        self._bbytes = 0
+        self._scheduled = False
+        #: counters: frames and entries sent, entries dropped (link down), connects made
+        self.frames_out = 0
+        self.items_out = 0
+        self.dropped = 0
+        self.connects = 0
+        self.last_error = ""
+        #: round trip of the last PING, seconds
+        self.rtt: float | None = None
+        self._up = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+
+    def __repr__(self) -> str:
+        return f"<Link to {self.peer} at {self.address} {self.state}>"
+
+    # ------------------------------------------------------------------ sending
+
+    def deliver(self, channel: str, epoch: str, offset: int, data: bytes) -> bool:
+        """Queue a channel message for the peer (a DELIVER entry). False if the link is down."""
+        return self._append(LinkFrame.DELIVER, pack_deliver(channel, epoch, offset, data))
+
+    def forward(self, ref: int, channel: str, data: bytes) -> bool:
+        """Queue a publish for the channel's owner (a FORWARD entry)."""
+        return self._append(LinkFrame.FORWARD, pack_forward(ref, channel, data))
+
+    def forward_ack(
+        self, ref: int, offset: int, epoch: str = "", code: int = 0, reason: str = ""
+    ) -> bool:
+        """Queue the answer to a forwarded publish (a FORWARD_ACK entry)."""
+        return self._append(
+            LinkFrame.FORWARD_ACK, pack_forward_ack(ref, offset, epoch, code, reason)
+        )
+
+    def control(self, message: Mapping[str, Any]) -> bool:
+        """Send one JSON object (a CONTROL frame), after anything queued before it."""
+        conn = self._conn
+        if conn is None:
+            self.dropped += 1
+            return False
+        self._seal()
+        self.frames_out += 1
+        return conn.send(LinkFrame.CONTROL, orjson.dumps(message))
+
+    def _append(self, ftype: int, entry: bytes) -> bool:
+        if self._conn is None:
+            self.dropped += 1
+            return False
+        if self._bcount and self._btype != ftype:
+            self._seal()
+        self._btype = ftype
+        self._buf.append(entry)
+        self._bcount += 1
+        self._bbytes += len(entry)
+        if self._bbytes >= BATCH_BYTES:
+            self._seal()
+        elif not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._seal_tick)
+        return True
+
+    def _seal_tick(self) -> None:
+        self._scheduled = False
+        self._seal()
+
+    def _seal(self) -> None:
+        """Turn the open batch into one frame in the ring (the flusher writes it)."""
+        n = self._bcount
+        if not n:
+            return
+        payload = pack_batch(n, b"".join(self._buf))
+        self._buf = []
+        self._bcount = self._bbytes = 0
+        conn = self._conn
+        if conn is None or not conn.send(self._btype, payload):
+            self.dropped += n
+            return
+        self.frames_out += 1
+        self.items_out += n
+
+    def _drop_batch(self) -> None:
+        self.dropped += self._bcount
+        self._buf = []
+        self._bcount = self._bbytes = 0
+
+    # ------------------------------------------------------------------ connection
+
+    async def wait_up(self, timeout: float) -> bool:
+        """Wait until the link is up (True) or ``timeout`` passes (False)."""
+        try:
+            await asyncio.wait_for(self._up.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _run(self) -> None:
+        links = self.links
+        attempt = 0
+        while not self._closed:
+            was_up = False
+            try:
+                was_up = await self._session()
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncio.TimeoutError, LinkRefused) as e:
+                err = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                if err != self.last_error:
+                    log.warning("link to %s at %s: %s", self.peer, self.address, err)
+                self.last_error = err
+            except Exception:
+                log.exception("link to %s: unexpected error", self.peer)
+            if self._closed:
+                break
+            attempt = 0 if was_up else attempt + 1
+            await asyncio.sleep(_backoff(attempt, *links.backoff))
+
+    async def _session(self) -> bool:
+        """Connect, handshake, then heartbeat until the connection ends; True if it was up."""
+        links = self.links
+        self.state = "connecting"
+        hs: asyncio.Future[None] = self.loop.create_future()
+        self._hs = hs
+        _, conn = await asyncio.wait_for(
+            self.loop.create_connection(
+                lambda: _Conn(self, links.flusher, links.cap, LINK_MAX_FRAME, DIALER_ACCEPTS),
+                self.host,
+                self.port,
+                ssl=links.ssl,
+                server_hostname=(links.server_hostname or self.host) if links.ssl else None,
+            ),
+            links.timeout,
+        )
+        up = False
+        try:
+            conn.peer = self.peer
+            hello = {
+                "node": links.node_id,
+                "cluster": links.cluster,
+                "version": LINK_VERSION,
+                "expect": self.peer,
+            }
+            conn.send(LinkFrame.HELLO, orjson.dumps(hello))
+            await asyncio.wait_for(hs, links.timeout)
+            self._conn = conn
+            self.state = "up"
+            self.connects += 1
+            self.last_error = ""
+            up = True
+            self._up.set()
+            log.info("link to %s at %s up", self.peer, self.address)
+            links._changed(self.peer, True)
+            while not conn.lost.is_set():
+                try:
+                    await asyncio.wait_for(conn.lost.wait(), links.heartbeat)
+                except asyncio.TimeoutError:
+                    silent = self.loop.time() - conn.last_rx
+                    if silent > links.timeout:
+                        self.last_error = f"no answer for {silent:.1f}s"
+                        log.warning("link to %s: silent for %.1fs, dropping it", self.peer, silent)
+                        conn.abort()
+                        break
+                    conn.send(_PING, _T.pack(self.loop.time()))
+            return True
+        finally:
+            if not hs.done():
+                hs.cancel()
+            if self._conn is conn:
+                self._conn = None
+                self._drop_batch()
+            conn.abort()
+            self.state = "closed" if self._closed else "down"
+            if up:
+                self._up.clear()
+                log.info("link to %s down", self.peer)
+                links._changed(self.peer, False)
+
+    # the _End protocol, for this link's connection
+    def conn_made(self, conn: _Conn) -> None:
+        pass
+
+    def frame(self, conn: _Conn, ftype: int, payload: bytes) -> None:
+        hs = self._hs
+        if ftype == _PONG:
+            if len(payload) == 8:
+                self.rtt = self.loop.time() - _T.unpack(payload)[0]
+        elif ftype == LinkFrame.WELCOME:
+            try:
+                info = orjson.loads(payload)
+                node, cluster = info["node"], info["cluster"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                conn.fail(GoawayCode.BAD_HANDSHAKE, "malformed WELCOME")
+                if hs is not None and not hs.done():
+                    hs.set_exception(LinkRefused("malformed WELCOME"))
+                return
+            err = None
+            if node != self.peer:
+                err = f"{self.address} is node {node!r}, not {self.peer!r}"
+            elif cluster != self.links.cluster:
+                err = f"{self.address} is in cluster {cluster!r}, not {self.links.cluster!r}"
+            if err is not None:
+                conn.fail(GoawayCode.WRONG_NODE, err)
+            if hs is not None and not hs.done():
+                if err is None:
+                    hs.set_result(None)
+                else:
+                    hs.set_exception(LinkRefused(err))
+        elif ftype == LinkFrame.GOAWAY:
+            try:
+                code, reason = unpack_goaway(payload)
+            except LinkDecodeError as e:
+                code, reason = 0, str(e)
+            msg = f"refused by {self.peer} ({_code_name(code)}): {reason}"
+            if hs is not None and not hs.done():
+                hs.set_exception(LinkRefused(msg))
+            else:
+                log.info("link to %s: %s", self.peer, msg)
+            conn.close()
+
+    def conn_lost(self, conn: _Conn, exc: Exception | None) -> None:
+        hs = self._hs
+        if hs is not None and not hs.done():
+            hs.set_exception(ConnectionResetError(f"closed during handshake: {exc or 'EOF'}"))
+
+    async def close(self, goodbye: bool = True) -> None:
+        """Stop for good: seal and write what is queued, GOAWAY, close."""
+        self._closed = True
+        conn = self._conn
+        if conn is not None and goodbye:
+            self._seal()
+            conn.send(LinkFrame.GOAWAY, pack_goaway(GoawayCode.SHUTDOWN, "link closed"))
+            conn.close()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self.state = "closed"
+
+
+class Links:
+    """This node's outbound links: one :class:`Link` per peer of the routing table.
+
+    :meth:`sync` takes the wanted peers (node id → ``host:port``, see :func:`link_peers`)
+    and opens, closes or re-addresses links to match; the membership change callback
+    calls it. ``on_state(peer, up)`` is told when a link comes up or goes down (the hub
+    re-sends interest or resynchronises channels then). Create it inside the running loop.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        cluster: str,
+        *,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        heartbeat: float = 1.0,
+        timeout: float = 3.0,
+        backoff: tuple[float, float] = (0.05, 2.0),
+        cap: int = LINK_CAP,
+        flusher: _core.Flusher | None = None,
+        on_state: Callable[[str, bool], None] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.cluster = cluster
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        self.heartbeat = heartbeat
+        self.timeout = timeout
+        self.backoff = backoff
+        self.cap = cap
+        self.loop = asyncio.get_running_loop()
+        self.flusher = flusher if flusher is not None else _core.Flusher(self.loop.call_soon)
+        self.on_state = on_state
+        self.links: dict[str, Link] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._closed = False
+
+    def sync(self, peers: Mapping[str, str]) -> None:
+        """Make the set of links match ``peers`` (node id → link address)."""
+        if self._closed:
+            return
+        for peer in list(self.links):
+            link = self.links[peer]
+            if peers.get(peer) != link.address:
+                del self.links[peer]
+                self._run(link.close())
+        for peer, address in peers.items():
+            if peer != self.node_id and peer not in self.links:
+                self.links[peer] = Link(self, peer, address)
+
+    def get(self, peer: str) -> Link | None:
+        return self.links.get(peer)
+
+    def is_up(self, peer: str) -> bool:
+        link = self.links.get(peer)
+        return link is not None and link.state == "up"
+
+    def deliver(self, peer: str, channel: str, epoch: str, offset: int, data: bytes) -> bool:
+        link = self.links.get(peer)
+        return link is not None and link.deliver(channel, epoch, offset, data)
+
+    def forward(self, peer: str, ref: int, channel: str, data: bytes) -> bool:
+        link = self.links.get(peer)
+        return link is not None and link.forward(ref, channel, data)
+
+    def forward_ack(
+        self, peer: str, ref: int, offset: int, epoch: str = "", code: int = 0, reason: str = ""
+    ) -> bool:
+        link = self.links.get(peer)
+        return link is not None and link.forward_ack(ref, offset, epoch, code, reason)
+
+    def control(self, peer: str, message: Mapping[str, Any]) -> bool:
+        link = self.links.get(peer)
+        return link is not None and link.control(message)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per peer: state, round trip, counters, last error (for /ready and metrics)."""
+        return {
+            peer: {
+                "address": link.address,
+                "state": link.state,
+                "rtt": link.rtt,
+                "frames_out": link.frames_out,
+                "items_out": link.items_out,
+                "dropped": link.dropped,
+                "connects": link.connects,
+                "last_error": link.last_error,
+            }
+            for peer, link in self.links.items()
+        }
+
+    def _changed(self, peer: str, up: bool) -> None:
+        if self.on_state is not None:
+            try:
+                self.on_state(peer, up)
+            except Exception:
+                log.exception("links: on_state callback failed")
+
+    def _run(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Close every link (GOAWAY after what is queued)."""
+        self._closed = True
+        links, self.links = list(self.links.values()), {}
+        if links:
+            await asyncio.gather(*(link.close() for link in links))
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+
+
+class LinkServer:
+    """Accepts the links peers dial into this node and hands their frames to ``handler``.
+
+    Checks each HELLO (cluster name, the node id the dialer expects), answers PINGs,
+    closes connections silent for ``timeout`` seconds, and keeps one connection per peer
+    node (a newer one replaces an older: the peer reconnected before this end noticed).
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        cluster: str,
+        handler: LinkHandler,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl: _ssl.SSLContext | None = None,
+        timeout: float = 3.0,
+        max_frame: int = LINK_MAX_FRAME,
+        flusher: _core.Flusher | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.cluster = cluster
+        self.handler = handler
+        self.host = host
+        self.port = port
+        self.ssl = ssl
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self._flusher = flusher
+        self.flusher: _core.Flusher
+        self._server: asyncio.Server | None = None
+        self._conns: set[_Conn] = set()
+        #: connected peers: node id → connection (handshake done)
+        self.peers: dict[str, _Conn] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+        #: frames received per type, and handler failures
+        self.frames_in: dict[int, int] = {}
+        self.handler_errors = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.flusher = self._flusher or _core.Flusher(loop.call_soon)
+        self._server = await loop.create_server(
+            lambda: _Conn(self, self.flusher, LINK_CAP, self.max_frame, ACCEPTOR_ACCEPTS),
+            self.host,
+            self.port,
+            ssl=self.ssl,
+            reuse_address=True,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._watchdog = asyncio.ensure_future(self._watch())
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.timeout / 3)
+            now = loop.time()
+            for conn in list(self._conns):
+                if now - conn.last_rx > self.timeout:
+                    what = "no HELLO" if conn.peer is None else "silent"
+                    log.warning(
+                        "link from %s: %s for %.1fs, closing",
+                        conn.peer or "(unknown)",
+                        what,
+                        now - conn.last_rx,
+                    )
+                    conn.abort()
+
+    # the _End protocol, for accepted connections
+    def conn_made(self, conn: _Conn) -> None:
+        self._conns.add(conn)
+
+    def conn_lost(self, conn: _Conn, exc: Exception | None) -> None:
+        self._conns.discard(conn)
+        peer = conn.peer
+        if peer is not None and self.peers.get(peer) is conn:
+            del self.peers[peer]
+            self._call(self.handler.on_peer, peer, False)
+
+    def frame(self, conn: _Conn, ftype: int, payload: bytes) -> None:
+        self.frames_in[ftype] = self.frames_in.get(ftype, 0) + 1
+        peer = conn.peer
+        if peer is None:
+            self._hello(conn, ftype, payload)
+            return
+        h = self.handler
+        try:
+            if ftype == LinkFrame.DELIVER:
+                self._call(h.on_deliver, peer, unpack_deliver(payload))
+            elif ftype == LinkFrame.FORWARD:
+                self._call(h.on_forward, peer, unpack_forward(payload))
+            elif ftype == LinkFrame.FORWARD_ACK:
+                self._call(h.on_forward_ack, peer, unpack_forward_ack(payload))
+            elif ftype == _PING:
+                conn.send(_PONG, payload)
+            elif ftype == LinkFrame.CONTROL:
+                msg = orjson.loads(payload)
+                if not isinstance(msg, dict):
+                    raise LinkDecodeError("CONTROL is not a JSON object")
+                self._call(h.on_control, peer, msg)
+            elif ftype == LinkFrame.GOAWAY:
+                code, reason = unpack_goaway(payload)
+                log.info("link from %s: goodbye (%d): %s", peer, code, reason)
+                conn.close()
+            else:
+                conn.fail(GoawayCode.PROTOCOL, f"unexpected frame type 0x{ftype:02x}")
+        except (LinkDecodeError, orjson.JSONDecodeError) as e:
+            conn.fail(GoawayCode.PROTOCOL, f"malformed frame 0x{ftype:02x}: {e}")
+
+    def _hello(self, conn: _Conn, ftype: int, payload: bytes) -> None:
+        if ftype != LinkFrame.HELLO:
+            conn.fail(GoawayCode.BAD_HANDSHAKE, "the first frame must be HELLO")
+            return
+        try:
+            hello = orjson.loads(payload)
+            node, cluster, version = hello["node"], hello["cluster"], hello["version"]
+            expect = hello.get("expect")
+            if not isinstance(node, str) or not node:
+                raise TypeError("node")
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            conn.fail(GoawayCode.BAD_HANDSHAKE, "malformed HELLO")
+            return
+        if version != LINK_VERSION:
+            conn.fail(
+                GoawayCode.BAD_HANDSHAKE, f"link version {version!r} (this node: {LINK_VERSION})"
+            )
+            return
+        if cluster != self.cluster:
+            conn.fail(
+                GoawayCode.WRONG_CLUSTER,
+                f"this node is in cluster {self.cluster!r}, not {cluster!r}",
+            )
+            return
+        if expect is not None and expect != self.node_id:
+            conn.fail(GoawayCode.WRONG_NODE, f"this is node {self.node_id!r}, not {expect!r}")
+            return
+        if node == self.node_id:
+            conn.fail(GoawayCode.WRONG_NODE, f"node {node!r} dialed itself")
+            return
+        old = self.peers.get(node)
+        if old is not None:
+            old.peer = None  # its loss must not report the new link's peer as gone
+            old.fail(GoawayCode.REPLACED, "replaced by a newer link from the same node")
+        conn.peer = node
+        self.peers[node] = conn
+        conn.send(
+            LinkFrame.WELCOME,
+            orjson.dumps({"node": self.node_id, "cluster": self.cluster, "version": LINK_VERSION}),
+        )
+        if old is None:
+            self._call(self.handler.on_peer, node, True)
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("link handler %s failed", getattr(fn, "__name__", fn))
+
+    async def close(self) -> None:
+        """Stop accepting; tell connected peers (GOAWAY) and close their links."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            if conn.peer is not None:
+                conn.fail(GoawayCode.SHUTDOWN, "node shutting down")
+            else:
+                conn.abort()
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
