@@ -103,6 +103,7 @@ class Server:
         if name == "fastim":
             cmd = [py, "-m", "fastim", "serve", "--tcp-port", "0", "--ws-port", str(self.port)]
             cmd += ["--log-level", "info", "--node-id", "peers-e2e"]
+            cmd += ["--publish-rate", "0"]  # a guard for the internet; the peers have none
             self.url_flag, self.url = "--url", f"ws://127.0.0.1:{self.port}/ws"
         else:
             script = PEERS / f"{name}_broadcast.py"

@@ -939,6 +939,10 @@ def _spawn_node(transport: str, core: str | None) -> tuple[subprocess.Popen[byte
         "warning",
         "--node-id",
         "bench-node",
+        # the per-connection publish rate limit is a guard for the internet, not for a
+        # load test's one publisher (the peer servers have none either)
+        "--publish-rate",
+        "0",
     ]
     if core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", core, *cmd]
