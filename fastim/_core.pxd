@@ -19,6 +19,7 @@ cdef class FrameDecoder:
     cdef object dead          # the exception that killed the decoder, or None
 
     cdef _die(self, exc)
+    cdef int _run(self, const uint8_t* p, Py_ssize_t n, list out) except -1
 
 
 cdef class WSParser:

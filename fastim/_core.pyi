@@ -48,7 +48,9 @@ class FrameDecoder:
     length > ``max_frame`` → FrameTooLarge; type not allowed → UnknownFrameType
     (both right after the 9-byte header, before any payload is buffered);
     CRC32 of the payload ≠ header checksum → ChecksumMismatch.
-    After an error the decoder is dead: every later feed() raises the same error.
+    After an error the decoder is dead: every later feed() raises the same error. The
+    error's ``frames`` attribute holds the frames this feed() completed before it: the
+    caller handles them first, then fails the connection.
     """
 
     max_frame: int

@@ -17,7 +17,13 @@ from libc.string cimport memcpy, memset
 import logging
 import zlib as _zlib  # ws_inflate: permessage-deflate, once per compressed message
 
-from fastim.errors import ChecksumMismatch, FrameTooLarge, UnknownFrameType, WebSocketError
+from fastim.errors import (
+    ChecksumMismatch,
+    FrameTooLarge,
+    ProtocolError,
+    UnknownFrameType,
+    WebSocketError,
+)
 
 _log = logging.getLogger("fastim")
 

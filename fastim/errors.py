@@ -38,6 +38,10 @@ class ProtocolError(FastimError):
         if code is not None:
             self.code = code
         self.reason = reason
+        #: fastim frames a FrameDecoder completed in the same feed() before the error:
+        #: they were valid and are handled before the connection is failed (as
+        #: ``WebSocketError.events``), so a request sent just before garbage is answered
+        self.frames: list[tuple[int, bytes]] = []
         super().__init__(reason)
 
     @property

@@ -71,6 +71,7 @@ class FrameDecoder:
         except ProtocolError as exc:
             self._error = exc
             self._buf = bytearray()
+            exc.frames = frames  # completed before the error: the caller handles them first
             raise
         return frames
 

@@ -97,11 +97,8 @@ cdef class FrameDecoder:
     def feed(self, data):
         cdef Py_buffer view
         cdef const uint8_t* p
-        cdef Py_ssize_t n, take, length
-        cdef uint32_t got
-        cdef int ftype
+        cdef Py_ssize_t n
         cdef list out = []
-        cdef bytes payload
         if self.allowed == NULL:
             raise RuntimeError("FrameDecoder.__init__ was not called")
         if self.dead is not None:
@@ -110,65 +107,76 @@ cdef class FrameDecoder:
         try:
             p = <const uint8_t*>view.buf
             n = view.len
-            while n > 0:
-                if self.cur is None:
-                    # --- header
-                    if self.hdr_have == 0 and n >= 9:
-                        memcpy(self.hdr, p, 9)
-                        p += 9
-                        n -= 9
-                    else:
-                        take = 9 - self.hdr_have
-                        if take > n:
-                            take = n
-                        memcpy(self.hdr + self.hdr_have, p, take)
-                        self.hdr_have += take
-                        p += take
-                        n -= take
-                        if self.hdr_have < 9:
-                            break
-                    self.hdr_have = 0
-                    length = _load32be(self.hdr)
-                    ftype = self.hdr[4]
-                    self.want_crc = _load32be(self.hdr + 5)
-                    if length > self.max_frame:
-                        self._die(FrameTooLarge(
-                            f"frame of {length} bytes exceeds the maximum of {self.max_frame}"))
-                    if not self.allowed[ftype]:
-                        self._die(UnknownFrameType(f"unknown frame type 0x{ftype:02x}"))
-                    if length <= n:
-                        # whole payload is here: one copy, straight into the result
-                        got = _crc32(0, p, length)
-                        if got != self.want_crc:
-                            self._die(ChecksumMismatch(
-                                f"checksum mismatch in frame type 0x{ftype:02x}: header says "
-                                f"0x{self.want_crc:08x}, payload has 0x{got:08x}"))
-                        out.append((ftype, PyBytes_FromStringAndSize(<const char*>p, length)))
-                        p += length
-                        n -= length
-                        continue
-                    self.cur = PyBytes_FromStringAndSize(NULL, length)
-                    self.cur_len = length
-                    self.cur_have = 0
-                    self.cur_type = ftype
-                    self.cur_crc = 0
-                # --- payload continues across chunks: CRC computed as bytes arrive
-                take = self.cur_len - self.cur_have
-                if take > n:
-                    take = n
-                memcpy(PyBytes_AS_STRING(self.cur) + self.cur_have, p, take)
-                self.cur_crc = _crc32(self.cur_crc, p, take)
-                self.cur_have += take
-                p += take
-                n -= take
-                if self.cur_have == self.cur_len:
-                    if self.cur_crc != self.want_crc:
-                        self._die(ChecksumMismatch(
-                            f"checksum mismatch in frame type 0x{self.cur_type:02x}: header says "
-                            f"0x{self.want_crc:08x}, payload has 0x{self.cur_crc:08x}"))
-                    payload = self.cur
-                    self.cur = None
-                    out.append((self.cur_type, payload))
+            self._run(p, n, out)
+        except ProtocolError as e:
+            e.frames = out  # completed before the error: the caller handles them first
+            raise
         finally:
             PyBuffer_Release(&view)
         return out
+
+    cdef int _run(self, const uint8_t* p, Py_ssize_t n, list out) except -1:
+        cdef Py_ssize_t take, length
+        cdef uint32_t got
+        cdef int ftype
+        cdef bytes payload
+        while n > 0:
+            if self.cur is None:
+                # --- header
+                if self.hdr_have == 0 and n >= 9:
+                    memcpy(self.hdr, p, 9)
+                    p += 9
+                    n -= 9
+                else:
+                    take = 9 - self.hdr_have
+                    if take > n:
+                        take = n
+                    memcpy(self.hdr + self.hdr_have, p, take)
+                    self.hdr_have += take
+                    p += take
+                    n -= take
+                    if self.hdr_have < 9:
+                        break
+                self.hdr_have = 0
+                length = _load32be(self.hdr)
+                ftype = self.hdr[4]
+                self.want_crc = _load32be(self.hdr + 5)
+                if length > self.max_frame:
+                    self._die(FrameTooLarge(
+                        f"frame of {length} bytes exceeds the maximum of {self.max_frame}"))
+                if not self.allowed[ftype]:
+                    self._die(UnknownFrameType(f"unknown frame type 0x{ftype:02x}"))
+                if length <= n:
+                    # whole payload is here: one copy, straight into the result
+                    got = _crc32(0, p, length)
+                    if got != self.want_crc:
+                        self._die(ChecksumMismatch(
+                            f"checksum mismatch in frame type 0x{ftype:02x}: header says "
+                            f"0x{self.want_crc:08x}, payload has 0x{got:08x}"))
+                    out.append((ftype, PyBytes_FromStringAndSize(<const char*>p, length)))
+                    p += length
+                    n -= length
+                    continue
+                self.cur = PyBytes_FromStringAndSize(NULL, length)
+                self.cur_len = length
+                self.cur_have = 0
+                self.cur_type = ftype
+                self.cur_crc = 0
+            # --- payload continues across chunks: CRC computed as bytes arrive
+            take = self.cur_len - self.cur_have
+            if take > n:
+                take = n
+            memcpy(PyBytes_AS_STRING(self.cur) + self.cur_have, p, take)
+            self.cur_crc = _crc32(self.cur_crc, p, take)
+            self.cur_have += take
+            p += take
+            n -= take
+            if self.cur_have == self.cur_len:
+                if self.cur_crc != self.want_crc:
+                    self._die(ChecksumMismatch(
+                        f"checksum mismatch in frame type 0x{self.cur_type:02x}: header says "
+                        f"0x{self.want_crc:08x}, payload has 0x{self.cur_crc:08x}"))
+                payload = self.cur
+                self.cur = None
+                out.append((self.cur_type, payload))
+        return 0

@@ -27,13 +27,21 @@ class TcpSession(Session):
         self.last_rx = self.node.wheel.now
         self.node.bytes_in += len(data)
         assert self.decoder is not None
+        error: ProtocolError | None = None
         try:
-            for ftype, payload in self.decoder.feed(data):
+            frames = self.decoder.feed(data)
+        except ProtocolError as e:
+            # the frames completed before the bad bytes were valid: answer them first
+            frames, error = e.frames, e
+        try:
+            for ftype, payload in frames:
                 self.handle_frame(ftype, payload)
                 if self.state >= CLOSING:
                     return
         except ProtocolError as e:
-            self.fail(e)
+            error = e
+        if error is not None:
+            self.fail(error)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too

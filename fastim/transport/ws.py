@@ -603,7 +603,16 @@ class WsSession(Session):
                     self._set_mode(MODE_BINARY)
                 decoder = self.decoder
                 assert decoder is not None
-                for ftype, fpayload in decoder.feed(payload):
+                try:
+                    frames = decoder.feed(payload)
+                except ProtocolError as e:
+                    # the frames before the bad bytes were valid: answer them, then fail
+                    for ftype, fpayload in e.frames:
+                        self.handle_frame(ftype, fpayload)
+                        if self.state >= CLOSING:
+                            return
+                    raise
+                for ftype, fpayload in frames:
                     self.handle_frame(ftype, fpayload)
                     if self.state >= CLOSING:
                         return

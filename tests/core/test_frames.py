@@ -249,6 +249,29 @@ def test_errors_are_sticky(
             dec.feed(later)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "bad", "exc"),
+    [
+        ({"max_frame": 4}, frame(1, b"12345"), FrameTooLarge),
+        ({"allowed_types": bytes([0, 1] + [0] * 254)}, frame(2, b"x"), UnknownFrameType),
+        ({}, frame(1, b"x", crc=0), ChecksumMismatch),
+    ],
+)
+def test_frames_completed_before_an_error_ride_on_it(
+    impl: ModuleType, kwargs: dict[str, object], bad: bytes, exc: type[ProtocolError]
+) -> None:
+    """Valid frames ahead of the bad bytes in the same chunk are not lost: the caller
+    answers them before failing the connection (as WebSocketError.events)."""
+    dec = impl.FrameDecoder(**kwargs)
+    assert dec.feed(frame(1, b"a")[:5]) == []
+    with pytest.raises(exc) as info:
+        dec.feed(frame(1, b"a")[5:] + frame(1, b"b") + bad)
+    assert info.value.frames == [(1, b"a"), (1, b"b")]
+    with pytest.raises(exc) as later:
+        dec.feed(frame(1, b"c"))
+    assert later.value.frames == []
+
+
 def test_multi_mib_frame_in_random_chunks(impl: ModuleType) -> None:
     rng = random.Random(1234)
     payload = rng.randbytes(3 * 1024 * 1024 + 17)

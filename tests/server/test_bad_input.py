@@ -322,6 +322,29 @@ async def test_tcp_pipelined_frames_after_a_fatal_one_are_not_executed(
     await still_serving(node, control, errors=1)
 
 
+async def test_tcp_frames_before_a_bad_checksum_in_one_chunk_are_answered(
+    node: Node, control: Control
+) -> None:
+    """A publish that arrived whole ahead of a corrupt frame is executed and acked, then
+    the error and the close come (the decoder hands over what it completed)."""
+    bad = await TcpClient.connect(node.tcp_port)
+    await control.roundtrip()  # while the bad connection is open
+    corrupt = bytearray(_core.encode_frame(F.SUB, pack_sub(F.SUB, 2, "control")))
+    corrupt[5] ^= 0x01
+    bad.write(
+        _core.encode_frame(F.PUB, pack_sub(F.PUB, 1, "control", b'"before the garbage"'))
+        + bytes(corrupt)
+    )
+    ftype, _payload = await bad.recv()
+    assert ftype == F.PUBACK
+    code, _, close_code, _ = await bad.expect_error_and_goaway()
+    assert (code, close_code) == (ErrorCode.BAD_CHECKSUM, CloseCode.PROTOCOL_ERROR)
+    assert (await control.tcp.msg())[2] == b'"before the garbage"'
+    await control.ws.msg()
+    control.n += 1
+    await still_serving(node, control, errors=1)
+
+
 # --------------------------------------------------------------------------- WebSocket JSON
 
 
