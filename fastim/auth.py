@@ -327,6 +327,8 @@ class Auth:
         self.verified = 0
         self.failed = 0
         self.denied = 0
+        #: connections closed because their token expired (fastim.session.TokenExpiry)
+        self.expired = 0
 
     @property
     def algorithms(self) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -180,6 +181,41 @@ def _since(value: object) -> Since | None:
     if not isinstance(epoch, str) or len(epoch) > 64:
         raise BadRequest('field "since.epoch" must be a string of at most 64 characters')
     return Since(off, epoch)
+
+
+class TokenExpiry:
+    """Ends a connection when its token expires, unless a refresh replaced the token.
+
+    A timer of its own on the node's wheel: the session's one deadline belongs to the
+    heartbeat, which a token's ``exp`` must not disturb. Created only for connections
+    that presented a token; one per token: a refresh starts a new one and the old one
+    finds itself superseded when it fires.
+    """
+
+    __slots__ = ("identity", "session", "wheel_tick")
+
+    def __init__(self, session: Session, identity: Identity) -> None:
+        self.session = session
+        self.identity = identity
+        self.wheel_tick = -1
+        wheel = session.node.wheel
+        wheel.schedule(self, wheel.now + max(0.0, identity.expires - time.time()))
+
+    def on_deadline(self, now: float) -> float | None:
+        s = self.session
+        if s.identity is not self.identity or s.state >= CLOSING:
+            return None  # refreshed (a newer timer watches), or the connection is gone
+        left = self.identity.expires - time.time()
+        if left > 0:
+            return now + left  # the wheel fired early (its resolution)
+        s.node.auth.expired += 1
+        s.fail(
+            AuthFailed(
+                'token expired: refresh it before "exp" ({"op":"refresh","token":...}) '
+                "or reconnect with a new one"
+            )
+        )
+        return None
 
 
 class SessionList:
@@ -636,6 +672,7 @@ class Session(asyncio.Protocol):
             if user is not None and user != identity.user:
                 raise AuthFailed('field "user" is not the token\'s "sub": leave "user" out')
             self.identity = identity
+            TokenExpiry(self, identity)
             self.auth_wait = False
             return identity.user if self.user is None else None
         if self.auth_wait:
@@ -651,6 +688,27 @@ class Session(asyncio.Protocol):
         if self.user is not None:
             raise BadRequest(f"this connection already declared user {self.user!r}")
         return user
+
+    def _refresh(self, token: object, req_id: Any, replies: Replies) -> None:
+        """Replace the connection's token with a newer one for the same user, before
+        the old one expires (which would close the connection, 117 / 4501).
+
+        The new token's claims apply from now on (a ``channels`` claim limits later
+        requests; subscriptions already made stay). A token that does not verify, or
+        names another user, is fatal like a bad token at connect.
+        """
+        if self.identity is None:
+            raise BadRequest("refresh: this connection did not authenticate with a token")
+        if token is None:
+            raise BadRequest('missing field "token" in \'refresh\'')
+        identity = self.node.auth.verify(token)
+        if identity.user != self.identity.user:
+            raise AuthFailed(
+                f'refresh: the token\'s "sub" is not this connection\'s user {self.identity.user!r}'
+            )
+        self.identity = identity
+        TokenExpiry(self, identity)
+        self.send(replies.obj({"op": "refreshed", "exp": identity.expires}, req_id))
 
     def login(self, token: str) -> bool:
         """Authenticate with a token given at the WebSocket upgrade (``?token=``).
@@ -723,6 +781,9 @@ class Session(asyncio.Protocol):
             self.send(replies.event(self._welcome(user or self.user)[:-1] + _tail(req_id)))
             if user is not None:
                 self._declare(user)
+            return
+        if op == "refresh":
+            self._refresh(msg.get("token"), req_id, replies)
             return
         if op == "presence":
             ch = validate_channel(msg.get("ch"))

@@ -221,6 +221,57 @@ async def test_expired_and_not_yet_valid_tokens(node_factory: Any) -> None:
         assert node.auth.failed == 3
 
 
+async def test_a_connection_ends_when_its_token_expires(node_factory: Any) -> None:
+    """``exp`` holds for the connection's whole life, not only at connect: when it
+    passes, the node answers AUTH_FAILED and closes with 4501, on TCP and WebSocket."""
+    node = await node_factory(jwt_secret=SECRET)
+    async with deadline(10):
+        c, _info = await tcp_login(node.tcp_port, token=token(exp=time.time() + 1.0))
+        assert await c.sub("news") == 0
+        ws = await WsClient.connect(node.ws_port, f"/ws?token={token(exp=time.time() + 1.0)}")
+        assert await ws.sub("news") == 0
+        lasting, _ = await tcp_login(node.tcp_port, token=token("bob", ttl=60))
+        t0 = time.monotonic()
+        await refused_tcp(c, "token expired")
+        await refused_ws(ws, "token expired")
+        assert time.monotonic() - t0 < 3  # at exp (the wheel's resolution), not at a ping
+        assert node.auth.expired == 2
+        assert await lasting.pub("news", b"1") == 1  # other connections are untouched
+    await lasting.close()
+
+
+async def test_refresh_extends_a_connection_past_its_first_token(node_factory: Any) -> None:
+    node = await node_factory(jwt_secret=SECRET)
+    async with deadline(10):
+        ws = await WsClient.connect(node.ws_port, f"/ws?token={token(exp=time.time() + 1.0)}")
+        assert await ws.sub("news") == 0
+        reply = await ws.request({"op": "refresh", "token": token(ttl=60)}, "refreshed")
+        assert reply["exp"] > time.time() + 50
+        # over TCP the command rides in a CMD frame
+        c, _info = await tcp_login(node.tcp_port, token=token(exp=time.time() + 1.0))
+        c.send(F.CMD, orjson.dumps({"op": "refresh", "token": token(ttl=60), "id": 5}))
+        ev = orjson.loads(await c.expect(F.EVENT))
+        assert ev["op"] == "refreshed" and ev["id"] == 5
+        await ws.pump(1.8)  # past the first tokens' exp
+        assert await ws.pub("news", 1) == 1
+        assert await c.pub("news", b"2") == 2
+        assert node.auth.expired == 0
+        # the new token must name the same user; a bad one is fatal like at connect
+        ws.send_json({"op": "refresh", "token": token("mallory"), "id": 9})
+        await refused_ws(ws, "not this connection's user")
+    await c.close()
+
+
+async def test_refresh_needs_a_token_connection(node_factory: Any) -> None:
+    node = await node_factory(jwt_secret=SECRET, anonymous="on")
+    async with deadline(10):
+        ws = await WsClient.connect(node.ws_port)
+        ws.send_json({"op": "refresh", "token": token(), "id": 1})
+        _code, _reason, before = await ws.recv_close()
+        err = orjson.loads(before[-1][1])
+        assert err["code"] == ErrorCode.BAD_REQUEST and "did not authenticate" in err["reason"]
+
+
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
