@@ -580,9 +580,25 @@ class Hub:
     # ------------------------------------------------------------------ presence
 
     def _announce(self, ch: Channel, op: str, user: str) -> None:
-        if len(ch.subs):
-            body = orjson.dumps({"op": op, "ch": ch.name, "user": user})
+        """A join/leave event to the channel's subscribers that may see its presence.
+
+        Under ``allow_presence = any`` (the default) that is every subscriber: one
+        encode, the compiled fan-out. Otherwise each subscriber is checked against the
+        rule (a join names a user, which is presence): rare events, so a Python loop.
+        """
+        if not len(ch.subs):
+            return
+        body = orjson.dumps({"op": op, "ch": ch.name, "user": user})
+        if ch.ns.allow_presence == "any":
             self.delivered += ch.subs.fanout(encode_event(body))
+            return
+        for ring in ch.subs.rings():
+            session = ring.on_overflow  # the session (see Session.__call__)
+            node = getattr(session, "node", None)
+            if node is None or node.auth.refusal(ch.ns, "presence", ch.name, session.identity):
+                continue
+            session.send(session.replies.event(body))
+            self.delivered += 1
 
     def presence(self, name: str) -> dict[str, Any]:
         ch = self.channels.get(name)

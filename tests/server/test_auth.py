@@ -519,6 +519,35 @@ async def test_namespace_rules(node_factory: Any) -> None:
     await tcp.close()
 
 
+async def test_join_leave_events_follow_allow_presence(node_factory: Any) -> None:
+    """A join or leave names a user: only subscribers allowed to see the channel's
+    presence get it (here allow_presence = user: connections with a token)."""
+    node = await node_factory(
+        jwt_secret=SECRET,
+        anonymous="on",
+        namespaces={"club": {"allow_presence": "user", "join_leave": True, "presence": True}},
+    )
+    async with deadline(15):
+        anon = await WsClient.connect(node.ws_port)
+        assert await anon.sub("club:1") == 0
+        member = await WsClient.connect(node.ws_port, f"/ws?token={token('mia')}")
+        assert await member.sub("club:1") == 0
+        tcp, _ = await tcp_login(node.tcp_port, token=token("tom"))
+        assert await tcp.sub("club:1") == 0
+        ev = await member.recv_json()
+        assert (ev["op"], ev["user"]) == ("join", "tom")
+        await tcp.close()
+        ev = await member.recv_json()
+        assert (ev["op"], ev["user"]) == ("leave", "tom")
+        # the anonymous subscriber, there first, saw neither mia's nor tom's join nor
+        # tom's leave: the first thing it gets is the publish
+        assert await member.pub("club:1", 1) == 1
+        got = await anon.recv_json()
+        assert got["op"] == "msg" and got["data"] == 1, got
+    await anon.close()
+    await member.close()
+
+
 async def test_top_level_rules_apply_to_every_namespace(node_factory: Any) -> None:
     node = await node_factory(
         jwt_secret=SECRET,
