@@ -23,6 +23,9 @@ FORWARD     0x44   batch of ``u64 ref, ch, data``: publishes sent to the channel
 FORWARD_ACK 0x45   batch of ``u64 ref, u64 offset, epoch, u16 code, u16 len, reason``
 DELIVER     0x46   batch of ``ch, epoch, u64 offset, data``: messages down the tree
 CONTROL     0x47   one JSON object (extension point: interest, user routes, ...)
+DM          0x48   batch of ``user, u64 seq, event``: stored direct messages for a user's
+                   connections on the receiving node (``event``: ``u32 len`` + the ``dm``
+                   event's JSON, as the clients get it)
 GOAWAY      0x4F   ``u16 code, reason``: refused, or shutting down; then the sender closes
 =========== ====== ===================================================================
 """
@@ -50,6 +53,7 @@ class LinkFrame(IntEnum):
     FORWARD_ACK = 0x45
     DELIVER = 0x46
     CONTROL = 0x47
+    DM = 0x48
     GOAWAY = 0x4F
 
 
@@ -81,6 +85,7 @@ ACCEPTOR_ACCEPTS = type_table(
     LinkFrame.FORWARD_ACK,
     LinkFrame.DELIVER,
     LinkFrame.CONTROL,
+    LinkFrame.DM,
     LinkFrame.GOAWAY,
 )
 
@@ -114,6 +119,16 @@ class Deliver(NamedTuple):
     epoch: str
     offset: int
     data: bytes
+
+
+class DmEntry(NamedTuple):
+    """A direct message stored for ``user`` (sequence ``seq``), sent to a node that holds
+    connections of that user. ``event`` is the ``dm`` event's JSON, rendered once by the
+    node that stored it and passed to clients as is."""
+
+    user: str
+    seq: int
+    event: bytes
 
 
 class LinkDecodeError(ValueError):
@@ -151,6 +166,11 @@ def pack_deliver(channel: str, epoch: str, offset: int, data: bytes) -> bytes:
     return b"".join(
         (_short(channel, "channel"), _short(epoch, "epoch"), _QI.pack(offset, len(data)), data)
     )
+
+
+def pack_dm(user: str, seq: int, event: bytes) -> bytes:
+    """One DM entry."""
+    return b"".join((_short(user, "user"), _QI.pack(seq, len(event)), event))
 
 
 def pack_batch(count: int, entries: bytes) -> bytes:
@@ -241,5 +261,19 @@ def unpack_deliver(payload: bytes) -> list[Deliver]:
             out.append(Deliver(ch, epoch, off, r.data(n)))
     except UnicodeDecodeError as e:
         raise LinkDecodeError(f"DELIVER: {e}") from None
+    r.end()
+    return out
+
+
+def unpack_dm(payload: bytes) -> list[DmEntry]:
+    r = _Reader(payload)
+    out = []
+    try:
+        for _ in range(r.count()):
+            user = r.short()
+            seq, n = _QI.unpack_from(payload, r.need(12))
+            out.append(DmEntry(user, seq, r.data(n)))
+    except UnicodeDecodeError as e:
+        raise LinkDecodeError(f"DM: {e}") from None
     r.end()
     return out

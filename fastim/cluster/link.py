@@ -57,6 +57,7 @@ from .frames import (
     LINK_MAX_FRAME,
     LINK_VERSION,
     Deliver,
+    DmEntry,
     Forward,
     ForwardAck,
     GoawayCode,
@@ -64,10 +65,12 @@ from .frames import (
     LinkFrame,
     pack_batch,
     pack_deliver,
+    pack_dm,
     pack_forward,
     pack_forward_ack,
     pack_goaway,
     unpack_deliver,
+    unpack_dm,
     unpack_forward,
     unpack_forward_ack,
     unpack_goaway,
@@ -117,6 +120,9 @@ class LinkHandler:
 
     def on_control(self, peer: str, message: dict[str, Any]) -> None:
         """A CONTROL frame's JSON object."""
+
+    def on_dm(self, peer: str, items: list[DmEntry]) -> None:
+        """Stored direct messages for users with connections on this node (a DM frame)."""
 
     def on_peer(self, peer: str, connected: bool) -> None:
         """A peer's link into this node came up (handshake done) or went away."""
@@ -333,6 +339,10 @@ class Link:
         return self._append(
             LinkFrame.FORWARD_ACK, pack_forward_ack(ref, offset, epoch, code, reason)
         )
+
+    def dm(self, user: str, seq: int, event: bytes) -> bool:
+        """Queue a stored direct message for the peer's connections of ``user`` (a DM entry)."""
+        return self._append(LinkFrame.DM, pack_dm(user, seq, event))
 
     def control(self, message: Mapping[str, Any]) -> bool:
         """Send one JSON object (a CONTROL frame), after anything queued before it."""
@@ -611,6 +621,10 @@ class Links:
         link = self.links.get(peer)
         return link is not None and link.forward_ack(ref, offset, epoch, code, reason)
 
+    def dm(self, peer: str, user: str, seq: int, event: bytes) -> bool:
+        link = self.links.get(peer)
+        return link is not None and link.dm(user, seq, event)
+
     def control(self, peer: str, message: Mapping[str, Any]) -> bool:
         link = self.links.get(peer)
         return link is not None and link.control(message)
@@ -752,6 +766,8 @@ class LinkServer:
                 self._call(h.on_forward, peer, unpack_forward(payload))
             elif ftype == LinkFrame.FORWARD_ACK:
                 self._call(h.on_forward_ack, peer, unpack_forward_ack(payload))
+            elif ftype == LinkFrame.DM:
+                self._call(h.on_dm, peer, unpack_dm(payload))
             elif ftype == _PING:
                 conn.send(_PONG, payload)
             elif ftype == LinkFrame.CONTROL:
