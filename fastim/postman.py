@@ -16,6 +16,16 @@ application once (``docs/guarantees.md``).
 Retries are driven by the node's timer tick (no task or timer per message): a heap of
 (due, user, seq); an unacknowledged message is sent again after ``dm_retry`` seconds,
 doubling up to :data:`MAX_RETRY`, while its recipient has a connection here.
+
+In a cluster (``relay`` set: :class:`fastim.cluster.dm.DmRouter`) the inbox is in the
+shared store and the recipient's connections may be on several nodes. The node that
+stored a message delivers it here and hands it to ``relay``, which sends it to the other
+nodes holding connections of the recipient; they deliver it with :meth:`deliver_remote`
+and retry it for their own connections. Acks are written to the store by whichever node
+received them, so before a retry (and when a message seems missing) a node re-reads the
+inbox state from the store (:meth:`Postman._recheck`): the store is the truth, no ack
+notice has to travel between nodes, and a message that no DM frame brought (the sender's
+node did not know the route yet, a link was down) is read from the inbox and delivered.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import asyncio
 import heapq
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -58,10 +68,26 @@ def dm_event(msg: InboxMessage) -> bytes:
     )
 
 
+class Relay(Protocol):
+    """The cluster side of direct messages (:class:`fastim.cluster.dm.DmRouter`)."""
+
+    def present(self, user: str) -> None:
+        """``user``'s first connection here: publish the route user → this node."""
+
+    def absent(self, user: str) -> None:
+        """``user``'s last connection here closed: withdraw the route."""
+
+    def registered(self, user: str) -> bool:
+        """Whether the other nodes can find ``user`` here (its route is in etcd)."""
+
+    def relay(self, user: str, seq: int, event: bytes) -> None:
+        """A message stored here for ``user``: send it to the other nodes holding it."""
+
+
 class _User:
     """What the node knows of one user with connections here."""
 
-    __slots__ = ("acked", "pending", "sessions", "syncing")
+    __slots__ = ("acked", "checking", "due", "pending", "seen", "sessions", "syncing")
 
     def __init__(self) -> None:
         self.sessions: list[Session] = []
@@ -70,6 +96,12 @@ class _User:
         self.acked = 0
         #: seq → (event bytes, current retry interval), delivered and not yet acked
         self.pending: dict[int, tuple[bytes, float]] = {}
+        #: the highest seq delivered here (a higher one arriving first means a gap)
+        self.seen = 0
+        #: cluster: seqs whose retry is due, resent after a look at the store's ack
+        self.due: set[int] = set()
+        #: cluster: a store re-check is in flight
+        self.checking = False
 
 
 class Postman:
@@ -83,7 +115,19 @@ class Postman:
     ) -> None:
         self.store = store
         self.retry = retry
+        #: cluster only (None on a single node): where messages for users with
+        #: connections on other nodes go, and where routes are published
+        self.relay: Relay | None = None
+        #: cluster: seconds a suspected gap (a seq past the next one) is given to close
+        #: by itself (DM frames from two nodes may cross) before the inbox is read
+        self.gap_wait = 0.25
+        #: cluster: seconds between inbox checks for users whose route is not in etcd
+        #: yet (other nodes cannot send to them), and after it is, before the last one
+        self.route_poll = 0.5
         self._users: dict[str, _User] = {}
+        self._checks: dict[str, float] = {}  # cluster: user -> when to re-check the inbox
+        self._unrouted: set[str] = set()  # cluster: local users whose route is not written
+        self._next_poll = 0.0
         self._due: list[tuple[float, int, str, int]] = []  # (due, tiebreak, user, seq)
         self._tiebreak = 0
         self._spawn = spawn or asyncio.ensure_future
@@ -93,6 +137,10 @@ class Postman:
         self.delivered = 0
         self.retried = 0
         self.store_errors = 0
+        self.remote_in = 0  # cluster: messages received from other nodes
+        self.remote_dups = 0  # ... of which already delivered here or acknowledged
+        self.rechecks = 0  # cluster: store re-checks
+        self.filled = 0  # cluster: messages found in the inbox by a re-check
 
     # ------------------------------------------------------------------ connections
 
@@ -101,6 +149,9 @@ class Postman:
         u = self._users.get(user)
         if u is None:
             u = self._users[user] = _User()
+            if self.relay is not None:
+                self.relay.present(user)
+                self._unrouted.add(user)
         u.sessions.append(session)
         u.syncing[session] = []
         self._run(self._sync(session, user, u))
@@ -115,6 +166,10 @@ class Postman:
         if not u.sessions:
             # pending retries are dropped: the store has them, a reconnect replays them
             del self._users[user]
+            if self.relay is not None:
+                self.relay.absent(user)
+                self._unrouted.discard(user)
+                self._checks.pop(user, None)
 
     async def _sync(self, session: Session, user: str, u: _User) -> None:
         try:
@@ -139,6 +194,7 @@ class Postman:
         queued = u.syncing.pop(session, None)
         if queued is None or not session.is_open():
             return  # the connection went away meanwhile
+        u.seen = max(u.seen, state.acked, backlog[-1].seq if backlog else 0)
         last = 0
         for msg in backlog:
             if msg.seq <= u.acked:
@@ -191,19 +247,47 @@ class Postman:
             self.deliver(to, InboxMessage(res.seq, res.msg_id, sender, data))
 
     def deliver(self, user: str, msg: InboxMessage) -> None:
-        """Send a stored message to every connection of ``user`` here; track it for retry."""
+        """Send a message just stored to every connection of ``user`` here (tracked for
+        retry) and, in a cluster, to the other nodes holding connections of ``user``."""
+        ev = dm_event(msg)
+        u = self._users.get(user)
+        if u is not None:
+            self._deliver(user, u, msg.seq, ev)
+        if self.relay is not None:
+            self.relay.relay(user, msg.seq, ev)
+
+    def deliver_remote(self, user: str, seq: int, ev: bytes) -> bool:
+        """Cluster: a message another node stored, for ``user``'s connections here.
+
+        Dropped when ``user`` has no connection here any more (the route was stale) or
+        when it was delivered here already (by a re-check, or twice on the link's way).
+        Returns whether it was delivered.
+        """
+        self.remote_in += 1
         u = self._users.get(user)
         if u is None:
-            return  # offline here: the inbox keeps it until a connection reads it
-        ev = dm_event(msg)
+            return False
+        if seq <= u.acked or seq in u.pending:
+            self.remote_dups += 1
+            return False
+        self._deliver(user, u, seq, ev)
+        return True
+
+    def _deliver(self, user: str, u: _User, seq: int, ev: bytes) -> None:
+        if self.relay is not None and u.seen and seq > u.seen + 1:
+            # an earlier seq has not come (yet): another node's frame may be behind
+            # this one, or it never knew our route; look at the inbox if it stays open
+            self._check(user, self.gap_wait)
+        if seq > u.seen:
+            u.seen = seq
         for s in u.sessions:
             q = u.syncing.get(s)
             if q is not None:
-                q.append((msg.seq, ev))
+                q.append((seq, ev))
             else:
                 s.send_event(ev)
                 self.delivered += 1
-        self._track(user, u, msg.seq, ev)
+        self._track(user, u, seq, ev)
 
     def ack(self, session: Session, req_id: Any, seq: int) -> None:
         user = session.user
@@ -263,6 +347,7 @@ class Postman:
         """Send again what is due; return how many messages were resent."""
         due = self._due
         resent = 0
+        cluster = self.relay is not None
         while due and due[0][0] <= now:
             _t, _n, user, seq = heapq.heappop(due)
             u = self._users.get(user)
@@ -270,6 +355,11 @@ class Postman:
                 continue
             entry = u.pending.get(seq)
             if entry is None:
+                continue
+            if cluster:
+                # another node may have taken the ack: look at the store first
+                u.due.add(seq)
+                self._checks[user] = now
                 continue
             ev, interval = entry
             for s in u.sessions:
@@ -280,7 +370,104 @@ class Postman:
             u.pending[seq] = (ev, interval)
             self._schedule(user, seq, interval)
         self.retried += resent
+        if cluster:
+            self._cluster_tick(now)
         return resent
+
+    # ------------------------------------------------------------------ cluster
+
+    def routed(self, users: list[str]) -> None:
+        """Cluster: these local users' routes are now in etcd. A message stored before
+        the other nodes saw the route reached no connection here: one more inbox check
+        ``route_poll`` seconds later (time for their watches to catch up) finds it."""
+        for user in users:
+            if user in self._users:
+                self._unrouted.discard(user)
+                self._check(user, self.route_poll)
+
+    def _check(self, user: str, delay: float) -> None:
+        """Re-check ``user``'s inbox in ``delay`` seconds (sooner if already asked)."""
+        when = asyncio.get_running_loop().time() + delay
+        if when < self._checks.get(user, when + 1):
+            self._checks[user] = when
+
+    def _cluster_tick(self, now: float) -> None:
+        if self._unrouted and now >= self._next_poll:
+            # routes not written (etcd slow or away): other nodes cannot send here
+            self._next_poll = now + self.route_poll
+            relay = self.relay
+            assert relay is not None
+            for user in list(self._unrouted):
+                if relay.registered(user):
+                    self.routed([user])
+                else:
+                    self._checks[user] = now
+        if not self._checks:
+            return
+        for user, when in list(self._checks.items()):
+            if when > now:
+                continue
+            u = self._users.get(user)
+            if u is None:
+                del self._checks[user]
+            elif not u.checking:
+                del self._checks[user]
+                u.checking = True
+                self._run(self._recheck(user, u))
+
+    async def _recheck(self, user: str, u: _User) -> None:
+        """Cluster: bring ``user``'s connections here in line with the inbox in the store.
+
+        Takes the acked sequence (acks other nodes wrote), delivers what is stored and
+        was never delivered here, and resends the messages whose retry is due and that
+        are still unacknowledged. Without the store, the due ones are resent anyway (as
+        on one node: a duplicate is better than a stall).
+        """
+        self.rechecks += 1
+        due, u.due = u.due, set()  # seqs falling due meanwhile wait for the next check
+        try:
+            try:
+                state = await self.store.inbox_state(user)
+                missing: list[InboxMessage] = []
+                if state.top - state.acked > sum(1 for q in u.pending if q > state.acked):
+                    after = max(state.acked, u.acked)
+                    while True:
+                        page = await self.store.inbox_read(user, after, READ_PAGE)
+                        missing.extend(m for m in page if m.seq not in u.pending)
+                        if len(page) < READ_PAGE:
+                            break
+                        after = page[-1].seq
+            except StoreError as e:
+                self.store_errors += 1
+                log.info("inbox of %r could not be re-checked: %s", user, e)
+                state = None
+                missing = []
+            if self._users.get(user) is not u:
+                return  # every connection left meanwhile
+            if state is not None and state.acked > u.acked:
+                u.acked = state.acked
+                for seq in [seq for seq in u.pending if seq <= u.acked]:
+                    del u.pending[seq]
+            for msg in missing:
+                if msg.seq > u.acked and msg.seq not in u.pending:
+                    self.filled += 1
+                    self._deliver(user, u, msg.seq, dm_event(msg))
+            resent = 0
+            for seq in sorted(due):
+                entry = u.pending.get(seq)
+                if entry is None:
+                    continue
+                ev, interval = entry
+                for session in u.sessions:
+                    if session not in u.syncing:
+                        session.send_event(ev)
+                resent += 1
+                interval = min(interval * 2, MAX_RETRY)
+                u.pending[seq] = (ev, interval)
+                self._schedule(user, seq, interval)
+            self.retried += resent
+        finally:
+            u.checking = False
 
     # ------------------------------------------------------------------ tasks
 
