@@ -211,10 +211,17 @@ def encode_event(body: bytes) -> tuple[bytes, ...]:
 
 
 class Since(NamedTuple):
-    """Where a subscriber's history ends: its last offset, in an epoch."""
+    """Where a subscriber's history ends: its last offset, in an epoch.
+
+    With ``last`` it is instead a new subscriber's request for the channel's newest
+    ``off`` messages in whatever epoch is current (``{"op":"sub","history":N}``): such a
+    client knows no epoch yet. :meth:`Hub._resolve` turns it into a plain Since once the
+    channel's epoch and offset are known, so the rest of recovery is the same code.
+    """
 
     off: int
     epoch: str
+    last: bool = False
 
 
 class Hub:
@@ -422,10 +429,17 @@ class Hub:
         """
         ch = self.channel(name)
         assert ch is not None
+        if since is not None and since.last and ch.loaded:
+            since = self._resolve(ch, since)
         if ch.loaded and (since is None or self._servable(ch, since)):
             self._finish_subscribe(session, replies, req_id, ch, since, [])
             return
         self._run(self._subscribe_async(session, replies, req_id, ch, since))
+
+    @staticmethod
+    def _resolve(ch: Channel, since: Since) -> Since:
+        """A request for the newest ``since.off`` messages, as a position in the channel."""
+        return Since(max(0, ch.offset - since.off), ch.epoch)
 
     def _servable(self, ch: Channel, since: Since) -> bool:
         """Can recovery from ``since`` be answered from memory (or is it hopeless)?"""
@@ -445,6 +459,8 @@ class Hub:
                 epoch, top = await store.state(ch.name, ch.ns.limits)
                 if not ch.loaded:
                     self._adopt(ch, epoch, top)
+            if since is not None and since.last:
+                since = self._resolve(ch, since)
             if since is not None and since.epoch == ch.epoch and since.off < ch.offset:
                 after = max(since.off, ch.offset - self.config.recovery_max)
                 while not self._covers(ch, after):

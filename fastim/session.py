@@ -183,6 +183,18 @@ def _since(value: object) -> Since | None:
     return Since(off, epoch)
 
 
+def _history(msg: dict[str, Any], since: Since | None) -> Since | None:
+    """A sub's ``since``, or its ``"history": N`` (the newest N messages: a new reader)."""
+    n = msg.get("history")
+    if n is None:
+        return since
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise BadRequest('field "history" must be an integer >= 0')
+    if since is not None:
+        raise BadRequest('a sub takes "since" or "history", not both')
+    return Since(n, "", last=True) if n else None
+
+
 class TokenExpiry:
     """Ends a connection when its token expires, unless a refresh replaced the token.
 
@@ -770,7 +782,7 @@ class Session(asyncio.Protocol):
                 if "data" not in msg:
                     raise BadRequest("missing field \"data\" in 'pub'")
                 data = _json_data(msg["data"])
-            since = _since(msg.get("since")) if op == "sub" else None
+            since = _history(msg, _since(msg.get("since"))) if op == "sub" else None
             self.handle_request(Request(op, req_id, msg["ch"], data), replies, since)
             return
         if op == "hello":
