@@ -54,6 +54,10 @@ class Config:
         default=256,
         metadata={"help": "messages shorter than this many bytes are sent uncompressed"},
     )
+    demo: int = field(
+        default=1,
+        metadata={"help": "1: serve the demo chat at /demo on the WebSocket port; 0: 404 there"},
+    )
     node_id: str = field(default_factory=_default_node_id, metadata={"help": "this node's name"})
     max_frame: int = field(
         default=1 << 20, metadata={"help": "largest fastim frame payload accepted, bytes"}
@@ -309,6 +313,8 @@ class Config:
             raise ConfigError(f"ring_pool: must be >= 0, got {self.ring_pool}")
         if self.direct_write not in (0, 1):
             raise ConfigError(f"direct_write: must be 0 or 1, got {self.direct_write}")
+        if self.demo not in (0, 1):
+            raise ConfigError(f"demo: must be 0 or 1, got {self.demo}")
         if self.history_ttl < 0:
             raise ConfigError(f"history_ttl: must be >= 0, got {self.history_ttl}")
         for name in ("ws_path", "ws_echo_path"):
