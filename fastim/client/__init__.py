@@ -15,15 +15,16 @@
             print(dm.sender, dm.seq, dm.data)
 
 URLs: ``tcp://host:port`` (fastim frames over TCP) or ``ws://host:port/ws`` (the same
-frames in binary WebSocket messages). The client reconnects after a connection loss
-(exponential backoff with full jitter), subscribes again from where each subscription
+frames in binary WebSocket messages); a list of them (the nodes of a cluster) makes the
+client move to the next node when one fails. The client reconnects after a connection
+loss (exponential backoff with full jitter), subscribes again from where each subscription
 was (the node sends what was missed) and drops duplicates: the application sees each
 message once, in order, and is told (:class:`Gap`) when history it missed is gone.
 See docs/client.md.
 """
 
 from .backoff import Backoff
-from .client import Client, connect
+from .client import Client, RateLimited, connect
 from .connection import HandshakeError
 from .direct import DirectMessage, DirectMessages, InboxState, Sent
 from .subscription import Gap, Message, Since, Subscription
@@ -37,6 +38,7 @@ __all__ = [
     "HandshakeError",
     "InboxState",
     "Message",
+    "RateLimited",
     "Sent",
     "Since",
     "Subscription",

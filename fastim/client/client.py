@@ -11,6 +11,13 @@ once. When the connection is lost (EOF, socket error, silence longer than
 ``since``* (the epoch and last offset it delivered), so the node sends what was missed
 and the application sees each message once, and carries on.
 
+Several node addresses (a cluster, or a primary and fallbacks): the client connects to
+the first that answers, and after a loss it tries the *next* address in its order first
+(the one it lost is tried again last, and again on every later round), so the clients
+of a dead node move to the others; a "going away" close (1001 from a node shutting
+down, 1012) moves on at once, without the backoff sleep. ``shuffle=True`` gives each
+client its own random order (the crowd spreads over the nodes).
+
 A publish in flight at a disconnect is failed, never resent: channel publishes carry no
 idempotency key, and a resend could store the message twice. A direct message
 (:meth:`Client.send`) is resent with the same client id (``cid``) until acknowledged:
@@ -23,6 +30,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import struct
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
@@ -39,7 +47,7 @@ from .connection import Connection, HandshakeError, deadline, open_connection, p
 from .direct import DirectInbox, DirectMessages, InboxState, Sent
 from .subscription import Gap, GapCallback, Message, Since, Subscription
 
-__all__ = ["CLIENT_NAME", "Client", "Message", "Subscription", "connect"]
+__all__ = ["CLIENT_NAME", "Client", "Message", "RateLimited", "Subscription", "connect"]
 
 log = logging.getLogger("fastim.client")
 
@@ -53,6 +61,25 @@ _UNSUBSCRIBED = (CloseCode.NORMAL, "unsubscribed")
 _RESUB_RETRY = (0.2, 5.0)
 #: how a :meth:`Client.send` spaces its retries after STORE_UNAVAILABLE
 _SEND_BACKOFF = (0.05, 2.0, 2.0)  # base, factor, max
+#: close codes of a node that is leaving (shutdown, restart): try the next node at once
+_MOVE_ON_AT_ONCE = frozenset({CloseCode.GOING_AWAY, 1012})
+
+
+class RateLimited(RequestError):
+    """The node refused a publish or send with RATE_LIMITED (116): this connection is
+    over the node's ``publish_rate``. Nothing was stored; slow down and try again.
+
+    A :class:`~fastim.errors.RequestError` (``code`` 116), so code that catches those
+    keeps working; a node closes a connection that keeps going over (close 4002,
+    after which the client reconnects with backoff).
+    """
+
+
+def _request_error(code: int, reason: str) -> RequestError:
+    """The exception of an error reply: :class:`RateLimited` for 116."""
+    if code == ErrorCode.RATE_LIMITED:
+        return RateLimited(code, reason)
+    return RequestError(code, reason)
 
 
 def _hello_frame(user: str | None) -> bytes:
@@ -120,7 +147,8 @@ class Client:
     """A connection to a fastim server that survives disconnects. Use :func:`connect`.
 
     Attributes:
-        urls: the server URLs, primary first; reconnects try them in turn.
+        urls: the server URLs as given; :attr:`order` is the order the client tries
+            them in (the same, or shuffled with ``shuffle=True``).
         user: the user id declared in HELLO (None: no user, no direct messages).
         server_info: the JSON object of the last WELCOME (node, ping_interval, ...).
         reconnects: how many times the client has connected again after a loss.
@@ -131,9 +159,10 @@ class Client:
 
     def __init__(
         self,
-        urls: Sequence[str],
+        urls: str | Sequence[str],
         *,
         user: str | None = None,
+        shuffle: bool = False,
         reconnect: bool = True,
         backoff: Backoff | None = None,
         connect_timeout: float = 5.0,
@@ -141,6 +170,8 @@ class Client:
         send_timeout: float = 30.0,
         on_event: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
+        if isinstance(urls, str):
+            urls = [urls]
         if not urls:
             raise ValueError("at least one URL is needed")
         if not connect_timeout > 0 or not request_timeout > 0 or not send_timeout > 0:
@@ -148,6 +179,11 @@ class Client:
         if user is not None:
             _check_user(user, "user")
         self.urls = list(urls)
+        #: the order addresses are tried in: ``urls``, or a random permutation of them
+        #: (``shuffle``); after a loss the client starts at the address after the lost one
+        self.order = list(self.urls)
+        if shuffle:
+            random.shuffle(self.order)
         self.user = user
         self.reconnect = reconnect
         self.backoff = backoff if backoff is not None else Backoff()
@@ -158,7 +194,7 @@ class Client:
         self.server_info: dict[str, Any] = {}
         self.reconnects = 0
         self._hello = _hello_frame(user)
-        self._url = self.urls[0]
+        self._url = self.order[0]
         self._conn: Connection | None = None
         self._ready = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
@@ -487,9 +523,9 @@ class Client:
     # ----------------------------------------------------------------- connecting
 
     async def _start(self) -> None:
-        """First connect: each URL once, in order; raise the last error if all fail."""
+        """First connect: each URL once, in :attr:`order`; raise the last error if all fail."""
         last: BaseException | None = None
-        for url in self.urls:
+        for url in self.order:
             try:
                 conn, rest = await self._handshake(url)
             except (OSError, asyncio.TimeoutError, FastimError) as e:
@@ -630,16 +666,44 @@ class Client:
             with contextlib.suppress(ConnectionClosed):
                 self._resubscribe(conn, sub)
 
-    async def _reconnect_loop(self) -> tuple[Connection, list[tuple[int, bytes]]] | None:
-        """Sleep, try the next URL, repeat; None if the client closed or gave up."""
+    def _next_urls(self, lost: str) -> list[str]:
+        """The order of one round of reconnect attempts after losing ``lost``: the
+        addresses after it in :attr:`order`, then it (a node that just failed is the
+        least likely to answer; it is tried again at the end of every round)."""
+        order = self.order
+        try:
+            i = order.index(lost)
+        except ValueError:
+            return list(order)
+        return order[i + 1 :] + order[: i + 1]
+
+    async def _reconnect_loop(
+        self, lost: str, at_once: bool = False
+    ) -> tuple[Connection, list[tuple[int, bytes]]] | None:
+        """Sleep, try the next URL, repeat; None if the client closed or gave up.
+
+        ``lost``: the URL of the connection that ended (tried last in each round).
+        ``at_once``: it ended with "going away" (the node is shutting down): the first
+        attempt, at the next node, is made without the backoff sleep. A node that
+        refuses the handshake with "going away" (at its connection limit) is also
+        skipped at once, at most once per address per round, so a cluster where every
+        node refuses still goes through the backoff.
+        """
         permanent: dict[str, BaseException] = {}
         attempt = 0
+        urls = self._next_urls(lost)
+        skips = 0  # sleeps skipped since the last sleep
         while not self._closing:
-            delay = self.backoff.next()
-            await asyncio.sleep(delay)
-            if self._closing:
-                return None
-            url = self.urls[attempt % len(self.urls)]
+            if at_once and skips < len(urls):
+                skips += 1
+            else:
+                skips = 0
+                delay = self.backoff.next()
+                await asyncio.sleep(delay)
+                if self._closing:
+                    return None
+            at_once = False
+            url = urls[attempt % len(urls)]
             attempt += 1
             try:
                 conn, rest = await self._handshake(url)
@@ -649,11 +713,13 @@ class Client:
                 continue
             except (ConnectionClosed, ProtocolError) as e:
                 if isinstance(e, ConnectionClosed) and e.temporary:
+                    log.info("fastim client: %s turned us away: %s", url, e)
                     permanent.pop(url, None)
+                    at_once = e.code in _MOVE_ON_AT_ONCE
                     continue
                 log.warning("fastim client: %s refused us: %r", url, e)
                 permanent[url] = e
-                if len(permanent) == len(set(self.urls)):
+                if len(permanent) == len(set(urls)):
                     self._give_up(
                         e
                         if isinstance(e, ConnectionClosed)
@@ -662,7 +728,7 @@ class Client:
                     return None
                 continue
             self.reconnects += 1
-            log.info("fastim client: reconnected to %s", url)
+            log.info("fastim client: reconnected to %s (lost %s)", url, lost)
             self._on_connected(conn)
             return conn, rest
         return None
@@ -691,7 +757,7 @@ class Client:
                 self._give_up(lost)
                 return
             log.info("fastim client: connection to %s lost (%s); reconnecting", conn.url, lost)
-            new = await self._reconnect_loop()
+            new = await self._reconnect_loop(conn.url, at_once=lost.code in _MOVE_ON_AT_ONCE)
             if new is None:
                 return
             conn, rest = new
@@ -826,7 +892,7 @@ class Client:
             code, reason = obj.get("code"), obj.get("reason")
             if not p.future.done():
                 p.future.set_exception(
-                    RequestError(code if isinstance(code, int) else 0, str(reason or ""))
+                    _request_error(code if isinstance(code, int) else 0, str(reason or ""))
                 )
             return
         if op == "subscribed":
@@ -914,7 +980,7 @@ class Client:
                 log.warning("fastim client: server error %d: %s", code, reason)
             return
         if not p.future.done():
-            p.future.set_exception(RequestError(code, reason))
+            p.future.set_exception(_request_error(code, reason))
 
     def _on_unsolicited_error(self, obj: dict[str, Any]) -> None:
         code = obj.get("code")
@@ -1108,6 +1174,7 @@ async def connect(
     *,
     urls: Sequence[str] | None = None,
     user: str | None = None,
+    shuffle: bool = False,
     reconnect: bool = True,
     backoff: Backoff | None = None,
     connect_timeout: float = 5.0,
@@ -1117,15 +1184,22 @@ async def connect(
 ) -> Client:
     """Connect to a fastim server.
 
-    The first connection is tried once per URL (``url``, then each of ``urls``); the
-    retries with backoff are for *re*-connecting after a loss.
+    The first connection is tried once per URL (``url``, then each of ``urls``, or in a
+    random order with ``shuffle``); the retries with backoff are for *re*-connecting
+    after a loss. After a loss the client tries the URLs that follow the lost one
+    first, the lost one last (see docs/client.md, "Several nodes").
 
     Args:
-        url: ``tcp://host:port`` or ``ws://host:port/ws``, or a list of them (the
-            first is the primary, the others fallbacks).
-        urls: more fallback URLs, tried in turn (after ``url``) when (re)connecting.
+        url: ``tcp://host:port`` or ``ws://host:port/ws``, or a list of them: the
+            nodes of a cluster, or a primary and its fallbacks.
+        urls: more URLs, after ``url``.
         user: the user id to declare (in HELLO's options): needed to send and receive
             direct messages, and named in presence. 1..255 bytes of UTF-8.
+        shuffle: try the URLs in a random order of this client's own (the same order
+            for its whole life) instead of as given: for the nodes of a cluster, so
+            that many clients with the same list spread over the nodes, and the
+            clients of a node that fails spread over the others instead of all
+            landing on the next one in the list.
         reconnect: reconnect after a connection loss whose close code allows it
             (EOF, heartbeat silence, server shutdown: yes; a "bad request" close: no).
         backoff: delays between reconnect attempts; default
@@ -1157,6 +1231,7 @@ async def connect(
     client = Client(
         all_urls,
         user=user,
+        shuffle=shuffle,
         reconnect=reconnect,
         backoff=backoff,
         connect_timeout=connect_timeout,
