@@ -46,6 +46,8 @@ class DmRouter:
     """
 
     def __init__(self, node_id: str, postman: Postman, routes: UserRoutes, links: Links) -> None:
+        if routes.node_id != node_id:
+            raise ValueError(f"routes of node {routes.node_id!r} given to node {node_id!r}")
         self.node_id = node_id
         self.postman = postman
         self.routes = routes
@@ -56,6 +58,17 @@ class DmRouter:
         self.received = 0
         postman.relay = self
         routes.on_registered = postman.routed
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start the user routes (after the membership started: they use its lease)."""
+        await self.routes.start(timeout)
+
+    async def stop(self) -> None:
+        """Stop writing routes and forget the relay (before the membership stops: its
+        lease revocation then removes this node's routes everywhere at once)."""
+        if self.postman.relay is self:
+            self.postman.relay = None
+        await self.routes.stop()
 
     # the Postman's Relay protocol
     def present(self, user: str) -> None:
