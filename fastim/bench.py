@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -587,6 +588,12 @@ class WorkerSpec:
     n_sample: int
     subscribe: bool
     ip_base: int
+    #: with --sub-urls: the nodes the worker's subscribers are spread over (round robin)
+    targets: tuple[Target, ...] = ()
+
+
+def _progress_from(progress: Callable[[int], None], base: int, k: int) -> None:
+    progress(base + k)
 
 
 async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
@@ -601,16 +608,22 @@ async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
             pipe.send(("progress", k))
 
     try:
-        subs = await open_subs(
-            spec.target,
-            spec.channel,
-            spec.n,
-            spread_sample(spec.n, spec.n_sample),
-            spec.subscribe,
-            res,
-            spec.ip_base,
-            progress,
-        )
+        subs: list[_Sub] = []
+        targets = spec.targets or (spec.target,)
+        m = len(targets)
+        for j, t in enumerate(targets):  # an even share of connections and samples each
+            n_j = spec.n // m + (1 if j < spec.n % m else 0)
+            k_j = spec.n_sample // m + (1 if j < spec.n_sample % m else 0)
+            subs += await open_subs(
+                t,
+                spec.channel,
+                n_j,
+                spread_sample(n_j, k_j),
+                spec.subscribe,
+                res,
+                spec.ip_base,
+                functools.partial(_progress_from, progress, len(subs)),
+            )
     except Exception as e:
         pipe.send(("error", f"connect: {e!r}; " + "; ".join(res.errors[:3])))
         return
@@ -1029,6 +1042,7 @@ def _run(target: Target, args: argparse.Namespace, server_pid: int | None) -> di
     ]
     n_sample = 0 if idle else _default_sample(args)
     subscribe = not (idle and args.no_subscribe) and target.fastim
+    sub_targets = _sub_targets(args, target)
     cpus = _affinity(args.client_cpu)
     if cpus:
         os.sched_setaffinity(0, cpus)
@@ -1058,7 +1072,9 @@ def _run(target: Target, args: argparse.Namespace, server_pid: int | None) -> di
         a, b = ctx.Pipe()
         k = min(n, math.ceil(samples_left / (procs - i))) if n_sample else 0
         samples_left -= k
-        spec = WorkerSpec(target, args.channel, n, k, subscribe, (1 + i * 8) if spread else 0)
+        spec = WorkerSpec(
+            target, args.channel, n, k, subscribe, (1 + i * 8) if spread else 0, sub_targets
+        )
         p = ctx.Process(target=_worker, args=(spec, b), daemon=True)
         p.start()
         if cpus and p.pid:
@@ -1074,6 +1090,20 @@ def _run(target: Target, args: argparse.Namespace, server_pid: int | None) -> di
             p.join(5)
             if p.is_alive():
                 p.terminate()
+
+
+def _sub_targets(args: argparse.Namespace, target: Target) -> tuple[Target, ...]:
+    """``--sub-urls``: the nodes of a cluster the subscribers are spread over (the
+    publisher and the probe stay on ``--url``); empty: every subscriber on the target."""
+    urls = [u.strip() for u in (getattr(args, "sub_urls", None) or "").split(",") if u.strip()]
+    if not urls:
+        return ()
+    if not target.fastim:
+        raise SystemExit("fastim bench: --sub-urls needs --url (fastim nodes), not --peer")
+    targets = tuple(parse_target(u) for u in urls)
+    if any(t.kind != target.kind for t in targets):
+        raise SystemExit("fastim bench: --sub-urls must use the transport of --url")
+    return targets
 
 
 def _mp_context() -> Any:
@@ -1140,6 +1170,7 @@ def _measure(
     out: dict[str, Any] = {
         "target": target.kind,
         "url": target.url,
+        "sub_urls": [t.url for t in _sub_targets(args, target)] or None,
         "subscribers": n_total,
         "connect_s": round(connect_s, 2),
     }
@@ -1297,6 +1328,8 @@ def render(r: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = [
         ("target", f"{r['url']} ({r['target']})"),
     ]
+    if r.get("sub_urls"):
+        rows.append(("subscribers on", ", ".join(r["sub_urls"])))
     if r.get("mode") == "idle":
         s = r["server"]
         rows += [
@@ -1389,6 +1422,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--url", help="fastim node: tcp://host:port or ws://host:port/ws; default: spawn one"
     )
     tgt.add_argument("--peer", help="plain broadcast peer: ws://host:port/path (no acks)")
+    p.add_argument(
+        "--sub-urls",
+        default=None,
+        metavar="URL,URL,...",
+        help="with --url: spread the subscribers evenly over these nodes (a cluster); the "
+        "publisher and the probe subscriber stay on --url",
+    )
     p.add_argument(
         "--transport",
         choices=("tcp", "ws"),
