@@ -197,12 +197,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .node import Node
 
     node = Node(cfg)
+    from .cluster import ClusterError
     from .store import StoreError
 
     try:
         _run(node.serve_forever())
     except StoreError as e:
         log.error("fastim: cannot open the store: %s", e)
+        return 1
+    except ClusterError as e:
+        log.error("fastim: cannot join the cluster: %s", e)
         return 1
     except OSError as e:
         log.error("fastim: cannot listen: %s", e)

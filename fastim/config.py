@@ -259,10 +259,29 @@ class Config:
     )
     link_port: int = field(
         default=0,
-        metadata={"help": "port accepting links from the other nodes of the cluster (0 = off)"},
+        metadata={
+            "help": "port accepting links from the other nodes of the cluster (0 = any free "
+            "port, registered in etcd)"
+        },
     )
     tree_k: int = field(
         default=8, metadata={"help": "children per node in a channel's broadcast tree (>= 2)"}
+    )
+    advertise_host: str = field(
+        default="",
+        metadata={
+            "help": "host other nodes reach this node at, registered in etcd ('' = host; "
+            "required when host is 0.0.0.0 or ::)"
+        },
+    )
+    link_tls_cert: str = field(
+        default="",
+        metadata={"help": "PEM certificate of this node for node links: mutual TLS ('' = plain)"},
+    )
+    link_tls_key: str = field(default="", metadata={"help": "PEM private key of link_tls_cert"})
+    link_tls_ca: str = field(
+        default="",
+        metadata={"help": "PEM CA that signed every node's link certificate (with link_tls_cert)"},
     )
 
     def validate(self) -> Config:
@@ -426,6 +445,30 @@ class Config:
             raise ConfigError(f"tree_k: must be 2..1024, got {self.tree_k}")
         if self.etcd_endpoints and "/" in self.node_id:
             raise ConfigError(f"node_id: must not contain '/' in a cluster, got {self.node_id!r}")
+        a = self.advertise_host
+        if a and (
+            len(a) > 253
+            or a.startswith("[")
+            or "/" in a
+            or any(c.isspace() or not c.isprintable() for c in a)
+        ):
+            raise ConfigError(
+                f"advertise_host: a host name or IP address (no port, no brackets), got {a!r}"
+            )
+        if self.etcd_endpoints and not a and self.host in ("0.0.0.0", "::", ""):
+            raise ConfigError(
+                f"advertise_host: host {self.host!r} listens on every address; set "
+                "advertise_host to the address other nodes reach this one at"
+            )
+        tls = (self.link_tls_cert, self.link_tls_key, self.link_tls_ca)
+        if any(tls) and not all(tls):
+            raise ConfigError(
+                "link_tls_cert, link_tls_key, link_tls_ca: set all three (mutual TLS between "
+                "nodes) or none"
+            )
+        for name, path in zip(("link_tls_cert", "link_tls_key", "link_tls_ca"), tls, strict=True):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{name}: no such file {path!r}")
 
     def exempt_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [

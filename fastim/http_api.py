@@ -233,7 +233,11 @@ class HttpApi:
         loop = asyncio.get_running_loop()
         settled: asyncio.Future[tuple[int, str | None]] = loop.create_future()
 
+        epoch: list[str] = []
+
         def done(off: int, err: str | None) -> None:
+            if hub.ack_epoch is not None:
+                epoch.append(hub.ack_epoch)  # forwarded to the owner: its epoch
             if not settled.done():
                 settled.set_result((off, err))
 
@@ -246,8 +250,9 @@ class HttpApi:
         if off is None:  # durable: answered after the store took it (or failed)
             off, err = await settled
             if err is not None:
-                raise ApiError(503, err, code=ErrorCode.STORE_UNAVAILABLE)
-        return {"offset": off, "epoch": ch.epoch}
+                code = getattr(err, "code", ErrorCode.STORE_UNAVAILABLE)
+                raise ApiError(503, err, code=code)
+        return {"offset": off, "epoch": epoch[0] if epoch else ch.epoch}
 
     async def _broadcast(self, req: Request) -> dict[str, Any]:
         names = req.body.get("channels")

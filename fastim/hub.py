@@ -26,6 +26,7 @@ from .protocol import ErrorCode, FrameType, pack_msg
 from .store import Store, StoreError
 
 if TYPE_CHECKING:
+    from .cluster.runtime import Cluster
     from .config import Config
     from .session import Replies, Session
 
@@ -255,6 +256,11 @@ class Hub:
         self._dirty: list[Channel] = []
         self._kick_scheduled = False
         self._tasks: set[asyncio.Future[Any]] = set()
+        #: the cluster runtime when this node is in a cluster (fastim/cluster/runtime.py):
+        #: publishes of channels owned elsewhere go to it, deliveries go down the tree
+        self.router: Cluster | None = None
+        #: during a forwarded publish's ``done`` callback: the owner's epoch (HTTP API)
+        self.ack_epoch: str | None = None
 
     @property
     def durable_store(self) -> bool:
@@ -271,6 +277,11 @@ class Hub:
             ns = self.namespaces.of(name)
             ch = Channel(name, ns, durable=self.durable_store and ns.durable)
             ch.idle_since = self.now
+            router = self.router
+            if router is not None and not ch.durable and not router.owns(name):
+                # a memory channel numbered by another node: its epoch and offset come
+                # from the owner (the first DELIVER, or a subscribe asks for them)
+                ch.loaded = False
             self.channels[name] = ch
             self.idle[name] = ch
         return ch
@@ -291,7 +302,14 @@ class Hub:
         Durable: queue it for the store and return None; ``done(offset, None)`` runs
         after the store took it and it was delivered, ``done(0, reason)`` if the store
         failed (then it was neither stored nor delivered).
+
+        In a cluster, a channel owned by another node is forwarded to its owner and
+        ``done`` runs with the owner's answer (always None returned).
         """
+        router = self.router
+        if router is not None and not router.owns(name):
+            router.forward(name, data, done or _ignore)
+            return None
         ch = self.channel(name)
         assert ch is not None
         if not ch.durable:
@@ -324,6 +342,30 @@ class Hub:
             self.delivered += ch.subs.fanout(ch.encode(off, data, self.deflater))
         else:
             ch.idle_since = self.now
+        if self.router is not None:
+            self.router.down(ch, off, data)
+
+    def deliver_routed(self, ch: Channel, off: int, data: bytes) -> None:
+        """A message numbered by the owner (it came down the tree): deliver it here."""
+        self._deliver(ch, off, data)
+
+    async def fill(self, ch: Channel, top: int) -> None:
+        """Fill a durable channel's gap below ``top`` from the store (see _fill)."""
+        await self._fill(ch, top)
+
+    def adopt(self, ch: Channel, epoch: str, top: int) -> None:
+        """Align the channel with the owner's (epoch, top); another epoch: resubscribe."""
+        self._adopt(ch, epoch, top)
+
+    def renumber(self, ch: Channel) -> None:
+        """This node now numbers a memory channel: a new epoch (subscribers resubscribe)."""
+        self._adopt(ch, new_epoch(), 0)
+
+    def recover(self, ch: Channel, since: Since) -> tuple[bool, list[tuple[int, bytes]]]:
+        """Messages after ``since`` from this node's history ring (for another node)."""
+        if since.epoch != ch.epoch or since.off >= ch.offset:
+            return since.epoch == ch.epoch, []
+        return self._recover(ch, since.off, [])
 
     def _kick(self) -> None:
         """Once per tick: one store append per channel with queued publishes."""
@@ -474,15 +516,15 @@ class Hub:
                     after = msgs[-1][0]
                     if after >= ch.offset:
                         break
-        except StoreError as e:
-            self.store_errors += 1
+        except (StoreError, HubError) as e:
+            code = ErrorCode.STORE_UNAVAILABLE
+            if isinstance(e, HubError):
+                code = ErrorCode(e.code)
+            else:
+                self.store_errors += 1
             if session.subs and ch.name in session.subs:
                 session.subs.remove(ch.name)
-            session.send(
-                replies.error(
-                    req_id, ErrorCode.STORE_UNAVAILABLE, f"cannot subscribe to {ch.name!r}: {e}"
-                )
-            )
+            session.send(replies.error(req_id, code, f"cannot subscribe to {ch.name!r}: {e}"))
             return
         self._finish_subscribe(session, replies, req_id, ch, since, prefix)
 

@@ -40,6 +40,7 @@ from prometheus_client.metrics_core import Metric
 from . import __version__
 
 if TYPE_CHECKING:
+    from .cluster.runtime import Cluster
     from .node import Node
     from .store import Store
 
@@ -328,6 +329,10 @@ class NodeCollector:
                 reqs.add_metric([route, str(status)], n)
             yield reqs
 
+        cluster = getattr(node, "cluster", None)
+        if cluster is not None:
+            yield from cluster_metrics(cluster)
+
         lat = hub.latency
         yield HistogramMetricFamily(
             "fastim_publish_latency_seconds",
@@ -336,6 +341,69 @@ class NodeCollector:
             buckets=lat.buckets(),
             sum_value=lat.sum,
         )
+
+
+def cluster_metrics(cluster: Cluster) -> Iterator[Metric]:
+    """A node in a cluster: membership state, links, forwards, tree deliveries."""
+    m = cluster.membership
+    state = GaugeMetricFamily(
+        "fastim_cluster_state",
+        "1 for the membership's current state (healthy: etcd answers; degraded: it does "
+        "not, known routes kept)",
+        labels=["state"],
+    )
+    now = m.state if m is not None else "stopped"
+    for s in ("starting", "healthy", "degraded", "stopped"):
+        state.add_metric([s], 1 if s == now else 0)
+    yield state
+    yield _gauge(
+        "fastim_cluster_nodes",
+        "live nodes in this node's routing table, itself included",
+        len(m.nodes) if m is not None else 0,
+    )
+    up, total = cluster.links_up()
+    yield _gauge("fastim_cluster_links_up", "outbound node links up", up)
+    yield _gauge("fastim_cluster_links", "outbound node links (one per peer)", total)
+    fwd = CounterMetricFamily(
+        "fastim_cluster_forwards",
+        "publishes forwarded to the channel's owner, by outcome (sent; acked; failed: the "
+        "client got NOT_ROUTED or the owner's error)",
+        labels=["result"],
+    )
+    fwd.add_metric(["sent"], cluster.forwards_sent)
+    fwd.add_metric(["acked"], cluster.forwards_acked)
+    fwd.add_metric(["failed"], cluster.forwards_failed)
+    yield fwd
+    yield _counter(
+        "fastim_cluster_forwards_received",
+        "publishes other nodes forwarded to this node as the owner",
+        cluster.forwards_received,
+    )
+    tree = CounterMetricFamily(
+        "fastim_cluster_tree_deliveries",
+        "channel messages down the broadcast tree (in: received from a parent; out: sent "
+        "to children; dropped: a child's link was down)",
+        labels=["direction"],
+    )
+    tree.add_metric(["in"], cluster.tree_in)
+    tree.add_metric(["out"], cluster.tree_out)
+    tree.add_metric(["dropped"], cluster.tree_dropped)
+    yield tree
+    yield _counter(
+        "fastim_cluster_duplicates",
+        "tree deliveries dropped as already delivered (views differ for a moment)",
+        cluster.duplicates,
+    )
+    yield _counter(
+        "fastim_cluster_gaps",
+        "tree deliveries past the next offset (filled from the store, or a jump)",
+        cluster.gaps,
+    )
+    yield _counter(
+        "fastim_cluster_ownership_moves",
+        "channels in memory whose owner changed with the membership",
+        cluster.ownership_moves,
+    )
 
 
 def connections_by_transport(node: Node) -> dict[str, int]:

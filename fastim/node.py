@@ -12,7 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _core
 from .auth import Auth, tls_server_context
@@ -25,6 +25,9 @@ from .postman import Postman
 from .protocol import SHUTDOWN_REASON, CloseCode
 from .session import Session, SessionList
 from .store import Store, StoreError, open_store
+
+if TYPE_CHECKING:
+    from .cluster.runtime import Cluster
 
 log = logging.getLogger("fastim")
 
@@ -63,6 +66,8 @@ class Node:
         self.metrics = Metrics(self)
         self.api = HttpApi(self)
         self.store_probe: StoreProbe | None = None
+        #: the cluster runtime (fastim/cluster/runtime.py) when etcd_endpoints is set
+        self.cluster: Cluster | None = None
         # per-address limits (addresses in ip_limits_exempt are not tracked at all)
         self._exempt = self.config.exempt_networks()
         self._exempt_cache: dict[str, bool] = {}
@@ -99,6 +104,9 @@ class Node:
         tls_args: dict[str, Any] = (
             {"ssl": tls, "ssl_handshake_timeout": cfg.handshake_timeout} if tls else {}
         )
+        # listeners are bound first (their ports go into the cluster registration) and
+        # serve only once the node has joined: a node that cannot join fails here
+        tls_args["start_serving"] = False
         try:
             if cfg.tcp_port:
                 srv = await loop.create_server(
@@ -122,9 +130,24 @@ class Node:
                 )
                 self._servers.append(srv)
                 self.ws_port = srv.sockets[0].getsockname()[1]
-        except OSError:
+            if cfg.etcd_endpoints:
+                from .cluster.runtime import Cluster, advertised_host, join_host_port
+
+                host = advertised_host(cfg)
+                addresses = {}
+                if self.tcp_port:
+                    addresses["tcp"] = join_host_port(host, self.tcp_port)
+                if self.ws_port:
+                    addresses["ws"] = join_host_port(host, self.ws_port)
+                cluster = Cluster(self)
+                await cluster.start(addresses)  # ClusterError: not joined, not serving
+                self.cluster = cluster
+            for srv in self._servers:
+                await srv.start_serving()
+        except BaseException:
             for srv in self._servers:
                 srv.close()
+            self._servers.clear()
             await self.store.close()
             raise
         self.wheel.start()
@@ -150,8 +173,25 @@ class Node:
             return "not listening yet"
         return self.store_probe.status(self.wheel.now)
 
+    def ready_text(self) -> str:
+        """The body of a 200 ``/ready``: "ready", with the cluster's state in a cluster.
+
+        A degraded cluster (etcd unreachable) stays ready: the node serves its clients
+        and the routes it knows, and every node would be degraded at once, so answering
+        503 would take the whole cluster out of a load balancer.
+        """
+        cluster = self.cluster
+        if cluster is None:
+            return "ready"
+        why = cluster.degraded()
+        if why is not None:
+            return f"ready, degraded: {why}; {cluster.summary()}"
+        return f"ready; {cluster.summary()}"
+
     def _on_tick(self, now: float) -> None:
         self.hub.now = now
+        if self.cluster is not None:
+            self.cluster.on_tick(now)
         if self.store_probe is not None:
             self.store_probe.on_tick(now)
         if self.postman is not None:
@@ -239,6 +279,8 @@ class Node:
             return
         self._stopping = True
         cfg = self.config
+        if self.cluster is not None:
+            await self.cluster.leave()  # deregister first: the others reroute at once
         for srv in self._servers:
             srv.close()
         await self.hub.close()  # publishes on their way to the store: stored and acked
@@ -264,6 +306,8 @@ class Node:
                 await asyncio.wait_for(srv.wait_closed(), 1.0)
             except asyncio.TimeoutError:
                 pass
+        if self.cluster is not None:
+            await self.cluster.close()  # links after the drain: acks of the last publishes
         self.wheel.stop()
         if self.postman is not None:
             await self.postman.close()

@@ -106,6 +106,7 @@ class ErrorCode(IntEnum):
     RATE_LIMITED = 116  # over publish_rate: this request was refused, slow down
     AUTH_FAILED = 117  # token missing, malformed, expired or not verified: close 4501
     PERMISSION_DENIED = 118  # the token or the namespace's rules refuse this request
+    NOT_ROUTED = 119  # cluster: the channel's owner node did not take the publish, retry
 
     @property
     def fatal(self) -> bool:
@@ -121,6 +122,7 @@ _NON_FATAL = frozenset(
         ErrorCode.STORE_UNAVAILABLE,
         ErrorCode.NO_USER,
         ErrorCode.RATE_LIMITED,
+        ErrorCode.NOT_ROUTED,
         ErrorCode.PERMISSION_DENIED,
     }
 )

@@ -856,8 +856,9 @@ class Session(asyncio.Protocol):
             def done(off: int, err: str | None) -> None:
                 if err is None:
                     self.send(replies.puback(req_id, ch, off))
-                else:
-                    self.send(replies.error(req_id, ErrorCode.STORE_UNAVAILABLE, err))
+                else:  # a Refusal carries its code (cluster: NOT_ROUTED)
+                    code = getattr(err, "code", ErrorCode.STORE_UNAVAILABLE)
+                    self.send(replies.error(req_id, code, err))
 
             try:
                 off = hub.publish(ch, req.data, done)

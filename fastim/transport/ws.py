@@ -430,7 +430,10 @@ class WsSession(Session):
             self.http_reply(200, "ok")
         elif path == b"/ready" and method == b"GET":
             why = self.node.readiness()
-            self.http_reply(200, "ready") if why is None else self.http_reply(503, why)
+            if why is None:
+                self.http_reply(200, self.node.ready_text())
+            else:
+                self.http_reply(503, why)
         elif path == b"/metrics" and method == b"GET":
             metrics = self.node.metrics
             self.http_send(200, metrics.render(), metrics.content_type.encode())

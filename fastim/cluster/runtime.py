@@ -1,0 +1,589 @@
+"""The cluster runtime of one node: membership, placement and links wired to the hub.
+
+:class:`Cluster` is what ``Node.start`` creates when ``etcd_endpoints`` is set. It owns
+the three foundations (``membership``, ``placement``, ``links`` + ``server``) and is the
+hub's ``router``: the hub asks it two things on its hot path and nothing else.
+
+- ``owns(channel)``: is this node the channel's owner? If not, ``Hub.publish`` hands the
+  publish to :meth:`Cluster.forward`, which sends it to the owner over a link under a
+  fresh ``ref`` with a deadline (:data:`FORWARD_TIMEOUT`, checked on the node's timer
+  tick); the client's ``done`` runs when the owner's FORWARD_ACK comes back (with the
+  owner's offset), or with :class:`Refusal` (``NOT_ROUTED``, 119) when the link is down,
+  goes down, or no ack came in time. Never a silent loss: every forwarded publish is
+  answered once.
+- ``down(channel, offset, data)``: after a message was delivered locally, send it to this
+  node's children in the channel's tree (DELIVER). Every node does the same on receipt,
+  so a message reaches every node once.
+
+Why a separate object rather than cluster code in the hub: a node without etcd pays one
+``is not None`` per publish and per delivery, and everything that knows about nodes,
+links and etcd lives here, where the direct-message routing (``fastim/cluster/users.py``)
+hooks in too (:meth:`on_change`, :meth:`register_control`, ``dm_handler``).
+
+Receiving side (:class:`fastim.cluster.link.LinkHandler`): ``on_forward`` publishes on the
+owner (through the store for durable channels) and acks after the store took it;
+``on_deliver`` drops offsets at or below the channel's (duplicates while views differ),
+fills a gap of a durable channel from the store before going on (later messages of
+that channel wait meanwhile) and lets a memory channel jump; a different epoch is the
+hub's resubscribe path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..protocol import ErrorCode
+from . import ClusterError
+from .frames import Deliver, Forward, ForwardAck
+from .link import LinkHandler, Links, LinkServer, client_context, link_peers, server_context
+from .membership import MemberEvent, Membership
+from .placement import Placement, moved
+
+if TYPE_CHECKING:
+    from ..hub import Channel, Done, Since
+    from ..node import Node
+
+log = logging.getLogger("fastim.cluster")
+
+#: seconds a forwarded publish waits for the owner's ack before the client is told
+#: "not routed, retry": above the store's own timeout (redis_timeout, 2 s) plus a link's
+#: heartbeat timeout (3 s), so a slow but working owner answers first
+FORWARD_TIMEOUT = 6.0
+#: seconds a subscribe on a non-owner waits for the owner's state of a memory channel
+STATE_TIMEOUT = 3.0
+
+
+class Refusal(str):
+    """An error reason that carries its ErrorCode (``done(0, Refusal(code, reason))``).
+
+    A ``str``, so every existing ``Done`` callback still works; the transports read
+    ``code`` (default STORE_UNAVAILABLE) to answer with the right one.
+    """
+
+    code: int
+
+    def __new__(cls, code: int, reason: str) -> Refusal:
+        self = super().__new__(cls, reason)
+        self.code = int(code)
+        return self
+
+
+def error_code(err: str) -> int:
+    """The ErrorCode of a ``done`` error: its own if a :class:`Refusal`, else 114."""
+    return int(getattr(err, "code", ErrorCode.STORE_UNAVAILABLE))
+
+
+def link_tls(config: Any) -> tuple[Any, Any]:
+    """(server, client) SSL contexts for links from the ``link_tls_*`` settings: mutual TLS,
+    every node presenting its certificate signed by ``link_tls_ca`` (None, None: plain)."""
+    cert, key, ca = config.link_tls_cert, config.link_tls_key, config.link_tls_ca
+    if not cert:
+        return None, None
+    return server_context(cert, key, ca), client_context(ca, cert, key)
+
+
+class Cluster(LinkHandler):
+    """One node's membership in a cluster, and the hub's router. See the module docstring.
+
+    Attributes other modules hook into: ``membership`` (:class:`Membership`),
+    ``placement`` (:class:`Placement`), ``links`` (:class:`Links`, outbound), ``server``
+    (:class:`LinkServer`, inbound), ``me`` (this node id).
+    """
+
+    def __init__(self, node: Node) -> None:
+        cfg = node.config
+        self.node = node
+        self.hub = node.hub
+        self.config = cfg
+        self.me: str = cfg.node_id
+        self.placement = Placement(k=cfg.tree_k)
+        self.membership: Membership | None = None
+        self.links: Links | None = None
+        self.server: LinkServer | None = None
+        self.now = 0.0
+        self._refs = itertools.count(1)
+        #: forwarded publishes waiting for their ack: ref -> (done, owner)
+        self._forwards: dict[int, tuple[Done, str]] = {}
+        #: state requests (memory channels) waiting for the owner: ref -> (future, owner)
+        self._states: dict[int, tuple[asyncio.Future[dict[str, Any]], str]] = {}
+        #: (deadline, ref) in the order sent, so in deadline order
+        self._deadlines: deque[tuple[float, int]] = deque()
+        #: durable channels whose gap is being read from the store: DELIVERs held meanwhile
+        self._filling: dict[str, list[Deliver]] = {}
+        self._change_cbs: list[Callable[[MemberEvent | None], None]] = []
+        self._control: dict[str, Callable[[str, dict[str, Any]], None]] = {
+            "state": self._answer_state,
+            "state_reply": self._state_reply,
+        }
+        #: set by the direct-message routing: called with (peer, items) per DM frame
+        self.dm_handler: Callable[[str, list[Any]], None] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        # counters (fastim/metrics.py)
+        self.forwards_sent = 0
+        self.forwards_acked = 0
+        self.forwards_failed = 0
+        self.forwards_received = 0
+        self.tree_in = 0
+        self.tree_out = 0
+        self.tree_dropped = 0
+        self.duplicates = 0
+        self.gaps = 0
+        self.ownership_moves = 0
+
+    # ------------------------------------------------------------------ life
+
+    async def start(self, addresses: dict[str, str]) -> None:
+        """Listen for links, register in etcd, dial the peers; ClusterError if it cannot join.
+
+        ``addresses`` are the client listeners' advertised ``host:port`` (tcp, ws); the
+        link address is added here. With ``link_port`` 0 the link server takes a free
+        port: it is registered in etcd, so peers find it.
+        """
+        cfg = self.config
+        node = self.node
+        server_ssl, client_ssl = link_tls(cfg)
+        self.server = LinkServer(
+            self.me,
+            cfg.cluster_name,
+            self,
+            host=cfg.host,
+            port=cfg.link_port,
+            ssl=server_ssl,
+            flusher=node.flusher,
+        )
+        try:
+            await self.server.start()
+        except OSError as e:
+            raise ClusterError(
+                f"cannot listen for node links on {cfg.host}:{cfg.link_port}: {e}"
+            ) from None
+        try:
+            self.links = Links(
+                self.me,
+                cfg.cluster_name,
+                ssl=client_ssl,
+                flusher=node.flusher,
+                on_state=self._link_state,
+            )
+            host = advertised_host(cfg)
+            addrs = {**addresses, "link": join_host_port(host, self.server.port)}
+            self.membership = Membership.from_config(cfg, addrs)
+            self.membership.on_change(self._changed)
+            self.membership.on_state(self._membership_state)
+            await self.membership.start()
+        except BaseException:
+            await self.close()
+            raise
+        self._changed(None)
+        self.hub.router = self
+        log.info(
+            "node %s joined cluster %r: %d nodes, links on %s",
+            self.me,
+            cfg.cluster_name,
+            len(self.membership.nodes),
+            addrs["link"],
+        )
+
+    async def leave(self) -> None:
+        """Deregister (others reroute at once); links stay up for the drain."""
+        if self.membership is not None:
+            await self.membership.stop()
+
+    async def close(self) -> None:
+        """Close links and the link server; answer what still waits (node stopping)."""
+        self.hub.router = None
+        for ref in list(self._forwards):
+            self._fail_forward(ref, "this node is shutting down")
+        for ref in list(self._states):
+            self._fail_state(ref, "this node is shutting down")
+        if self.membership is not None and self.membership.state != "stopped":
+            await self.membership.stop()
+        if self.links is not None:
+            await self.links.close()
+        if self.server is not None:
+            await self.server.close()
+        for t in list(self._tasks):
+            t.cancel()
+
+    def on_change(self, callback: Callable[[MemberEvent | None], None]) -> None:
+        """Call ``callback(event)`` after each membership change was applied (placement
+        updated, links synced); ``None`` once at start."""
+        self._change_cbs.append(callback)
+
+    def register_control(self, op: str, handler: Callable[[str, dict[str, Any]], None]) -> None:
+        """Route CONTROL messages ``{"op": op, ...}`` to ``handler(peer, message)``."""
+        self._control[op] = handler
+
+    # ------------------------------------------------------------------ membership
+
+    def _changed(self, ev: MemberEvent | None) -> None:
+        m = self.membership
+        links = self.links
+        if m is None or links is None:
+            return
+        before = self.placement.nodes
+        if self.placement.update(m.nodes):
+            self._ownership(moved(list(self.hub.channels), before, self.placement.nodes))
+        links.sync(link_peers(m.nodes, self.me))
+        for cb in self._change_cbs:
+            try:
+                cb(ev)
+            except Exception:
+                log.exception("cluster change callback failed")
+
+    def _ownership(self, changes: Iterable[tuple[str, str | None, str | None]]) -> None:
+        """Channels that moved: a memory channel this node now owns starts a new epoch.
+
+        Its history was the old owner's, which may still be numbering in the same epoch
+        (a split) or be gone: continuing its offsets would give two messages one offset.
+        A durable channel needs nothing: its next append returns the store's numbering
+        (Hub._append fills or adopts), so order continues.
+        """
+        hub = self.hub
+        for name, _old, new in changes:
+            self.ownership_moves += 1
+            if new != self.me:
+                continue
+            ch = hub.channels.get(name)
+            if ch is not None and not ch.durable:
+                hub.renumber(ch)
+
+    def _membership_state(self, state: str) -> None:
+        log.info("cluster membership %s", state)
+
+    # ------------------------------------------------------------------ router (hub hooks)
+
+    def owns(self, channel: str) -> bool:
+        return self.placement.is_owner(channel, self.me)
+
+    def forward(self, channel: str, data: bytes, done: Done) -> None:
+        """Send a publish to the channel's owner; ``done`` runs once with its answer."""
+        owner = self.placement.owner(channel)
+        links = self.links
+        ref = next(self._refs)
+        if owner is None or links is None or not links.forward(owner, ref, channel, data):
+            self.forwards_failed += 1
+            done(
+                0,
+                Refusal(
+                    ErrorCode.NOT_ROUTED,
+                    f"not published: the owner of {channel!r} ({owner}) is not reachable "
+                    "from this node, retry",
+                ),
+            )
+            return
+        self.forwards_sent += 1
+        self._forwards[ref] = (done, owner)
+        self._deadlines.append((self.now + FORWARD_TIMEOUT, ref))
+
+    def down(self, ch: Channel, offset: int, data: bytes) -> None:
+        """After local delivery: the message to this node's children in the channel's tree."""
+        kids = self.placement.children(ch.name, self.me)
+        if kids:
+            self._send_down(kids, ch.name, ch.epoch, offset, data)
+
+    def _send_down(self, kids: list[str], name: str, epoch: str, offset: int, data: bytes) -> None:
+        links = self.links
+        if links is None:
+            return
+        for kid in kids:
+            if links.deliver(kid, name, epoch, offset, data):
+                self.tree_out += 1
+            else:
+                self.tree_dropped += 1  # link down: the child fills the gap later
+
+    async def state(self, channel: str, since: Since | None) -> dict[str, Any]:
+        """A memory channel's (epoch, offset) and messages after ``since`` from its owner.
+
+        Raises HubError (NOT_ROUTED) when the owner cannot be asked or does not answer.
+        """
+        from ..hub import HubError
+
+        owner = self.placement.owner(channel)
+        links = self.links
+        ref = next(self._refs)
+        msg: dict[str, Any] = {"op": "state", "ref": ref, "ch": channel}
+        if since is not None:
+            msg["since"] = [since.off, since.epoch]
+        if owner is None or links is None or not links.control(owner, msg):
+            raise HubError(
+                ErrorCode.NOT_ROUTED,
+                f"the owner of {channel!r} ({owner}) is not reachable from this node, retry",
+            )
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._states[ref] = (fut, owner)
+        self._deadlines.append((self.now + STATE_TIMEOUT, ref))
+        reply = await fut
+        if "error" in reply:
+            raise HubError(ErrorCode.NOT_ROUTED, str(reply["error"]))
+        return reply
+
+    # ------------------------------------------------------------------ timers, link state
+
+    def on_tick(self, now: float) -> None:
+        """The node's timer tick: answer forwards and state requests past their deadline."""
+        self.now = now
+        dl = self._deadlines
+        while dl and dl[0][0] <= now:
+            ref = dl.popleft()[1]
+            if ref in self._forwards:
+                owner = self._forwards[ref][1]
+                self._fail_forward(
+                    ref,
+                    f"no answer from {owner}, the channel's owner, within {FORWARD_TIMEOUT:g}s: "
+                    "it may or may not have been published, retry",
+                )
+            elif ref in self._states:
+                self._fail_state(ref, f"no answer from the owner within {STATE_TIMEOUT:g}s")
+
+    def _fail_forward(self, ref: int, reason: str) -> None:
+        entry = self._forwards.pop(ref, None)
+        if entry is not None:
+            self.forwards_failed += 1
+            entry[0](0, Refusal(ErrorCode.NOT_ROUTED, reason))
+
+    def _fail_state(self, ref: int, reason: str) -> None:
+        entry = self._states.pop(ref, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result({"error": reason})
+
+    def _link_state(self, peer: str, up: bool) -> None:
+        """An outbound link went down: what waits on it will not be answered."""
+        if up:
+            return
+        for ref in [r for r, (_d, owner) in self._forwards.items() if owner == peer]:
+            self._fail_forward(
+                ref,
+                f"the link to {peer}, the channel's owner, went down: "
+                "it may or may not have been published, retry",
+            )
+        for ref in [r for r, (_f, owner) in self._states.items() if owner == peer]:
+            self._fail_state(ref, f"the link to {peer} went down")
+
+    # ------------------------------------------------------------------ LinkHandler
+
+    def on_forward(self, peer: str, items: list[Forward]) -> None:
+        """Publishes forwarded to this node as the owner: publish, ack after the store."""
+        from ..hub import HubError
+
+        hub = self.hub
+        links = self.links
+        if links is None:
+            return
+        for ref, name, data in items:
+            self.forwards_received += 1
+            if not self.placement.is_owner(name, self.me):
+                links.forward_ack(
+                    peer,
+                    ref,
+                    0,
+                    "",
+                    ErrorCode.NOT_ROUTED,
+                    f"{self.me} does not own {name!r} in its view (the cluster is changing), retry",
+                )
+                continue
+            try:
+                ch = hub.channel(name)
+                assert ch is not None
+                off = hub.publish(name, data, _Ack(links, peer, ref, ch))
+            except HubError as e:
+                links.forward_ack(peer, ref, 0, "", e.code, e.reason)
+                continue
+            if off is not None:
+                links.forward_ack(peer, ref, off, ch.epoch)
+
+    def on_forward_ack(self, peer: str, items: list[ForwardAck]) -> None:
+        hub = self.hub
+        for ref, off, epoch, code, reason in items:
+            entry = self._forwards.pop(ref, None)
+            if entry is None:
+                continue  # answered already (deadline, link down)
+            done = entry[0]
+            if code:
+                self.forwards_failed += 1
+                done(0, Refusal(code, reason))
+                continue
+            self.forwards_acked += 1
+            hub.ack_epoch = epoch
+            try:
+                done(off, None)
+            finally:
+                hub.ack_epoch = None
+
+    def on_deliver(self, peer: str, items: list[Deliver]) -> None:
+        filling = self._filling
+        for it in items:
+            self.tree_in += 1
+            held = filling.get(it.channel)
+            if held is not None:
+                held.append(it)
+            else:
+                self._take(it, True)
+
+    def _take(self, it: Deliver, fill: bool) -> bool:
+        """One DELIVER: deliver here (and down the tree) or drop; False if a fill began."""
+        hub = self.hub
+        name, epoch, off, data = it
+        ch = hub.channels.get(name)
+        if ch is None:
+            # nobody here follows it: pass it on, keep nothing
+            kids = self.placement.children(name, self.me)
+            if kids:
+                self._send_down(kids, name, epoch, off, data)
+            return True
+        if not ch.loaded:
+            if ch.durable:
+                # a subscribe is reading its state from the store: pass it on; what the
+                # store read misses is a gap, filled at the next message
+                kids = self.placement.children(name, self.me)
+                if kids:
+                    self._send_down(kids, name, epoch, off, data)
+                return True
+            hub.adopt(ch, epoch, off - 1)  # a memory channel learns the owner's numbering
+        elif epoch != ch.epoch:
+            hub.adopt(ch, epoch, off - 1)  # history lost at the owner: resubscribe
+        elif off <= ch.offset:
+            self.duplicates += 1
+            return True
+        elif off > ch.offset + 1:
+            self.gaps += 1
+            if ch.durable and fill:
+                self._filling[name] = [it]
+                self._run(self._fill(ch, it))
+                return False
+            log.debug("channel %r: offsets %d..%d missed here", name, ch.offset + 1, off - 1)
+        hub.deliver_routed(ch, off, data)
+        return True
+
+    async def _fill(self, ch: Channel, first: Deliver) -> None:
+        """Read a durable channel's gap from the store, then the DELIVERs held meanwhile."""
+        try:
+            await self.hub.fill(ch, first.offset - 1)
+        finally:
+            held = self._filling.pop(ch.name, [first])
+            for i, it in enumerate(held):
+                # the first one is taken even if the gap stays (a jump clients recover from)
+                if not self._take(it, i > 0):
+                    self._filling[ch.name].extend(held[i + 1 :])
+                    break
+
+    def on_control(self, peer: str, message: dict[str, Any]) -> None:
+        handler = self._control.get(str(message.get("op")))
+        if handler is None:
+            log.debug("CONTROL from %s with unknown op %r", peer, message.get("op"))
+            return
+        handler(peer, message)
+
+    def on_dm(self, peer: str, items: list[Any]) -> None:
+        if self.dm_handler is not None:
+            self.dm_handler(peer, items)
+
+    def on_peer(self, peer: str, connected: bool) -> None:
+        pass
+
+    # ------------------------------------------------------------------ memory channel state
+
+    def _answer_state(self, peer: str, msg: dict[str, Any]) -> None:
+        """The owner's side of :meth:`state`: epoch, offset, messages after ``since``."""
+        from ..hub import HubError, Since
+
+        links = self.links
+        ref, name = msg.get("ref"), msg.get("ch")
+        if links is None or not isinstance(name, str):
+            return
+        if not self.placement.is_owner(name, self.me):
+            links.control(
+                peer,
+                {"op": "state_reply", "ref": ref, "error": f"{self.me} does not own {name!r}"},
+            )
+            return
+        hub = self.hub
+        try:
+            ch = hub.channel(name)
+        except HubError as e:
+            links.control(peer, {"op": "state_reply", "ref": ref, "error": e.reason})
+            return
+        assert ch is not None
+        reply: dict[str, Any] = {
+            "op": "state_reply",
+            "ref": ref,
+            "epoch": ch.epoch,
+            "offset": ch.offset,
+            "messages": [],
+        }
+        since = msg.get("since")
+        if isinstance(since, list) and len(since) == 2 and since[1] == ch.epoch:
+            _complete, msgs = hub.recover(ch, Since(int(since[0]), since[1]))
+            reply["messages"] = [[o, d.decode()] for o, d in msgs]
+        links.control(peer, reply)
+
+    def _state_reply(self, peer: str, msg: dict[str, Any]) -> None:
+        ref = msg.get("ref")
+        entry = self._states.pop(ref, None) if isinstance(ref, int) else None
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
+
+    # ------------------------------------------------------------------ reporting
+
+    def links_up(self) -> tuple[int, int]:
+        links = self.links
+        if links is None:
+            return 0, 0
+        return sum(1 for p in links.links if links.is_up(p)), len(links.links)
+
+    def degraded(self) -> str | None:
+        """Why the cluster part is degraded (membership not healthy), or None."""
+        m = self.membership
+        if m is None or m.healthy:
+            return None
+        why = f": {m.last_error}" if m.last_error else ""
+        return f"cluster membership {m.state}{why} (serving with the last known routes)"
+
+    def summary(self) -> str:
+        m = self.membership
+        up, total = self.links_up()
+        n = len(m.nodes) if m is not None else 0
+        state = m.state if m is not None else "stopped"
+        return f"cluster {self.config.cluster_name}: {n} nodes, {up}/{total} links up, {state}"
+
+    def _run(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cluster task failed", exc_info=task.exception())
+
+
+class _Ack:
+    """The owner's ``done`` for a forwarded publish: answer FORWARD_ACK to the sender."""
+
+    __slots__ = ("ch", "links", "peer", "ref")
+
+    def __init__(self, links: Links, peer: str, ref: int, ch: Channel) -> None:
+        self.links = links
+        self.peer = peer
+        self.ref = ref
+        self.ch = ch
+
+    def __call__(self, off: int, err: str | None) -> None:
+        if err is None:
+            self.links.forward_ack(self.peer, self.ref, off, self.ch.epoch)
+        else:
+            self.links.forward_ack(self.peer, self.ref, 0, "", error_code(err), err)
+
+
+def advertised_host(config: Any) -> str:
+    """The host other nodes and clients reach this node at (``advertise_host`` or ``host``)."""
+    return str(config.advertise_host or config.host)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
