@@ -35,6 +35,7 @@ from ..session import (
     WS_BINARY_REPLIES,
     Session,
 )
+from . import static
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -58,6 +59,8 @@ _STATUS = {
     500: b"Internal Server Error",
     503: b"Service Unavailable",
     200: b"OK",
+    301: b"Moved Permanently",
+    304: b"Not Modified",
 }
 
 MODE_UNSET, MODE_JSON, MODE_BINARY, MODE_ECHO = range(4)
@@ -392,12 +395,11 @@ class WsSession(Session):
         )
         self.http = None
         self.state = CLOSING
-        self.transport.write(
-            head
-            + extra
-            + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload)
-            + payload
-        )
+        if status == 304:  # no body, and no Content-Length that would describe one
+            tail = b"Connection: close\r\n\r\n"
+        else:
+            tail = b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload
+        self.transport.write(head + extra + tail)
         self.transport.close()
         self.node.wheel.schedule(self, self.node.wheel.now + self.config.close_timeout)
 
@@ -439,6 +441,8 @@ class WsSession(Session):
             self.http_send(200, metrics.render(), metrics.content_type.encode())
         elif path.startswith(b"/api/"):
             self.node.api.handle(self, method, path)
+        elif static.serve(self, method, path):
+            pass  # /fastim.js, /demo/ (fastim/transport/static.py)
         else:
             self.http_reply(404, f"no such endpoint: {path.decode('latin-1')}")
 

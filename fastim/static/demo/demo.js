@@ -1,0 +1,312 @@
+// The demo chat: rooms are channels "room:NAME", the people list is presence (kept
+// current by join/leave events where the namespace announces them, and by asking
+// again every few seconds where it does not), a room opened shows its last messages
+// (subscribe with history), and people message each other directly (send / dm).
+// Everything it does goes through fastim.js, the client every node serves.
+
+import { connect } from "../fastim.js";
+
+const HISTORY = 50; // messages shown when a room is opened
+const PRESENCE_POLL = 10000; // ms; join/leave events make it instant where enabled
+const NAME = /^[^\u0000-\u001f\u007f]{1,32}$/u;
+const ROOM = /^[a-z0-9_-]{1,32}$/;
+
+const $ = (/** @type {string} */ sel) => /** @type {HTMLElement} */ (document.querySelector(sel));
+
+/** @typedef {{who: string, text: string, ts: number, off?: number, mine?: boolean,
+ *             pending?: boolean, notice?: boolean}} Line */
+
+const state = {
+  /** @type {string} */ user: "",
+  /** @type {import("../fastim.js").Client|null} */ client: null,
+  /** room name → {sub, lines, unread, users} */
+  rooms: /** @type {Map<string, {sub: any, lines: Line[], unread: number, users: Set<string>}>} */ (new Map()),
+  /** peer → {lines, unread} */
+  dms: /** @type {Map<string, {lines: Line[], unread: number}>} */ (new Map()),
+  /** the open conversation */
+  current: { kind: "room", name: "lobby" },
+};
+
+// ---------------------------------------------------------------- start
+
+const saved = sessionStorage.getItem("fastim-demo-user");
+if (saved && NAME.test(saved)) start(saved);
+
+$("#login").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const name = /** @type {HTMLInputElement} */ ($("#name")).value.trim();
+  if (!NAME.test(name)) {
+    $("#login-error").textContent = "1 to 32 characters, please.";
+    return;
+  }
+  sessionStorage.setItem("fastim-demo-user", name);
+  start(name);
+});
+
+/** @param {string} user */
+function start(user) {
+  state.user = user;
+  $("#login").hidden = true;
+  $("#chat").hidden = false;
+  $("#me").hidden = false;
+  $("#me").textContent = user;
+  state.client = connect({
+    user,
+    onState: (s, info) => {
+      const el = $("#status");
+      el.dataset.state = s;
+      el.textContent = s === "closed" && info.reason ? `closed: ${info.reason}` : s;
+      if (s === "connected") refreshPresence();
+    },
+    onEvent: onEvent,
+    onDirect: onDirect,
+    onError: (e) => console.warn("fastim:", e),
+  });
+  let rooms = [];
+  try {
+    rooms = JSON.parse(sessionStorage.getItem("fastim-demo-rooms") || "[]");
+  } catch {
+    rooms = [];
+  }
+  if (!rooms.includes("lobby")) rooms.unshift("lobby");
+  for (const r of rooms) if (ROOM.test(r)) joinRoom(r);
+  const cur = sessionStorage.getItem("fastim-demo-current");
+  open(cur && state.rooms.has(cur) ? { kind: "room", name: cur } : { kind: "room", name: "lobby" });
+  setInterval(refreshPresence, PRESENCE_POLL);
+  $("#text").focus();
+}
+
+// ---------------------------------------------------------------- rooms
+
+/** @param {string} name */
+function joinRoom(name) {
+  if (state.rooms.has(name)) return;
+  const room = { sub: null, lines: /** @type {Line[]} */ ([]), unread: 0, users: new Set() };
+  state.rooms.set(name, room);
+  sessionStorage.setItem("fastim-demo-rooms", JSON.stringify([...state.rooms.keys()]));
+  const client = /** @type {import("../fastim.js").Client} */ (state.client);
+  room.sub = client.subscribe(`room:${name}`, {
+    history: HISTORY,
+    onMessage: (m) => {
+      const d = m.data && typeof m.data === "object" ? m.data : { text: String(m.data) };
+      addLine(room, { who: String(d.user ?? "?"), text: String(d.text ?? ""),
+        ts: Number(d.ts) || Date.now(), off: m.offset, mine: d.user === state.user },
+        { kind: "room", name }); // prettier-ignore
+    },
+    onGap: (g) => addLine(room, { who: "", text: g.reason === "epoch"
+      ? "the room's history was lost (server restarted)" : "some messages are no longer available",
+      ts: Date.now(), notice: true }, { kind: "room", name }), // prettier-ignore
+    onError: (e) => addLine(room, { who: "", text: `left: ${e.message}`, ts: Date.now(),
+      notice: true }, { kind: "room", name }), // prettier-ignore
+  });
+  room.sub.ready.then(() => name === state.current.name && refreshPresence()).catch(() => {});
+  renderSide();
+}
+
+$("#new-room").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const input = /** @type {HTMLInputElement} */ ($("#room-name"));
+  const name = input.value.trim().toLowerCase();
+  if (!ROOM.test(name)) {
+    input.setCustomValidity("a-z, 0-9, _ and -, up to 32");
+    input.reportValidity();
+    return;
+  }
+  input.setCustomValidity("");
+  input.value = "";
+  joinRoom(name);
+  open({ kind: "room", name });
+});
+
+// ---------------------------------------------------------------- presence
+
+async function refreshPresence() {
+  const cur = state.current;
+  const client = state.client;
+  if (cur.kind !== "room" || !client || !client.connected) return;
+  const room = state.rooms.get(cur.name);
+  if (!room) return;
+  try {
+    const p = await client.presence(`room:${cur.name}`);
+    room.users = new Set(p.users ?? []);
+    renderSide();
+  } catch (e) {
+    console.warn("presence:", e);
+  }
+}
+
+/** join / leave events (namespaces with join_leave = true) */
+function onEvent(/** @type {any} */ ev) {
+  if ((ev.op !== "join" && ev.op !== "leave") || typeof ev.ch !== "string") return;
+  const room = state.rooms.get(ev.ch.replace(/^room:/, ""));
+  if (!room) return;
+  if (ev.op === "join") room.users.add(ev.user);
+  else room.users.delete(ev.user);
+  renderSide();
+}
+
+// ---------------------------------------------------------------- direct messages
+
+/** @param {string} peer */
+function dmWith(peer) {
+  let c = state.dms.get(peer);
+  if (!c) {
+    c = { lines: [], unread: 0 };
+    state.dms.set(peer, c);
+  }
+  return c;
+}
+
+/** @param {import("../fastim.js").DirectMessage} dm */
+function onDirect(dm) {
+  const peer = dm.from ?? "server";
+  const d = dm.data && typeof dm.data === "object" ? dm.data : { text: String(dm.data) };
+  addLine(dmWith(peer), { who: peer, text: String(d.text ?? ""), ts: Number(d.ts) || Date.now() },
+    { kind: "dm", name: peer }); // prettier-ignore
+  renderSide();
+}
+
+// ---------------------------------------------------------------- sending
+
+$("#composer").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const input = /** @type {HTMLInputElement} */ ($("#text"));
+  const text = input.value.trim();
+  const client = state.client;
+  if (!text || !client) return;
+  input.value = "";
+  const cur = { ...state.current };
+  const ts = Date.now();
+  try {
+    if (cur.kind === "room") {
+      // shown when it comes back from the node, with its offset: one order for all
+      await client.publish(`room:${cur.name}`, { user: state.user, text, ts });
+    } else {
+      const conv = dmWith(cur.name);
+      const line = { who: state.user, text, ts, mine: true, pending: true };
+      addLine(conv, line, cur);
+      await client.send(cur.name, { text, ts });
+      line.pending = false;
+      if (sameConv(state.current, cur)) renderMessages();
+    }
+  } catch (e) {
+    const target = cur.kind === "room" ? state.rooms.get(cur.name) : dmWith(cur.name);
+    if (target) addLine(target, { who: "", text: `not sent: ${e.message}`, ts, notice: true }, cur);
+  }
+});
+
+// ---------------------------------------------------------------- rendering
+
+/** @param {{kind: string, name: string}} a  @param {{kind: string, name: string}} b */
+function sameConv(a, b) {
+  return a.kind === b.kind && a.name === b.name;
+}
+
+/**
+ * @param {{lines: Line[], unread: number}} conv  @param {Line} line
+ * @param {{kind: string, name: string}} where
+ */
+function addLine(conv, line, where) {
+  conv.lines.push(line);
+  if (conv.lines.length > 500) conv.lines.splice(0, conv.lines.length - 500);
+  if (sameConv(state.current, where)) {
+    appendLine(line);
+  } else if (!line.notice) {
+    conv.unread += 1;
+    renderSide();
+  }
+}
+
+/** @param {{kind: string, name: string}} where */
+function open(where) {
+  state.current = where;
+  if (where.kind === "room") sessionStorage.setItem("fastim-demo-current", where.name);
+  const conv = where.kind === "room" ? state.rooms.get(where.name) : dmWith(where.name);
+  if (conv) conv.unread = 0;
+  $("#title").textContent = where.kind === "room" ? `# ${where.name}` : `@ ${where.name}`;
+  $("#conversation").dataset.kind = where.kind;
+  $("#conversation").dataset.name = where.name;
+  renderMessages();
+  renderSide();
+  refreshPresence();
+}
+
+function renderMessages() {
+  const cur = state.current;
+  const conv = cur.kind === "room" ? state.rooms.get(cur.name) : state.dms.get(cur.name);
+  $("#messages").replaceChildren();
+  for (const line of conv ? conv.lines : []) appendLine(line);
+}
+
+/** @param {Line} line */
+function appendLine(line) {
+  const list = $("#messages");
+  const stick = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
+  const li = document.createElement("li");
+  if (line.notice) li.className = "notice";
+  else {
+    if (line.mine) li.classList.add("mine");
+    if (line.pending) li.classList.add("pending");
+    if (line.off !== undefined) li.dataset.off = String(line.off);
+    li.dataset.who = line.who;
+    const who = document.createElement("span");
+    who.className = "who";
+    who.textContent = line.who;
+    li.append(who);
+  }
+  const text = document.createElement("span");
+  text.className = "text";
+  text.textContent = line.text;
+  const time = document.createElement("time");
+  time.textContent = new Date(line.ts).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  li.append(text, time);
+  list.append(li);
+  if (stick) list.scrollTop = list.scrollHeight;
+}
+
+function renderSide() {
+  const cur = state.current;
+  const rooms = $("#rooms");
+  rooms.replaceChildren(
+    ...[...state.rooms].map(([name, room]) =>
+      item(`# ${name}`, room.unread, sameConv(cur, { kind: "room", name }), () =>
+        open({ kind: "room", name }), { room: name })), // prettier-ignore
+  );
+  const here = cur.kind === "room" ? state.rooms.get(cur.name) : null;
+  const people = here ? [...here.users].sort() : [];
+  $("#presence").replaceChildren(
+    ...people.map((u) =>
+      u === state.user
+        ? item(`${u} (you)`, 0, false, null, { user: u }, "self")
+        : item(u, 0, false, () => open({ kind: "dm", name: u }), { user: u })),
+  ); // prettier-ignore
+  $("#dms").replaceChildren(
+    ...[...state.dms].map(([peer, c]) =>
+      item(`@ ${peer}`, c.unread, sameConv(cur, { kind: "dm", name: peer }), () =>
+        open({ kind: "dm", name: peer }), { peer })), // prettier-ignore
+  );
+}
+
+/**
+ * @param {string} label  @param {number} unread  @param {boolean} current
+ * @param {(() => void)|null} onClick  @param {Record<string, string>} data  @param {string} [cls]
+ */
+function item(label, unread, current, onClick, data, cls) {
+  const li = document.createElement("li");
+  li.textContent = label;
+  Object.assign(li.dataset, data);
+  if (current) li.classList.add("current");
+  if (cls) li.classList.add(cls);
+  if (unread) {
+    const b = document.createElement("span");
+    b.className = "badge";
+    b.textContent = String(unread);
+    li.append(b);
+  }
+  if (onClick) {
+    li.tabIndex = 0;
+    li.addEventListener("click", onClick);
+    li.addEventListener("keydown", (ev) => ev.key === "Enter" && onClick());
+  }
+  return li;
+}
