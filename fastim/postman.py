@@ -96,8 +96,9 @@ class _User:
         self.acked = 0
         #: seq → (event bytes, current retry interval), delivered and not yet acked
         self.pending: dict[int, tuple[bytes, float]] = {}
-        #: the highest seq delivered here (a higher one arriving first means a gap)
-        self.seen = 0
+        #: the highest seq delivered here or acknowledged (a higher one arriving first
+        #: means a gap); -1 until the first delivery or the backlog read tells
+        self.seen = -1
         #: cluster: seqs whose retry is due, resent after a look at the store's ack
         self.due: set[int] = set()
         #: cluster: a store re-check is in flight
@@ -274,7 +275,7 @@ class Postman:
         return True
 
     def _deliver(self, user: str, u: _User, seq: int, ev: bytes) -> None:
-        if self.relay is not None and u.seen and seq > u.seen + 1:
+        if self.relay is not None and u.seen >= 0 and seq > u.seen + 1:
             # an earlier seq has not come (yet): another node's frame may be behind
             # this one, or it never knew our route; look at the inbox if it stays open
             self._check(user, self.gap_wait)
@@ -385,6 +386,14 @@ class Postman:
                 self._unrouted.discard(user)
                 self._check(user, self.route_poll)
 
+    def recheck_all(self, delay: float = 0.0) -> int:
+        """Cluster: re-check the inbox of every user with connections here in ``delay``
+        seconds (a link from another node came up: what it sent while it was down, or
+        queued when it broke, is lost). Returns how many users."""
+        for user in self._users:
+            self._check(user, delay)
+        return len(self._users)
+
     def _check(self, user: str, delay: float) -> None:
         """Re-check ``user``'s inbox in ``delay`` seconds (sooner if already asked)."""
         when = asyncio.get_running_loop().time() + delay
@@ -444,6 +453,8 @@ class Postman:
                 missing = []
             if self._users.get(user) is not u:
                 return  # every connection left meanwhile
+            if state is not None:
+                u.seen = max(u.seen, state.acked)
             if state is not None and state.acked > u.acked:
                 u.acked = state.acked
                 for seq in [seq for seq in u.pending if seq <= u.acked]:

@@ -26,11 +26,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .frames import DmEntry
+from .users import UserRoutes
 
 if TYPE_CHECKING:
     from ..postman import Postman
     from .link import Links
-    from .users import UserRoutes
+    from .runtime import Cluster
 
 __all__ = ["DmRouter"]
 
@@ -56,8 +57,27 @@ class DmRouter:
         self.relayed = 0
         self.relay_dropped = 0
         self.received = 0
+        self.resyncs = 0
         postman.relay = self
         routes.on_registered = postman.routed
+
+    @classmethod
+    async def attach(cls, cluster: Cluster, postman: Postman) -> DmRouter:
+        """Wire direct messages into a started cluster runtime: user routes under its
+        membership's lease, DM frames out through its links and in through its
+        ``dm_handler``. Raises ClusterError if etcd does not answer."""
+        membership, links = cluster.membership, cluster.links
+        if membership is None or links is None:
+            raise RuntimeError("the cluster runtime is not started")
+        router = cls(cluster.me, postman, UserRoutes(membership), links)
+        cluster.dm_handler = router.on_dm
+        try:
+            await router.start()
+        except BaseException:
+            cluster.dm_handler = None
+            await router.stop()
+            raise
+        return router
 
     async def start(self, timeout: float = 10.0) -> None:
         """Start the user routes (after the membership started: they use its lease)."""
@@ -86,7 +106,11 @@ class DmRouter:
         A node whose link is down misses it: its own inbox checks (before retries, on a
         gap) find it in the store, and a client reconnecting anywhere gets it replayed.
         """
-        for node in self.routes.nodes_of(user):
+        routes = self.routes
+        # etcd out of reach: the map may miss users who connected elsewhere since;
+        # every peer gets the message (a node without the user drops it)
+        nodes = routes.nodes_of(user) if routes.healthy else self.links.links
+        for node in nodes:
             if node == self.node_id:
                 continue
             if self.links.dm(node, user, seq, event):
@@ -102,12 +126,21 @@ class DmRouter:
         for item in items:
             deliver(item.user, item.seq, item.event)
 
+    def on_peer(self, peer: str, connected: bool) -> None:
+        """A peer's link into this node came up: DM frames it sent while the link was
+        down (or that were queued when it broke) are lost, so every local user's inbox
+        is re-checked (one ``inbox_state`` each; a read only where something is missing)."""
+        if connected:
+            self.resyncs += 1
+            self.postman.recheck_all(0.05)
+
     def status(self) -> dict[str, Any]:
         p = self.postman
         return {
             "relayed": self.relayed,
             "relay_dropped": self.relay_dropped,
             "received": self.received,
+            "resyncs": self.resyncs,
             "remote_dups": p.remote_dups,
             "rechecks": p.rechecks,
             "filled": p.filled,
