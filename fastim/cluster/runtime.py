@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..protocol import ErrorCode
 from . import ClusterError
+from .dm import DmRouter
 from .frames import Deliver, Forward, ForwardAck
 from .link import LinkHandler, Links, LinkServer, client_context, link_peers, server_context
 from .membership import MemberEvent, Membership
@@ -122,6 +123,8 @@ class Cluster(LinkHandler):
         }
         #: set by the direct-message routing: called with (peer, items) per DM frame
         self.dm_handler: Callable[[str, list[Any]], None] | None = None
+        #: direct messages across nodes (fastim/cluster/dm.py), set by start()
+        self.dm: DmRouter | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         # counters (fastim/metrics.py)
         self.forwards_sent = 0
@@ -181,6 +184,12 @@ class Cluster(LinkHandler):
             raise
         self._changed(None)
         self.hub.router = self
+        if node.postman is not None:
+            try:  # user routes under this node's lease, DM frames through the links
+                self.dm = await DmRouter.attach(self, node.postman)
+            except BaseException:
+                await self.close()
+                raise
         log.info(
             "node %s joined cluster %r: %d nodes, links on %s",
             self.me,
@@ -191,6 +200,8 @@ class Cluster(LinkHandler):
 
     async def leave(self) -> None:
         """Deregister (others reroute at once); links stay up for the drain."""
+        if self.dm is not None:
+            await self.dm.stop()  # before the lease goes: its revocation removes the routes
         if self.membership is not None:
             await self.membership.stop()
 
@@ -201,6 +212,8 @@ class Cluster(LinkHandler):
             self._fail_forward(ref, "this node is shutting down")
         for ref in list(self._states):
             self._fail_state(ref, "this node is shutting down")
+        if self.dm is not None:
+            await self.dm.stop()
         if self.membership is not None and self.membership.state != "stopped":
             await self.membership.stop()
         if self.links is not None:
@@ -484,7 +497,8 @@ class Cluster(LinkHandler):
             self.dm_handler(peer, items)
 
     def on_peer(self, peer: str, connected: bool) -> None:
-        pass
+        if self.dm is not None:
+            self.dm.on_peer(peer, connected)  # a link came back: DM frames may be lost
 
     # ------------------------------------------------------------------ memory channel state
 
