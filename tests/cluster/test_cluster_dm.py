@@ -1,0 +1,262 @@
+"""Direct messages across ``fastim serve`` processes: three nodes joined through a real
+etcd, sharing a real redis store, SDK clients on different nodes.
+
+What must hold at the application (through the SDK): every connection of the recipient,
+on any node, gets every message once in ``seq`` order; the sender's ack carries the
+message id the recipient sees; a send retried through another node with the same
+``cid`` is stored once; a recipient offline meanwhile gets its backlog on any node; and
+when the node holding the recipient's connection is killed (-9), the recipient
+reconnects to another node and gets everything, once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faults._node import NodeProc, free_port  # type: ignore[import-not-found]
+from store._redis import RedisServer  # type: ignore[import-not-found]
+
+from fastim.client import Backoff, Client, DirectMessage, Sent, connect
+from fastim.cluster.membership import parse_endpoints
+
+from ._etcd import EtcdServer
+
+pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
+
+ETCD_PREFIX = "/fastim-test"
+
+
+class Cluster:
+    """The command lines of a cluster's nodes (one etcd, one redis prefix)."""
+
+    def __init__(self, directory: Path, etcd: EtcdServer, redis: RedisServer) -> None:
+        self.directory = directory
+        self.etcd = etcd
+        self.redis = redis
+        self.name = "dm" + uuid.uuid4().hex[:8]
+        self.redis_prefix = "cdm" + uuid.uuid4().hex[:8]
+        self.nodes: dict[str, NodeProc] = {}
+
+    def node(self, node_id: str) -> NodeProc:
+        d = self.directory / node_id
+        d.mkdir(exist_ok=True)
+        proc = NodeProc(
+            d, free_port(), free_port(),
+            "--node-id", node_id,
+            "--store", "redis", "--redis-url", self.redis.url,
+            "--redis-prefix", self.redis_prefix,
+            "--etcd-endpoints", self.etcd.endpoint, "--cluster-name", self.name,
+            "--etcd-prefix", ETCD_PREFIX, "--node-lease-ttl", "2",
+            "--link-port", str(free_port()),
+            "--dm-retry", "0.5",
+        )  # fmt: skip
+        self.nodes[node_id] = proc
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.nodes.values():
+            proc.stop()
+
+    async def routes(self, user: str) -> set[str]:
+        """The nodes etcd lists for ``user`` (read with a plain client)."""
+        import aetcd  # type: ignore[import-untyped]
+
+        host, port = parse_endpoints(self.etcd.endpoint)[0]
+        prefix = f"{ETCD_PREFIX}/{self.name}/users/{user}/".encode()
+        async with aetcd.Client(host=host, port=port, timeout=2) as c:
+            r = await c.get_prefix(prefix)
+            return {bytes(kv.key[len(prefix) :]).decode() for kv in r}
+
+
+@pytest.fixture(scope="module")
+def cdm_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(str(tmp_path_factory.mktemp("redis-cdm")))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def three(
+    tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer, cdm_redis: RedisServer
+) -> Iterator[Cluster]:
+    """Nodes a, b and c, shared by the tests that kill nothing (each uses its own users)."""
+    c = Cluster(tmp_path_factory.mktemp("cdm"), etcd, cdm_redis)
+    try:
+        for node_id in ("a", "b", "c"):
+            c.node(node_id).start()
+        yield c
+    finally:
+        c.stop()
+
+
+async def eventually(cond: Callable[[], bool], seconds: float = 10.0, what: str = "") -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"not within {seconds}s: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def client(url: str | list[str], **kw: Any) -> Client:
+    kw.setdefault("backoff", Backoff(base=0.02, factor=2.0, max=0.25))
+    kw.setdefault("connect_timeout", 2.0)
+    kw.setdefault("request_timeout", 10.0)
+    return await connect(url, **kw)
+
+
+def reader(c: Client, got: list[DirectMessage]) -> asyncio.Task[None]:
+    async def run() -> None:
+        async for dm in c.direct_messages():
+            got.append(dm)
+
+    return asyncio.ensure_future(run())
+
+
+async def routed(cluster: Cluster, user: str, nodes: set[str]) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while (have := await cluster.routes(user)) != nodes:
+        if loop.time() > end:
+            raise AssertionError(f"routes of {user}: {have}, expected {nodes}")
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # the other nodes' watches
+
+
+async def test_every_connection_on_every_node_gets_every_dm(three: Cluster) -> None:
+    a, b, c = (three.nodes[n] for n in "abc")
+    bob_b = await client(b.tcp_url, user="bob")
+    bob_c = await client(c.ws_url, user="bob")
+    alice = await client(a.tcp_url, user="alice")
+    got_b: list[DirectMessage] = []
+    got_c: list[DirectMessage] = []
+    tasks = [reader(bob_b, got_b), reader(bob_c, got_c)]
+    try:
+        await routed(three, "bob", {"b", "c"})
+        # a first message tells each SDK where the inbox starts (until then a client
+        # asks the node, and would skip what the other connection acked meanwhile)
+        sent: list[Sent] = [await alice.send("bob", {"i": 0})]
+        await eventually(lambda: min(len(got_b), len(got_c)) == 1, what="the first DM on both")
+        n = 200
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        sent += await asyncio.gather(*(alice.send("bob", {"i": i}) for i in range(1, n)))
+        await eventually(
+            lambda: min(len(got_b), len(got_c)) >= n,
+            what=f"every DM on both connections (b {len(got_b)}, c {len(got_c)})",
+        )
+        took = loop.time() - t0
+        await asyncio.sleep(0.5)  # a duplicate would arrive meanwhile
+        for got in (got_b, got_c):
+            assert [d.seq for d in got] == list(range(1, n + 1))  # in order, each once
+            assert sorted(d.data["i"] for d in got) == list(range(n))
+            # the sender's ack names the message the recipient sees
+            assert {d.seq: d.mid for d in got} == {s.seq: s.mid for s in sent}
+            assert all(d.sender == "alice" for d in got)
+        assert len({s.mid for s in sent}) == n and not any(s.dup for s in sent)
+        await eventually(lambda: bob_b.inbox.acked == n or bob_c.inbox.acked == n, 5, "acks")
+        state = await bob_c.inbox_state()
+        assert tuple(state) == (n, n)
+        print(f"\n{n - 1} DMs a -> b and c, sent and received in {took * 1000:.0f} ms")
+    finally:
+        for t in tasks:
+            t.cancel()
+        for cl in (alice, bob_b, bob_c):
+            await cl.aclose()
+
+
+async def test_a_send_retried_through_another_node_is_stored_once(three: Cluster) -> None:
+    a, b, c = (three.nodes[n] for n in "abc")
+    dave = await client(b.tcp_url, user="dave")
+    got: list[DirectMessage] = []
+    task = reader(dave, got)
+    alice_a = await client(a.tcp_url, user="erin")
+    alice_c = await client(c.tcp_url, user="erin")
+    try:
+        await routed(three, "dave", {"b"})
+        first = await alice_a.send("dave", {"hello": 1}, cid="same-cid")
+        again = await alice_c.send("dave", {"hello": 1}, cid="same-cid")
+        assert not first.dup and again.dup
+        assert (again.mid, again.seq) == (first.mid, first.seq)
+        await eventually(lambda: len(got) == 1, what="the DM")
+        await asyncio.sleep(0.5)
+        assert [(d.seq, d.mid, d.data) for d in got] == [(first.seq, first.mid, {"hello": 1})]
+        state = await dave.inbox_state()
+        assert state.top == 1
+    finally:
+        task.cancel()
+        for cl in (dave, alice_a, alice_c):
+            await cl.aclose()
+
+
+async def test_offline_backlog_arrives_on_any_node(three: Cluster) -> None:
+    a, b, c = (three.nodes[n] for n in "abc")
+    sender = await client(a.tcp_url, user="frank")
+    try:
+        sent = [await sender.send("grace", {"i": i}) for i in range(30)]
+        grace = await client(c.ws_url, user="grace")
+        got: list[DirectMessage] = []
+        task = reader(grace, got)
+        await eventually(lambda: len(got) == 30, what="the backlog on c")
+        # and live ones after it, stored by b
+        sender_b = await client(b.tcp_url, user="frank")
+        sent += [await sender_b.send("grace", {"i": i}) for i in range(30, 40)]
+        await eventually(lambda: len(got) == 40, what="the live ones from b")
+        await asyncio.sleep(0.3)
+        assert [d.seq for d in got] == list(range(1, 41))
+        assert [d.mid for d in got] == [s.mid for s in sent]
+        task.cancel()
+        await grace.aclose()
+        await sender_b.aclose()
+    finally:
+        await sender.aclose()
+
+
+async def test_kill9_of_the_recipients_node_loses_nothing(
+    tmp_path: Path, etcd: EtcdServer, cdm_redis: RedisServer
+) -> None:
+    cluster = Cluster(tmp_path, etcd, cdm_redis)
+    try:
+        a, b, c = (cluster.node(n) for n in "abc")
+        for node in (a, b, c):
+            await node.astart()
+        n = 300
+        alice = await client([a.tcp_url, c.tcp_url], user="alice", send_timeout=30.0)
+        # the recipient's connection is on b; c is its fallback
+        heidi = await client([b.tcp_url, c.tcp_url], user="heidi")
+        got: list[DirectMessage] = []
+        task = reader(heidi, got)
+        await routed(cluster, "heidi", {"b"})
+        sent: dict[int, Sent] = {}
+        slots = asyncio.Semaphore(4)
+
+        async def send(i: int) -> None:
+            async with slots:
+                sent[i] = await alice.send("heidi", {"i": i})  # retried until acked
+
+        sends = [asyncio.ensure_future(send(i)) for i in range(n)]
+        await eventually(lambda: len(got) >= n // 3, 20, "a third delivered")
+        await b.akill()
+        await asyncio.wait_for(asyncio.gather(*sends), 40)
+        await eventually(lambda: len(got) >= n, 20, f"all {n} after the kill (have {len(got)})")
+        await eventually(lambda: heidi.inbox.acked == n, 10, "heidi's acks")
+        await asyncio.sleep(0.5)
+        task.cancel()
+        # each exactly once, in seq order, as the sender was told
+        assert [d.seq for d in got] == list(range(1, n + 1))
+        assert sorted(d.data["i"] for d in got) == list(range(n))
+        assert {s.seq: s.mid for s in sent.values()} == {d.seq: d.mid for d in got}
+        assert heidi.reconnects >= 1
+        state = await heidi.inbox_state()
+        assert tuple(state) == (n, n)
+        await routed(cluster, "heidi", {"c"})  # b's route went with its lease
+        await alice.aclose()
+        await heidi.aclose()
+    finally:
+        cluster.stop()
