@@ -61,6 +61,11 @@ _UNSUBSCRIBED = (CloseCode.NORMAL, "unsubscribed")
 _RESUB_RETRY = (0.2, 5.0)
 #: how a :meth:`Client.send` spaces its retries after STORE_UNAVAILABLE
 _SEND_BACKOFF = (0.05, 2.0, 2.0)  # base, factor, max
+#: refusals that say "not now" rather than "no": the store could not be read or written
+#: (114), or, in a cluster, the channel's owner node could not be reached (119: it died
+#: and the others have not rerouted yet). A resubscribe is retried on the connection, a
+#: send with its cid; a publish is not (it may or may not have been stored).
+_TRANSIENT = frozenset({ErrorCode.STORE_UNAVAILABLE, ErrorCode.NOT_ROUTED})
 #: close codes of a node that is leaving (shutdown, restart): try the next node at once
 _MOVE_ON_AT_ONCE = frozenset({CloseCode.GOING_AWAY, 1012})
 
@@ -350,7 +355,8 @@ class Client:
             TypeError: ``data`` cannot be encoded as JSON.
             RequestError: the server refused; STORE_UNAVAILABLE (114): the store
                 failed and the message was not acknowledged (it may or may not have
-                been stored).
+                been stored); NOT_ROUTED (119, a cluster): the node could not get an
+                answer from the channel's owner (it may or may not have been stored).
             asyncio.TimeoutError: no acknowledgement within ``request_timeout``.
             ConnectionClosed: the connection was lost before the acknowledgement, or
                 the client is closed.
@@ -369,10 +375,10 @@ class Client:
 
         The message carries a client id (``cid``; a random one when not given). Until
         the node acknowledges it, the send is retried with the *same* cid: after a lost
-        connection (once reconnected), after STORE_UNAVAILABLE (with backoff), after a
-        request timeout. The node stores a cid once, so the recipient gets the message
-        once however many attempts it took; a retry of a send that had been stored is
-        answered with its ``mid`` and ``seq`` and ``dup=True``.
+        connection (once reconnected), after STORE_UNAVAILABLE or NOT_ROUTED (with
+        backoff), after a request timeout. The node stores a cid once, so the recipient
+        gets the message once however many attempts it took; a retry of a send that had
+        been stored is answered with its ``mid`` and ``seq`` and ``dup=True``.
 
         Args:
             to: the recipient's user id.
@@ -417,7 +423,7 @@ class Client:
             try:
                 reply = await self._cmd(cmd, timeout=min(self.request_timeout, left))
             except RequestError as e:
-                if e.code != ErrorCode.STORE_UNAVAILABLE:
+                if e.code not in _TRANSIENT:
                     raise
                 last = e
                 await asyncio.sleep(min(backoff.next(), max(0.0, end - loop.time())))
@@ -649,9 +655,10 @@ class Client:
             return  # ConnectionClosed: the sub stays in _subs, resubscribed on the next connect
         if self._subs.get(sub.channel) is not sub:
             return
-        if exc.code == ErrorCode.STORE_UNAVAILABLE:
-            # the node could not read the history (or the channel's state): try again
-            # on this connection, later; the sub is not on the node meanwhile
+        if exc.code in _TRANSIENT:
+            # the node could not read the history (or the channel's state, or ask the
+            # channel's owner node): try again on this connection, later; the sub is not
+            # on the node meanwhile
             delay = min(max(sub._retry_delay * 2, _RESUB_RETRY[0]), _RESUB_RETRY[1])
             sub._retry_delay = delay
             log.info("fastim client: resubscribe %r: %s; again in %.1fs", sub.channel, exc, delay)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from cluster._nodes import ClusterNode, Nodes  # type: ignore[import-not-found]
 from faults._node import NodeProc, free_port  # type: ignore[import-not-found]
 from store._redis import RedisServer  # type: ignore[import-not-found]
 
@@ -41,6 +42,7 @@ from fastim.client import (
     Subscription,
     connect,
 )
+from fastim.cluster.placement import owner
 from fastim.errors import ConnectionClosed, RequestError
 from fastim.node import Node
 from fastim.protocol import ErrorCode
@@ -143,6 +145,25 @@ async def standalone(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator
     yield start
     for node in made:
         node.stop()
+
+
+@pytest.fixture
+def cluster3(tmp_path: Path) -> Iterator[Nodes]:
+    """Three nodes of one cluster (a real etcd, one redis-server), joined, links up."""
+    nodes = Nodes(tmp_path, 3)
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.close()
+
+
+def roles(nodes: Nodes, channel: str) -> tuple[ClusterNode, ClusterNode, ClusterNode]:
+    """(the channel's owner, two other nodes)."""
+    own = owner(channel, [n.node_id for n in nodes.nodes])
+    o = next(n for n in nodes.nodes if n.node_id == own)
+    a, b = (n for n in nodes.nodes if n.node_id != own)
+    return o, a, b
 
 
 async def test_order_and_rotation() -> None:
@@ -316,6 +337,84 @@ async def test_every_node_down_then_one_back(standalone: Standalone) -> None:
         reader.cancel()
     finally:
         await sub_client.aclose()
+
+
+@uvloop_only
+async def test_cluster_kill9_subscriber_node(cluster3: Nodes) -> None:
+    """A cluster: the subscriber's node (not the owner) is killed while a publisher
+    publishes through a third node; the subscriber, which was getting the messages live
+    across nodes, moves to the next address and recovers: every acked message once, in
+    order."""
+    o, a, b = roles(cluster3, "feed")
+    sub_client = await client([a.tcp_url, b.tcp_url, o.tcp_url])
+    pub = await client([b.tcp_url], reconnect=False)
+    try:
+        sub = await within(sub_client.subscribe("feed"))
+        got, reader = collect(sub)
+        acked: list[tuple[int, int]] = []
+        for i in range(300):
+            acked.append((await within(pub.publish("feed", i)), i))
+            if i == 30:  # b -> owner -> a: live across nodes before the kill
+                await eventually(lambda: len(got) == 31, lambda: f"live: {len(got)} of 31")
+            if i == 100:
+                a.kill()
+        await eventually(
+            lambda: len(got) >= len(acked),
+            lambda: f"{len(got)} of {len(acked)}; client on {sub_client.url}",
+        )
+        await asyncio.sleep(0.1)
+        assert [(m.offset, m.data) for m in got] == acked
+        assert sub.gaps == 0
+        assert sub_client.url == b.tcp_url and sub_client.reconnects == 1
+        reader.cancel()
+    finally:
+        for c in (sub_client, pub):
+            await c.aclose()
+
+
+@uvloop_only
+async def test_cluster_owner_killed(cluster3: Nodes) -> None:
+    """A cluster: the channel's owner is killed under a stream published through another
+    node. Publishes fail (NOT_ROUTED, timeouts) until the cluster reroutes, then go on
+    at the new owner from the store's offsets; the subscriber on the third node sees
+    every acked message once, in order, and nothing twice."""
+    o, a, b = roles(cluster3, "feed")
+    sub_client = await client([a.tcp_url, b.tcp_url])
+    pub = await client([b.tcp_url], reconnect=False, request_timeout=8.0)
+    try:
+        sub = await within(sub_client.subscribe("feed"))
+        got, reader = collect(sub)
+        acked: list[tuple[int, int]] = []
+        refused = 0
+        i = 0
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 25
+        while len(acked) < 250 and loop.time() < end:
+            try:
+                acked.append((await within(pub.publish("feed", i)), i))
+            except (RequestError, asyncio.TimeoutError):
+                refused += 1  # not acknowledged: may or may not have been stored
+                await asyncio.sleep(0.05)
+            i += 1
+            if i == 100:
+                o.kill()
+        assert len(acked) >= 250, f"{len(acked)} acked in 25 s ({refused} refused)"
+        await eventually(
+            lambda: {m.offset for m in got} >= {off for off, _ in acked},
+            lambda: f"{len(got)} delivered, {len(acked)} acked",
+        )
+        await asyncio.sleep(0.2)
+        offsets = [m.offset for m in got]
+        assert offsets == sorted(set(offsets)), "a message twice or out of order"
+        delivered = {m.offset: m.data for m in got}
+        assert all(delivered[off] == v for off, v in acked)
+        assert all(0 <= m.data < i for m in got)
+        assert sub.gaps == 0
+        assert sub_client.url == a.tcp_url and sub_client.reconnects == 0
+        reader.cancel()
+    finally:
+        for c in (sub_client, pub):
+            await c.aclose()
 
 
 async def test_rate_limited_is_a_distinct_error(
