@@ -86,7 +86,8 @@ export const ErrorCode = Object.freeze({
  * @property {"full"|"equal"|"none"} [jitter="full"]  uniform in [0, ceiling], in
  *     [ceiling/2, ceiling], or exactly the ceiling
  *
- * @typedef {"connecting"|"connected"|"reconnecting"|"closed"} State
+ * @typedef {"connecting"|"connected"|"reconnecting"|"suspended"|"closed"} State
+ *     suspended: the page was hidden (left for another); it reconnects if shown again
  *
  * @typedef {object} ClientOptions
  * @property {string|string[]} [url]  ws:// or wss:// URL(s) of nodes, tried in turn;
@@ -370,6 +371,17 @@ export class Client {
     this._checking = false;
     this._onDirect = opts.onDirect ?? null;
     this._everWelcomed = false;
+    this._suspended = false;
+    this._reconnectTimer = null;
+    // A page left for another keeps running in the back/forward cache with its socket
+    // open, so the node would show its user present; close on pagehide, reconnect (and
+    // recover what was missed) if the page is shown again.
+    this._onPageHide = () => this._suspend();
+    this._onPageShow = (/** @type {PageTransitionEvent} */ ev) => ev.persisted && this._resume();
+    if (typeof window !== "undefined" && window.addEventListener) {
+      window.addEventListener("pagehide", this._onPageHide);
+      window.addEventListener("pageshow", this._onPageShow);
+    }
     this._open(this.urls[0]);
   }
 
@@ -500,8 +512,13 @@ export class Client {
   close() {
     if (this._closing) return;
     this._closing = true;
+    if (typeof window !== "undefined" && window.removeEventListener) {
+      window.removeEventListener("pagehide", this._onPageHide);
+      window.removeEventListener("pageshow", this._onPageShow);
+    }
     const why = new ConnectionClosed(1000, "client closed");
     this._failure = why;
+    if (this._reconnectTimer) clearTimeout(this._reconnectTimer);
     const ws = this._ws;
     this._detach();
     if (ws) {
@@ -518,9 +535,37 @@ export class Client {
 
   // ------------------------------------------------------------------ connection
 
+  /** The page is hidden (pagehide): close the socket, keep every subscription's place. */
+  _suspend() {
+    if (this._closing || this._suspended) return;
+    this._suspended = true;
+    if (this._reconnectTimer) clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    const ws = this._ws;
+    this._detach();
+    if (ws) {
+      try {
+        ws.close(1000, "page hidden");
+      } catch {
+        /* closing */
+      }
+    }
+    this._lost(new ConnectionClosed(1001, "page hidden"));
+    this._setState("suspended", { code: 1001, reason: "page hidden" });
+  }
+
+  /** The page is shown again from the back/forward cache: reconnect and recover. */
+  _resume() {
+    if (this._closing || !this._suspended) return;
+    this._suspended = false;
+    this.backoff.reset();
+    this._setState("reconnecting", {});
+    this._open(this.urls[this._attempt % this.urls.length]);
+  }
+
   /** @param {string} url */
   async _open(url) {
-    if (this._closing) return;
+    if (this._closing || this._suspended) return;
     let target = url;
     try {
       if (this.getToken) this.token = await this.getToken();
@@ -529,7 +574,7 @@ export class Client {
       this._retry(new ConnectionClosed(1006, `getToken failed: ${e}`));
       return;
     }
-    if (this._closing) return;
+    if (this._closing || this._suspended) return;
     if (this.token) {
       const u = new URL(url);
       u.searchParams.set("token", this.token);
@@ -626,7 +671,7 @@ export class Client {
   _retry(why) {
     const wasUp = this._connected;
     this._lost(why);
-    if (this._closing) return;
+    if (this._closing || this._suspended) return;
     // an expired token is worth one new try when a fresh one can be had
     const retry = why.temporary || (why.code === 4501 && this.getToken && wasUp);
     if (!retry) {
@@ -635,7 +680,8 @@ export class Client {
     }
     this._setState("reconnecting", { code: why.code, reason: why.reason });
     const delay = this.backoff.next();
-    setTimeout(() => {
+    this._reconnectTimer = setTimeout(() => {
+      this._reconnectTimer = null;
       this._attempt += 1;
       this._open(this.urls[this._attempt % this.urls.length]);
     }, delay);

@@ -33,7 +33,7 @@ async def test_fastim_js_is_served_with_type_and_validators(node_factory: Any) -
     assert etag.startswith('"') and etag.endswith('"') and len(etag) == 34
     # revalidation: unchanged file, no body
     status, headers, body = await http_exchange(
-        node.ws_port, get("/fastim.js", f"If-None-Match: W/{etag}, \"other\"\r\n")
+        node.ws_port, get("/fastim.js", f'If-None-Match: W/{etag}, "other"\r\n')
     )
     assert status == 304 and body == b"" and headers["etag"] == etag
     assert "content-length" not in headers
