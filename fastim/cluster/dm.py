@@ -65,23 +65,28 @@ class DmRouter:
     async def attach(cls, cluster: Cluster, postman: Postman) -> DmRouter:
         """Wire direct messages into a started cluster runtime: user routes under its
         membership's lease, DM frames out through its links and in through its
-        ``dm_handler``. Raises ClusterError if etcd does not answer."""
+        ``dm_handler``. Does not wait for etcd (see :meth:`start`)."""
         membership, links = cluster.membership, cluster.links
         if membership is None or links is None:
             raise RuntimeError("the cluster runtime is not started")
         router = cls(cluster.me, postman, UserRoutes(membership), links)
         cluster.dm_handler = router.on_dm
         try:
-            await router.start()
+            # routes are soft state: a slow first listing must not fail a node that has
+            # joined; until it is done every DM goes to every peer
+            await router.start(wait=False)
         except BaseException:
             cluster.dm_handler = None
             await router.stop()
             raise
         return router
 
-    async def start(self, timeout: float = 10.0) -> None:
-        """Start the user routes (after the membership started: they use its lease)."""
-        await self.routes.start(timeout)
+    async def start(self, timeout: float = 10.0, wait: bool = True) -> None:
+        """Start the user routes (after the membership started: they use its lease).
+
+        ``wait=False``: do not wait for the first listing (the node has joined already;
+        until the map is current, ``relay`` sends to every peer)."""
+        await self.routes.start(timeout, wait)
 
     async def stop(self) -> None:
         """Stop writing routes and forget the relay (before the membership stops: its

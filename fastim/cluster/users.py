@@ -182,12 +182,16 @@ class UserRoutes:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, timeout: float = 10.0) -> None:
-        """List the routes and start following them; ClusterError if etcd does not answer."""
+    async def start(self, timeout: float = 10.0, wait: bool = True) -> None:
+        """List the routes and start following them; ClusterError if etcd does not answer
+        within ``timeout``. With ``wait=False`` return at once: the listing is made in the
+        background (``healthy`` tells when the map is current)."""
         if self._task is not None:
             raise RuntimeError("already started")
         self._started = asyncio.get_running_loop().create_future()
         self._task = asyncio.ensure_future(self._run())
+        if not wait:
+            return
         try:
             await asyncio.wait_for(asyncio.shield(self._started), timeout)
         except asyncio.TimeoutError:
