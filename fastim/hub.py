@@ -361,11 +361,14 @@ class Hub:
         """This node now numbers a memory channel: a new epoch (subscribers resubscribe)."""
         self._adopt(ch, new_epoch(), 0)
 
-    def recover(self, ch: Channel, since: Since) -> tuple[bool, list[tuple[int, bytes]]]:
-        """Messages after ``since`` from this node's history ring (for another node)."""
+    def recover(self, ch: Channel, since: Since) -> tuple[Since, list[tuple[int, bytes]]]:
+        """Messages after ``since`` from this node's history ring (for another node);
+        ``since`` resolved first when it asks for the newest N."""
+        if since.last:
+            since = self._resolve(ch, since)
         if since.epoch != ch.epoch or since.off >= ch.offset:
-            return since.epoch == ch.epoch, []
-        return self._recover(ch, since.off, [])
+            return since, []
+        return since, self._recover(ch, since.off, [])[1]
 
     def _kick(self) -> None:
         """Once per tick: one store append per channel with queued publishes."""
@@ -485,8 +488,15 @@ class Hub:
 
     def _servable(self, ch: Channel, since: Since) -> bool:
         """Can recovery from ``since`` be answered from memory (or is it hopeless)?"""
-        if since.epoch != ch.epoch or since.off >= ch.offset or not ch.durable:
+        if since.epoch != ch.epoch or since.off >= ch.offset:
             return True
+        if not ch.durable:
+            # one node: the ring is the history; in a cluster a node that does not own
+            # the channel asks the owner for what its own ring lacks
+            router = self.router
+            if router is None or router.owns(ch.name):
+                return True
+            return self._covers(ch, max(since.off, ch.offset - self.config.recovery_max))
         h = ch.history
         return len(h) > 0 and h.first_offset <= since.off + 1
 
@@ -497,13 +507,33 @@ class Hub:
         assert store is not None
         prefix: list[tuple[int, bytes]] = []
         try:
-            if not ch.loaded:
+            router = self.router
+            if not ch.durable and router is not None and not router.owns(ch.name):
+                # a memory channel owned by another node: its numbering and history are
+                # there (the owner resolves a "history": N request against its own state)
+                state = await router.state(ch.name, since)
+                if not ch.loaded:
+                    self._adopt(ch, str(state["epoch"]), int(state["offset"]))
+                if since is not None and since.last:
+                    since = Since(int(state["since"]), str(state["epoch"]))
+                if since is not None and since.epoch == ch.epoch == state["epoch"]:
+                    prefix = [
+                        (int(o), d.encode())
+                        for o, d in state["messages"]
+                        if since.off < int(o) <= ch.offset
+                    ]
+            elif not ch.loaded:
                 epoch, top = await store.state(ch.name, ch.ns.limits)
                 if not ch.loaded:
                     self._adopt(ch, epoch, top)
             if since is not None and since.last:
                 since = self._resolve(ch, since)
-            if since is not None and since.epoch == ch.epoch and since.off < ch.offset:
+            if (
+                ch.durable
+                and since is not None
+                and since.epoch == ch.epoch
+                and since.off < ch.offset
+            ):
                 after = max(since.off, ch.offset - self.config.recovery_max)
                 while not self._covers(ch, after):
                     hist = await store.read(ch.name, after, 1000, ch.ns.limits)

@@ -8,8 +8,9 @@
 - :mod:`fastim.cluster.link` and :mod:`fastim.cluster.frames`: persistent node-to-node
   connections carrying batched fastim frames, with heartbeats, reconnect and TLS.
 
-Nothing here is wired into the hub yet; ``docs/cluster.md`` describes the interfaces the
-hub integration (publish forwarding, tree fan-out) is meant to use.
+- :mod:`fastim.cluster.runtime`: :class:`~fastim.cluster.runtime.Cluster`, what
+  ``Node.start`` creates when ``etcd_endpoints`` is set: the three above wired to the hub
+  (publish forwarding to the owner, tree delivery, ownership moves). See docs/cluster.md.
 """
 
 from __future__ import annotations

@@ -243,6 +243,9 @@ class Cluster(LinkHandler):
         if self.placement.update(m.nodes):
             self._ownership(moved(list(self.hub.channels), before, self.placement.nodes))
         links.sync(link_peers(m.nodes, self.me))
+        waiting = {o for _d, o in self._forwards.values()} | {o for _f, o in self._states.values()}
+        for peer in waiting - set(m.nodes):
+            self._peer_gone(peer, f"{peer}, the channel's owner, left the cluster")
         for cb in self._change_cbs:
             try:
                 cb(ev)
@@ -322,7 +325,7 @@ class Cluster(LinkHandler):
         ref = next(self._refs)
         msg: dict[str, Any] = {"op": "state", "ref": ref, "ch": channel}
         if since is not None:
-            msg["since"] = [since.off, since.epoch]
+            msg["since"] = [since.off, since.epoch, since.last]
         if owner is None or links is None or not links.control(owner, msg):
             raise HubError(
                 ErrorCode.NOT_ROUTED,
@@ -367,16 +370,14 @@ class Cluster(LinkHandler):
 
     def _link_state(self, peer: str, up: bool) -> None:
         """An outbound link went down: what waits on it will not be answered."""
-        if up:
-            return
+        if not up:
+            self._peer_gone(peer, f"the link to {peer}, the channel's owner, went down")
+
+    def _peer_gone(self, peer: str, why: str) -> None:
         for ref in [r for r, (_d, owner) in self._forwards.items() if owner == peer]:
-            self._fail_forward(
-                ref,
-                f"the link to {peer}, the channel's owner, went down: "
-                "it may or may not have been published, retry",
-            )
+            self._fail_forward(ref, f"{why}: it may or may not have been published, retry")
         for ref in [r for r, (_f, owner) in self._states.items() if owner == peer]:
-            self._fail_state(ref, f"the link to {peer} went down")
+            self._fail_state(ref, why)
 
     # ------------------------------------------------------------------ LinkHandler
 
@@ -531,8 +532,9 @@ class Cluster(LinkHandler):
             "messages": [],
         }
         since = msg.get("since")
-        if isinstance(since, list) and len(since) == 2 and since[1] == ch.epoch:
-            _complete, msgs = hub.recover(ch, Since(int(since[0]), since[1]))
+        if isinstance(since, list) and len(since) == 3:
+            resolved, msgs = hub.recover(ch, Since(int(since[0]), str(since[1]), bool(since[2])))
+            reply["since"] = resolved.off
             reply["messages"] = [[o, d.decode()] for o, d in msgs]
         links.control(peer, reply)
 

@@ -20,7 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ..store._redis import RedisServer
+from store._redis import RedisServer  # type: ignore[import-not-found]
+
 from ._etcd import EtcdServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]

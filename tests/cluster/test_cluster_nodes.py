@@ -1,0 +1,317 @@
+"""A cluster of real node processes doing pub/sub: publish anywhere, deliver everywhere.
+
+Three ``python -m fastim serve`` processes join one real etcd and share one real
+redis-server (``tests/cluster/_nodes.py``); clients are raw TCP connections speaking
+fastim frames (``tests/server/_support.py``), so a duplicate or a reordering is seen as
+it arrives, not smoothed over by an SDK.
+
+- every subscriber on every node gets every message exactly once, in offset order, with
+  publishers on every node at once;
+- a publish on a node that is not the channel's owner is acknowledged with the owner's
+  offset (TCP PUBACK and the HTTP API, whose epoch is the owner's);
+- a graceful stop of the owner: the channel goes on under the new owner, offsets
+  continuing from the store;
+- etcd gone: the nodes keep serving pub/sub (local and across nodes, known routes),
+  ``/ready`` answers 200 "degraded", and healthy again once etcd is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from server._support import TcpClient, deadline  # type: ignore[import-not-found]
+
+from fastim.cluster.placement import owner
+from fastim.protocol import ErrorCode, FrameType, unpack_error, unpack_msg, unpack_subscribed
+
+from ._nodes import ClusterNode, Nodes
+
+F = FrameType
+API_KEY = "cluster-test-api-key-0123456789"
+IDS = ["n0", "n1", "n2"]
+
+# the nodes are processes of their own: the test's loop does not matter, one is enough
+pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
+    """Three nodes for the tests that leave the cluster as they found it."""
+    nodes = Nodes(tmp_path_factory.mktemp("cluster"), 3, "--api-key", API_KEY)
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.close()
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[Nodes]:
+    """Three nodes a test may stop, and whose etcd it may stop."""
+    nodes = Nodes(tmp_path, 3)
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.close()
+
+
+def channel_owned_by(node_id: str, prefix: str) -> str:
+    """A channel name whose owner (rendezvous hashing over n0..n2) is ``node_id``."""
+    for i in range(1000):
+        name = f"{prefix}-{i}"
+        if owner(name, IDS) == node_id:
+            return name
+    raise AssertionError("no such channel")
+
+
+async def subscribe(node: ClusterNode, ch: str) -> tuple[TcpClient, int, str]:
+    """A raw TCP subscriber on ``node``: (client, offset, epoch) from SUBSCRIBED."""
+    c = await TcpClient.connect(node.tcp_port)
+    rid = c.send_sub(ch)
+    p = await c.expect(F.SUBSCRIBED)
+    got_id, off, got_ch, epoch, _rec = unpack_subscribed(p)
+    assert (got_id, got_ch) == (rid, ch)
+    return c, off, epoch
+
+
+async def publish_many(c: TcpClient, ch: str, datas: list[bytes]) -> dict[int, bytes]:
+    """Pipeline PUBs, wait for every PUBACK: offset -> data (any ERROR fails)."""
+    ids = {c.send_pub(ch, d): d for d in datas}
+    out: dict[int, bytes] = {}
+    async with deadline(15):
+        while ids:
+            t, p = await c.recv(10)
+            if t == F.PUBACK:
+                rid = int.from_bytes(p[:4], "big")
+                off = int.from_bytes(p[4:12], "big")
+                out[off] = ids.pop(rid)
+            elif t == F.ERROR:
+                raise AssertionError(f"publish refused: {unpack_error(p)}")
+    return out
+
+
+async def collect(c: TcpClient, ch: str, n: int, timeout: float = 15) -> list[tuple[int, bytes]]:
+    """The next ``n`` messages of ``ch`` on ``c`` (offset, data), in arrival order."""
+    got: list[tuple[int, bytes]] = []
+    async with deadline(timeout):
+        while len(got) < n:
+            t, p = await c.recv(timeout)
+            if t == F.MSG:
+                off, got_ch, data = unpack_msg(p)
+                assert got_ch == ch
+                got.append((off, data))
+    return got
+
+
+async def no_more(c: TcpClient, wait: float = 0.3) -> None:
+    """Nothing else arrives (a duplicate would)."""
+    try:
+        t, p = await c.recv(wait)
+    except (TimeoutError, asyncio.TimeoutError):
+        return
+    assert t != F.MSG, f"unexpected message after the last one: {unpack_msg(p)}"
+
+
+def api_publish(node: ClusterNode, ch: str, data: object) -> dict[str, object]:
+    req = urllib.request.Request(
+        node.http + "/api/publish",
+        data=orjson.dumps({"channel": ch, "data": data}),
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        body: dict[str, object] = json.loads(r.read())
+        return body
+
+
+async def test_publish_on_every_node_reaches_every_subscriber_once_in_order(
+    cluster: Nodes,
+) -> None:
+    ch = "room-everyone"
+    subs = [(await subscribe(node, ch))[0] for node in cluster.nodes]
+    pubs = [await TcpClient.connect(node.tcp_port) for node in cluster.nodes]
+    per = 40
+    try:
+        # publishers on all three nodes at once: one owner numbers them all
+        results = await asyncio.gather(
+            *(
+                publish_many(p, ch, [b'{"n":%d,"i":%d}' % (k, i) for i in range(per)])
+                for k, p in enumerate(pubs)
+            )
+        )
+        acked: dict[int, bytes] = {}
+        for r in results:
+            assert not set(r) & set(acked), "two publishes acknowledged with one offset"
+            acked.update(r)
+        assert sorted(acked) == list(range(1, 3 * per + 1))
+        for node, s in zip(cluster.nodes, subs, strict=True):
+            got = await collect(s, ch, 3 * per)
+            offsets = [o for o, _ in got]
+            assert offsets == sorted(acked), f"{node.node_id}: not once each in offset order"
+            assert dict(got) == acked, f"{node.node_id}: data does not match the acks"
+            await no_more(s)
+        # each node's publishes stay in their own order within the channel's order
+        order = [orjson.loads(acked[o]) for o in sorted(acked)]
+        for k in range(3):
+            assert [m["i"] for m in order if m["n"] == k] == list(range(per))
+    finally:
+        for c in subs + pubs:
+            await c.close()
+
+
+async def test_publish_on_a_non_owner_is_acked_with_the_owners_offset(cluster: Nodes) -> None:
+    ch = channel_owned_by("n2", "ack")
+    owner_node, other = cluster[2], cluster[0]
+    s, off0, epoch = await subscribe(owner_node, ch)
+    p = await TcpClient.connect(other.tcp_port)
+    try:
+        first = await p.pub(ch, b'{"via":"tcp"}')
+        assert first == off0 + 1
+        ((off, data),) = await collect(s, ch, 1)
+        assert (off, data) == (first, b'{"via":"tcp"}')
+        # the HTTP API on the other non-owner: the owner's offset and epoch
+        res = await asyncio.to_thread(api_publish, cluster[1], ch, {"via": "http"})
+        assert res == {"offset": first + 1, "epoch": epoch}
+        ((off, data),) = await collect(s, ch, 1)
+        assert (off, orjson.loads(data)) == (first + 1, {"via": "http"})
+        metrics = await asyncio.to_thread(other.metrics)
+        assert 'fastim_cluster_forwards_total{result="acked"}' in metrics
+        assert "fastim_cluster_links_up 2.0" in metrics
+    finally:
+        await s.close()
+        await p.close()
+
+
+async def test_graceful_stop_of_the_owner_continues_the_channel(own_cluster: Nodes) -> None:
+    ch = channel_owned_by("n0", "handover")
+    subs = [(await subscribe(node, ch))[0] for node in own_cluster.nodes[1:]]
+    p = await TcpClient.connect(own_cluster[1].tcp_port)
+    try:
+        before = await publish_many(p, ch, [b'{"i":%d}' % i for i in range(10)])
+        assert sorted(before) == list(range(1, 11))
+        for s in subs:
+            assert [o for o, _ in await collect(s, ch, 10)] == list(range(1, 11))
+        await asyncio.to_thread(own_cluster[0].stop)  # SIGTERM: deregisters at once
+        await own_cluster.await_joined(own_cluster.nodes[1:], timeout=15)
+        after = await publish_many(p, ch, [b'{"i":%d}' % i for i in range(10, 20)])
+        assert sorted(after) == list(range(11, 21)), "offsets did not continue"
+        for s in subs:
+            got = await collect(s, ch, 10)
+            assert [o for o, _ in got] == list(range(11, 21))
+            assert dict(got) == after
+            await no_more(s)
+    finally:
+        for c in [*subs, p]:
+            await c.close()
+
+
+async def test_etcd_down_nodes_keep_serving_and_ready_says_degraded(own_cluster: Nodes) -> None:
+    ch = channel_owned_by("n1", "no-etcd")
+    s, _off, _epoch = await subscribe(own_cluster[0], ch)
+    p = await TcpClient.connect(own_cluster[2].tcp_port)
+    local = channel_owned_by("n0", "local")
+    ls, _o, _e = await subscribe(own_cluster[0], local)
+    lp = await TcpClient.connect(own_cluster[0].tcp_port)
+    try:
+        own_cluster.etcd.stop()
+        async with deadline(10):
+            while True:
+                status, body = await own_cluster[0].aready()
+                if "degraded" in body:
+                    break
+                await asyncio.sleep(0.1)
+        assert status == 200, body
+        assert "3 nodes" in body
+        # known routes: a publish on n2, owned by n1, delivered on n0
+        acked = await publish_many(p, ch, [b'{"i":%d}' % i for i in range(5)])
+        assert [o for o, _ in await collect(s, ch, 5)] == sorted(acked)
+        # and local traffic
+        lacked = await publish_many(lp, local, [b'{"i":%d}' % i for i in range(5)])
+        assert [o for o, _ in await collect(ls, local, 5)] == sorted(lacked)
+        own_cluster.etcd.start()
+        await own_cluster.await_joined(own_cluster.nodes, timeout=20)
+        status, body = await own_cluster[0].aready()
+        assert status == 200 and "degraded" not in body, body
+        acked = await publish_many(p, ch, [b'{"i":%d}' % i for i in range(5, 8)])
+        assert [o for o, _ in await collect(s, ch, 3)] == sorted(acked)
+    finally:
+        for c in (s, p, ls, lp):
+            await c.close()
+
+
+async def test_owner_unreachable_answers_not_routed(own_cluster: Nodes) -> None:
+    """A frozen owner: the publish is answered NOT_ROUTED (119), never silently lost."""
+    ch = channel_owned_by("n2", "frozen")
+    p = await TcpClient.connect(own_cluster[0].tcp_port)
+    proc = own_cluster[2].proc
+    assert proc is not None
+    try:
+        proc.send_signal(signal.SIGSTOP)
+        rid = p.send_pub(ch, b'{"lost":false}')
+        t, payload = await p.recv(15)
+        assert t == F.ERROR
+        got_id, code, reason = unpack_error(payload)
+        assert (got_id, code) == (rid, ErrorCode.NOT_ROUTED), reason
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        await p.close()
+
+
+async def test_memory_channels_follow_their_owner(tmp_path: Path) -> None:
+    """Memory store: the owner numbers, a subscriber on another node gets the owner's
+    epoch and recovers through it (CONTROL); the owner's graceful stop starts a new
+    epoch, which subscribers elsewhere learn as a resubscribe."""
+    nodes = Nodes(tmp_path, 3, store="memory")
+    clients: list[TcpClient] = []
+    try:
+        await asyncio.to_thread(nodes.start)
+        ch = channel_owned_by("n1", "mem")
+        s0, off0, epoch = await subscribe(nodes[0], ch)  # n0 asks n1
+        s1, off1, epoch1 = await subscribe(nodes[1], ch)
+        clients += [s0, s1]
+        assert (off0, epoch) == (off1, epoch1) == (0, epoch1)
+        p = await TcpClient.connect(nodes[2].tcp_port)
+        clients.append(p)
+        acked = await publish_many(p, ch, [b'{"i":%d}' % i for i in range(5)])
+        assert sorted(acked) == [1, 2, 3, 4, 5]
+        for s in (s0, s1):
+            assert dict(await collect(s, ch, 5)) == acked
+        # a subscriber on n2, which holds nothing of the channel, recovers from offset 2
+        c = await TcpClient.connect(nodes[2].tcp_port)
+        clients.append(c)
+        since = {"off": 2, "epoch": epoch}
+        c.send(F.CMD, orjson.dumps({"op": "sub", "ch": ch, "since": since, "id": 7}))
+        t, payload = await c.recv(10)
+        assert t == F.EVENT, payload
+        reply = orjson.loads(payload)
+        assert (reply["op"], reply["off"], reply["epoch"], reply["recovered"]) == (
+            "subscribed",
+            5,
+            epoch,
+            True,
+        )
+        assert await collect(c, ch, 3) == [(o, acked[o]) for o in (3, 4, 5)]
+        # the owner goes: the new owner starts a new epoch; n0's subscriber is told
+        await asyncio.to_thread(nodes[1].stop)
+        await nodes.await_joined([nodes[0], nodes[2]], timeout=15)
+        again = await publish_many(p, ch, [b'{"after":1}'])
+        assert list(again) == [1], "a new owner of a memory channel starts a new epoch"
+        async with deadline(10):
+            while True:
+                t, payload = await s0.recv(10)
+                if t == F.EVENT and orjson.loads(payload)["op"] == "resubscribe":
+                    assert orjson.loads(payload)["epoch"] != epoch
+                    break
+                assert t != F.MSG, f"a message of the old epoch's subscription: {payload!r}"
+    finally:
+        for cl in clients:
+            await cl.close()
+        await asyncio.to_thread(nodes.close)
