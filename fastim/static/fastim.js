@@ -188,6 +188,7 @@ export class Backoff {
   }
 }
 
+/** @type {BackoffOptions} */
 const SEND_BACKOFF = { base: 50, factor: 2, max: 2000, jitter: "full" };
 const RESUB_RETRY = [200, 5000];
 const HOLE_CHECK = [200, 5000];
@@ -283,7 +284,10 @@ export class Subscription {
   _move(epoch, offset) {
     if (this.epoch && epoch !== this.epoch) {
       this._left.set(this.epoch, this.offset);
-      while (this._left.size > MAX_LEFT_EPOCHS) this._left.delete(this._left.keys().next().value);
+      for (const old of this._left.keys()) {
+        if (this._left.size <= MAX_LEFT_EPOCHS) break;
+        this._left.delete(old);
+      }
     }
     this.epoch = epoch;
     this.offset = offset;
@@ -372,7 +376,10 @@ export class Client {
     this._onDirect = opts.onDirect ?? null;
     this._everWelcomed = false;
     this._suspended = false;
+    /** @type {any} */
     this._reconnectTimer = null;
+    /** @type {any} */
+    this._handshakeTimer = null;
     // A page left for another keeps running in the back/forward cache with its socket
     // open, so the node would show its user present; close on pagehide, reconnect (and
     // recover what was missed) if the page is shown again.
@@ -593,6 +600,18 @@ export class Client {
     ws.onmessage = (ev) => this._onMessage(ws, ev);
     ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
     ws.onerror = () => {}; // a close event follows, with the code
+    // a node that takes the connection but never answers (or a path that drops it
+    // silently) must not leave the client waiting: give up on it and try again
+    this._handshakeTimer = setTimeout(() => {
+      if (ws !== this._ws || this._connected) return;
+      this._detach();
+      try {
+        ws.close(1000, "handshake timeout");
+      } catch {
+        /* closing */
+      }
+      this._retry(new ConnectionClosed(4000, `no welcome within ${this.requestTimeout} ms`));
+    }, this.requestTimeout);
   }
 
   /** @param {WebSocket} ws */
@@ -600,6 +619,7 @@ export class Client {
     if (ws !== this._ws) return;
     this._lastRx = Date.now();
     if (this.user || this.token) {
+      /** @type {{op: string, id: number, user?: string}} */
       const hello = { op: "hello", id: this._nextId++ };
       if (this.user) hello.user = this.user;
       this._pending.set(hello.id, {
@@ -616,9 +636,13 @@ export class Client {
     }
   }
 
-  /** The handshake is done: resubscribe, start the heartbeat, let requests go. */
+  /**
+   * The handshake is done: resubscribe, start the heartbeat, let requests go.
+   * @param {WebSocket} ws  @param {any} welcome  (null: no hello was needed)
+   */
   _onWelcome(ws, welcome) {
     if (ws !== this._ws) return;
+    clearTimeout(this._handshakeTimer);
     this.welcome = welcome;
     if (welcome && typeof welcome.ping_interval === "number") {
       this._pingInterval = welcome.ping_interval * 1000;
@@ -651,6 +675,7 @@ export class Client {
     const ws = this._ws;
     if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     this._ws = null;
+    clearTimeout(this._handshakeTimer);
     this._stopHeartbeat();
     if (this._refreshTimer) clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
@@ -734,7 +759,7 @@ export class Client {
 
   /**
    * Send a command and wait for its reply (by id), connecting first if needed.
-   * @param {object} cmd  @param {number} [timeout]
+   * @param {{op: string} & Record<string, any>} cmd  @param {number} [timeout]
    * @returns {Promise<any>}
    */
   async _request(cmd, timeout = this.requestTimeout) {
@@ -844,10 +869,13 @@ export class Client {
       p.reject(new RequestError(obj.code, obj.reason));
       return;
     }
-    if (op === "subscribed" && p.sub) this._onSubscribed(p, obj);
+    if (op === "subscribed" && p.sub) {
+      this._onSubscribed({ sub: p.sub, since: p.since ?? null, history: p.history ?? 0 }, obj);
+    }
     p.resolve(obj);
   }
 
+  /** @param {any} obj */
   _onMsg(obj) {
     const sub = this.subscriptions.get(obj.ch);
     if (!sub) return; // not (or no longer) subscribed
@@ -861,11 +889,15 @@ export class Client {
 
   // ------------------------------------------------------------------ subscriptions
 
-  /** Subscribe `sub` on the current connection: with since once it has a position. */
+  /**
+   * Subscribe `sub` on the current connection: with since once it has a position.
+   * @param {Subscription} sub
+   */
   _subscribeOn(sub) {
     const ws = this._ws;
     if (!ws || !this._connected) return;
     const id = this._nextId++;
+    /** @type {{op: string, ch: string, id: number, since?: Since, history?: number}} */
     const cmd = { op: "sub", ch: sub.channel, id };
     let since = null;
     let history = 0;
@@ -894,6 +926,7 @@ export class Client {
    * A subscribe was answered: place the subscription in the channel's history. Runs
    * before any message that follows the answer, so replayed and live messages meet the
    * right offset (mirrors fastim/client/client.py _on_subscribed).
+   * @param {{sub: Subscription, since: Since|null, history: number}} p  @param {any} obj
    */
   _onSubscribed(p, obj) {
     const sub = p.sub;
@@ -917,6 +950,7 @@ export class Client {
       sub.epoch = epoch; // (since.off, off] follow, then live
       return;
     }
+    /** @type {Gap["reason"]} */
     let reason = "trimmed"; // what the node still had of (since.off, off] follows
     if (!(epoch === since.epoch && off >= since.off)) {
       reason = epoch !== since.epoch ? "epoch" : "rewound";
@@ -932,6 +966,7 @@ export class Client {
    * A (re)subscribe failed. Lost connection: the next connection subscribes again.
    * STORE_UNAVAILABLE or no answer: again on this connection, later. Refused: the
    * subscription ends (onError; `ready` rejects if it was the first answer).
+   * @param {Subscription} sub  @param {Error} err  @param {boolean} timedOut
    */
   _resubFailed(sub, err, timedOut) {
     if (this.subscriptions.get(sub.channel) !== sub) return;
@@ -952,7 +987,10 @@ export class Client {
     sub._end(err);
   }
 
-  /** History was lost while subscribed (a new epoch): subscribe again from its start. */
+  /**
+   * History was lost while subscribed (a new epoch): subscribe again from its start.
+   * @param {any} obj
+   */
   _onResubscribe(obj) {
     const sub = this.subscriptions.get(obj.ch);
     if (!sub || typeof obj.epoch !== "string") return;
@@ -962,6 +1000,7 @@ export class Client {
     this._subscribeOn(sub);
   }
 
+  /** @param {Subscription} sub */
   async _unsubscribe(sub) {
     if (this.subscriptions.get(sub.channel) !== sub) return;
     this.subscriptions.delete(sub.channel);
@@ -985,6 +1024,7 @@ export class Client {
    * A dm event (maybe a copy: the node retries until acked, replays on connect, and a
    * user may have several connections). Each seq is handed over once, in order; a
    * message with a hole before it waits for the hole (mirrors fastim/client/direct.py).
+   * @param {any} obj
    */
   _onDm(obj) {
     const seq = obj.seq;
@@ -1088,7 +1128,10 @@ export class Client {
 
   // ------------------------------------------------------------------ helpers
 
-  /** Call an application callback; its exceptions must not break the stream. */
+  /**
+   * Call an application callback; its exceptions must not break the stream.
+   * @param {Function|null|undefined} fn  @param {...any} args
+   */
   _callback(fn, ...args) {
     if (!fn) return;
     try {

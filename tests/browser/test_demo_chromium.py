@@ -9,7 +9,8 @@
    Messages and direct messages stored while the page was cut off arrive by recovery
    and replay, every one exactly once and in order; the node's retries of unacked
    direct messages are dropped as copies; the ack reaches the store; a send made while
-   disconnected is stored once.
+   disconnected is stored once; a disconnect by the server (4510) ends the client
+   instead of reconnecting.
 
 Every wait is bounded (``WAIT``); nothing asserts on speed.
 """
@@ -263,6 +264,15 @@ def test_fastim_js_exactly_once_across_a_node_restart(
     publish(first.ws_port, 20, 21)  # (back listens on the first node's ports)
     wait_js(d, "window.got.length === 21", "live after recovery")
     assert d.execute_script("return window.got.at(-1)") == [21, 20]
+    # disconnected by the server (4510: do not reconnect automatically): closed for good
+    api(first.ws_port, KEY, "POST", "disconnect", {"user": "tess", "reason": "bye"})
+    wait_js(d, "client.state === 'closed'", "the client closed for good")
+    err = d.execute_async_script(
+        "const done = arguments[0];"
+        "client.publish('feed', 1).then(() => done('published'), e => done([e.name, e.code]));"
+    )
+    assert err == ["ConnectionClosed", 4510]
+    assert d.execute_script("return window.states.at(-1)") == "closed"
     # Chromium logs each refused reconnect while the node was down; nothing else
     refused = "Error in connection establishment: net::ERR_CONNECTION_REFUSED"
     assert [e for e in console_errors(d) if refused not in e] == []

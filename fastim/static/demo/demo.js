@@ -81,10 +81,11 @@ function start(user) {
 /** @param {string} name */
 function joinRoom(name) {
   if (state.rooms.has(name)) return;
-  const room = { sub: null, lines: /** @type {Line[]} */ ([]), unread: 0, users: new Set() };
+  const client = /** @type {import("../fastim.js").Client} */ (state.client);
+  const room = { sub: /** @type {any} */ (null), lines: /** @type {Line[]} */ ([]), unread: 0,
+    users: /** @type {Set<string>} */ (new Set()) }; // prettier-ignore
   state.rooms.set(name, room);
   sessionStorage.setItem("fastim-demo-rooms", JSON.stringify([...state.rooms.keys()]));
-  const client = /** @type {import("../fastim.js").Client} */ (state.client);
   room.sub = client.subscribe(`room:${name}`, {
     history: HISTORY,
     onMessage: (m) => {
@@ -191,7 +192,8 @@ $("#composer").addEventListener("submit", async (ev) => {
     }
   } catch (e) {
     const target = cur.kind === "room" ? state.rooms.get(cur.name) : dmWith(cur.name);
-    if (target) addLine(target, { who: "", text: `not sent: ${e.message}`, ts, notice: true }, cur);
+    const why = e instanceof Error ? e.message : String(e);
+    if (target) addLine(target, { who: "", text: `not sent: ${why}`, ts, notice: true }, cur);
   }
 });
 
