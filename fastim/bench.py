@@ -817,7 +817,8 @@ async def _drive(
     await asyncio.sleep(0.1)  # let the last subscription settle before the clock starts
     for a in pipes:
         a.send(("go",))
-    cpu0 = server_cpu_s(server_pid)
+    cpu_pids = _cpu_pids(args, server_pid)
+    cpu0 = _cpu_sum(cpu_pids)
     window = args.inflight
     size = args.size
     duration = args.duration
@@ -868,7 +869,7 @@ async def _drive(
         except asyncio.TimeoutError:
             break
     res.elapsed_s = time.monotonic() - t0
-    cpu1 = server_cpu_s(server_pid)
+    cpu1 = _cpu_sum(cpu_pids)
     if cpu0 is not None and cpu1 is not None:
         res.server_cpu_s = cpu1 - cpu0
     if target.fastim:
@@ -929,6 +930,24 @@ def server_cpu_s(pid: int | None) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_pids(args: argparse.Namespace, server_pid: int | None) -> list[int]:
+    """The processes whose CPU is the server's: ``--server-pids`` (the nodes of a
+    cluster), else the one server pid (if known)."""
+    pids = [int(x) for x in (getattr(args, "server_pids", None) or "").split(",") if x.strip()]
+    return pids or ([server_pid] if server_pid is not None else [])
+
+
+def _cpu_sum(pids: list[int]) -> float | None:
+    """CPU seconds used by all of ``pids`` so far; None if any is unknown (or none given)."""
+    total = 0.0
+    for pid in pids:
+        cpu = server_cpu_s(pid)
+        if cpu is None:
+            return None
+        total += cpu
+    return total if pids else None
 
 
 def _free_port() -> int:
@@ -1228,6 +1247,7 @@ def _measure(
             },
             "server": {
                 "pid": server_pid,
+                "cpu_pids": _cpu_pids(args, server_pid),
                 "cpu_pct": round(100 * pub.server_cpu_s / elapsed, 1)
                 if pub.server_cpu_s is not None
                 else None,
@@ -1463,6 +1483,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain", type=float, default=15.0, help="seconds to wait for stragglers")
     p.add_argument("--server-cpu", default="0", help="CPU to pin a spawned node to (taskset)")
     p.add_argument("--server-pid", type=int, default=None, help="server to read RSS/CPU of")
+    p.add_argument(
+        "--server-pids",
+        default=None,
+        metavar="PID,PID,...",
+        help="the server's CPU is these processes' together (the nodes of a cluster)",
+    )
     p.add_argument("--client-cpu", default=None, help="CPUs for the generator, e.g. 1")
     p.add_argument(
         "--spread-ips",
