@@ -25,6 +25,8 @@ const state = {
   dms: /** @type {Map<string, {lines: Line[], unread: number}>} */ (new Map()),
   /** the open conversation */
   current: { kind: "room", name: "lobby" },
+  /** the room whose people are listed (the last one opened) */
+  room: "lobby",
 };
 
 // ---------------------------------------------------------------- start
@@ -100,7 +102,7 @@ function joinRoom(name) {
     onError: (e) => addLine(room, { who: "", text: `left: ${e.message}`, ts: Date.now(),
       notice: true }, { kind: "room", name }), // prettier-ignore
   });
-  room.sub.ready.then(() => name === state.current.name && refreshPresence()).catch(() => {});
+  room.sub.ready.then(() => name === state.room && refreshPresence()).catch(() => {});
   renderSide();
 }
 
@@ -122,13 +124,12 @@ $("#new-room").addEventListener("submit", (ev) => {
 // ---------------------------------------------------------------- presence
 
 async function refreshPresence() {
-  const cur = state.current;
   const client = state.client;
-  if (cur.kind !== "room" || !client || !client.connected) return;
-  const room = state.rooms.get(cur.name);
-  if (!room) return;
+  const name = state.room;
+  const room = state.rooms.get(name);
+  if (!room || !client || !client.connected) return;
   try {
-    const p = await client.presence(`room:${cur.name}`);
+    const p = await client.presence(`room:${name}`);
     room.users = new Set(p.users ?? []);
     renderSide();
   } catch (e) {
@@ -222,7 +223,10 @@ function addLine(conv, line, where) {
 /** @param {{kind: string, name: string}} where */
 function open(where) {
   state.current = where;
-  if (where.kind === "room") sessionStorage.setItem("fastim-demo-current", where.name);
+  if (where.kind === "room") {
+    state.room = where.name;
+    sessionStorage.setItem("fastim-demo-current", where.name);
+  }
   const conv = where.kind === "room" ? state.rooms.get(where.name) : dmWith(where.name);
   if (conv) conv.unread = 0;
   $("#title").textContent = where.kind === "room" ? `# ${where.name}` : `@ ${where.name}`;
@@ -274,7 +278,7 @@ function renderSide() {
       item(`# ${name}`, room.unread, sameConv(cur, { kind: "room", name }), () =>
         open({ kind: "room", name }), { room: name })), // prettier-ignore
   );
-  const here = cur.kind === "room" ? state.rooms.get(cur.name) : null;
+  const here = state.rooms.get(state.room);
   const people = here ? [...here.users].sort() : [];
   $("#presence").replaceChildren(
     ...people.map((u) =>
