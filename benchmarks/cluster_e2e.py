@@ -16,23 +16,28 @@ are on ``--url``). Cases:
   (``tree_k`` must be ≥ 2: a "tree_k = 1" chain is not a setting.)
 
 **On a 2-core machine the cluster cannot be faster than one node.** All node processes
-are pinned to the same core (``--node-cpu``, 0), the generator and etcd to the other
-(``--client-cpu``, 1): the server side has one core whatever the number of nodes, so the
-ratio cluster/single is the cost of being a cluster (forwarding, link frames, several
-event loops sharing a core), not a scale-out figure. What must hold in every case: zero
+are pinned to the same core (``--node-cpu``, 0), the generator and etcd (and redis with
+``--store redis``) to the other (``--client-cpu``, 1): the server side has one core
+whatever the number of nodes, so the ratio cluster/single is the cost of being a cluster
+(forwarding, link frames, several event loops sharing a core), not a scale-out figure. What must hold in every case: zero
 loss, reordering or duplicates (checked by the bench on its sampled subscribers, and by
 counting every delivery).
 
 Each case runs ``--reps`` (3) times against the same processes; the table gives the
 median deliveries/s (and each rep's), and the **cost**: deliveries per second of node CPU
 (all nodes' CPU summed while the bench publishes, ``fastim bench --server-pids``). When
-the generator is the bottleneck (it shares its core with etcd and redis), deliveries/s
+the generator is the bottleneck (it shares its core with etcd, and redis), deliveries/s
 hide the cluster's overhead; deliveries per node-CPU-second do not. The last CPU column
 is each node's CPU over the whole bench run (connecting included): how the work spread.
 
     .venv/bin/python benchmarks/cluster_e2e.py                     # all cases, table
     .venv/bin/python benchmarks/cluster_e2e.py --cases single,cluster3 --reps 1 -d 2
     .venv/bin/python benchmarks/cluster_e2e.py --json > /tmp/cluster_e2e.json
+    .venv/bin/python benchmarks/cluster_e2e.py --store redis     # durable, one redis
+
+The store is each node's memory by default (as the single-node figures of RESULTS.md);
+with ``--store redis`` every node uses one redis-server (durable channels: the owner
+appends each tick's publishes, offsets come from Redis).
 """
 
 from __future__ import annotations
@@ -464,9 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inflight", "-w", type=int, default=64, help="the bench's W")
     p.add_argument(
         "--store",
-        choices=("redis", "memory"),
-        default="redis",
-        help="the nodes' store: one redis-server for all (on --client-cpu), or each its memory",
+        choices=("memory", "redis"),
+        default="memory",
+        help="the nodes' store: each its memory (as the single-node figures of RESULTS.md), "
+        "or one redis-server for all (on --client-cpu)",
     )
     p.add_argument("--node-cpu", default="0", help="CPU(s) for every node (taskset)")
     p.add_argument("--client-cpu", default="1", help="CPU(s) for the generator and etcd")
