@@ -19,9 +19,9 @@ are on ``--url``). Cases:
 are pinned to the same core (``--node-cpu``, 0), the generator and etcd (and redis with
 ``--store redis``) to the other (``--client-cpu``, 1): the server side has one core
 whatever the number of nodes, so the ratio cluster/single is the cost of being a cluster
-(forwarding, link frames, several event loops sharing a core), not a scale-out figure. What must hold in every case: zero
-loss, reordering or duplicates (checked by the bench on its sampled subscribers, and by
-counting every delivery).
+(forwarding, link frames, several event loops sharing a core), not a scale-out figure.
+What must hold in every case: zero loss, reordering or duplicates (checked by the bench
+on its sampled subscribers, and by counting every delivery).
 
 Each case runs ``--reps`` (3) times against the same processes; the table gives the
 median deliveries/s (and each rep's), and the **cost**: deliveries per second of node CPU
