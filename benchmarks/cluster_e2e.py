@@ -417,7 +417,8 @@ def render(out: dict[str, Any]) -> str:
     lines = [
         f"{a['subscribers']:,} subscribers, {a['size']}-byte messages, {a['duration']:g} s × "
         f"{a['reps']} reps, W={a['inflight']}, {a['store']} store; nodes on CPU "
-        f"{a['node_cpu']}, generator, etcd and redis on CPU {a['client_cpu']}",
+        f"{a['node_cpu']}, generator, etcd{' and redis' if a['store'] == 'redis' else ''} "
+        f"on CPU {a['client_cpu']}; load average before: {out.get('load_before', '?')}",
         "",
         "| case | nodes | tree_k | publisher → owner | deliveries/s (median) | of single "
         "| reps | nodes' CPU % while publishing | deliveries per node-CPU-second | of single "
@@ -486,7 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         (workdir / c).mkdir(exist_ok=True)
     args.redis_url = None
     redis: Proc | None = None
-    out: dict[str, Any] = {"args": vars(args), "cases": [], "workdir": str(workdir)}
+    out: dict[str, Any] = {
+        "args": vars(args),
+        "cases": [],
+        "workdir": str(workdir),
+        # other work on this machine skews everything: say how busy it was
+        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
     try:
         if args.store == "redis":
             redis, args.redis_url = start_redis(workdir, args.client_cpu)
@@ -499,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             redis.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    out["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(json.dumps(out, indent=2) if args.json else render(out))
     bad = any(c["lost"] or c["reordered"] or c["duplicates"] or c["errors"] for c in out["cases"])
     return 1 if bad else 0
