@@ -120,8 +120,9 @@ async def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         if mode == "single":
             # one node: no etcd; the harness's node with the cluster settings dropped
             node = nodes[0]
-            i = node.args.index("--etcd-endpoints")
-            node.args = node.args[:i] + node.args[i + 2 :]
+            cmd = nodes.args()
+            i = cmd.index("--etcd-endpoints")
+            node.args = cmd[:i] + cmd[i + 2 :]
             node.spawn()
             while node.ready()[0] != 200:
                 node.check_alive()

@@ -133,16 +133,20 @@ class Nodes:
         (directory / "redis").mkdir(exist_ok=True)
         self.etcd = EtcdServer(str(directory / "etcd"))
         self.redis = RedisServer(str(directory / "redis")) if store == "redis" else None
+        self.extra = list(extra)
+        self.nodes = [ClusterNode(directory, f"n{i}", []) for i in range(n)]
+
+    def args(self) -> list[str]:
+        """The nodes' command line (after etcd and redis have their ports)."""
         store_args = ["--store", "redis", "--redis-url", self.redis.url] if self.redis else []
-        args = [
+        return [
             "--etcd-endpoints", self.etcd.endpoint,
             "--cluster-name", f"c{os.getpid()}",
             "--node-lease-ttl", "2",
             "--publish-rate", "0",
             *store_args,
-            *extra,
+            *self.extra,
         ]  # fmt: skip
-        self.nodes = [ClusterNode(directory, f"n{i}", args) for i in range(n)]
 
     def __getitem__(self, i: int) -> ClusterNode:
         return self.nodes[i]
@@ -151,12 +155,51 @@ class Nodes:
         return len(self.nodes)
 
     def start(self, timeout: float = 30.0) -> None:
-        self.etcd.start()
+        """etcd, redis, the nodes; each again on other ports if its free port was taken
+        between choosing and binding it (other tests' connections use ephemeral ports)."""
+        for attempt in range(3):
+            try:
+                self.etcd.start()
+                break
+            except AssertionError as e:
+                if "address already in use" not in str(e) or attempt == 2:
+                    raise
+                d = self.directory / f"etcd-{attempt + 1}"
+                d.mkdir()
+                self.etcd = EtcdServer(str(d))
         if self.redis is not None:
-            self.redis.start()
+            for attempt in range(3):
+                try:
+                    self.redis.start()
+                    break
+                except AssertionError:
+                    if attempt == 2:
+                        raise
+                    self.redis = RedisServer(self.redis.directory)
         for node in self.nodes:
+            node.args = self.args()
             node.spawn()
+        for node in self.nodes:
+            self._until_listening(node)
         self.wait_joined(self.nodes, timeout)
+
+    @staticmethod
+    def _until_listening(node: ClusterNode, timeout: float = 20.0) -> None:
+        """Wait for the node's "listening" line; respawn on new ports if one was taken."""
+        deadline = time.monotonic() + timeout
+        respawns = 0
+        while "listening" not in node.log():
+            assert node.proc is not None
+            if node.proc.poll() is not None:
+                if "cannot listen" in node.log() and respawns < 3:
+                    respawns += 1
+                    node.tcp_port, node.ws_port = free_port(), free_port()
+                    node.spawn()
+                    continue
+                node.check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"node {node.node_id} did not listen:\n{node.log()}")
+            time.sleep(0.05)
 
     def wait_joined(self, nodes: list[ClusterNode], timeout: float = 30.0) -> None:
         """Until each of ``nodes`` sees exactly them, every link up, membership healthy."""

@@ -315,3 +315,53 @@ async def test_memory_channels_follow_their_owner(tmp_path: Path) -> None:
         for cl in clients:
             await cl.close()
         await asyncio.to_thread(nodes.close)
+
+
+async def publish_retrying(
+    c: TcpClient, ch: str, data: bytes, timeout: float = 15
+) -> tuple[int, int]:
+    """Publish until acked, retrying on NOT_ROUTED: (offset, refusals)."""
+    refusals = 0
+    async with deadline(timeout):
+        while True:
+            rid = c.send_pub(ch, data)
+            while True:
+                t, p = await c.recv(timeout)
+                if t == F.PUBACK and int.from_bytes(p[:4], "big") == rid:
+                    return int.from_bytes(p[4:12], "big"), refusals
+                if t == F.ERROR:
+                    got_id, code, reason = unpack_error(p)
+                    assert (got_id, code) == (rid, ErrorCode.NOT_ROUTED), reason
+                    refusals += 1
+                    await asyncio.sleep(0.1)
+                    break
+
+
+async def test_owner_killed_publishes_refused_then_taken_by_the_new_owner(
+    own_cluster: Nodes,
+) -> None:
+    """kill -9 of the owner: publishes are refused (NOT_ROUTED) until its lease expires,
+    then the new owner continues the offsets; subscribers elsewhere get each once."""
+    ch = channel_owned_by("n0", "killed")
+    subs = [(await subscribe(node, ch))[0] for node in own_cluster.nodes[1:]]
+    p = await TcpClient.connect(own_cluster[1].tcp_port)
+    try:
+        before = await publish_many(p, ch, [b'{"i":%d}' % i for i in range(5)])
+        assert sorted(before) == [1, 2, 3, 4, 5]
+        for s in subs:
+            await collect(s, ch, 5)
+        own_cluster[0].kill()
+        acked: dict[int, bytes] = {}
+        refused = 0
+        for i in range(5, 10):
+            off, n = await publish_retrying(p, ch, b'{"i":%d}' % i)
+            acked[off] = b'{"i":%d}' % i
+            refused += n
+        assert refused > 0, "a publish to a dead owner was acknowledged"
+        assert sorted(acked) == [6, 7, 8, 9, 10]
+        for s in subs:
+            assert await collect(s, ch, 5) == sorted(acked.items())
+            await no_more(s)
+    finally:
+        for c in [*subs, p]:
+            await c.close()
