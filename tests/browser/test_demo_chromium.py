@@ -11,6 +11,9 @@
    direct messages are dropped as copies; the ack reaches the store; a send made while
    disconnected is stored once; a disconnect by the server (4510) ends the client
    instead of reconnecting.
+3. A page hidden (pagehide: its socket closed, the node sees it go) and shown again
+   from the back/forward cache (pageshow) recovers what it missed once and in order,
+   and a gap where the namespace's history was too short, at its place in the stream.
 
 Every wait is bounded (``WAIT``); nothing asserts on speed.
 """
@@ -18,6 +21,7 @@ Every wait is bounded (``WAIT``); nothing asserts on speed.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,9 +40,10 @@ join_leave = true
 """
 
 
-def write_config(tmp_path: Path, dm_retry: float = 2.0) -> str:
+def write_config(tmp_path: Path, dm_retry: float = 2.0, extra: str = "") -> str:
     path = tmp_path / "fastim.toml"
-    path.write_text(CONFIG.format(key=KEY, db=tmp_path / "fastim.db", dm_retry=dm_retry))
+    text = CONFIG.format(key=KEY, db=tmp_path / "fastim.db", dm_retry=dm_retry) + extra
+    path.write_text(text)
     return str(path)
 
 
@@ -276,3 +281,71 @@ def test_fastim_js_exactly_once_across_a_node_restart(
     # Chromium logs each refused reconnect while the node was down; nothing else
     refused = "Error in connection establishment: net::ERR_CONNECTION_REFUSED"
     assert [e for e in console_errors(d) if refused not in e] == []
+
+
+RESUME_SETUP = """
+const done = arguments[0];
+import('/fastim.js').then(async (f) => {
+  window.log = [];
+  const client = window.client = f.connect({user: 'una'});
+  for (const ch of ['feed', 'tiny:x']) {
+    client.subscribe(ch, {
+      onMessage: (m) => log.push(['msg', m.channel, m.offset, m.data]),
+      onGap: (g) => log.push(['gap', g.channel, g.lastOffset, g.offset, g.reason]),
+    });
+  }
+  await Promise.all([...client.subscriptions.values()].map((s) => s.ready));
+  done(true);
+}).catch((e) => done('error: ' + e));
+"""
+
+
+def test_fastim_js_page_hidden_and_shown_again_recovers_and_reports_a_gap(
+    browser: Callable[[], Browser], node_process: Any, tmp_path: Path
+) -> None:
+    """pagehide closes the socket (the node sees the user go); pageshow from the
+    back/forward cache reconnects and recovers: what the node kept arrives once, in
+    order, and what it no longer had is a gap at its place in the stream."""
+    tiny = "[namespaces.tiny]\nhistory_size = 3\n"
+    node = node_process("--config", write_config(tmp_path, extra=tiny))
+    port = node.ws_port
+    d = browser()
+    d.get(f"http://127.0.0.1:{port}/health")
+    assert d.execute_async_script(RESUME_SETUP) is True
+
+    def publish(ch: str, values: range) -> None:
+        for i in values:
+            api(port, KEY, "POST", "publish", {"channel": ch, "data": i})
+
+    publish("feed", range(2))
+    publish("tiny:x", range(2))
+    wait_js(d, "log.length === 4", "live messages")
+
+    d.execute_script("dispatchEvent(new PageTransitionEvent('pagehide', {persisted: true}))")
+    wait_js(d, "client.state === 'suspended'", "suspended")
+    for _ in range(int(WAIT / 0.05)):  # the node sees the socket closed
+        if api(port, KEY, "GET", "presence?channel=feed")["count"] == 0:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the node still counts the hidden page's subscription")
+    publish("feed", range(2, 5))
+    publish("tiny:x", range(2, 8))  # offsets 3..8; the namespace keeps the last 3
+
+    d.execute_script("dispatchEvent(new PageTransitionEvent('pageshow', {persisted: true}))")
+    wait_js(d, "log.length === 4 + 3 + 1 + 3", "recovery after pageshow")
+    log = d.execute_script("return log")
+    feed = [e for e in log if e[1] == "feed"]
+    assert feed == [["msg", "feed", off, off - 1] for off in range(1, 6)]
+    assert [e for e in log if e[1] == "tiny:x"] == [
+        ["msg", "tiny:x", 1, 0],
+        ["msg", "tiny:x", 2, 1],
+        ["gap", "tiny:x", 2, 8, "trimmed"],  # 3..5 are gone: said so, in stream order
+        ["msg", "tiny:x", 6, 5],
+        ["msg", "tiny:x", 7, 6],
+        ["msg", "tiny:x", 8, 7],
+    ]
+    assert d.execute_script("return client.reconnects") == 1
+    publish("feed", range(5, 6))
+    wait_js(d, "log.at(-1)[2] === 6", "live again")
+    assert console_errors(d) == []
