@@ -355,7 +355,8 @@ export class Client {
     this._closing = false;
     /** @type {ConnectionClosed|null} */
     this._failure = null;
-    this._attempt = 0;
+    /** index in `urls` of the node tried last: a failed or lost one is followed by the next */
+    this._urlIndex = 0;
     this._nextId = 1;
     /** @type {Map<number, {resolve: (v: any) => void, reject: (e: Error) => void, timer: any, sub?: Subscription, since?: Since|null, history?: number, resub?: boolean}>} */
     this._pending = new Map();
@@ -567,7 +568,7 @@ export class Client {
     this._suspended = false;
     this.backoff.reset();
     this._setState("reconnecting", {});
-    this._open(this.urls[this._attempt % this.urls.length]);
+    this._open(this.urls[this._urlIndex]);
   }
 
   /** @param {string} url */
@@ -652,7 +653,6 @@ export class Client {
     this._everWelcomed = true;
     this._connected = true;
     this.backoff.reset();
-    this._attempt = 0;
     for (const sub of this.subscriptions.values()) this._subscribeOn(sub);
     this._startHeartbeat();
     this._scheduleRefresh();
@@ -707,8 +707,8 @@ export class Client {
     const delay = this.backoff.next();
     this._reconnectTimer = setTimeout(() => {
       this._reconnectTimer = null;
-      this._attempt += 1;
-      this._open(this.urls[this._attempt % this.urls.length]);
+      this._urlIndex = (this._urlIndex + 1) % this.urls.length;
+      this._open(this.urls[this._urlIndex]);
     }, delay);
   }
 

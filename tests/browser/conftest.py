@@ -9,6 +9,7 @@ packages when missing.
 from __future__ import annotations
 
 import shutil
+import socket
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -70,6 +71,12 @@ def browser() -> Iterator[Callable[[], Browser]]:
     yield open_one
     for d in opened:
         d.quit()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def console_errors(driver: Browser) -> list[str]:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .conftest import WAIT, Browser, api, console_errors
+from .conftest import WAIT, Browser, api, console_errors, free_port
 
 KEY = "browser-test-api-key-0123456789"
 
@@ -349,3 +349,33 @@ def test_fastim_js_page_hidden_and_shown_again_recovers_and_reports_a_gap(
     publish("feed", range(5, 6))
     wait_js(d, "log.at(-1)[2] === 6", "live again")
     assert console_errors(d) == []
+
+
+def test_fastim_js_tries_the_next_url(
+    browser: Callable[[], Browser], node_process: Any, tmp_path: Path
+) -> None:
+    """A node that refuses the connection is followed by the next URL of the list."""
+    node = node_process("--config", write_config(tmp_path))
+    d = browser()
+    d.get(f"http://127.0.0.1:{node.ws_port}/health")
+    dead = f"ws://127.0.0.1:{free_port()}/ws"  # nothing listens there
+    live = f"ws://127.0.0.1:{node.ws_port}/ws"
+    got = d.execute_async_script(
+        """
+        const [urls, done] = arguments;
+        import('/fastim.js').then(async (f) => {
+          const states = [];
+          const c = f.connect({url: urls, user: 'ulf', backoff: {base: 50},
+                               onState: (s, info) => states.push([s, info.code ?? null])});
+          await c.ready();
+          const off = await c.publish('feed', 'via the second url');
+          done({states, off, node: c.welcome.node});
+        }).catch((e) => done('error: ' + e));
+        """,
+        [dead, live],
+    )
+    assert got == {
+        "states": [["reconnecting", 1006], ["connected", None]],
+        "off": 1,
+        "node": "proc-node",
+    }, got
