@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 
 def free_port() -> int:
@@ -53,6 +54,10 @@ def main() -> None:
                 time.sleep(0.05)
         asyncio.run(roundtrip(f"tcp://127.0.0.1:{tcp}"))
         asyncio.run(roundtrip(f"ws://127.0.0.1:{ws}/ws"))
+        # the browser client and the demo are package data: in the wheel, served
+        for path, needle in (("/fastim.js", b"export function connect"), ("/demo/", b"<html")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{ws}{path}", timeout=5) as r:
+                assert r.status == 200 and needle in r.read(), path
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(15)
