@@ -358,7 +358,7 @@ export class Client {
     /** index in `urls` of the node tried last: a failed or lost one is followed by the next */
     this._urlIndex = 0;
     this._nextId = 1;
-    /** @type {Map<number, {resolve: (v: any) => void, reject: (e: Error) => void, timer: any, sub?: Subscription, since?: Since|null, history?: number, resub?: boolean}>} */
+    /** @type {Map<number, {resolve: (v: any) => void, reject: (e: Error) => void, timer: any, sub?: Subscription, since?: Since|null, history?: number}>} */
     this._pending = new Map();
     /** @type {Array<() => void>} */
     this._waiters = [];
