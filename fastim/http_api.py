@@ -242,8 +242,10 @@ class HttpApi:
                 settled.set_result((off, err))
 
         try:
-            ch = hub.channel(name)  # the channel object: its epoch, even if dropped after
-            assert ch is not None
+            router = hub.router
+            # the channel object: its epoch, even if dropped after (not on a node that
+            # forwards the publish: the owner's epoch comes with the ack)
+            ch = hub.channel(name) if router is None or router.owns(name) else None
             off = hub.publish(name, data, done)
         except HubError as e:
             raise ApiError(_status_of(e.code), e.reason, code=e.code) from None
@@ -252,7 +254,10 @@ class HttpApi:
             if err is not None:
                 code = getattr(err, "code", ErrorCode.STORE_UNAVAILABLE)
                 raise ApiError(503, err, code=code)
-        return {"offset": off, "epoch": epoch[0] if epoch else ch.epoch}
+        if epoch:
+            return {"offset": off, "epoch": epoch[0]}
+        assert ch is not None
+        return {"offset": off, "epoch": ch.epoch}
 
     async def _broadcast(self, req: Request) -> dict[str, Any]:
         names = req.body.get("channels")

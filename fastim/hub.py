@@ -526,6 +526,8 @@ class Hub:
                 epoch, top = await store.state(ch.name, ch.ns.limits)
                 if not ch.loaded:
                     self._adopt(ch, epoch, top)
+                    if router is not None:
+                        router.loaded(ch)  # messages that came down the tree meanwhile
             if since is not None and since.last:
                 since = self._resolve(ch, since)
             if (

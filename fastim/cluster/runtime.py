@@ -57,6 +57,10 @@ log = logging.getLogger("fastim.cluster")
 FORWARD_TIMEOUT = 6.0
 #: seconds a subscribe on a non-owner waits for the owner's state of a memory channel
 STATE_TIMEOUT = 3.0
+#: DELIVERs kept per channel while its state loads (past it: a gap, filled from the store)
+HOLD_MAX = 10_000
+#: seconds they are kept: past the store's timeout, nobody is loading the channel
+HOLD_SECONDS = 10.0
 
 
 class Refusal(str):
@@ -116,6 +120,10 @@ class Cluster(LinkHandler):
         self._deadlines: deque[tuple[float, int]] = deque()
         #: durable channels whose gap is being read from the store: DELIVERs held meanwhile
         self._filling: dict[str, list[Deliver]] = {}
+        #: durable channels whose state a subscribe is reading: DELIVERs held meanwhile,
+        #: and when the first was held (dropped after HOLD_SECONDS: nobody is loading it)
+        self._unloaded: dict[str, list[Deliver]] = {}
+        self._unloaded_at: dict[str, float] = {}
         self._change_cbs: list[Callable[[MemberEvent | None], None]] = []
         self._control: dict[str, Callable[[str, dict[str, Any]], None]] = {
             "state": self._answer_state,
@@ -344,6 +352,10 @@ class Cluster(LinkHandler):
     def on_tick(self, now: float) -> None:
         """The node's timer tick: answer forwards and state requests past their deadline."""
         self.now = now
+        if self._unloaded_at:
+            for name in [n for n, t in self._unloaded_at.items() if now - t > HOLD_SECONDS]:
+                del self._unloaded_at[name]
+                self._unloaded.pop(name, None)
         dl = self._deadlines
         while dl and dl[0][0] <= now:
             ref = dl.popleft()[1]
@@ -452,11 +464,18 @@ class Cluster(LinkHandler):
             return True
         if not ch.loaded:
             if ch.durable:
-                # a subscribe is reading its state from the store: pass it on; what the
-                # store read misses is a gap, filled at the next message
+                # a subscribe is reading the channel's state from the store: pass it on,
+                # and keep it until the state is known (loaded()), since the store's
+                # answer may or may not include it
                 kids = self.placement.children(name, self.me)
                 if kids:
                     self._send_down(kids, name, epoch, off, data)
+                held = self._unloaded.get(name)
+                if held is None:
+                    held = self._unloaded[name] = []
+                    self._unloaded_at[name] = self.now
+                if len(held) < HOLD_MAX:
+                    held.append(it)  # past it: a gap, filled from the store later
                 return True
             hub.adopt(ch, epoch, off - 1)  # a memory channel learns the owner's numbering
         elif epoch != ch.epoch:
@@ -473,6 +492,24 @@ class Cluster(LinkHandler):
             log.debug("channel %r: offsets %d..%d missed here", name, ch.offset + 1, off - 1)
         hub.deliver_routed(ch, off, data)
         return True
+
+    def loaded(self, ch: Channel) -> None:
+        """A durable channel's state came from the store: take what was held meanwhile
+        (at or below its offset: dropped; above: delivered here, not passed on again)."""
+        held = self._unloaded.pop(ch.name, None)
+        self._unloaded_at.pop(ch.name, None)
+        if not held:
+            return
+        for i, it in enumerate(held):
+            if it.epoch != ch.epoch or it.offset <= ch.offset:
+                continue
+            if it.offset > ch.offset + 1:
+                # a gap below the held ones: the usual fill, then the rest in order
+                self._filling[ch.name] = [it, *held[i + 1 :]]
+                self._run(self._fill(ch, it))
+                return
+            # (passed on again: the children drop it as a duplicate; rare enough)
+            self.hub.deliver_routed(ch, it.offset, it.data)
 
     async def _fill(self, ch: Channel, first: Deliver) -> None:
         """Read a durable channel's gap from the store, then the DELIVERs held meanwhile."""

@@ -31,6 +31,7 @@ from server._support import TcpClient, deadline  # type: ignore[import-not-found
 from fastim.cluster.placement import owner
 from fastim.protocol import ErrorCode, FrameType, unpack_error, unpack_msg, unpack_subscribed
 
+from ._etcd import free_port
 from ._nodes import ClusterNode, Nodes
 
 F = FrameType
@@ -365,3 +366,24 @@ async def test_owner_killed_publishes_refused_then_taken_by_the_new_owner(
     finally:
         for c in [*subs, p]:
             await c.close()
+
+
+async def test_a_node_that_cannot_join_exits_1_before_serving(tmp_path: Path) -> None:
+    """etcd unreachable at start: one error line, exit status 1, no client was served."""
+    dead = free_port()  # nothing listens there
+    node = ClusterNode(tmp_path, "lonely", ["--etcd-endpoints", f"127.0.0.1:{dead}"])
+    node.args += ["--node-lease-ttl", "2"]
+    node.spawn()
+    assert node.proc is not None
+    served = False
+    try:
+        while node.proc.poll() is None:
+            served = served or (await node.aready())[0] != 0
+            await asyncio.sleep(0.2)
+        code = node.proc.wait(20)
+    finally:
+        node.kill()
+    errors = [line for line in node.log().splitlines() if " ERROR " in line]
+    assert code == 1, node.log()
+    assert len(errors) == 1 and "cannot join the cluster" in errors[0], node.log()
+    assert not served, "the node answered HTTP before it joined"
