@@ -344,7 +344,7 @@ async def test_cluster_kill9_subscriber_node(cluster3: Nodes) -> None:
     """A cluster: the subscriber's node (not the owner) is killed while a publisher
     publishes through a third node; the subscriber, which was getting the messages live
     across nodes, moves to the next address and recovers: every acked message once, in
-    order."""
+    order, nothing twice."""
     o, a, b = roles(cluster3, "feed")
     sub_client = await client([a.tcp_url, b.tcp_url, o.tcp_url])
     pub = await client([b.tcp_url], reconnect=False)
@@ -353,17 +353,27 @@ async def test_cluster_kill9_subscriber_node(cluster3: Nodes) -> None:
         got, reader = collect(sub)
         acked: list[tuple[int, int]] = []
         for i in range(300):
-            acked.append((await within(pub.publish("feed", i)), i))
+            try:
+                acked.append((await within(pub.publish("feed", i)), i))
+            except RequestError as e:
+                # NOT_ROUTED: not acknowledged (it may or may not have been published);
+                # seen in a node's first timer tick after it started
+                assert e.code == ErrorCode.NOT_ROUTED, e
             if i == 30:  # b -> owner -> a: live across nodes before the kill
-                await eventually(lambda: len(got) == 31, lambda: f"live: {len(got)} of 31")
+                await eventually(lambda: len(got) >= len(acked), lambda: f"live: {len(got)}")
             if i == 100:
                 a.kill()
+        assert len(acked) >= 250, f"{len(acked)} of 300 acked"
         await eventually(
-            lambda: len(got) >= len(acked),
-            lambda: f"{len(got)} of {len(acked)}; client on {sub_client.url}",
+            lambda: {m.offset for m in got} >= {off for off, _ in acked},
+            lambda: f"{len(got)} delivered, {len(acked)} acked; client on {sub_client.url}",
         )
         await asyncio.sleep(0.1)
-        assert [(m.offset, m.data) for m in got] == acked
+        offsets = [m.offset for m in got]
+        assert offsets == sorted(set(offsets)), "a message twice or out of order"
+        delivered = {m.offset: m.data for m in got}
+        assert all(delivered[off] == v for off, v in acked)
+        assert all(0 <= m.data < 300 for m in got)
         assert sub.gaps == 0
         assert sub_client.url == b.tcp_url and sub_client.reconnects == 1
         reader.cancel()
