@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
+import ssl
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,9 +69,13 @@ def own_cluster(tmp_path: Path) -> Iterator[Nodes]:
 
 def channel_owned_by(node_id: str, prefix: str) -> str:
     """A channel name whose owner (rendezvous hashing over n0..n2) is ``node_id``."""
+    return channel_owned_by_of(node_id, IDS, prefix)
+
+
+def channel_owned_by_of(node_id: str, ids: list[str], prefix: str) -> str:
     for i in range(1000):
         name = f"{prefix}-{i}"
-        if owner(name, IDS) == node_id:
+        if owner(name, ids) == node_id:
             return name
     raise AssertionError("no such channel")
 
@@ -387,3 +394,67 @@ async def test_a_node_that_cannot_join_exits_1_before_serving(tmp_path: Path) ->
     assert code == 1, node.log()
     assert len(errors) == 1 and "cannot join the cluster" in errors[0], node.log()
     assert not served, "the node answered HTTP before it joined"
+
+
+async def test_subscribe_with_since_on_a_non_owner_recovers_from_the_store(
+    cluster: Nodes,
+) -> None:
+    ch = channel_owned_by("n0", "since")
+    p = await TcpClient.connect(cluster[0].tcp_port)
+    s, _off, epoch = await subscribe(cluster[0], ch)
+    c = await TcpClient.connect(cluster[2].tcp_port)
+    try:
+        acked = await publish_many(p, ch, [b'{"i":%d}' % i for i in range(8)])
+        await collect(s, ch, 8)
+        since = {"off": 3, "epoch": epoch}
+        c.send(F.CMD, orjson.dumps({"op": "sub", "ch": ch, "since": since, "id": 5}))
+        t, payload = await c.recv(10)
+        assert t == F.EVENT, payload
+        reply = orjson.loads(payload)
+        assert (reply["off"], reply["epoch"], reply["recovered"]) == (8, epoch, True)
+        assert await collect(c, ch, 5) == [(o, acked[o]) for o in range(4, 9)]
+        # and live ones after, through the tree
+        more = await publish_many(p, ch, [b'{"i":8}'])
+        assert await collect(c, ch, 1) == list(more.items())
+    finally:
+        for cl in (p, s, c):
+            await cl.close()
+
+
+@pytest.fixture
+def link_cert(tmp_path: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl), used as its own CA."""
+    crt, key = str(tmp_path / "node.crt"), str(tmp_path / "node.key")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", key, "-out", crt, "-subj", "/CN=fastim-node",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return crt, key
+
+
+async def test_links_with_mutual_tls(tmp_path: Path, link_cert: tuple[str, str]) -> None:
+    """link_tls_*: the nodes link over mutual TLS, and the link port speaks TLS."""
+    crt, key = link_cert
+    tls = ["--link-tls-cert", crt, "--link-tls-key", key, "--link-tls-ca", crt]
+    nodes = Nodes(tmp_path, 2, *tls, store="memory")
+    clients: list[TcpClient] = []
+    try:
+        await asyncio.to_thread(nodes.start)
+        ch = channel_owned_by_of("n1", ["n0", "n1"], "tls")
+        s, _o, _e = await subscribe(nodes[0], ch)
+        p = await TcpClient.connect(nodes[0].tcp_port)
+        clients += [s, p]
+        acked = await publish_many(p, ch, [b"1", b"2"])
+        assert await collect(s, ch, 2) == sorted(acked.items())
+        port = int(re.findall(r"links on 127\.0\.0\.1:(\d+)", nodes[1].log())[-1])
+        ctx = ssl.create_default_context(cafile=crt)
+        ctx.load_cert_chain(crt, key)
+        _r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        assert w.get_extra_info("ssl_object") is not None  # the link port speaks TLS
+        w.close()
+    finally:
+        for cl in clients:
+            await cl.close()
+        await asyncio.to_thread(nodes.close)
