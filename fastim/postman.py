@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastim")
 
 MAX_RETRY = 60.0
+#: cluster: after a user's route is written, inbox checks at route_poll and at this many
+#: times route_poll (a sender's node whose watch lags stored without sending a frame)
+SETTLE_CHECKS = 6
 READ_PAGE = 1000
 
 
@@ -126,8 +129,12 @@ class Postman:
         #: yet (other nodes cannot send to them), and after it is, before the last one
         self.route_poll = 0.5
         self._users: dict[str, _User] = {}
-        self._checks: dict[str, float] = {}  # cluster: user -> when to re-check the inbox
+        # cluster: user -> when to re-check its inbox (the earliest asked), and a heap of
+        # (when, user) to find the due ones without a scan (stale entries are skipped)
+        self._checks: dict[str, float] = {}
+        self._check_heap: list[tuple[float, str]] = []
         self._unrouted: set[str] = set()  # cluster: local users whose route is not written
+        self._settling: list[tuple[float, str]] = []  # cluster: heap of late checks after routed
         self._next_poll = 0.0
         self._due: list[tuple[float, int, str, int]] = []  # (due, tiebreak, user, seq)
         self._tiebreak = 0
@@ -360,7 +367,7 @@ class Postman:
             if cluster:
                 # another node may have taken the ack: look at the store first
                 u.due.add(seq)
-                self._checks[user] = now
+                self._check_at(user, now)
                 continue
             ev, interval = entry
             for s in u.sessions:
@@ -379,12 +386,15 @@ class Postman:
 
     def routed(self, users: list[str]) -> None:
         """Cluster: these local users' routes are now in etcd. A message stored before
-        the other nodes saw the route reached no connection here: one more inbox check
-        ``route_poll`` seconds later (time for their watches to catch up) finds it."""
+        the other nodes saw the route reached no connection here: inbox checks
+        ``route_poll`` seconds later (time for their watches to catch up) and, for a
+        watch that lags, ``SETTLE_CHECKS`` times that, find it."""
+        later = asyncio.get_running_loop().time() + self.route_poll * SETTLE_CHECKS
         for user in users:
             if user in self._users:
                 self._unrouted.discard(user)
                 self._check(user, self.route_poll)
+                heapq.heappush(self._settling, (later, user))
 
     def recheck_all(self, delay: float = 0.0) -> int:
         """Cluster: re-check the inbox of every user with connections here in ``delay``
@@ -396,9 +406,12 @@ class Postman:
 
     def _check(self, user: str, delay: float) -> None:
         """Re-check ``user``'s inbox in ``delay`` seconds (sooner if already asked)."""
-        when = asyncio.get_running_loop().time() + delay
+        self._check_at(user, asyncio.get_running_loop().time() + delay)
+
+    def _check_at(self, user: str, when: float) -> None:
         if when < self._checks.get(user, when + 1):
             self._checks[user] = when
+            heapq.heappush(self._check_heap, (when, user))
 
     def _cluster_tick(self, now: float) -> None:
         if self._unrouted and now >= self._next_poll:
@@ -410,16 +423,25 @@ class Postman:
                 if relay.registered(user):
                     self.routed([user])
                 else:
-                    self._checks[user] = now
-        if not self._checks:
-            return
-        for user, when in list(self._checks.items()):
-            if when > now:
-                continue
+                    self._check_at(user, now)
+        settling = self._settling
+        while settling and settling[0][0] <= now:
+            user = heapq.heappop(settling)[1]
+            if user in self._users:
+                self._check_at(user, now)
+        heap = self._check_heap
+        while heap and heap[0][0] <= now:
+            when, user = heapq.heappop(heap)
+            if self._checks.get(user) != when:
+                continue  # superseded by an earlier request, or done
             u = self._users.get(user)
             if u is None:
                 del self._checks[user]
-            elif not u.checking:
+            elif u.checking:
+                # one check per user at a time: this one follows the running one
+                del self._checks[user]
+                self._check_at(user, now + 0.05)
+            else:
                 del self._checks[user]
                 u.checking = True
                 self._run(self._recheck(user, u))
