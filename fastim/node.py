@@ -148,6 +148,9 @@ class Node:
             for srv in self._servers:
                 srv.close()
             self._servers.clear()
+            if self.cluster is not None:
+                await self.cluster.close()
+                self.cluster = None
             await self.store.close()
             raise
         self.wheel.start()
