@@ -400,6 +400,12 @@ def cluster_metrics(cluster: Cluster) -> Iterator[Metric]:
         cluster.gaps,
     )
     yield _counter(
+        "fastim_cluster_resyncs",
+        "durable channels caught up from the store after a parent's link came back or the "
+        "trees changed (messages lost on the way)",
+        cluster.resyncs,
+    )
+    yield _counter(
         "fastim_cluster_ownership_moves",
         "channels in memory whose owner changed with the membership",
         cluster.ownership_moves,

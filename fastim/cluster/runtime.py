@@ -147,6 +147,7 @@ class Cluster(LinkHandler):
         self.duplicates = 0
         self.gaps = 0
         self.ownership_moves = 0
+        self.resyncs = 0
 
     # ------------------------------------------------------------------ life
 
@@ -253,6 +254,8 @@ class Cluster(LinkHandler):
         if self.placement.update(m.nodes):
             self._ownership(moved(list(self.hub.channels), before, self.placement.nodes))
         links.sync(link_peers(m.nodes, self.me))
+        if ev is not None and ev.kind != "update":
+            self.resync()  # parents changed: what was on its way may be lost
         waiting = {o for _d, o in self._forwards.values()} | {o for _f, o in self._states.values()}
         for peer in waiting - set(m.nodes):
             self._peer_gone(peer, f"{peer}, the channel's owner, left the cluster")
@@ -530,6 +533,50 @@ class Cluster(LinkHandler):
                     self._filling[ch.name].extend(held[i + 1 :])
                     break
 
+    def resync(self, peer: str | None = None) -> None:
+        """Catch up durable channels with subscribers here from the store, in the
+        background: those fed by ``peer`` (its link into this node came back: what was
+        queued when it broke is lost), or all (the trees changed with the membership).
+
+        Without it a message lost on a link would reach subscribers only when the
+        channel's next message shows the gap; a quiet channel could hold it back long.
+        """
+        names = []
+        for name, ch in self.hub.channels.items():
+            if not (ch.durable and ch.loaded and len(ch.subs)) or name in self._filling:
+                continue
+            if peer is None or self.placement.parent(name, self.me) == peer:
+                names.append(name)
+        if names:
+            self._run(self._resync(names))
+
+    async def _resync(self, names: list[str]) -> None:
+        from ..store import StoreError
+
+        hub, store = self.hub, self.hub.store
+        assert store is not None
+        for name in names:
+            ch = hub.channels.get(name)
+            if ch is None or not ch.loaded or name in self._filling:
+                continue
+            try:
+                epoch, top = await store.state(name, ch.ns.limits)
+            except StoreError as e:
+                log.warning("cluster: cannot check %r against the store: %s", name, e)
+                return
+            if epoch != ch.epoch or top <= ch.offset or name in self._filling:
+                continue
+            self.resyncs += 1
+            self._filling[name] = []
+            try:
+                await hub.fill(ch, top)
+            finally:
+                held = self._filling.pop(name, [])
+                for i, it in enumerate(held):
+                    if not self._take(it, True):
+                        self._filling[name].extend(held[i + 1 :])
+                        break
+
     def on_control(self, peer: str, message: dict[str, Any]) -> None:
         handler = self._control.get(str(message.get("op")))
         if handler is None:
@@ -542,6 +589,8 @@ class Cluster(LinkHandler):
             self.dm_handler(peer, items)
 
     def on_peer(self, peer: str, connected: bool) -> None:
+        if connected:
+            self.resync(peer)
         if self.dm is not None:
             self.dm.on_peer(peer, connected)  # a link came back: DM frames may be lost
 

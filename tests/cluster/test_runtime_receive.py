@@ -18,6 +18,7 @@ from typing import cast
 
 import pytest
 
+from fastim import _core
 from fastim.cluster.frames import Deliver
 from fastim.cluster.placement import owner
 from fastim.cluster.runtime import Cluster
@@ -113,3 +114,32 @@ async def test_a_channel_nobody_here_follows_is_not_created(node: Node) -> None:
     cluster.on_deliver("a", [Deliver(name, "e", 1, b"1")])
     assert name not in node.hub.channels
     assert cluster.tree_in == 1
+
+
+class _Sink:
+    def write(self, data: bytes) -> None:
+        pass
+
+
+async def test_a_link_coming_back_catches_up_from_the_store(node: Node) -> None:
+    """A message lost with a link is delivered when the parent's link comes back, not
+    only when the channel's next message shows the gap."""
+    cluster = make_cluster(node)
+    hub, store = node.hub, node.store
+    assert store is not None
+    name = channel_owned_by_a()
+    assert cluster.placement.parent(name, "b") == "a"
+    _first, epoch = await store.append_many(name, [b"1", b"2", b"3"])
+    ch = cast(Channel, hub.channel(name))
+    hub.adopt(ch, epoch, 1)
+    ring = _core.OutRing(_core.Flusher(None), _Sink(), _core.FMT_TCP, 1 << 20)
+    hub.join(name, ring)
+    cluster.on_peer("c", True)  # not this channel's parent: nothing to do
+    await asyncio.sleep(0.05)
+    assert ch.offset == 1
+    cluster.on_peer("a", True)
+    for _ in range(100):
+        if ch.offset == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert delivered(ch) == [2, 3] and cluster.resyncs == 1
