@@ -8,7 +8,7 @@ it arrives, not smoothed over by an SDK.
 - every subscriber on every node gets every message exactly once, in offset order, with
   publishers on every node at once;
 - a publish on a node that is not the channel's owner is acknowledged with the owner's
-  offset (TCP PUBACK and the HTTP API, whose epoch is the owner's);
+  offset (TCP PUBACK, WebSocket JSON puback, and the HTTP API, whose epoch is the owner's);
 - a graceful stop of the owner: the channel goes on under the new owner, offsets
   continuing from the store;
 - etcd gone: the nodes keep serving pub/sub (local and across nodes, known routes),
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from server._support import TcpClient, deadline  # type: ignore[import-not-found]
+from server._support import TcpClient, WsClient, deadline  # type: ignore[import-not-found]
 
 from fastim.cluster.placement import owner
 from fastim.protocol import ErrorCode, FrameType, unpack_error, unpack_msg, unpack_subscribed
@@ -190,6 +190,14 @@ async def test_publish_on_a_non_owner_is_acked_with_the_owners_offset(cluster: N
         assert res == {"offset": first + 1, "epoch": epoch}
         ((off, data),) = await collect(s, ch, 1)
         assert (off, orjson.loads(data)) == (first + 1, {"via": "http"})
+        # a WebSocket (JSON) client on a non-owner: the owner's offset in its puback
+        ws = await WsClient.connect(cluster[1].ws_port)
+        try:
+            assert await ws.pub(ch, {"via": "ws"}) == first + 2
+        finally:
+            await ws.close()
+        ((off, data),) = await collect(s, ch, 1)
+        assert (off, orjson.loads(data)) == (first + 2, {"via": "ws"})
         metrics = await asyncio.to_thread(other.metrics)
         assert 'fastim_cluster_forwards_total{result="acked"}' in metrics
         assert "fastim_cluster_links_up 2.0" in metrics
