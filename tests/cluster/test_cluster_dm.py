@@ -260,3 +260,53 @@ async def test_kill9_of_the_recipients_node_loses_nothing(
         await heidi.aclose()
     finally:
         cluster.stop()
+
+
+async def test_dms_keep_flowing_while_etcd_is_down(tmp_path: Path, cdm_redis: RedisServer) -> None:
+    """etcd stopped: known routes keep serving, and a user who connects meanwhile (its
+    route cannot be written) still gets DMs sent from another node; etcd back: its
+    route is written."""
+    (tmp_path / "etcd").mkdir()
+    etcd = EtcdServer(str(tmp_path / "etcd"))
+    etcd.start()
+    cluster = Cluster(tmp_path, etcd, cdm_redis)
+    clients: list[Client] = []
+    try:
+        a, b, c = (cluster.node(n) for n in "abc")
+        for node in (a, b, c):
+            await node.astart()
+        alice = await client(a.tcp_url, user="alice")
+        judy = await client(b.tcp_url, user="judy")
+        clients += [alice, judy]
+        got_j: list[DirectMessage] = []
+        tasks = [reader(judy, got_j)]
+        await routed(cluster, "judy", {"b"})
+        etcd.stop()
+        await asyncio.sleep(1.0)  # every node notices (degraded)
+        for i in range(10):
+            await alice.send("judy", {"i": i})
+        await eventually(lambda: len(got_j) == 10, what="DMs over a known route")
+        # a user connecting while etcd is down: no route anywhere
+        kate = await client(c.tcp_url, user="kate")
+        clients.append(kate)
+        got_k: list[DirectMessage] = []
+        tasks.append(reader(kate, got_k))
+        await asyncio.sleep(0.3)
+        for i in range(10):
+            await alice.send("kate", {"i": i})
+        await eventually(lambda: len(got_k) == 10, what="DMs to a user without a route")
+        assert [d.seq for d in got_k] == list(range(1, 11))
+        etcd.start()
+        await routed(cluster, "kate", {"c"})
+        await alice.send("kate", {"i": 10})
+        await eventually(lambda: len(got_k) == 11, what="the one after etcd is back")
+        await asyncio.sleep(0.3)
+        assert [d.seq for d in got_k] == list(range(1, 12))
+        assert [d.seq for d in got_j] == list(range(1, 11))
+        for t in tasks:
+            t.cancel()
+    finally:
+        for cl in clients:
+            await cl.aclose()
+        cluster.stop()
+        etcd.kill()
