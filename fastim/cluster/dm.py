@@ -114,7 +114,7 @@ class DmRouter:
         routes = self.routes
         # etcd out of reach: the map may miss users who connected elsewhere since;
         # every peer gets the message (a node without the user drops it)
-        nodes = routes.nodes_of(user) if routes.healthy else self.links.links
+        nodes = routes.routes.get(user, ()) if routes.healthy else self.links.links
         for node in nodes:
             if node == self.node_id:
                 continue
