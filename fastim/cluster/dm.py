@@ -89,10 +89,12 @@ class DmRouter:
         await self.routes.start(timeout, wait)
 
     async def stop(self) -> None:
-        """Stop writing routes and forget the relay (before the membership stops: its
-        lease revocation then removes this node's routes everywhere at once)."""
-        if self.postman.relay is self:
-            self.postman.relay = None
+        """Stop writing and following routes (before the membership stops: its lease
+        revocation then removes this node's routes everywhere at once).
+
+        The Postman keeps relaying: a message stored here during the drain still goes
+        out through the links until they close (to every peer, as the route map is no
+        longer followed)."""
         await self.routes.stop()
 
     # the Postman's Relay protocol
