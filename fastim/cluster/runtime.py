@@ -112,7 +112,9 @@ class Cluster(LinkHandler):
         self.membership: Membership | None = None
         self.links: Links | None = None
         self.server: LinkServer | None = None
-        self.now = 0.0
+        #: loop time, refreshed by the node's timer tick; starts at the wheel's (a forward
+        #: made before the first tick must not get a deadline in the past)
+        self.now = node.wheel.now
         self._refs = itertools.count(1)
         #: forwarded publishes waiting for their ack: ref -> (done, owner)
         self._forwards: dict[int, tuple[Done, str]] = {}

@@ -11,6 +11,8 @@ it arrives, not smoothed over by an SDK.
   offset (TCP PUBACK, WebSocket JSON puback, and the HTTP API, whose epoch is the owner's);
 - a graceful stop of the owner: the channel goes on under the new owner, offsets
   continuing from the store;
+- Redis gone: publishes refused with a code (on the owner and forwarded), nodes up,
+  and after Redis returns exactly the acknowledged messages are delivered, in order;
 - etcd gone: the nodes keep serving pub/sub (local and across nodes, known routes),
   ``/ready`` answers 200 "degraded", and healthy again once etcd is back.
 """
@@ -260,6 +262,55 @@ async def test_etcd_down_nodes_keep_serving_and_ready_says_degraded(own_cluster:
         assert [o for o, _ in await collect(s, ch, 3)] == sorted(acked)
     finally:
         for c in (s, p, ls, lp):
+            await c.close()
+
+
+async def test_redis_down_publishes_fail_clearly_and_the_cluster_recovers(
+    own_cluster: Nodes,
+) -> None:
+    """Redis (the shared store) stopped under a running cluster: a durable publish, on
+    the owner or forwarded from another node, is refused with a code (never acked and
+    lost); every node stays up; once Redis is back publishing works again and the
+    subscribers get exactly the acknowledged messages, in order."""
+    redis = own_cluster.redis
+    assert redis is not None
+    ch = channel_owned_by("n1", "no-redis")
+    s, off0, _epoch = await subscribe(own_cluster[0], ch)
+    on_owner = await TcpClient.connect(own_cluster[1].tcp_port)
+    forwarded = await TcpClient.connect(own_cluster[2].tcp_port)
+    try:
+        before = await publish_many(forwarded, ch, [b'{"i":0}', b'{"i":1}'])
+        assert sorted(before) == [off0 + 1, off0 + 2]
+        assert [o for o, _ in await collect(s, ch, 2)] == sorted(before)
+        redis.stop()
+        for c in (on_owner, forwarded):
+            rid = c.send_pub(ch, b'{"refused":true}')
+            async with deadline(20):
+                t, payload = await c.recv(20)
+            assert t == F.ERROR, t
+            got_id, code, reason = unpack_error(payload)
+            assert got_id == rid
+            assert code in (ErrorCode.STORE_UNAVAILABLE, ErrorCode.NOT_ROUTED), (code, reason)
+            assert reason
+        for node in own_cluster.nodes:
+            node.check_alive()
+        await no_more(s, 0.5)  # a refused publish is not delivered either
+        redis.start()
+        async with deadline(20):
+            while True:  # the nodes reconnect to Redis by themselves
+                try:
+                    after = await publish_many(forwarded, ch, [b'{"i":2}'])
+                    break
+                except AssertionError:
+                    await asyncio.sleep(0.3)
+        after.update(await publish_many(on_owner, ch, [b'{"i":3}', b'{"i":4}']))
+        got = await collect(s, ch, len(after))
+        assert dict(got) == after
+        assert [o for o, _ in got] == sorted(after)
+        assert min(after) > max(before)
+        await no_more(s)
+    finally:
+        for c in (s, on_owner, forwarded):
             await c.close()
 
 
