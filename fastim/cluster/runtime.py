@@ -114,7 +114,8 @@ class Cluster(LinkHandler):
         self.server: LinkServer | None = None
         #: loop time, refreshed by the node's timer tick; starts at the wheel's (a forward
         #: made before the first tick must not get a deadline in the past)
-        self.now = node.wheel.now
+        wheel = getattr(node, "wheel", None)  # None: a node not started (tests)
+        self.now = wheel.now if wheel is not None else asyncio.get_event_loop().time()
         self._refs = itertools.count(1)
         #: forwarded publishes waiting for their ack: ref -> (done, owner)
         self._forwards: dict[int, tuple[Done, str]] = {}
