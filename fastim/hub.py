@@ -24,6 +24,7 @@ from .metrics import LatencyHistogram
 from .namespaces import Namespace, Namespaces
 from .protocol import ErrorCode, FrameType, pack_msg
 from .store import Store, StoreError
+from .tasks import Background
 
 if TYPE_CHECKING:
     from .cluster.runtime import Cluster
@@ -255,7 +256,7 @@ class Hub:
         self.deflater = Deflater(config.ws_compression or 6, config.ws_compression_min_size)
         self._dirty: list[Channel] = []
         self._kick_scheduled = False
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._tasks = Background("hub")
         #: the cluster runtime when this node is in a cluster (fastim/cluster/runtime.py):
         #: publishes of channels owned elsewhere go to it, deliveries go down the tree
         self.router: Cluster | None = None
@@ -721,23 +722,14 @@ class Hub:
         return len(dead)
 
     def _run(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Future[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("hub task failed", exc_info=task.exception())
+        self._tasks.run(coro)
 
     async def close(self) -> None:
         """Wait (briefly) for publishes on their way to the store, then stop."""
         if self._dirty:
             self._kick()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5.0)
-        for t in list(self._tasks):
-            t.cancel()
+        await self._tasks.wait(5.0)
+        await self._tasks.cancel()
 
 
 def _session_type() -> type[Session]:

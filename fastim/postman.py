@@ -41,6 +41,7 @@ import orjson
 from .errors import BadRequest
 from .protocol import ErrorCode
 from .store import AckOutOfRange, InboxFull, InboxMessage, Store, StoreError
+from .tasks import Background
 
 if TYPE_CHECKING:
     from .session import Session
@@ -138,8 +139,7 @@ class Postman:
         self._next_poll = 0.0
         self._due: list[tuple[float, int, str, int]] = []  # (due, tiebreak, user, seq)
         self._tiebreak = 0
-        self._spawn = spawn or asyncio.ensure_future
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._tasks = Background("direct-message", spawn)
         # counters (metrics)
         self.sent = 0
         self.delivered = 0
@@ -505,20 +505,10 @@ class Postman:
     # ------------------------------------------------------------------ tasks
 
     def _run(self, coro: Any) -> None:
-        task = self._spawn(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Future[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("direct-message task failed", exc_info=task.exception())
+        self._tasks.run(coro)
 
     async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
 
 
 def _error(req_id: Any, code: int, reason: str) -> bytes:

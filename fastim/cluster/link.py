@@ -50,6 +50,7 @@ import orjson
 
 from .. import _core
 from ..errors import FastimError
+from ..tasks import Background
 from .frames import (
     ACCEPTOR_ACCEPTS,
     BATCH_BYTES,
@@ -584,7 +585,7 @@ class Links:
         self.flusher = flusher if flusher is not None else _core.Flusher(self.loop.call_soon)
         self.on_state = on_state
         self.links: dict[str, Link] = {}
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._tasks = Background("links")
         self._closed = False
 
     def sync(self, peers: Mapping[str, str]) -> None:
@@ -653,9 +654,7 @@ class Links:
                 log.exception("links: on_state callback failed")
 
     def _run(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.run(coro)
 
     async def close(self) -> None:
         """Close every link (GOAWAY after what is queued)."""
@@ -663,8 +662,7 @@ class Links:
         links, self.links = list(self.links.values()), {}
         if links:
             await asyncio.gather(*(link.close() for link in links))
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5.0)
+        await self._tasks.wait(5.0)
 
 
 class LinkServer:

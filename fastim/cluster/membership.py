@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
+from ..tasks import until_one_ends
 from . import ClusterError, NodeIdTaken
 
 if TYPE_CHECKING:
@@ -413,20 +414,7 @@ class Membership:
                 )
             if self._started is not None and not self._started.done():
                 self._started.set_result(None)
-            keepalive = asyncio.ensure_future(self._keepalive(client))
-            follow = asyncio.ensure_future(self._follow(client, watch, aetcd))
-            try:
-                done, _ = await asyncio.wait(
-                    {keepalive, follow}, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                for t in (keepalive, follow):
-                    t.cancel()
-                await asyncio.gather(keepalive, follow, return_exceptions=True)
-            for t in done:
-                exc = t.exception()
-                if exc is not None:
-                    raise exc
+            await until_one_ends(self._keepalive(client), self._follow(client, watch, aetcd))
             raise ClusterError("etcd session ended")
         except Exception as e:
             if healthy:

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import ErrorCode
+from ..tasks import Background
 from . import ClusterError
 from .dm import DmRouter
 from .frames import Deliver, Forward, ForwardAck, LinkFrame, pack_deliver
@@ -138,7 +139,7 @@ class Cluster(LinkHandler):
         self.dm_handler: Callable[[str, list[Any]], None] | None = None
         #: direct messages across nodes (fastim/cluster/dm.py), set by start()
         self.dm: DmRouter | None = None
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._tasks = Background("cluster")
         # counters (fastim/metrics.py)
         self.forwards_sent = 0
         self.forwards_acked = 0
@@ -234,8 +235,7 @@ class Cluster(LinkHandler):
             await self.links.close()
         if self.server is not None:
             await self.server.close()
-        for t in list(self._tasks):
-            t.cancel()
+        await self._tasks.cancel()
 
     def on_change(self, callback: Callable[[MemberEvent | None], None]) -> None:
         """Call ``callback(event)`` after each membership change was applied (placement
@@ -664,14 +664,7 @@ class Cluster(LinkHandler):
         return f"cluster {self.config.cluster_name}: {n} nodes, {up}/{total} links up, {state}"
 
     def _run(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Future[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("cluster task failed", exc_info=task.exception())
+        self._tasks.run(coro)
 
 
 class _Ack:

@@ -42,6 +42,7 @@ import random
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..tasks import until_one_ends
 from . import ClusterError
 
 if TYPE_CHECKING:
@@ -251,18 +252,7 @@ class UserRoutes:
             self.last_error = ""
             if self._started is not None and not self._started.done():
                 self._started.set_result(None)
-            writer = asyncio.ensure_future(self._writer(client))
-            follow = asyncio.ensure_future(self._follow(client, watch, aetcd))
-            try:
-                done, _ = await asyncio.wait({writer, follow}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in (writer, follow):
-                    t.cancel()
-                await asyncio.gather(writer, follow, return_exceptions=True)
-            for t in done:
-                exc = t.exception()
-                if exc is not None:
-                    raise exc
+            await until_one_ends(self._writer(client), self._follow(client, watch, aetcd))
             raise ClusterError("etcd session ended")
         except Exception as e:
             if up:
