@@ -396,6 +396,8 @@ class Hub:
                 return
             if ch.loaded and epoch == ch.epoch and first - 1 > ch.offset:
                 await self._fill(ch, first - 1)
+            elif ch.loaded and epoch == ch.epoch and first - 1 < ch.offset:
+                epoch = await self._went_back(ch, epoch, first - 1)
             self._adopt(ch, epoch, first - 1)
             for i, (data, done, t0) in enumerate(batch):
                 off = first + i
@@ -409,6 +411,31 @@ class Hub:
                 if not self._kick_scheduled:
                     self._kick_scheduled = True
                     asyncio.get_running_loop().call_soon(self._kick)
+
+    async def _went_back(self, ch: Channel, epoch: str, top: int) -> str:
+        """The store numbers from ``top`` + 1 in the epoch this node already delivered up
+        to ``ch.offset`` in: its history went back (restored from an older backup, a Redis
+        restarted from an older snapshot). Giving those offsets again would make clients
+        drop the new messages as duplicates of ones they saw, so the channel moves to a
+        new epoch (subscribers get ``resubscribe``, then a Gap, never a silent loss).
+        Returns that epoch: the store's, or one of this node's if the store cannot say.
+        """
+        log.warning(
+            "channel %r: the store is at offset %d of epoch %s, behind the %d this node "
+            "delivered (restored from an older snapshot?): starting a new epoch",
+            ch.name,
+            top,
+            epoch,
+            ch.offset,
+        )
+        store = self.store
+        assert store is not None
+        try:
+            return (await store.restart_epoch(ch.name, epoch, ch.ns.limits)).epoch
+        except StoreError as e:
+            self.store_errors += 1
+            log.warning("channel %r: could not restart the epoch in the store: %s", ch.name, e)
+            return new_epoch()  # the next append brings the store's back: another change
 
     async def _fill(self, ch: Channel, top: int) -> None:
         """Deliver messages the store has below ``top`` that this node never delivered.

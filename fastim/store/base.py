@@ -226,6 +226,21 @@ class Store(abc.ABC):
     async def state(self, channel: str, limits: HistoryLimits | None = None) -> ChannelState:
         """The channel's epoch and top; creates the epoch of a channel never seen before."""
 
+    @abc.abstractmethod
+    async def restart_epoch(
+        self, channel: str, seen_epoch: str, limits: HistoryLimits | None = None
+    ) -> ChannelState:
+        """Give the channel a new epoch if it is still in ``seen_epoch``; return its state.
+
+        For history that went back without losing its epoch: a store restored from an
+        older backup or snapshot keeps the epoch it had then, with a lower top, and would
+        number new messages with offsets clients have already seen (they would drop them
+        as duplicates). The node calls this when an append starts below what it already
+        delivered. The kept messages and the top stay; offsets continue from the top, in
+        the new epoch. Compare-and-set: when another node restarted it first, its epoch
+        is returned unchanged.
+        """
+
     # -- inboxes
 
     @abc.abstractmethod

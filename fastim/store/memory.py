@@ -159,6 +159,15 @@ class MemoryStore(Store):
         ch = self._channel(channel, self._limits(limits), self._clock())
         return ChannelState(ch.epoch, ch.top)
 
+    async def restart_epoch(
+        self, channel: str, seen_epoch: str, limits: HistoryLimits | None = None
+    ) -> ChannelState:
+        self._check_open()
+        ch = self._channel(channel, self._limits(limits), self._clock())
+        if ch.epoch == seen_epoch:
+            ch.epoch = new_epoch()
+        return ChannelState(ch.epoch, ch.top)
+
     # ----------------------------------------------------------------------------- inboxes
 
     def _prune_dedup(self, ib: _Inbox, now: float) -> None:

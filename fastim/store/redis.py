@@ -150,6 +150,19 @@ return {first, epoch}
 """
 )
 
+# ARGV[3] the epoch the caller saw, ARGV[4] another fresh epoch. Returns {epoch, top}: a new
+# epoch when the channel was still in the one seen (compare-and-set: one restart wins).
+RESTART_EPOCH = (
+    _CHANNEL_PRELUDE
+    + """
+if not created and epoch == ARGV[3] then
+  epoch = ARGV[4]
+  redis.call('HSET', meta, 'epoch', epoch)
+end
+return {epoch, top}
+"""
+)
+
 # ARGV[3] since, ARGV[4] limit, ARGV[5] size, ARGV[6] ttl ms. Returns {epoch, top, off, data, ...}.
 READ = (
     _CHANNEL_PRELUDE
@@ -270,6 +283,7 @@ _SCRIPTS = {
     for name, src in (
         ("append", APPEND),
         ("read", READ),
+        ("restart_epoch", RESTART_EPOCH),
         ("inbox_append", INBOX_APPEND),
         ("inbox_ack", INBOX_ACK),
         ("inbox_read", INBOX_READ),
@@ -478,6 +492,13 @@ class RedisStore(Store):
         h = await self.read(channel, 0, 0, limits)
         return ChannelState(h.epoch, h.top)
 
+    async def restart_epoch(
+        self, channel: str, seen_epoch: str, limits: HistoryLimits | None = None
+    ) -> ChannelState:
+        lim = self._limits(limits)
+        args = [new_epoch(), self._ms(lim.meta_ttl), seen_epoch, new_epoch()]
+        return await self._call("restart_epoch", self._ch(channel), args, _parse_state)
+
     # ----------------------------------------------------------------------------- inboxes
 
     async def inbox_append(
@@ -543,6 +564,10 @@ class RedisStore(Store):
 
 def _parse_appended(reply: Any) -> Appended:
     return Appended(int(reply[0]), _s(reply[1]))
+
+
+def _parse_state(reply: Any) -> ChannelState:
+    return ChannelState(_s(reply[0]), int(reply[1]))
 
 
 def _parse_history(reply: Any) -> History:

@@ -248,6 +248,14 @@ class _Writer:
         meta = self.channel(name, limits, self.store._clock())
         return ChannelState(meta.epoch, meta.top)
 
+    def restart_epoch(self, name: str, seen: str, limits: HistoryLimits) -> ChannelState:
+        meta = self.channel(name, limits, self.store._clock())
+        if meta.epoch == seen:
+            epoch = new_epoch()
+            self.conn.execute("UPDATE channels SET epoch = ? WHERE cid = ?", (epoch, meta.cid))
+            meta.epoch = epoch
+        return ChannelState(meta.epoch, meta.top)
+
     # -- inboxes
 
     def inbox_append(
@@ -611,6 +619,12 @@ class SqliteStore(Store):
     async def state(self, channel: str, limits: HistoryLimits | None = None) -> ChannelState:
         h = await self.read(channel, 0, 0, limits)
         return ChannelState(h.epoch, h.top)
+
+    async def restart_epoch(
+        self, channel: str, seen_epoch: str, limits: HistoryLimits | None = None
+    ) -> ChannelState:
+        lim = self._limits(limits)
+        return await self._write(lambda w: w.restart_epoch(channel, seen_epoch, lim))
 
     # ----------------------------------------------------------------------------- inboxes
 

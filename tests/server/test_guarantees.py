@@ -328,6 +328,53 @@ async def test_presence_and_join_leave(node_factory: Any, tmp_path: Path) -> Non
     await anon.close()
 
 
+async def test_history_that_went_back_under_the_node_starts_a_new_epoch(
+    node_factory: Any, redis_for_guarantees: RedisServer
+) -> None:
+    """Redis restored from an older snapshot keeps the channel's epoch with a lower top.
+    The node must not give the offsets it delivered again (subscribers would drop the
+    new messages as duplicates): it moves the channel to a new epoch, subscribers get
+    ``resubscribe``, and a subscribe with the old position is not 'recovered'."""
+    import redis.asyncio as aioredis
+
+    prefix = "t" + os.urandom(6).hex()
+    node = await node_factory(
+        store="redis", redis_url=redis_for_guarantees.url, redis_prefix=prefix
+    )
+    pub = await WsClient.connect(node.ws_port)
+    sub = await WsClient.connect(node.ws_port)
+    async with deadline(20):
+        r = await sub.request({"op": "sub", "ch": "news"}, "subscribed")
+        epoch = r["epoch"]
+        for i in range(5):
+            assert await pub.pub("news", {"i": i}) == i + 1
+        assert [m["off"] for m in await _msgs(sub, 5)] == [1, 2, 3, 4, 5]
+        # what a restore of a snapshot taken after offset 2 looks like: same epoch, top 2
+        r_ = aioredis.from_url(redis_for_guarantees.url)
+        base = f"{prefix}:ch:{{news}}"
+        kept: Any = await r_.xrange(base + ":s", "-", "2-0")
+        async with r_.pipeline(transaction=True) as tx:
+            tx.delete(base + ":s")
+            for entry_id, fields in kept:
+                tx.xadd(base + ":s", fields, id=entry_id)
+            tx.hset(base + ":m", "top", 2)
+            await tx.execute()
+        await r_.aclose()
+        off = await pub.pub("news", {"i": "after the restore"})
+        assert off == 3
+        ev = await sub.recv_json()
+        assert ev["op"] == "resubscribe" and ev["ch"] == "news" and ev["epoch"] != epoch, ev
+        again = await sub.request(
+            {"op": "sub", "ch": "news", "since": {"off": 5, "epoch": epoch}}, "subscribed"
+        )
+        assert (again["epoch"], again["off"], again["recovered"]) == (ev["epoch"], 3, False)
+        assert await pub.pub("news", {"i": "live"}) == 4
+        m = await sub.msg()
+        assert (m["off"], m["data"]) == (4, {"i": "live"})
+    await pub.close()
+    await sub.close()
+
+
 async def test_durable_publish_fails_loudly_when_redis_is_gone(
     node_factory: Any, tmp_path: Path
 ) -> None:

@@ -43,6 +43,24 @@ async def test_offsets_are_consecutive_from_one(store: Store) -> None:
     assert await store.state("c") == (epoch, 10)
 
 
+async def test_restart_epoch_is_a_compare_and_set_that_keeps_history(store: Store) -> None:
+    """A store restored from an older snapshot keeps its epoch; the node moves the
+    channel to a new one. Messages and top stay, offsets continue; only the caller that
+    saw the current epoch changes it (two nodes noticing at once give one new epoch)."""
+    first = await store.append_many("r", [b"1", b"2", b"3"])
+    old = first.epoch
+    st = await store.restart_epoch("r", old)
+    assert st.top == 3 and st.epoch != old
+    assert await store.restart_epoch("r", old) == st  # the second caller: unchanged
+    assert await store.state("r") == st
+    h = await store.read("r", 0)
+    assert (h.epoch, [o for o, _ in h.messages]) == (st.epoch, [1, 2, 3])
+    assert await store.append("r", b"4") == (4, st.epoch)
+    # a channel never seen gets its first epoch, not a restart
+    fresh = await store.restart_epoch("never", "no-such-epoch")
+    assert fresh.top == 0 and await store.state("never") == fresh
+
+
 async def test_read_returns_messages_after_since_in_order(store: Store) -> None:
     for i in range(1, 21):
         await store.append("c", b"m%d" % i)
