@@ -311,6 +311,24 @@ class NodeCollector:
             postman.retried if postman is not None else 0,
         )
 
+        auth = node.auth
+        tokens = CounterMetricFamily(
+            "fastim_auth_tokens", "connect tokens presented, by result", labels=["result"]
+        )
+        tokens.add_metric(["verified"], auth.verified)
+        tokens.add_metric(["refused"], auth.failed)
+        yield tokens
+        yield _counter(
+            "fastim_auth_denied",
+            "requests refused by channel rules or a token's channels claim (118)",
+            auth.denied,
+        )
+        yield _counter(
+            "fastim_auth_expired",
+            "connections closed because their token expired (no refresh in time)",
+            auth.expired,
+        )
+
         deflater = hub.deflater
         yield _counter(
             "fastim_deflate_messages",
@@ -410,6 +428,41 @@ def cluster_metrics(cluster: Cluster) -> Iterator[Metric]:
         "channels in memory whose owner changed with the membership",
         cluster.ownership_moves,
     )
+    dm = cluster.dm
+    if dm is not None:
+        st = dm.status()
+        routes = st["routes"]
+        yield _counter(
+            "fastim_cluster_dm_relayed",
+            "direct messages sent to the other nodes holding their recipient",
+            st["relayed"],
+        )
+        yield _counter(
+            "fastim_cluster_dm_relay_dropped",
+            "direct messages a link could not take (found later by an inbox check)",
+            st["relay_dropped"],
+        )
+        yield _counter(
+            "fastim_cluster_dm_received",
+            "direct messages received from other nodes",
+            st["received"],
+        )
+        yield _counter(
+            "fastim_cluster_dm_rechecks",
+            "inbox re-reads for messages no frame brought (gaps, late routes, links back)",
+            st["rechecks"],
+        )
+        yield _gauge(
+            "fastim_cluster_user_routes", "users with a route in the cluster", routes["users"]
+        )
+        yield _gauge(
+            "fastim_cluster_user_routes_pending",
+            "local user routes not yet written",
+            routes["pending"],
+        )
+        yield _counter(
+            "fastim_cluster_user_route_txns", "etcd transactions of user routes", routes["txns"]
+        )
 
 
 def connections_by_transport(node: Node) -> dict[str, int]:

@@ -12,6 +12,8 @@ reconnects to another node and gets everything, once, in order.
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -129,6 +131,11 @@ async def routed(cluster: Cluster, user: str, nodes: set[str]) -> None:
     await asyncio.sleep(0.2)  # the other nodes' watches
 
 
+def _metrics(node: NodeProc) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.ws_port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
 async def test_every_connection_on_every_node_gets_every_dm(three: Cluster) -> None:
     a, b, c = (three.nodes[n] for n in "abc")
     bob_b = await client(b.tcp_url, user="bob")
@@ -163,6 +170,11 @@ async def test_every_connection_on_every_node_gets_every_dm(three: Cluster) -> N
         await eventually(lambda: bob_b.inbox.acked == n or bob_c.inbox.acked == n, 5, "acks")
         state = await bob_c.inbox_state()
         assert tuple(state) == (n, n)
+        # /metrics on the sender's node counts the relays to b and c
+        metrics = await asyncio.to_thread(_metrics, a)
+        relayed = re.search(r"^fastim_cluster_dm_relayed_total (\S+)$", metrics, re.M)
+        assert relayed is not None and float(relayed.group(1)) >= 2 * n, metrics[-2000:]
+        assert re.search(r"^fastim_cluster_user_routes [1-9]", metrics, re.M), "no user routes"
         print(f"\n{n - 1} DMs a -> b and c, sent and received in {took * 1000:.0f} ms")
     finally:
         for t in tasks:

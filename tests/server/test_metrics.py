@@ -139,6 +139,8 @@ EXPORTED = {
     "fastim_direct_messages_sent_total": ("postman", "sent"),
     "fastim_direct_messages_delivered_total": ("postman", "delivered"),
     "fastim_direct_messages_retried_total": ("postman", "retried"),
+    "fastim_auth_denied_total": ("auth", "denied"),
+    "fastim_auth_expired_total": ("auth", "expired"),
 }
 
 
@@ -158,6 +160,10 @@ async def test_every_counter_reads_its_attribute_at_scrape_time(node: Node) -> N
             assert got[(metric, ())] == want, metric
     assert v(got, "fastim_store_errors_total", part="hub") == 7
     assert v(got, "fastim_store_errors_total", part="postman") == 9
+    node.auth.verified, node.auth.failed = 11, 12
+    got = await scrape(node)
+    assert v(got, "fastim_auth_tokens_total", result="verified") == 11
+    assert v(got, "fastim_auth_tokens_total", result="refused") == 12
 
 
 async def test_protocol_errors_and_rate_limits_are_counted(node_factory: Any) -> None:
