@@ -61,6 +61,23 @@ def wait_js(driver: Browser, script: str, what: str, timeout: float = WAIT) -> A
         raise AssertionError(f"waited {timeout}s for {what}; page shows:\n{state}") from None
 
 
+def click(driver: Browser, by: str, selector: str, timeout: float = WAIT) -> None:
+    """Find and click, again if the page re-rendered the element in between (the demo
+    redraws its lists on presence and direct-message events: a found element can go
+    stale before the click reaches it)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            driver.find_element(by, selector).click()
+            return
+        except StaleElementReferenceException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 # ----------------------------------------------------------------------------- the demo
 
 ROOM_TEXTS = (
@@ -75,7 +92,7 @@ def login(driver: Browser, base: str, name: str) -> None:
 
     driver.get(f"{base}/demo")  # the 301 to /demo/ is followed
     driver.find_element(By.ID, "name").send_keys(name)
-    driver.find_element(By.ID, "join").click()
+    click(driver, By.ID, "join")
     wait_js(driver, "document.querySelector('#status').dataset.state === 'connected'", "connected")
 
 
@@ -84,7 +101,7 @@ def say(driver: Browser, text: str) -> None:
 
     box = driver.find_element(By.ID, "text")
     box.send_keys(text)
-    driver.find_element(By.ID, "send").click()
+    click(driver, By.ID, "send")
 
 
 def room_lines(driver: Browser) -> list[tuple[str, str, int]]:
@@ -112,25 +129,27 @@ def test_demo_two_users_chat_presence_dm_and_history(
     wait_js(a, f"{ROOM_TEXTS}.some(([w, t]) => w === 'bob' && t === 'hi alice')", "b's line")
 
     # a direct message: alice opens bob from the presence list
-    a.find_element(By.CSS_SELECTOR, "#presence li[data-user='bob']").click()
+    click(a, By.CSS_SELECTOR, "#presence li[data-user='bob']")
     wait_js(a, "document.querySelector('#conversation').dataset.kind === 'dm'", "dm view")
     say(a, "psst, bob")
     wait_js(a, "!document.querySelector('#messages li.pending')", "the send acknowledged")
-    badge = wait_js(b, "document.querySelector(\"#dms li[data-peer='alice'] .badge\")", "dm badge")
-    assert badge.text == "1"
-    b.find_element(By.CSS_SELECTOR, "#dms li[data-peer='alice']").click()
+    badge = wait_js(
+        b, "document.querySelector(\"#dms li[data-peer='alice'] .badge\")?.textContent", "dm badge"
+    )
+    assert badge == "1"
+    click(b, By.CSS_SELECTOR, "#dms li[data-peer='alice']")
     dm_shown = (
         "[...document.querySelectorAll('#messages li')]"
         ".some(li => li.dataset.who === 'alice' && li.textContent.includes('psst, bob'))"
     )
     wait_js(b, dm_shown, "the dm")
-    b.find_element(By.CSS_SELECTOR, "#rooms li[data-room='lobby']").click()
+    click(b, By.CSS_SELECTOR, "#rooms li[data-room='lobby']")
     seen_before = room_lines(b)
     assert [(w, t) for w, t, _ in seen_before] == [("alice", "hello bob"), ("bob", "hi alice")]
 
     # bob leaves the page: alice sees him go (leave event), then chats on without him
     b.get(f"{base}/health")
-    a.find_element(By.CSS_SELECTOR, "#rooms li[data-room='lobby']").click()
+    click(a, By.CSS_SELECTOR, "#rooms li[data-room='lobby']")
     wait_js(a, f"{PEOPLE}.join() === 'alice'", "bob gone from presence")
     missed = [f"while you were away {i}" for i in range(3)]
     for text in missed:
