@@ -8,6 +8,7 @@ key and value, so a typo in a config file fails loudly instead of being ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
@@ -507,9 +508,12 @@ def env_name(setting: str) -> str:
     return "FASTIM_" + setting.upper()
 
 
-def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
+def load_env(environ: Mapping[str, str], unknown: list[str] | None = None) -> dict[str, Any]:
     """Settings from ``FASTIM_<SETTING>`` variables, typed; raise ConfigError naming the
-    variable for a bad value or an unknown ``FASTIM_*`` name (a typo must not pass)."""
+    variable for a bad value. An unknown ``FASTIM_*`` name is an error too (a typo must
+    not pass ``fastim config check``), unless ``unknown`` is a list: then it is noted
+    there and skipped (``fastim serve``: wrappers and images set variables of their own,
+    ``FASTIM_BIN``, ``FASTIM_HOME``, which must not stop the node)."""
     by_env = {env_name(f.name): f for f in fields(Config) if not f.metadata.get("file_only")}
     out: dict[str, Any] = {}
     for key, raw in environ.items():
@@ -517,9 +521,12 @@ def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         f = by_env.get(key)
         if f is None:
-            raise ConfigError(
-                f"{key}: no such setting (settings are FASTIM_<NAME>, e.g. FASTIM_TCP_PORT)"
-            )
+            close = difflib.get_close_matches(key, by_env, n=1)
+            hint = f"did you mean {close[0]}?" if close else "settings are FASTIM_<NAME>"
+            if unknown is None:
+                raise ConfigError(f"{key}: no such setting ({hint})")
+            unknown.append(f"{key}: no such setting, ignored ({hint})")
+            continue
         typ = str(f.type)
         try:
             out[f.name] = int(raw) if typ == "int" else float(raw) if typ == "float" else raw
@@ -534,15 +541,20 @@ def build(path: str | Path | None = None, **overrides: Any) -> Config:
 
 
 def load(
-    path: str | Path | None, environ: Mapping[str, str] | None, overrides: Mapping[str, Any]
+    path: str | Path | None,
+    environ: Mapping[str, str] | None,
+    overrides: Mapping[str, Any],
+    unknown_env: list[str] | None = None,
 ) -> Config:
     """Defaults, then the file at ``path``, then ``FASTIM_*`` variables of ``environ``
-    (when given), then ``overrides`` (None values ignored): later wins. Validated."""
+    (when given), then ``overrides`` (None values ignored): later wins. Validated.
+    ``unknown_env``: see :func:`load_env` (a list collects unknown variables instead of
+    refusing them)."""
     values: dict[str, Any] = {}
     if path is not None:
         values.update(load_file(path))
     if environ is not None:
-        values.update(load_env(environ))
+        values.update(load_env(environ, unknown_env))
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = Config(**values)

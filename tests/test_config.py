@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -151,3 +152,43 @@ def test_serve_without_its_store_exits_with_a_clear_message() -> None:
     assert r.returncode == 1
     assert "cannot open the store" in r.stderr and "Traceback" not in r.stderr
     assert "pw" not in r.stderr.replace("pwd", "")
+
+
+# --------------------------------------------------------------------------- P8: operator
+
+
+def test_unknown_environment_variable_is_a_warning_at_start(
+    monkeypatch: pytest.MonkeyPatch, node_process: Any
+) -> None:
+    """Wrappers and images set FASTIM_* variables of their own: a node starts anyway,
+    and says which setting a typo was probably meant to be."""
+    monkeypatch.setenv("FASTIM_BIN", "/usr/bin/x")
+    monkeypatch.setenv("FASTIM_PING_INTERVALL", "3")
+    p = node_process()
+    log = "".join(p.log)
+    assert "FASTIM_BIN: no such setting, ignored" in log
+    assert (
+        "FASTIM_PING_INTERVALL: no such setting, ignored (did you mean FASTIM_PING_INTERVAL?)"
+        in log
+    )
+    assert p.terminate() == 0
+
+
+def test_unknown_environment_variable_fails_config_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("tcp_port = 7070\n")
+    monkeypatch.setenv("FASTIM_TCP_PROT", "1")
+    assert main(["config", "check", str(good)]) == 2
+    err = capsys.readouterr().err
+    assert "FASTIM_TCP_PROT: no such setting (did you mean FASTIM_TCP_PORT?)" in err
+
+
+def test_known_environment_variable_with_a_bad_value_still_stops_the_node(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FASTIM_BIN", "/usr/bin/x")  # only a warning...
+    monkeypatch.setenv("FASTIM_TCP_PORT", "seventy")  # ...but this is an error
+    assert main(["serve"]) == 2
+    assert "FASTIM_TCP_PORT: expected int, got 'seventy'" in capsys.readouterr().err
