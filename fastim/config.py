@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import ipaddress
 import os
 import re
@@ -384,6 +385,8 @@ class Config:
     def _validate_store(self) -> None:
         if self.store not in ("memory", "sqlite", "redis"):
             raise ConfigError(f"store: must be memory, sqlite or redis, got {self.store!r}")
+        if self.store == "redis":
+            _need_extra("redis", "store", "the redis store", "redis")
         if not self.store_path:
             raise ConfigError("store_path: must not be empty")
         if self.sqlite_synchronous not in ("normal", "full"):
@@ -423,6 +426,8 @@ class Config:
             parse_endpoints(self.etcd_endpoints)
         except ValueError as e:
             raise ConfigError(f"etcd_endpoints: {e}") from None
+        if self.etcd_endpoints:
+            _need_extra("aetcd", "etcd_endpoints", "a cluster (etcd)", "cluster")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.cluster_name):
             raise ConfigError(
                 "cluster_name: 1-64 letters, digits, '.', '_' or '-', starting with a letter "
@@ -480,6 +485,21 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+
+def _need_extra(module: str, setting: str, what: str, extra: str) -> None:
+    """ConfigError naming ``setting`` and the pip command when an optional dependency
+    (an extra of the fastim package) is not installed: found by name, not imported, so
+    ``fastim config check`` catches it as fast as a start does."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(
+            f"{setting}: {what} needs the {module} package, which is not installed: "
+            f"pip install 'fastim[{extra}]'"
+        )
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

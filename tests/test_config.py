@@ -192,3 +192,67 @@ def test_known_environment_variable_with_a_bad_value_still_stops_the_node(
     monkeypatch.setenv("FASTIM_TCP_PORT", "seventy")  # ...but this is an error
     assert main(["serve"]) == 2
     assert "FASTIM_TCP_PORT: expected int, got 'seventy'" in capsys.readouterr().err
+
+
+def _fastim_without(module: str, *argv: str, timeout: float = 30) -> Any:
+    """Run ``fastim ARGV`` in a real process in which ``module`` cannot be imported (as
+    when an extra was not installed): returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "from fastim.cli import main\n"
+        f"raise SystemExit(main({list(argv)!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=timeout,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "setting", "extra"),
+    [
+        ("redis", ["--store", "redis"], "store", "fastim[redis]"),
+        ("aetcd", ["--etcd-endpoints", "127.0.0.1:1"], "etcd_endpoints", "fastim[cluster]"),
+    ],
+)
+def test_a_missing_extra_is_one_line_at_start(
+    module: str, args: list[str], setting: str, extra: str
+) -> None:
+    import time
+
+    from server._support import free_port
+
+    t0 = time.monotonic()
+    r = _fastim_without(
+        module, "serve", "--tcp-port", str(free_port()), "--ws-port", "0", *args
+    )
+    assert time.monotonic() - t0 < 8  # at once, not after an etcd timeout
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr  # no traceback
+    assert f"{setting}:" in lines[0] and f"pip install '{extra}'" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("module", "text", "setting", "extra"),
+    [
+        ("redis", 'store = "redis"\n', "store", "fastim[redis]"),
+        ("aetcd", 'etcd_endpoints = "10.0.0.1:2379"\n', "etcd_endpoints", "fastim[cluster]"),
+    ],
+)
+def test_config_check_refuses_a_missing_extra(
+    tmp_path: Path, module: str, text: str, setting: str, extra: str
+) -> None:
+    p = tmp_path / "f.toml"
+    p.write_text(text)
+    r = _fastim_without(module, "config", "check", "-q", str(p))
+    assert r.returncode == 2, r.stderr
+    assert f"{setting}:" in r.stderr and f"pip install '{extra}'" in r.stderr
+    assert "Traceback" not in r.stderr
+    # and with the module there, the same file passes
+    ok = _fastim_without("no_such_module_anyway", "config", "check", "-q", str(p))
+    assert ok.returncode == 0, ok.stderr
