@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import os
 import re
 import ssl
 import time
@@ -273,10 +274,15 @@ def tls_server_context(cfg: Config) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # each file checked by name first: load_cert_chain's FileNotFoundError names neither
+    for name in ("tls_cert", "tls_key"):
+        path = getattr(cfg, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"{name}: no such file: {path!r}")
     try:
         ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     except FileNotFoundError as e:
-        raise ValueError(f"tls_cert/tls_key: no such file: {e.filename}") from None
+        raise ValueError(f"tls_cert/tls_key: no such file: {e.filename!r}") from None
     except (ssl.SSLError, OSError) as e:
         raise ValueError(
             f"tls_cert/tls_key: cannot load {cfg.tls_cert} with {cfg.tls_key}: {e}"
@@ -285,7 +291,7 @@ def tls_server_context(cfg: Config) -> ssl.SSLContext | None:
         try:
             ctx.load_verify_locations(cafile=cfg.tls_client_ca)
         except FileNotFoundError:
-            raise ValueError(f"tls_client_ca: no such file: {cfg.tls_client_ca}") from None
+            raise ValueError(f"tls_client_ca: no such file: {cfg.tls_client_ca!r}") from None
         except (ssl.SSLError, OSError) as e:
             raise ValueError(f"tls_client_ca: cannot load {cfg.tls_client_ca}: {e}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED

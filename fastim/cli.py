@@ -214,7 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("fastim: cannot join the cluster: %s", e)
         return 1
     except OSError as e:
-        log.error("fastim: cannot listen: %s", e)
+        log.error("fastim: cannot listen: %s", e.strerror or e)
         return 1
     return 0
 

@@ -297,6 +297,7 @@ class Config:
                 raise ConfigError(
                     f"{f.name}: expected {f.type}, got {type(value).__name__} {value!r}"
                 )
+        _check_host(self.host)
         for name in ("tcp_port", "ws_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
@@ -485,6 +486,29 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+
+def _check_host(host: str) -> None:
+    """``host`` must be an IP address, '' (every address), or a name this machine resolves:
+    else ConfigError naming it (``fastim config check`` must catch what bind would refuse)."""
+    if host == "":
+        return
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+", host) or ":" in host:
+        # 999.1.1.1, 10.0.0 (which getaddrinfo would read as 10.0.0.0), a bad IPv6 address
+        raise ConfigError(f"host: {host!r} is not a valid IP address")
+    if len(host) > 253 or any(c.isspace() or not c.isprintable() for c in host):
+        raise ConfigError(f"host: {host!r} is neither an IP address nor a host name")
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise ConfigError(
+            f"host: {host!r} is neither an IP address nor a name this machine resolves ({e})"
+        ) from None
 
 
 def _need_extra(module: str, setting: str, what: str, extra: str) -> None:

@@ -9,8 +9,10 @@ bounded time, drop the rest).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import os
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -109,25 +111,11 @@ class Node:
         tls_args["start_serving"] = False
         try:
             if cfg.tcp_port:
-                srv = await loop.create_server(
-                    lambda: TcpSession(self),
-                    cfg.host,
-                    cfg.tcp_port,
-                    backlog=cfg.backlog,
-                    reuse_address=True,
-                    **tls_args,
-                )
+                srv = await self._listen("tcp_port", lambda: TcpSession(self), tls_args)
                 self._servers.append(srv)
                 self.tcp_port = srv.sockets[0].getsockname()[1]
             if cfg.ws_port:
-                srv = await loop.create_server(
-                    lambda: WsSession(self),
-                    cfg.host,
-                    cfg.ws_port,
-                    backlog=cfg.backlog,
-                    reuse_address=True,
-                    **tls_args,
-                )
+                srv = await self._listen("ws_port", lambda: WsSession(self), tls_args)
                 self._servers.append(srv)
                 self.ws_port = srv.sockets[0].getsockname()[1]
             if cfg.etcd_endpoints:
@@ -155,6 +143,28 @@ class Node:
             raise
         self.wheel.start()
         log.info("fastim node %s listening: %s", cfg.node_id, " ".join(self.urls()))
+
+    async def _listen(
+        self, setting: str, factory: Any, tls_args: dict[str, Any]
+    ) -> asyncio.Server:
+        """Bind the listener of ``setting`` (tcp_port, ws_port) on ``host``; a failure is
+        an OSError that names both settings and the address, for the operator."""
+        cfg = self.config
+        port = getattr(cfg, setting)
+        try:
+            return await asyncio.get_running_loop().create_server(
+                factory, cfg.host, port, backlog=cfg.backlog, reuse_address=True, **tls_args
+            )
+        except OSError as e:
+            host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+            why = {
+                errno.EADDRINUSE: f"another process listens there: change {setting}",
+                errno.EADDRNOTAVAIL: "no interface of this machine has that address: change host",
+                errno.EACCES: "ports below 1024 need privileges (CAP_NET_BIND_SERVICE)",
+            }.get(e.errno or 0, "")
+            what = os.strerror(e.errno) if e.errno else str(e)
+            msg = f"{setting} {port} on host {cfg.host!r}: {host}:{port}: {what}"
+            raise OSError(e.errno, msg + (f" ({why})" if why else "")) from e
 
     def urls(self) -> list[str]:
         cfg = self.config

@@ -256,3 +256,67 @@ def test_config_check_refuses_a_missing_extra(
     # and with the module there, the same file passes
     ok = _fastim_without("no_such_module_anyway", "config", "check", "-q", str(p))
     assert ok.returncode == 0, ok.stderr
+
+
+def test_a_missing_tls_file_names_the_setting_and_the_path(tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("not used")
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not used")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"tls_cert": "/nonexistent/cert.pem", "tls_key": str(key)},
+         "tls_cert: no such file: '/nonexistent/cert.pem'"),
+        ({"tls_cert": str(cert), "tls_key": "/nonexistent/key.pem"},
+         "tls_key: no such file: '/nonexistent/key.pem'"),
+    ]  # fmt: skip
+    for settings, needle in cases:
+        with pytest.raises(ConfigError) as e:
+            Config(**settings).validate()
+        assert needle in str(e.value)
+        assert "None" not in str(e.value)
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "10.0.0", "no-such-host.invalid", "a b"])
+def test_config_check_refuses_a_host_that_is_no_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    p = tmp_path / "f.toml"
+    p.write_text("")
+    monkeypatch.setenv("FASTIM_HOST", host)
+    assert main(["config", "check", "-q", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"host: {host!r}" in err
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "0.0.0.0", "::", "", "localhost"])
+def test_hosts_that_are_addresses_pass(host: str) -> None:
+    assert Config(host=host).validate().host == host
+
+
+def test_a_listen_failure_names_the_setting_and_the_address() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fastim", "serve", *args],
+            capture_output=True, text=True, timeout=60, cwd=root,
+        )  # fmt: skip
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = serve("--tcp-port", "0", "--ws-port", str(port))
+        assert r.returncode == 1, r.stderr
+        assert f"ws_port {port}" in r.stderr and f"127.0.0.1:{port}" in r.stderr
+        assert "in use" in r.stderr and "Traceback" not in r.stderr
+        r = serve("--tcp-port", str(port), "--ws-port", "0")
+        assert r.returncode == 1 and f"tcp_port {port}" in r.stderr, r.stderr
+    # 192.0.2.1 (TEST-NET-1) is an address, but no interface of this machine has it
+    r = serve("--host", "192.0.2.1", "--tcp-port", "0", "--ws-port", str(port))
+    assert r.returncode == 1, r.stderr
+    assert "host '192.0.2.1'" in r.stderr and "Traceback" not in r.stderr
