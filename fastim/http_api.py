@@ -140,25 +140,15 @@ class HttpApi:
     def handle(self, session: WsSession, method: bytes, path: bytes) -> None:
         """Answer one complete request to an ``/api/`` path (now, or when its work is done)."""
         route = path.decode("latin-1")
-        label = route if route in _ROUTES else "other"
-        if not self.enabled:
-            self._reply(session, "other", ApiError(404, "the HTTP API is off (no api_key)"))
+        label = self._label(route)
+        refusal = self._gate(session.headers, method, route)
+        if refusal is not None:
+            self._reply(session, label, refusal)
             return
         spec = _ROUTES.get(route)
         if spec is not None and spec[1] == "openapi" and method == b"GET":
             self._count(label, 200)
             session.http_send(200, self._openapi, JSON)
-            return
-        if not self._authorized(session.headers):
-            self._reply(
-                session,
-                label,
-                ApiError(
-                    401,
-                    "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
-                    headers=b'WWW-Authenticate: Bearer realm="fastim"\r\n',
-                ),
-            )
             return
         try:
             if spec is None:
@@ -179,6 +169,41 @@ class HttpApi:
         task = asyncio.ensure_future(self._run(session, label, handler, Request(query, body)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _label(self, route: str) -> str:
+        """The ``route`` label of fastim_api_requests_total: a known route, or "other"."""
+        return route if self.enabled and route in _ROUTES else "other"
+
+    def _gate(self, headers: dict[bytes, bytes], method: bytes, route: str) -> ApiError | None:
+        """What the head alone decides, before any body: 404 with the API off, 401
+        without the right key (every path but the OpenAPI document's)."""
+        if not self.enabled:
+            return ApiError(404, "the HTTP API is off (no api_key)")
+        if route == "/api/openapi.json" and method == b"GET":
+            return None
+        if not self._authorized(headers):
+            return ApiError(
+                401,
+                "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
+                headers=b'WWW-Authenticate: Bearer realm="fastim"\r\n',
+            )
+        return None
+
+    def gate(
+        self, headers: dict[bytes, bytes], method: bytes, path: bytes
+    ) -> tuple[int, str, bytes] | None:
+        """For the transport, once a request's head is complete: None to go on (read the
+        body, then :meth:`handle`), or the answer to give at once (:meth:`refuse`)."""
+        e = self._gate(headers, method, path.decode("latin-1"))
+        return None if e is None else (e.status, e.message, e.headers)
+
+    def refuse(
+        self, session: WsSession, path: bytes, status: int, message: str, headers: bytes = b""
+    ) -> None:
+        """Answer an ``/api/`` request the transport refused (401 or 404 from
+        :meth:`gate`, 413 for a body over max_message, 431): JSON, and counted."""
+        label = self._label(path.decode("latin-1"))
+        self._reply(session, label, ApiError(status, message, headers=headers))
 
     async def _run(self, session: WsSession, label: str, handler: Handler, req: Request) -> None:
         try:
@@ -328,17 +353,19 @@ class HttpApi:
             store = self.node.store
             assert store is not None
             try:
-                hist = await store.read(name, since, limit, ns.limits)
+                # peek, not read: a read must not give a channel that never existed an
+                # epoch (nor keep it in the store)
+                hist = await store.peek(name, since, limit, ns.limits)
             except StoreError as e:
                 hub.store_errors += 1
                 raise ApiError(503, str(e), code=ErrorCode.STORE_UNAVAILABLE) from None
+            if hist is None:
+                return _no_history(name)
             epoch, top, msgs = hist.epoch, hist.top, hist.messages
         else:
-            try:
-                ch = hub.channel(name)  # as a subscribe would: its epoch then stays
-            except HubError as e:
-                raise ApiError(_status_of(e.code), e.reason, code=e.code) from None
-            assert ch is not None
+            ch = hub.channel(name, create=False)  # a read creates no channel
+            if ch is None:
+                return _no_history(name)
             epoch, top = ch.epoch, ch.offset
             msgs = []
             h = ch.history
@@ -389,6 +416,12 @@ class HttpApi:
         if len(data) > limit:
             raise ApiError(413, f'field "data" is {len(data)} bytes, over max_message', "data")
         return data
+
+
+def _no_history(name: str) -> dict[str, Any]:
+    """The history of a channel that does not exist (never published to, or forgotten):
+    empty, and no epoch, since none was made; its first publish will make one."""
+    return {"channel": name, "epoch": "", "top": 0, "messages": []}
 
 
 def _channel(value: object, field: str) -> str:
@@ -578,7 +611,7 @@ OPENAPI: dict[str, Any] = {
                 ],
                 "responses": {
                     "200": _ok("epoch, latest offset and messages, oldest first", _S + "History"),
-                    **_errors(400, 401, 429, 503),
+                    **_errors(400, 401, 503),
                 },
             }
         },
@@ -727,7 +760,11 @@ OPENAPI: dict[str, Any] = {
                 "required": ["channel", "epoch", "top", "messages"],
                 "properties": {
                     "channel": {"type": "string"},
-                    "epoch": {"type": "string"},
+                    "epoch": {
+                        "type": "string",
+                        "description": "'' for a channel that does not exist (a read "
+                        "creates none)",
+                    },
                     "top": {"type": "integer", "description": "the channel's latest offset"},
                     "messages": {
                         "type": "array",

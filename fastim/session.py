@@ -720,7 +720,7 @@ class Session(asyncio.Protocol):
             )
         self.identity = identity
         TokenExpiry(self, identity)
-        self.send(replies.obj({"op": "refreshed", "exp": identity.expires}, req_id))
+        self.send(replies.obj({"op": "refreshed", "exp": int(identity.expires)}, req_id))
 
     def login(self, token: str) -> bool:
         """Authenticate with a token given at the WebSocket upgrade (``?token=``).

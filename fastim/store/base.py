@@ -223,6 +223,17 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def peek(
+        self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None
+    ) -> History | None:
+        """What :meth:`read` returns, for a channel that exists; else None, creating nothing.
+
+        For readers from outside (the server HTTP API's history): looking at a channel
+        that was never published to, or was forgotten after ``meta_ttl``, must not give
+        it an epoch (nor keep it in the store).
+        """
+
+    @abc.abstractmethod
     async def state(self, channel: str, limits: HistoryLimits | None = None) -> ChannelState:
         """The channel's epoch and top; creates the epoch of a channel never seen before."""
 

@@ -281,7 +281,9 @@ class WsSession(Session):
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
         self.n_headers = 0
-        self.reject: tuple[int, str] | None = None
+        #: an answer decided while parsing (status, reason, extra header lines), sent once
+        #: the parser stops: 431, 413, and under /api/ a 401 or 404 from the head alone
+        self.reject: tuple[int, str, bytes] | None = None
         self.request_done = False
         #: None until the request head is complete; then the body (plain requests: /api/)
         self.body: bytes | bytearray | None = None
@@ -299,7 +301,7 @@ class WsSession(Session):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.n_headers += 1
         if self.n_headers > MAX_HEADERS:
-            self.reject = (431, f"more than {MAX_HEADERS} headers")
+            self.reject = (431, f"more than {MAX_HEADERS} headers", b"")
             return
         key = name.lower()
         if key in self.headers:
@@ -310,9 +312,21 @@ class WsSession(Session):
     def on_headers_complete(self) -> None:
         # from here on bytes are body: limited by max_message (413), not the head limit
         self.body = b""
+        path = self._path()
+        if self.reject is None and path.startswith(b"/api/"):
+            # the API key before anything about the body: a caller without it learns
+            # nothing, not even the size limit (docs/api.md: 401 first, whatever the path)
+            assert self.http is not None
+            self.reject = self.node.api.gate(self.headers, self.http.get_method(), path)
+            if self.reject is not None:
+                return
         cl = self.headers.get(b"content-length", b"").strip()
         if cl.isdigit() and int(cl) > self.config.max_message:
-            self.reject = (413, f"request body over max_message ({self.config.max_message} bytes)")
+            self.reject = (
+                413,
+                f"request body over max_message ({self.config.max_message} bytes)",
+                b"",
+            )
         elif self.reject is None and self.headers.get(b"expect", b"").lower() == b"100-continue":
             assert self.transport is not None
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -322,7 +336,11 @@ class WsSession(Session):
         if self.reject is not None or buf is None:
             return
         if len(buf) + len(body) > self.config.max_message:
-            self.reject = (413, f"request body over max_message ({self.config.max_message} bytes)")
+            self.reject = (
+                413,
+                f"request body over max_message ({self.config.max_message} bytes)",
+                b"",
+            )
             return
         if not isinstance(buf, bytearray):
             buf = self.body = bytearray()
@@ -357,7 +375,7 @@ class WsSession(Session):
             self.http.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             if self.reject is not None:
-                self.http_reply(*self.reject)
+                self._send_reject()
                 return
             offset = e.args[0] if e.args else len(data)
             self._upgrade(data[offset:])
@@ -366,11 +384,20 @@ class WsSession(Session):
             self.http_reply(400, f"malformed HTTP request: {e}")
             return
         if self.reject is not None:
-            self.http_reply(*self.reject)
+            self._send_reject()
         elif self.request_done:
             self._plain_request()
         elif self.body is None and self.head_bytes > MAX_REQUEST_HEAD:
             self.http_reply(431, f"request head over {MAX_REQUEST_HEAD} bytes")
+
+    def _send_reject(self) -> None:
+        assert self.reject is not None
+        status, reason, extra = self.reject
+        path = self._path()
+        if path.startswith(b"/api/"):
+            self.node.api.refuse(self, path, status, reason, extra)  # counted per route
+        else:
+            self.http_reply(status, reason, extra)
 
     def http_reply(self, status: int, body: str, extra: bytes = b"") -> None:
         """Answer a plain HTTP request and close the connection: text, JSON under /api/."""

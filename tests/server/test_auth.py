@@ -687,3 +687,23 @@ def test_auth_failed_closes_with_4501() -> None:
     assert e.code == ErrorCode.AUTH_FAILED and e.close_code == CloseCode.AUTH_FAILED
     assert ErrorCode.AUTH_FAILED.fatal and not ErrorCode.PERMISSION_DENIED.fatal
     assert not CloseCode.should_reconnect(CloseCode.AUTH_FAILED)
+
+
+async def test_refreshed_exp_is_an_integer(node_factory: Any) -> None:
+    """docs/security.md shows ``{"op":"refreshed","exp":<the new exp>}`` with the token's
+    exp as an integer (Unix seconds), whatever the token held (a NumericDate may have a
+    fraction): never 1767225600.0."""
+    node = await node_factory(jwt_secret=SECRET)
+    async with deadline(10):
+        ws = await WsClient.connect(node.ws_port, f"/ws?token={token(ttl=60)}")
+        exp = int(time.time()) + 120
+        for claim in (exp, exp + 0.75):
+            fresh = jwt.encode({"sub": "alice", "exp": claim}, SECRET, algorithm="HS256")
+            reply = await ws.request({"op": "refresh", "token": fresh}, "refreshed")
+            assert isinstance(reply["exp"], int) and reply["exp"] == exp, reply
+        c, _info = await tcp_login(node.tcp_port, token=token(ttl=60))
+        c.send(F.CMD, orjson.dumps({"op": "refresh", "token": token(ttl=60), "id": 5}))
+        raw = await c.expect(F.EVENT)
+        assert b'"exp":' in raw and isinstance(orjson.loads(raw)["exp"], int), raw
+        await c.close()
+        await ws.close()
