@@ -692,13 +692,18 @@ class WsSession(Session):
 
     def fail(self, err: ProtocolError, req_id: object = None) -> None:
         if isinstance(err, WebSocketError):
-            # framing is broken: no error message, just the close code RFC 6455 asks for
+            # framing is broken: just the close code RFC 6455 asks for...
             self.node.protocol_errors += 1
             if self.state >= CLOSING:
                 # broken framing while we wait for the peer's close: stop waiting (§7.1.7)
                 assert self.transport is not None
                 self.transport.close()
                 return
+            if err.ws_close_code == CloseCode.MESSAGE_TOO_BIG and self.mode != MODE_ECHO:
+                # ...but a message over max_message left the framing intact: error 103
+                # first, in the connection's format, as over TCP (docs/configuration.md).
+                # Not on the echo endpoint: conformance suites expect the close alone
+                self.send(self.replies.error(req_id, err.code, err.reason))
             self.close(err.ws_close_code, err.reason[:100])
             return
         super().fail(err, req_id)
