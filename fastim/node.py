@@ -35,6 +35,15 @@ log = logging.getLogger("fastim")
 
 SWEEP_EVERY = 5.0  # seconds between sweeps of idle channels
 
+#: the plain HTTP endpoints of probes and scrapers (``GET`` only): the per-address client
+#: limits never refuse them (docs/operations.md, "Probes and the per-address limits")
+PROBE_PATHS = frozenset({b"/health", b"/ready", b"/metrics"})
+#: connections an address over its per-address limits may keep open while they send
+#: their request head (which tells a probe from a client); more are refused unread
+PROBE_HOLD = 16
+#: probes per second (burst twice that) an address over its per-address limits may make
+PROBE_RATE = 10.0
+
 
 class Node:
     """One fastim server process's worth of state."""
@@ -75,6 +84,10 @@ class Node:
         self._exempt_cache: dict[str, bool] = {}
         self._ip_conns: dict[str, int] = {}
         self._ip_buckets: dict[str, _core.TokenBucket] = {}
+        # an address over those limits: connections held until their request head
+        # shows a probe, and the probes' own rate (PROBE_HOLD, PROBE_RATE)
+        self._ip_held: dict[str, int] = {}
+        self._probe_buckets: dict[str, _core.TokenBucket] = {}
 
     async def start(self) -> None:
         from .transport import TcpSession, WsSession
@@ -225,8 +238,13 @@ class Node:
         finally:
             self._sweep_task = None
 
-    def admit(self, session: Session) -> tuple[int, str] | None:
-        """Per-address limits for a new connection: None, or (HTTP status, reason)."""
+    def admit(self, session: Session) -> tuple[int, str, str] | None:
+        """Per-address limits for a new connection: None, or (HTTP status, reason, address).
+
+        Applied at accept, so that connections that send nothing count too; on the
+        WebSocket/HTTP port a refused connection may still be a probe, which the
+        session tells from its request head (:meth:`hold`, :meth:`probe_admitted`).
+        """
         cfg = self.config
         if not cfg.max_connections_per_ip and not cfg.connect_rate_per_ip:
             return None
@@ -253,10 +271,10 @@ class Node:
             if bucket is None:
                 bucket = self._ip_buckets[ip] = _core.TokenBucket(rate, 2 * rate, self.wheel.now)
             if not bucket.take(self.wheel.now):
-                return 429, f"over {rate:g} new connections per second from {ip}"
+                return 429, f"over {rate:g} new connections per second from {ip}", ip
         n = self._ip_conns.get(ip, 0)
         if cfg.max_connections_per_ip and n >= cfg.max_connections_per_ip:
-            return 503, f"{ip} holds the maximum of {cfg.max_connections_per_ip} connections"
+            return 503, f"{ip} holds the maximum of {cfg.max_connections_per_ip} connections", ip
         self._ip_conns[ip] = n + 1
         session.ip = ip
         return None
@@ -268,18 +286,52 @@ class Node:
         else:
             self._ip_conns.pop(ip, None)
 
+    def hold(self, ip: str) -> bool:
+        """Keep a connection the per-address limits refused open until its request head
+        says whether it is a probe: at most PROBE_HOLD at once per address."""
+        n = self._ip_held.get(ip, 0)
+        if n >= PROBE_HOLD:
+            return False
+        self._ip_held[ip] = n + 1
+        return True
+
+    def unhold(self, ip: str) -> None:
+        n = self._ip_held.get(ip, 0) - 1
+        if n > 0:
+            self._ip_held[ip] = n
+        else:
+            self._ip_held.pop(ip, None)
+
+    def probe_allowed(self, ip: str) -> bool:
+        """A probe from an address over its client limits: within PROBE_RATE?"""
+        now = self.wheel.now
+        bucket = self._probe_buckets.get(ip)
+        if bucket is None:
+            bucket = self._probe_buckets[ip] = _core.TokenBucket(PROBE_RATE, 2 * PROBE_RATE, now)
+        return bucket.take(now)
+
+    def probe_admitted(self, session: Session) -> None:
+        """A connection the limits admitted turned out to be a probe: it no longer counts
+        among its address's connections, and its connect token is given back."""
+        ip = session.ip
+        if ip is None:
+            return
+        self.release(ip)
+        session.ip = None
+        bucket = self._ip_buckets.get(ip)
+        if bucket is not None and bucket.available <= bucket.burst - 1:
+            bucket.take(self.wheel.now, -1.0)
+
     def _prune_ip_buckets(self, now: float) -> None:
         """Forget connect-rate buckets that have refilled (an idle address costs nothing)."""
-        rate = self.config.connect_rate_per_ip
-        if not rate:
-            return
-        full = []
-        for ip, b in self._ip_buckets.items():
-            b.take(now, 0.0)  # refill up to now
-            if b.available >= b.burst:
-                full.append(ip)
-        for ip in full:
-            del self._ip_buckets[ip]
+        for buckets in (self._ip_buckets, self._probe_buckets):
+            full = []
+            for ip, b in buckets.items():
+                b.take(now, 0.0)  # refill up to now
+                if b.available >= b.burst:
+                    full.append(ip)
+            for ip in full:
+                del buckets[ip]
 
     def on_session_closed(self) -> None:
         if self._drained is not None and not self.sessions:

@@ -372,7 +372,9 @@ class Session(asyncio.Protocol):
         refusal = node.admit(self)
         if refusal is not None:
             self.refuse_limit(*refusal)
-            return
+            if self.state >= CLOSING:
+                return
+            # not refused yet (WebSocket/HTTP: it may be a probe): handshake_timeout as usual
         node.wheel.schedule(self, node.wheel.now + self.config.handshake_timeout)
 
     def _enable_direct_write(self) -> None:
@@ -427,8 +429,9 @@ class Session(asyncio.Protocol):
         """Called when the node is at max_connections; the transport closes."""
         self.close(CloseCode.GOING_AWAY, "node at its connection limit, try another")
 
-    def refuse_limit(self, status: int, reason: str) -> None:
-        """A per-address limit refused this connection (``status``: the HTTP answer)."""
+    def refuse_limit(self, status: int, reason: str, ip: str) -> None:
+        """A per-address limit refused this connection from ``ip`` (``status``: the HTTP
+        answer)."""
         self.node.limit_refusals += 1
         self.close(CloseCode.RATE_LIMITED, reason)
 

@@ -27,6 +27,7 @@ import orjson
 
 from .. import __version__, _core
 from ..errors import ProtocolError, WebSocketError
+from ..node import PROBE_PATHS, PROBE_RATE
 from ..protocol import CloseCode, ErrorCode
 from ..session import (
     CLIENT_TYPES_MASK,
@@ -264,6 +265,7 @@ class WsSession(Session):
         "head_bytes",
         "headers",
         "http",
+        "limited",
         "mode",
         "n_headers",
         "parser",
@@ -292,6 +294,9 @@ class WsSession(Session):
         self.close_sent = False
         #: messages to this client are compressed (permessage-deflate, full window)
         self.deflate = False
+        #: refused by a per-address limit (status, reason, address), answered once the
+        #: request head shows it is not a probe (node.PROBE_PATHS)
+        self.limited: tuple[int, str, str] | None = None
 
     # ------------------------------------------------------------------ httptools callbacks
 
@@ -313,6 +318,9 @@ class WsSession(Session):
         # from here on bytes are body: limited by max_message (413), not the head limit
         self.body = b""
         path = self._path()
+        assert self.http is not None
+        if self.reject is None and self._limits_refuse(self.http.get_method(), path):
+            return
         if self.reject is None and path.startswith(b"/api/"):
             # the API key before anything about the body: a caller without it learns
             # nothing, not even the size limit (docs/api.md: 401 first, whatever the path)
@@ -330,6 +338,28 @@ class WsSession(Session):
         elif self.reject is None and self.headers.get(b"expect", b"").lower() == b"100-continue":
             assert self.transport is not None
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _limits_refuse(self, method: bytes, path: bytes) -> bool:
+        """The per-address limits, now that the request head is in: a probe (GET /health,
+        /ready, /metrics) is never refused by the client limits (an address over them has
+        PROBE_RATE probes a second); anything else over them gets its 503 / 429 (True)."""
+        probe = method == b"GET" and path in PROBE_PATHS
+        limited = self.limited
+        if limited is None:
+            if probe:
+                self.node.probe_admitted(self)  # does not count among the clients
+            return False
+        self.limited = None
+        status, reason, ip = limited
+        node = self.node
+        node.unhold(ip)
+        if probe:
+            if node.probe_allowed(ip):
+                return False
+            status, reason = 429, f"over {PROBE_RATE:g} probes per second from {ip}"
+        node.limit_refusals += 1
+        self.reject = (status, reason, b"Retry-After: 1\r\n")
+        return True
 
     def on_body(self, body: bytes) -> None:
         buf = self.body
@@ -570,6 +600,13 @@ class WsSession(Session):
             self.ring.fmt = _core.FMT_WS_JSON_DEFLATE if self.deflate else _core.FMT_WS_JSON
 
     def on_handshake_timeout(self) -> None:
+        limited = self.limited
+        if limited is not None:  # over a per-address limit, and no request head in time
+            self.limited = None
+            self.node.unhold(limited[2])
+            self.node.limit_refusals += 1
+            self.http_reply(limited[0], limited[1], b"Retry-After: 1\r\n")
+            return
         if self.request_done:  # an API request still working (a store that does not answer)
             self.http_reply(503, f"not answered within {self.config.handshake_timeout:g}s")
             return
@@ -577,9 +614,20 @@ class WsSession(Session):
             400, f"no complete WebSocket upgrade within {self.config.handshake_timeout:g}s"
         )
 
-    def refuse_limit(self, status: int, reason: str) -> None:
+    def refuse_limit(self, status: int, reason: str, ip: str) -> None:
+        if self.http is not None and self.node.hold(ip):
+            # it may be a probe, which the client limits must not refuse: decided when
+            # its request head is in (_limits_refuse), within handshake_timeout
+            self.limited = (status, reason, ip)
+            return
         self.node.limit_refusals += 1
         self.http_reply(status, reason, b"Retry-After: 1\r\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.limited is not None:
+            self.node.unhold(self.limited[2])
+            self.limited = None
+        super().connection_lost(exc)
 
     def refuse_overload(self) -> None:
         self.http_reply(503, "node at its connection limit, try another", b"Retry-After: 1\r\n")
