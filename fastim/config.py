@@ -201,11 +201,15 @@ class Config:
         metadata={"help": "PEM CA file: clients must present a certificate it signed ('' = no)"},
     )
     store: str = field(
-        default="memory",
-        metadata={"help": "where history and inboxes live: memory, sqlite or redis"},
+        default="sqlite",
+        metadata={
+            "help": "where history and inboxes live: sqlite (durable, the default), memory "
+            "(volatile: a restart loses them) or redis (shared by a cluster)"
+        },
     )
     store_path: str = field(
-        default="fastim.db", metadata={"help": "sqlite store: database file (created if missing)"}
+        default="fastim.db",
+        metadata={"help": "sqlite store: database file, relative to the working directory"},
     )
     sqlite_synchronous: str = field(
         default="normal",

@@ -571,7 +571,9 @@ class WsSession(Session):
             error = e
         try:
             for opcode, payload in events:
-                if self.state >= CLOSING and opcode != _core.OP_CLOSE:
+                if (
+                    self.state >= CLOSING or self.closing_after is not None
+                ) and opcode != _core.OP_CLOSE:
                     continue  # after our close frame only the peer's close matters (§5.5.1)
                 self._ws_event(opcode, payload)
             if error is not None:
@@ -616,12 +618,12 @@ class WsSession(Session):
                     # the frames before the bad bytes were valid: answer them, then fail
                     for ftype, fpayload in e.frames:
                         self.handle_frame(ftype, fpayload)
-                        if self.state >= CLOSING:
+                        if self.state >= CLOSING or self.closing_after is not None:
                             return
                     raise
                 for ftype, fpayload in frames:
                     self.handle_frame(ftype, fpayload)
-                    if self.state >= CLOSING:
+                    if self.state >= CLOSING or self.closing_after is not None:
                         return
                 if decoder.buffered:
                     raise ProtocolError(
