@@ -209,6 +209,13 @@ class Config:
             "'*' = any ('' = only the node's own origin)"
         },
     )
+    static_allowed_origins: str = field(
+        default="*",
+        metadata={
+            "help": "origins whose pages may import /fastim.js (CORS): '*' = any, '' = only "
+            "the node's own, or patterns as allowed_origins"
+        },
+    )
     store: str = field(
         default="memory",
         metadata={"help": "where history and inboxes live: memory, sqlite or redis"},
@@ -381,8 +388,8 @@ class Config:
         return self
 
     def _origins_as_strings(self) -> None:
-        """allowed_origins may be a TOML array: joined with ','."""
-        for name in ("allowed_origins",):
+        """allowed_origins and static_allowed_origins may be TOML arrays: joined with ','."""
+        for name in ("allowed_origins", "static_allowed_origins"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 if not all(isinstance(v, str) for v in value):
@@ -393,7 +400,7 @@ class Config:
         """Origin patterns (fastim/transport/origin.py): the entry that does not parse."""
         from .transport.origin import OriginPolicy
 
-        for name in ("allowed_origins",):
+        for name in ("allowed_origins", "static_allowed_origins"):
             try:
                 OriginPolicy(getattr(self, name))
             except ValueError as e:

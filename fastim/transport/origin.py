@@ -11,7 +11,12 @@ A request without ``Origin`` (the Python SDK, ``websockets``, curl, fastim.js un
 Node) is not from a browser page and is not concerned. :func:`refuse_cross_origin` is
 the one check; any later browser-reachable stream (SSE, HTTP streaming) calls it too.
 
-Patterns (comma-separated or a TOML array)::
+**Static files (``static_allowed_origins``).** ``/fastim.js`` is public code: by default
+it is served with ``Access-Control-Allow-Origin: *`` so that a page of another origin may
+``import`` it (module scripts are fetched with CORS). ``*`` admits no credentials, and
+hiding a public file protects nothing; who may *connect* is decided at the WebSocket.
+
+Patterns (both settings, comma-separated or a TOML array)::
 
     *                          every origin (logged as a warning at start)
     https://app.example.com    exactly this origin: scheme, host, and the port (here the
@@ -208,10 +213,11 @@ def same_origin(origin: str, host: str | None) -> bool:
 
 
 class Origins:
-    """A node's policy, and the refusals counted for ``/metrics``."""
+    """A node's two policies, and the refusals counted for ``/metrics``."""
 
     def __init__(self, config: Config) -> None:
         self.websocket = OriginPolicy(config.allowed_origins)
+        self.static = OriginPolicy(config.static_allowed_origins)
         #: upgrades refused for their Origin (fastim_origin_refused_total)
         self.refused = 0
         self._logged: set[str] = set()
@@ -248,6 +254,17 @@ class Origins:
             f"cross-origin request refused: Origin {shown} is not this node's origin "
             "and not in allowed_origins"
         )
+
+    def static_headers(self, origin: bytes | None) -> bytes:
+        """The CORS headers of a public static file (``/fastim.js``) for this request."""
+        policy = self.static
+        if policy.any:
+            return b"Access-Control-Allow-Origin: *\r\n"
+        if policy.empty:
+            return b""
+        if origin is not None and policy.allows(origin.decode("latin-1")):
+            return b"Access-Control-Allow-Origin: " + origin.strip() + b"\r\nVary: Origin\r\n"
+        return b"Vary: Origin\r\n"
 
 
 def refuse_cross_origin(session: WsSession) -> bool:

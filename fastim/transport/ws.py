@@ -61,6 +61,7 @@ _STATUS = {
     500: b"Internal Server Error",
     503: b"Service Unavailable",
     200: b"OK",
+    204: b"No Content",
     301: b"Moved Permanently",
     304: b"Not Modified",
 }
@@ -397,7 +398,7 @@ class WsSession(Session):
         )
         self.http = None
         self.state = CLOSING
-        if status == 304:  # no body, and no Content-Length that would describe one
+        if status in (204, 304):  # no body, and no Content-Length that would describe one
             tail = b"Connection: close\r\n\r\n"
         else:
             tail = b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload

@@ -6,20 +6,32 @@ another port of 127.0.0.1: another origin than the node's), against a real node 
 1. A page of another origin that opens a WebSocket to the node is refused (HTTP 403,
    counted) by default, and connects once its origin is in ``allowed_origins``.
 2. The node's own demo page connects with the default settings (same origin).
+3. The cross-origin example of docs/client.md (read from the doc itself, so the doc and
+   the test cannot drift: only the node's port and the page's origin are substituted)
+   runs as written, with the node started by the doc's own command: it imports
+   /fastim.js from the node (CORS), subscribes, publishes, receives its message, sends
+   a direct message and reads presence. With ``static_allowed_origins = ""`` Chromium
+   blocks that import.
 """
 
 from __future__ import annotations
 
+import re
+import shlex
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import Browser, console_errors
+from .conftest import WAIT, Browser, console_errors
 from .test_demo_chromium import login, wait_js
+
+CLIENT_MD = Path(__file__).resolve().parents[2] / "docs" / "client.md"
 
 #: before the page's own scripts: what it logs and what goes wrong, kept for the test
 INSTRUMENT = """<script>
@@ -133,3 +145,84 @@ def test_the_nodes_own_demo_page_connects_by_default(
     login(d, f"http://127.0.0.1:{node.ws_port}", "dora")
     assert origin_refused(node.ws_port) == 0
     assert console_errors(d) == []
+
+
+# ----------------------------------------------------------------------------- the doc
+
+
+def doc_example() -> tuple[list[str], str]:
+    """From docs/client.md's Browser section: the node's flags of its ``fastim serve``
+    command and the page's ``<script type="module">`` block, as written."""
+    text = CLIENT_MD.read_text()
+    section = text[text.index("\n## Browser\n") :]
+    sh = re.search(r"```sh\n(.*?)```", section, re.S)
+    html = re.search(r"```html\n(.*?)```", section, re.S)
+    assert sh is not None and html is not None, "docs/client.md: the Browser example moved"
+    assert sh.start() < html.start()
+    command = shlex.split(sh.group(1), comments=True)
+    assert command[:2] == ["fastim", "serve"] and "--allowed-origins" in command, command
+    return command[2:], html.group(1)
+
+
+DOC_NODE = "127.0.0.1:7071"
+DOC_PAGE = "http://127.0.0.1:8000"
+
+
+def start_doc_page(node_process: Any, page_server: PageServer, *more: str) -> tuple[Any, Site]:
+    """The doc's node (its flags, the page's origin substituted) and the doc's page."""
+    flags, script = doc_example()
+    assert f'"http://{DOC_NODE}/fastim.js"' in script and DOC_PAGE in flags
+    site = page_server("")
+    node = node_process(*[site.origin if f == DOC_PAGE else f for f in flags], *more)
+    site.html = page(script.replace(DOC_NODE, f"127.0.0.1:{node.ws_port}"))
+    return node, site
+
+
+def test_the_docs_cross_origin_example_runs_as_written(
+    browser: Callable[[], Browser], node_process: Any, page_server: PageServer
+) -> None:
+    node, site = start_doc_page(node_process, page_server)
+    d = browser()
+    d.get(f"{site.origin}/")
+    # the example's last line logs the room's presence: everything before it worked
+    presence = wait_js(
+        d, "window.__log.find(([, x]) => x && x.ch === 'room:lobby' && 'count' in x)", "presence"
+    )
+    shown = {
+        k: presence[1].get(k) for k in ("ch", "count", "users")
+    }  # the doc's {ch, count, users}
+    assert shown == {"ch": "room:lobby", "count": 1, "users": ["alice"]}, presence
+    log = d.execute_script("return window.__log")
+    assert ["log", 1, {"text": "hi"}] in log  # onMessage: its own publish came back
+    assert not [e for e in log if e[0] == "warn"]  # no gap
+    assert d.execute_script("return window.__errors") == []
+    assert console_errors(d) == []
+    assert origin_refused(node.ws_port) == 0
+    # the direct message to bob was stored: bob's client gets it
+    got = d.execute_async_script(
+        f"""
+        const done = arguments[0];
+        import("http://127.0.0.1:{node.ws_port}/fastim.js").then((f) => {{
+          f.connect({{user: "bob", onDirect: (dm) => done([dm.seq, dm.from, dm.data])}});
+        }}, (e) => done("error: " + e));
+        """
+    )
+    assert got == [1, "alice", {"text": "psst"}]
+
+
+def test_without_cors_a_page_of_another_origin_cannot_import_the_client(
+    browser: Callable[[], Browser], node_process: Any, page_server: PageServer
+) -> None:
+    """What the example met before /fastim.js had CORS headers."""
+    node, site = start_doc_page(node_process, page_server, "--static-allowed-origins", "")
+    d = browser()
+    d.get(f"{site.origin}/")
+    errors: list[str] = []
+    for _ in range(int(WAIT / 0.1)):
+        errors = console_errors(d)
+        if errors:
+            break
+        time.sleep(0.1)
+    assert any("CORS" in e and "/fastim.js" in e for e in errors), errors
+    assert d.execute_script("return window.__log") == []
+    assert origin_refused(node.ws_port) == 0

@@ -7,7 +7,7 @@
    ``origin=``) gets 403 with its reason and is counted in /metrics; without ``Origin``
    (raw, ``websockets``, the SDK) and from the node's own origin it connects; a listed
    origin or pattern connects; ``*`` admits all with a warning; the HTTP API does not
-   look at Origin.
+   look at Origin; /fastim.js carries CORS headers as ``static_allowed_origins`` says.
 
 The browser side (a real page of another origin) is tests/browser/test_origin_chromium.py.
 """
@@ -179,7 +179,7 @@ def test_same_origin_is_host_and_port(scheme: str, host: str, port: int | None) 
 
 def test_the_default_admits_no_other_origin() -> None:
     cfg = Config().validate()
-    assert cfg.allowed_origins == ""
+    assert cfg.allowed_origins == "" and cfg.static_allowed_origins == "*"
     assert not OriginPolicy(cfg.allowed_origins).allows("http://127.0.0.1:8000")
 
 
@@ -197,6 +197,8 @@ def test_settings_from_toml_environment_and_flag(tmp_path: Path) -> None:
     _add_config_flags(parser)
     args = parser.parse_args(["--allowed-origins", "https://c.example.com"])
     assert load(as_string, env, vars(args)).allowed_origins == "https://c.example.com"
+    args = parser.parse_args(["--static-allowed-origins", ""])
+    assert load(None, {}, vars(args)).static_allowed_origins == ""
 
 
 @pytest.mark.parametrize(
@@ -208,6 +210,10 @@ def test_settings_from_toml_environment_and_flag(tmp_path: Path) -> None:
         ),
         ('allowed_origins = ["https://*.com"]', "allowed_origins: 'https://*.com': '*.' must"),
         ("allowed_origins = [1]", "allowed_origins: expected a list of strings"),
+        (
+            'static_allowed_origins = "https://x.example.com/js"',
+            "static_allowed_origins: 'https://x.example.com/js': not an origin pattern",
+        ),
     ],
 )
 def test_config_check_names_the_bad_entry(
@@ -367,3 +373,53 @@ async def test_the_http_api_does_not_look_at_origin(node_factory: Any) -> None:
     assert status == 200, answer
     assert orjson.loads(answer)["offset"] == 1
     assert node.origins.refused == 0
+
+
+# ----------------------------------------------------------------------------- /fastim.js CORS
+
+
+def get(path: str, origin: str | None = None, method: str = "GET", extra: str = "") -> bytes:
+    o = f"Origin: {origin}\r\n" if origin else ""
+    return f"{method} {path} HTTP/1.1\r\nHost: x\r\n{o}{extra}\r\n".encode()
+
+
+async def test_fastim_js_is_public_by_default(node_factory: Any) -> None:
+    node = await node_factory()
+    status, headers, _ = await http_exchange(node.ws_port, get("/fastim.js", EVIL))
+    assert status == 200 and headers["access-control-allow-origin"] == "*"
+    etag = headers["etag"]
+    status, headers, _ = await http_exchange(
+        node.ws_port, get("/fastim.js", EVIL, extra=f"If-None-Match: {etag}\r\n")
+    )
+    assert status == 304 and headers["access-control-allow-origin"] == "*"
+    # a preflight (fetch with headers of its own)
+    status, headers, body = await http_exchange(
+        node.ws_port,
+        get(
+            "/fastim.js",
+            EVIL,
+            "OPTIONS",
+            "Access-Control-Request-Method: GET\r\nAccess-Control-Request-Headers: x-trace\r\n",
+        ),
+    )
+    assert status == 204 and body == b"" and "content-length" not in headers
+    assert headers["access-control-allow-origin"] == "*"
+    assert headers["access-control-allow-methods"] == "GET"
+    assert headers["access-control-allow-headers"] == "*"
+    # the demo is the node's own page: no CORS headers
+    _s, headers, _ = await http_exchange(node.ws_port, get("/demo/demo.js", EVIL))
+    assert "access-control-allow-origin" not in headers
+    status, headers, _ = await http_exchange(node.ws_port, get("/demo/", EVIL, "OPTIONS"))
+    assert status == 405
+
+
+async def test_fastim_js_cors_follows_static_allowed_origins(node_factory: Any) -> None:
+    node = await node_factory(static_allowed_origins="")
+    _s, headers, _ = await http_exchange(node.ws_port, get("/fastim.js", EVIL))
+    assert "access-control-allow-origin" not in headers and "vary" not in headers
+    node = await node_factory(static_allowed_origins="https://*.example.com")
+    app = "https://app.example.com"
+    _s, headers, _ = await http_exchange(node.ws_port, get("/fastim.js", app))
+    assert headers["access-control-allow-origin"] == app and headers["vary"] == "Origin"
+    _s, headers, _ = await http_exchange(node.ws_port, get("/fastim.js", EVIL))
+    assert "access-control-allow-origin" not in headers and headers["vary"] == "Origin"
