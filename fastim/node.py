@@ -25,6 +25,7 @@ from .postman import Postman
 from .protocol import SHUTDOWN_REASON, CloseCode
 from .session import Session, SessionList
 from .store import Store, StoreError, open_store
+from .transport.origin import Origins
 
 if TYPE_CHECKING:
     from .cluster.runtime import Cluster
@@ -62,6 +63,8 @@ class Node:
         self.heartbeat_timeouts = 0
         self.rate_limited = 0
         self.limit_refusals = 0
+        #: which web pages may connect, and the refusals (fastim/transport/origin.py)
+        self.origins = Origins(self.config)
         # observability and the server HTTP API (fastim/metrics.py, fastim/http_api.py)
         self.metrics = Metrics(self)
         self.api = HttpApi(self)
@@ -155,6 +158,7 @@ class Node:
             raise
         self.wheel.start()
         log.info("fastim node %s listening: %s", cfg.node_id, " ".join(self.urls()))
+        self.origins.warn_if_open()
 
     def urls(self) -> list[str]:
         cfg = self.config

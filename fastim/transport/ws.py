@@ -36,6 +36,7 @@ from ..session import (
     Session,
 )
 from . import static
+from .origin import refuse_cross_origin
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -48,6 +49,7 @@ _SERVER = f"fastim/{__version__}".encode()
 _STATUS = {
     400: b"Bad Request",
     401: b"Unauthorized",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
     409: b"Conflict",
@@ -59,6 +61,7 @@ _STATUS = {
     500: b"Internal Server Error",
     503: b"Service Unavailable",
     200: b"OK",
+    204: b"No Content",
     301: b"Moved Permanently",
     304: b"Not Modified",
 }
@@ -395,7 +398,7 @@ class WsSession(Session):
         )
         self.http = None
         self.state = CLOSING
-        if status == 304:  # no body, and no Content-Length that would describe one
+        if status in (204, 304):  # no body, and no Content-Length that would describe one
             tail = b"Connection: close\r\n\r\n"
         else:
             tail = b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload
@@ -481,6 +484,8 @@ class WsSession(Session):
         if not ok:
             self.http_reply(400, 'header "Sec-WebSocket-Key" must be 16 bytes in base64')
             return
+        if refuse_cross_origin(self):
+            return  # a browser page of another origin, not allowed (403: origin.py)
         ext_line = b""
         deflate: DeflateParams | None = None
         if cfg.ws_compression and b"sec-websocket-extensions" in h:

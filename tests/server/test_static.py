@@ -84,4 +84,4 @@ async def test_other_methods_are_refused(node_factory: Any) -> None:
     status, headers, _ = await http_exchange(
         node.ws_port, get("/fastim.js", "Content-Length: 0\r\n", method="POST")
     )
-    assert status == 405 and headers["allow"] == "GET"
+    assert status == 405 and headers["allow"] == "GET, OPTIONS"  # and a CORS preflight
