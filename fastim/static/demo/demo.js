@@ -388,7 +388,7 @@ function renderSide() {
 function showSide(on) {
   $("#chat").classList.toggle("side-open", on);
   $("#menu").setAttribute("aria-expanded", String(on));
-  /** @type {HTMLElement} */ ($("#menu .label")).textContent = on ? "Close" : "Rooms";
+  /** @type {HTMLElement} */ ($("#menu .label")).textContent = on ? "Chat" : "Rooms";
 }
 
 $("#menu").addEventListener("click", () => showSide(!$("#chat").classList.contains("side-open")));
