@@ -117,6 +117,11 @@ export const ErrorCode = Object.freeze({
  * @property {(event: object) => void} [onEvent]  join, leave and other events
  * @property {(state: State, info: {code?: number, reason?: string}) => void} [onState]
  * @property {(err: Error) => void} [onError]  failures with no request to report them to
+ * @property {WebSocketClass} [WebSocket]  the WebSocket class to connect with; default:
+ *     the global one (browsers, Deno, Bun, Node 22+ or Node 20 with
+ *     --experimental-websocket); elsewhere pass one, e.g. the `ws` package's
+ *
+ * @typedef {new (url: string, protocols?: string | string[]) => WebSocket} WebSocketClass
  */
 
 /** The node refused a request. */
@@ -217,6 +222,9 @@ function newCid() {
 
 /** The default endpoint: /ws on the origin this module came from (http→ws, https→wss). */
 function defaultUrl() {
+  if (!/^https?:/.test(import.meta.url)) {
+    throw new TypeError(`connect: pass url (this module was not loaded from a node: ${import.meta.url})`);
+  }
   const u = new URL("/ws", import.meta.url);
   u.protocol = u.protocol === "https:" ? "wss:" : "ws:";
   return u.href;
@@ -337,6 +345,15 @@ export class Client {
     /** @type {string[]} */
     this.urls = Array.isArray(urls) ? urls.slice() : [urls];
     if (!this.urls.length) throw new TypeError("connect: no url");
+    /** @type {WebSocketClass} */
+    this._WebSocket = opts.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== "function") {
+      throw new TypeError(
+        "no WebSocket implementation: pass one as the WebSocket option, " +
+          "connect({url, WebSocket: Impl}) (e.g. the ws package's), " +
+          "or run Node 22+ or Node 20 with --experimental-websocket",
+      );
+    }
     this.user = opts.user ?? null;
     this.token = opts.token ?? null;
     this.getToken = opts.getToken ?? null;
@@ -611,17 +628,26 @@ export class Client {
     }
     let ws;
     try {
-      ws = new WebSocket(target, "fastim.json");
+      ws = new this._WebSocket(target, "fastim.json");
     } catch (e) {
       // a malformed URL: retrying cannot help
       this._giveUp(new ConnectionClosed(1002, `bad url ${url}: ${e}`));
       return;
     }
     this._ws = ws;
-    ws.onopen = () => this._onOpen(ws);
+    let opened = false;
+    ws.onopen = () => {
+      opened = true;
+      this._onOpen(ws);
+    };
     ws.onmessage = (ev) => this._onMessage(ws, ev);
     ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
-    ws.onerror = () => {}; // a close event follows, with the code
+    // Once open, a close event follows an error, with the code. Before open, browsers
+    // follow it with a 1006 close but Node's WebSocket (undici) sends none: the attempt
+    // failed either way, go on to the backoff now (not after the handshake timeout).
+    ws.onerror = () => {
+      if (!opened) this._onConnectFailed(ws);
+    };
     // a node that takes the connection but never answers (or a path that drops it
     // silently) must not leave the client waiting: give up on it and try again
     this._handshakeTimer = setTimeout(() => {
@@ -682,6 +708,18 @@ export class Client {
     this._waiters = [];
     for (const w of waiters) w();
     this._pumpAck(); // an ack the last connection could not deliver
+  }
+
+  /** @param {WebSocket} ws  The connection could not be made (an error before open). */
+  _onConnectFailed(ws) {
+    if (ws !== this._ws) return;
+    this._detach();
+    try {
+      ws.close();
+    } catch {
+      /* closed already */
+    }
+    this._retry(new ConnectionClosed(1006, "could not connect"));
   }
 
   /** @param {WebSocket} ws  @param {number} code  @param {string} reason */

@@ -90,6 +90,9 @@ class StaticFiles:
             index = self._demo.get(b"/demo/index.html")
             if index is not None:
                 self._demo[b"/demo/"] = index
+        root = self.root / "index.html"
+        if root.is_file():  # `/`: a page pointing to the demo, served when the demo is
+            self._demo[b"/"] = _load(root, _DEMO_CSP)
         self._files = files
         return files
 
