@@ -96,7 +96,9 @@ def _pin(cpu: str | None) -> list[str]:
 class Server:
     """One server process, pinned, with its log in a file (a pipe could fill and block it)."""
 
-    def __init__(self, name: str, cpu: str | None, logdir: Path) -> None:
+    def __init__(
+        self, name: str, cpu: str | None, logdir: Path, fastim_store: str = "sqlite"
+    ) -> None:
         self.name = name
         self.port = _free_port()
         py = sys.executable
@@ -104,16 +106,19 @@ class Server:
             cmd = [py, "-m", "fastim", "serve", "--tcp-port", "0", "--ws-port", str(self.port)]
             cmd += ["--log-level", "info", "--node-id", "peers-e2e"]
             cmd += ["--publish-rate", "0"]  # a guard for the internet; the peers have none
+            cmd += ["--store", fastim_store]  # sqlite (the default, a file in workdir) or memory
             self.url_flag, self.url = "--url", f"ws://127.0.0.1:{self.port}/ws"
         else:
             script = PEERS / f"{name}_broadcast.py"
             cmd = [py, str(script), "--host", "127.0.0.1", "--port", str(self.port)]
             self.url_flag, self.url = "--peer", f"ws://127.0.0.1:{self.port}/"
         self.log_path = logdir / f"{name}-{self.port}.log"
+        workdir = logdir / f"{name}-{self.port}"  # fastim's sqlite file: fresh per start
+        workdir.mkdir(exist_ok=True)
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
-            _pin(cpu) + cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env
+            _pin(cpu) + cmd, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=env
         )
         self.pid = self.proc.pid  # taskset execs the server: same pid
 
@@ -396,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         typ = type(getattr(d, name))
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
     p.add_argument("--idle-n", type=int, default=None)
+    p.add_argument(
+        "--fastim-store",
+        choices=("sqlite", "memory"),
+        default="sqlite",
+        help="fastim's store: sqlite (its default, durable) or memory (default sqlite)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     a = p.parse_args(argv)
     s = Settings.quick() if a.quick else Settings()
@@ -425,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()  # the machine may be shared: say how busy it was
     for rep in range(1, a.reps + 1):
         for name in servers:
-            srv = Server(name, server_cpu, logdir)
+            srv = Server(name, server_cpu, logdir, a.fastim_store)
             try:
                 srv.wait_ready()
                 for case in cases:

@@ -39,6 +39,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -956,7 +957,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _spawn_node(transport: str, core: str | None) -> tuple[subprocess.Popen[bytes], Target]:
+def _spawn_node(
+    transport: str, core: str | None, store: str, directory: str
+) -> tuple[subprocess.Popen[bytes], Target]:
+    """A node of this machine on a free port, its store (a sqlite file for the default)
+    in ``directory``."""
     port = _free_port()
     ports = ["--tcp-port", str(port), "--ws-port", "0"]
     if transport == "ws":
@@ -975,10 +980,12 @@ def _spawn_node(transport: str, core: str | None) -> tuple[subprocess.Popen[byte
         # load test's one publisher (the peer servers have none either)
         "--publish-rate",
         "0",
+        "--store",
+        store,
     ]
     if core is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", core, *cmd]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, cwd=directory)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -1035,10 +1042,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.peer is not None:
         target = parse_target(args.peer, peer=True)
     else:
-        node, target = _spawn_node(args.transport, args.server_cpu)
+        workdir = tempfile.mkdtemp(prefix="fastim-bench-")
+        node, target = _spawn_node(args.transport, args.server_cpu, args.store, workdir)
         server_pid = node.pid
     try:
-        return _run(target, args, server_pid)
+        result = _run(target, args, server_pid)
+        if node is not None:
+            result["store"] = args.store
+        return result
     finally:
         if node is not None:
             node.terminate()
@@ -1046,6 +1057,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 node.wait(10)
             except subprocess.TimeoutExpired:
                 node.kill()
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(target: Target, args: argparse.Namespace, server_pid: int | None) -> dict[str, Any]:
@@ -1454,6 +1466,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         choices=("tcp", "ws"),
         default="tcp",
         help="of the node the bench spawns when no URL is given (default tcp)",
+    )
+    p.add_argument(
+        "--store",
+        choices=("sqlite", "memory"),
+        default="sqlite",
+        help="of the node the bench spawns: sqlite (the node's default, durable: every "
+        "publish is in the file before it is acknowledged) or memory (default sqlite)",
     )
     p.add_argument("--subscribers", "-n", type=int, default=1000)
     p.add_argument("--duration", "-d", type=float, default=5.0, help="seconds of publishing")

@@ -202,12 +202,32 @@ class Config:
         default="",
         metadata={"help": "PEM CA file: clients must present a certificate it signed ('' = no)"},
     )
+    # ---- which web pages may connect from a browser (fastim/transport/origin.py)
+    allowed_origins: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated origins (https://app.example.com, https://*.example.com, "
+            "http://localhost:*) whose pages may open WebSockets besides the node's own; "
+            "'*' = any ('' = only the node's own origin)"
+        },
+    )
+    static_allowed_origins: str = field(
+        default="*",
+        metadata={
+            "help": "origins whose pages may import /fastim.js (CORS): '*' = any, '' = only "
+            "the node's own, or patterns as allowed_origins"
+        },
+    )
     store: str = field(
-        default="memory",
-        metadata={"help": "where history and inboxes live: memory, sqlite or redis"},
+        default="sqlite",
+        metadata={
+            "help": "where history and inboxes live: sqlite (durable, the default), memory "
+            "(volatile: a restart loses them) or redis (shared by a cluster)"
+        },
     )
     store_path: str = field(
-        default="fastim.db", metadata={"help": "sqlite store: database file (created if missing)"}
+        default="fastim.db",
+        metadata={"help": "sqlite store: database file, relative to the working directory"},
     )
     sqlite_synchronous: str = field(
         default="normal",
@@ -288,6 +308,7 @@ class Config:
 
     def validate(self) -> Config:
         """Raise ConfigError naming the first bad setting; return self."""
+        self._origins_as_strings()
         for f in fields(self):
             if f.metadata.get("file_only"):
                 continue
@@ -369,8 +390,28 @@ class Config:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self._validate_security()
+        self._validate_origins()
         self._validate_cluster()
         return self
+
+    def _origins_as_strings(self) -> None:
+        """allowed_origins and static_allowed_origins may be TOML arrays: joined with ','."""
+        for name in ("allowed_origins", "static_allowed_origins"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                if not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+                setattr(self, name, ",".join(value))
+
+    def _validate_origins(self) -> None:
+        """Origin patterns (fastim/transport/origin.py): the entry that does not parse."""
+        from .transport.origin import OriginPolicy
+
+        for name in ("allowed_origins", "static_allowed_origins"):
+            try:
+                OriginPolicy(getattr(self, name))
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
 
     def _validate_observability(self) -> None:
         if self.log_format not in ("text", "json"):

@@ -321,7 +321,7 @@ class HttpApi:
         store, postman = node.store, node.postman
         assert store is not None and postman is not None
         try:
-            res = await store.inbox_append(to, data, cid, sender)
+            res = await postman.stored(to, await store.inbox_append(to, data, cid, sender))
         except InboxFull as e:
             raise ApiError(429, str(e), code=ErrorCode.INBOX_FULL) from None
         except StoreError as e:
@@ -331,8 +331,8 @@ class HttpApi:
             ) from None
         postman.sent += 1
         if not res.duplicate:
-            postman.deliver(to, InboxMessage(res.seq, res.msg_id, sender, data))
-        return {"mid": res.msg_id, "seq": res.seq, "dup": res.duplicate}
+            postman.deliver(to, InboxMessage(res.seq, res.msg_id, sender, data, res.epoch))
+        return {"mid": res.msg_id, "seq": res.seq, "epoch": res.epoch, "dup": res.duplicate}
 
     async def _presence(self, req: Request) -> dict[str, Any]:
         name = _channel(req.query.get("channel"), "channel")
@@ -739,10 +739,14 @@ OPENAPI: dict[str, Any] = {
             },
             "Sent": {
                 "type": "object",
-                "required": ["mid", "seq", "dup"],
+                "required": ["mid", "seq", "epoch", "dup"],
                 "properties": {
                     "mid": {"type": "string"},
                     "seq": {"type": "integer", "minimum": 1},
+                    "epoch": {
+                        "type": "string",
+                        "description": "the recipient inbox's epoch: seq counts within it",
+                    },
                     "dup": {"type": "boolean"},
                 },
             },

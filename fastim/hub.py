@@ -364,10 +364,10 @@ class Hub:
 
     def recover(self, ch: Channel, since: Since) -> tuple[Since, list[tuple[int, bytes]]]:
         """Messages after ``since`` from this node's history ring (for another node);
-        ``since`` resolved first when it asks for the newest N."""
-        if since.last:
-            since = self._resolve(ch, since)
-        if since.epoch != ch.epoch or since.off >= ch.offset:
+        ``since`` resolved first when it asks for the newest N, or is in an older epoch
+        (then the current epoch from its start: see :meth:`_rebase`)."""
+        since = self._rebase(ch, since)[0]
+        if since.off >= ch.offset:
             return since, []
         return since, self._recover(ch, since.off, [])[1]
 
@@ -502,17 +502,35 @@ class Hub:
         """
         ch = self.channel(name)
         assert ch is not None
-        if since is not None and since.last and ch.loaded:
-            since = self._resolve(ch, since)
+        stale = False
+        if since is not None and ch.loaded:
+            since, stale = self._rebase(ch, since)
         if ch.loaded and (since is None or self._servable(ch, since)):
-            self._finish_subscribe(session, replies, req_id, ch, since, [])
+            self._finish_subscribe(session, replies, req_id, ch, since, [], stale)
             return
-        self._run(self._subscribe_async(session, replies, req_id, ch, since))
+        self._run(self._subscribe_async(session, replies, req_id, ch, since, stale))
 
     @staticmethod
     def _resolve(ch: Channel, since: Since) -> Since:
         """A request for the newest ``since.off`` messages, as a position in the channel."""
         return Since(max(0, ch.offset - since.off), ch.epoch)
+
+    @classmethod
+    def _rebase(cls, ch: Channel, since: Since) -> tuple[Since, bool]:
+        """``since`` as a position in the channel's current history, and whether it was
+        in an older epoch (``stale``).
+
+        A subscriber from an older epoch has lost what that epoch had after its offset,
+        but not what the current epoch holds: it recovers the current epoch from its
+        start (offset 0), and the reply says ``recovered: false``. Answering it with
+        live messages only would skip the ones published in the new epoch before it
+        came back, although the node still has them.
+        """
+        if since.last:
+            return cls._resolve(ch, since), False
+        if since.epoch != ch.epoch:
+            return Since(0, ch.epoch), True
+        return since, False
 
     def _servable(self, ch: Channel, since: Since) -> bool:
         """Can recovery from ``since`` be answered from memory (or is it hopeless)?"""
@@ -529,8 +547,15 @@ class Hub:
         return len(h) > 0 and h.first_offset <= since.off + 1
 
     async def _subscribe_async(
-        self, session: Session, replies: Replies, req_id: Any, ch: Channel, since: Since | None
+        self,
+        session: Session,
+        replies: Replies,
+        req_id: Any,
+        ch: Channel,
+        since: Since | None,
+        stale: bool = False,
     ) -> None:
+        """``stale``: ``since`` was already rebased from an older epoch (:meth:`_rebase`)."""
         store = self.store
         assert store is not None
         prefix: list[tuple[int, bytes]] = []
@@ -542,8 +567,10 @@ class Hub:
                 state = await router.state(ch.name, since)
                 if not ch.loaded:
                     self._adopt(ch, str(state["epoch"]), int(state["offset"]))
-                if since is not None and since.last:
-                    since = Since(int(state["since"]), str(state["epoch"]))
+                if since is not None and (since.last or since.epoch != state["epoch"]):
+                    # the owner resolved it (the newest N, or an older epoch: from 0)
+                    stale = not since.last
+                    since = Since(int(state.get("since", 0)), str(state["epoch"]))
                 if since is not None and since.epoch == ch.epoch == state["epoch"]:
                     prefix = [
                         (int(o), d.encode())
@@ -556,8 +583,8 @@ class Hub:
                     self._adopt(ch, epoch, top)
                     if router is not None:
                         router.loaded(ch)  # messages that came down the tree meanwhile
-            if since is not None and since.last:
-                since = self._resolve(ch, since)
+            if since is not None and not stale:
+                since, stale = self._rebase(ch, since)
             if (
                 ch.durable
                 and since is not None
@@ -586,7 +613,7 @@ class Hub:
                 session.subs.remove(ch.name)
             session.send(replies.error(req_id, code, f"cannot subscribe to {ch.name!r}: {e}"))
             return
-        self._finish_subscribe(session, replies, req_id, ch, since, prefix)
+        self._finish_subscribe(session, replies, req_id, ch, since, prefix, stale)
 
     @staticmethod
     def _covers(ch: Channel, after: int) -> bool:
@@ -601,7 +628,10 @@ class Hub:
         ch: Channel,
         since: Since | None,
         prefix: list[tuple[int, bytes]],
+        stale: bool = False,
     ) -> None:
+        """Reply, queue the recovered messages, join: all in this tick. ``stale``: the
+        subscriber's position was in an older epoch, so recovery is never complete."""
         ring = session.ring
         if not session.is_open() or ring is None or not session.subs or ch.name not in session.subs:
             return  # closed or unsubscribed meanwhile
@@ -611,6 +641,7 @@ class Hub:
         msgs: list[tuple[int, bytes]] = []
         if since is not None and since.epoch == ch.epoch and since.off <= ch.offset:
             recovered, msgs = self._recover(ch, since.off, prefix)
+            recovered = recovered and not stale
         session.send(replies.subscribed(req_id, ch.name, ch.offset, ch.epoch, recovered))
         fmt = ring.fmt
         for off, data in msgs:

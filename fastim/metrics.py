@@ -285,6 +285,11 @@ class NodeCollector:
         yield _counter(
             "fastim_http_rejects", "plain HTTP requests answered 4xx or 5xx", node.http_rejects
         )
+        yield _counter(
+            "fastim_origin_refused",
+            "WebSocket upgrades refused with 403: a browser page of an origin not allowed",
+            node.origins.refused,
+        )
 
         store_errors = CounterMetricFamily(
             "fastim_store_errors",

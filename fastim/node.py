@@ -27,6 +27,7 @@ from .postman import Postman
 from .protocol import SHUTDOWN_REASON, CloseCode
 from .session import Session, SessionList
 from .store import Store, StoreError, open_store
+from .transport.origin import Origins
 
 if TYPE_CHECKING:
     from .cluster.runtime import Cluster
@@ -73,6 +74,8 @@ class Node:
         self.heartbeat_timeouts = 0
         self.rate_limited = 0
         self.limit_refusals = 0
+        #: which web pages may connect, and the refusals (fastim/transport/origin.py)
+        self.origins = Origins(self.config)
         # observability and the server HTTP API (fastim/metrics.py, fastim/http_api.py)
         self.metrics = Metrics(self)
         self.api = HttpApi(self)
@@ -156,6 +159,7 @@ class Node:
             raise
         self.wheel.start()
         log.info("fastim node %s listening: %s", cfg.node_id, " ".join(self.urls()))
+        self.origins.warn_if_open()
 
     async def _listen(
         self, setting: str, factory: Any, tls_args: dict[str, Any]

@@ -13,6 +13,17 @@ and are sent after it, skipping those the read already returned. Retries and sev
 connections mean a client may see a ``seq`` twice: the SDK hands each ``seq`` to the
 application once (``docs/guarantees.md``).
 
+Epochs. An inbox's numbering starts again at 1 when the store lost it (a memory store's
+restart, a flushed Redis) and may go back when a store is restored from an older backup.
+Clients drop a ``seq`` they have delivered, so each inbox has an epoch (given by the
+store when it creates the inbox) that every ``dm``, ``sent``, ``inbox`` and ``acked``
+carries: a client that sees a new epoch starts its duplicate check afresh. An append
+whose new message gets a ``seq`` already acknowledged, or that of another message
+delivered here, in the same epoch is the backup case: the node restarts the inbox's
+epoch in the store (compare-and-set) before it answers and delivers. An ``ack`` names
+the epoch it is for; one for another epoch changes nothing (its ``seq`` counts other
+messages).
+
 Retries are driven by the node's timer tick (no task or timer per message): a heap of
 (due, user, seq); an unacknowledged message is sent again after ``dm_retry`` seconds,
 doubling up to :data:`MAX_RETRY`, while its recipient has a connection here.
@@ -40,7 +51,7 @@ import orjson
 
 from .errors import BadRequest
 from .protocol import ErrorCode
-from .store import AckOutOfRange, InboxFull, InboxMessage, Store, StoreError
+from .store import AckOutOfRange, InboxAppended, InboxFull, InboxMessage, Store, StoreError
 from .tasks import Background
 
 if TYPE_CHECKING:
@@ -55,11 +66,18 @@ SETTLE_CHECKS = 6
 READ_PAGE = 1000
 
 
+_DM_EPOCH = b'{"op":"dm","epoch":"'
+
+
 def dm_event(msg: InboxMessage) -> bytes:
-    """The ``dm`` event's JSON text; ``data`` is spliced in as stored (already JSON)."""
+    """The ``dm`` event's JSON text; ``data`` is spliced in as stored (already JSON).
+
+    The epoch comes first, so :func:`event_epoch` finds it without parsing."""
     return b"".join(
         (
-            b'{"op":"dm","from":',
+            _DM_EPOCH,
+            msg.epoch.encode(),
+            b'","from":',
             orjson.dumps(msg.sender),
             b',"mid":"',
             msg.msg_id.encode(),
@@ -70,6 +88,23 @@ def dm_event(msg: InboxMessage) -> bytes:
             b"}",
         )
     )
+
+
+def event_epoch(ev: bytes) -> str:
+    """The inbox epoch of a ``dm`` event made by :func:`dm_event` ("" if none)."""
+    if not ev.startswith(_DM_EPOCH):
+        return ""
+    n = len(_DM_EPOCH)
+    return ev[n : ev.find(b'"', n)].decode()
+
+
+def event_mid(ev: bytes) -> str:
+    """The message id of a ``dm`` event made by :func:`dm_event`."""
+    i = ev.find(b'"mid":"')
+    if i < 0:
+        return ""
+    i += 7
+    return ev[i : ev.find(b'"', i)].decode()
 
 
 class Relay(Protocol):
@@ -91,10 +126,13 @@ class Relay(Protocol):
 class _User:
     """What the node knows of one user with connections here."""
 
-    __slots__ = ("acked", "checking", "due", "pending", "seen", "sessions", "syncing")
+    __slots__ = ("acked", "checking", "due", "epoch", "pending", "seen", "sessions", "syncing")
 
     def __init__(self) -> None:
         self.sessions: list[Session] = []
+        #: the inbox's epoch as last seen in the store ("" until known): ``acked``,
+        #: ``pending`` and ``seen`` count sequences of this epoch
+        self.epoch = ""
         #: connections still reading their backlog → live events queued for them
         self.syncing: dict[Session, list[tuple[int, bytes]]] = {}
         self.acked = 0
@@ -149,6 +187,8 @@ class Postman:
         self.remote_dups = 0  # ... of which already delivered here or acknowledged
         self.rechecks = 0  # cluster: store re-checks
         self.filled = 0  # cluster: messages found in the inbox by a re-check
+        self.epoch_changes = 0  # inboxes seen to start a new numbering
+        self.restarts = 0  # inbox epochs restarted here (the store went back)
 
     # ------------------------------------------------------------------ connections
 
@@ -182,11 +222,17 @@ class Postman:
     async def _sync(self, session: Session, user: str, u: _User) -> None:
         try:
             state = await self.store.inbox_state(user)
+            self._align(user, u, state.epoch)
             u.acked = max(u.acked, state.acked)
             after = state.acked
             backlog: list[InboxMessage] = []
             while True:
                 page = await self.store.inbox_read(user, after, READ_PAGE)
+                if page and page[0].epoch != u.epoch:
+                    # the numbering started again between the two reads: read it anew
+                    self._align(user, u, page[0].epoch)
+                    backlog.clear()
+                    page = await self.store.inbox_read(user, 0, READ_PAGE)
                 backlog.extend(page)
                 if len(page) < READ_PAGE:
                     break
@@ -231,7 +277,7 @@ class Postman:
     ) -> None:
         sender = session.user
         try:
-            res = await self.store.inbox_append(to, data, cid, sender)
+            res = await self.stored(to, await self.store.inbox_append(to, data, cid, sender))
         except InboxFull as e:
             session.send_event(_error(req_id, ErrorCode.INBOX_FULL, str(e)))
             return
@@ -245,6 +291,7 @@ class Postman:
             "to": to,
             "mid": res.msg_id,
             "seq": res.seq,
+            "epoch": res.epoch,
             "dup": res.duplicate,
         }
         if req_id is not None:
@@ -252,7 +299,39 @@ class Postman:
         session.send_event(orjson.dumps(reply))
         self.sent += 1
         if not res.duplicate:
-            self.deliver(to, InboxMessage(res.seq, res.msg_id, sender, data))
+            self.deliver(to, InboxMessage(res.seq, res.msg_id, sender, data, res.epoch))
+
+    async def stored(self, user: str, res: InboxAppended) -> InboxAppended:
+        """An append's result, after a look at whether the inbox went back.
+
+        A new message whose ``seq`` was already acknowledged in the same epoch, or
+        names another message delivered here and not yet acknowledged, means the
+        store numbers again from an older state (a restored backup): clients would
+        drop it as a copy. The inbox gets a new epoch
+        first (compare-and-set in the store), and the message is delivered in it.
+        Raises :class:`StoreError` when that cannot be done (nothing is acknowledged).
+        """
+        u = self._users.get(user)
+        if res.duplicate or u is None or u.epoch != res.epoch:
+            return res
+        # appends complete in any order (several store connections), so only what a
+        # consistent store can never do counts: a new message with a seq already
+        # acknowledged, or with the seq of another message delivered here
+        prior = u.pending.get(res.seq)
+        if res.seq > u.acked and (prior is None or event_mid(prior[0]) == res.msg_id):
+            return res
+        log.warning(
+            "inbox of %r: the store gave a new message seq %d in epoch %s, which names "
+            "another message here (acked up to %d; restored from an older backup?): "
+            "starting a new epoch",
+            user,
+            res.seq,
+            res.epoch,
+            u.acked,
+        )
+        state = await self.store.inbox_restart_epoch(user, res.epoch)
+        self.restarts += 1
+        return res._replace(epoch=state.epoch)
 
     def deliver(self, user: str, msg: InboxMessage) -> None:
         """Send a message just stored to every connection of ``user`` here (tracked for
@@ -260,9 +339,24 @@ class Postman:
         ev = dm_event(msg)
         u = self._users.get(user)
         if u is not None:
+            self._align(user, u, msg.epoch)
             self._deliver(user, u, msg.seq, ev)
         if self.relay is not None:
             self.relay.relay(user, msg.seq, ev)
+
+    def _align(self, user: str, u: _User, epoch: str) -> None:
+        """The store says ``user``'s inbox is in ``epoch``: a new one ends the old
+        numbering here (its pending retries and acked sequence mean nothing now)."""
+        if not epoch or epoch == u.epoch:
+            return
+        if u.epoch:
+            log.warning("inbox of %r started a new numbering: epoch %s -> %s", user, u.epoch, epoch)
+            self.epoch_changes += 1
+            u.pending.clear()
+            u.due.clear()
+            u.acked = 0
+            u.seen = -1
+        u.epoch = epoch
 
     def deliver_remote(self, user: str, seq: int, ev: bytes) -> bool:
         """Cluster: a message another node stored, for ``user``'s connections here.
@@ -274,6 +368,12 @@ class Postman:
         self.remote_in += 1
         u = self._users.get(user)
         if u is None:
+            return False
+        epoch = event_epoch(ev)
+        if epoch and u.epoch and epoch != u.epoch:
+            # another numbering than the one this node knows: the store decides which
+            # is current (an old one's message is not delivered again)
+            self._check(user, 0.0)
             return False
         if seq <= u.acked or seq in u.pending:
             self.remote_dups += 1
@@ -297,19 +397,23 @@ class Postman:
                 self.delivered += 1
         self._track(user, u, seq, ev)
 
-    def ack(self, session: Session, req_id: Any, seq: int) -> None:
+    def ack(self, session: Session, req_id: Any, seq: int, epoch: str | None = None) -> None:
+        """``ack`` up to ``seq``; with ``epoch`` (clients that know epochs send it), an
+        ack for another epoch than the inbox's changes nothing."""
         user = session.user
         assert user is not None
         u = self._users.get(user)
-        if u is not None and seq <= u.acked:
+        if u is not None and seq <= u.acked and u.epoch and epoch in (None, u.epoch):
             if req_id is not None:
-                session.send_event(_acked(req_id, u.acked))
+                session.send_event(_acked(req_id, u.acked, u.epoch))
             return
-        self._run(self._ack(session, req_id, user, seq))
+        self._run(self._ack(session, req_id, user, seq, epoch))
 
-    async def _ack(self, session: Session, req_id: Any, user: str, seq: int) -> None:
+    async def _ack(
+        self, session: Session, req_id: Any, user: str, seq: int, epoch: str | None
+    ) -> None:
         try:
-            state = await self.store.inbox_ack(user, seq)
+            state = await self.store.inbox_ack(user, seq, epoch)
         except AckOutOfRange as e:
             session.fail(BadRequest(f'field "seq": {e}'), req_id)
             return
@@ -318,12 +422,14 @@ class Postman:
             session.send_event(_error(req_id, ErrorCode.STORE_UNAVAILABLE, f"ack not stored: {e}"))
             return
         u = self._users.get(user)
-        if u is not None and state.acked > u.acked:
-            u.acked = state.acked
-            for s in [s for s in u.pending if s <= state.acked]:
-                del u.pending[s]
+        if u is not None:
+            self._align(user, u, state.epoch)
+            if state.acked > u.acked:
+                u.acked = state.acked
+                for s in [s for s in u.pending if s <= state.acked]:
+                    del u.pending[s]
         if req_id is not None:
-            session.send_event(_acked(req_id, state.acked))
+            session.send_event(_acked(req_id, state.acked, state.epoch))
 
     def inbox(self, session: Session, req_id: Any) -> None:
         self._run(self._inbox(session, req_id))
@@ -335,7 +441,12 @@ class Postman:
         except StoreError as e:
             session.send_event(_error(req_id, ErrorCode.STORE_UNAVAILABLE, str(e)))
             return
-        reply: dict[str, Any] = {"op": "inbox", "acked": st.acked, "top": st.top}
+        reply: dict[str, Any] = {
+            "op": "inbox",
+            "acked": st.acked,
+            "top": st.top,
+            "epoch": st.epoch,
+        }
         if req_id is not None:
             reply["id"] = req_id
         session.send_event(orjson.dumps(reply))
@@ -476,6 +587,8 @@ class Postman:
             if self._users.get(user) is not u:
                 return  # every connection left meanwhile
             if state is not None:
+                self._align(user, u, state.epoch)
+                missing = [m for m in missing if m.epoch == u.epoch]
                 u.seen = max(u.seen, state.acked)
             if state is not None and state.acked > u.acked:
                 u.acked = state.acked
@@ -518,5 +631,5 @@ def _error(req_id: Any, code: int, reason: str) -> bytes:
     return orjson.dumps(obj)
 
 
-def _acked(req_id: Any, acked: int) -> bytes:
-    return orjson.dumps({"op": "acked", "seq": acked, "id": req_id})
+def _acked(req_id: Any, acked: int, epoch: str) -> bytes:
+    return orjson.dumps({"op": "acked", "seq": acked, "epoch": epoch, "id": req_id})

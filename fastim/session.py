@@ -302,10 +302,12 @@ class Session(asyncio.Protocol):
         "auth_wait",
         "awaiting_pong",
         "bucket",
+        "closing_after",
         "config",
         "decoder",
         "hello_seen",
         "identity",
+        "inflight",
         "ip",
         "last_rx",
         "node",
@@ -339,6 +341,9 @@ class Session(asyncio.Protocol):
         self.hello_seen = False
         self.decoder: _core.FrameDecoder | None = None
         self.user: str | None = None  # declared (hello) or, with auth, from the token
+        #: publishes waiting for the store; a close waits for them (:meth:`_close_after`)
+        self.inflight = 0
+        self.closing_after: tuple[bytes | None, int, str] | None = None
         self.ip: str | None = None  # the client's address when per-address limits apply
         self.bucket: _core.TokenBucket | None = None  # publish/send rate, on first use
         #: what the connection's verified token says (None: no token)
@@ -543,8 +548,15 @@ class Session(asyncio.Protocol):
         return _core.encode_frame(_F.GOAWAY, pack_goaway(code, reason))
 
     def close(self, code: int, reason: str, drop_pending: bool = False) -> None:
-        """Send what is queued (unless ``drop_pending``), a last frame, then close."""
+        """Send what is queued (unless ``drop_pending``), a last frame, then close.
+
+        Publishes of this connection still waiting for the store are answered first
+        (see :meth:`_close_after`): a client whose valid publish came before its
+        violation learns that it was stored."""
         if self.state >= CLOSING or self.transport is None:
+            return
+        if self.inflight and not drop_pending:
+            self._close_after(None, code, reason)
             return
         self.state = CLOSING
         self._drop_subscriptions()
@@ -568,8 +580,34 @@ class Session(asyncio.Protocol):
         self.node.protocol_errors += 1
         log.debug("protocol error from %s: %s", self.peer(), err.reason)
         if self.state < CLOSING:
-            self.send(self.replies.error(req_id, err.code, err.reason))
+            error = self.replies.error(req_id, err.code, err.reason)
+            if self.inflight:
+                self._close_after(error, err.close_code, err.reason[:100])
+                return
+            self.send(error)
             self.close(err.close_code, err.reason[:100])
+
+    def _close_after(self, last: bytes | None, code: int, reason: str) -> None:
+        """Close once the publishes in flight are answered, ``last`` sent before.
+
+        Reading stops at once (nothing after the violation is handled); the store
+        answers every append, or fails it, within its timeout, so the wait is bounded.
+        """
+        if self.closing_after is None:
+            self.closing_after = (last, code, reason)
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def published(self) -> None:
+        """A publish that waited for the store was answered (see :meth:`_close_after`)."""
+        self.inflight -= 1
+        after = self.closing_after
+        if not self.inflight and after is not None:
+            self.closing_after = None
+            last, code, reason = after
+            if last is not None:
+                self.send(last)
+            self.close(code, reason)
 
     def _drop_subscriptions(self) -> None:
         subs = self.subs
@@ -835,7 +873,10 @@ class Session(asyncio.Protocol):
                 seq = msg.get("seq")
                 if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
                     raise BadRequest('field "seq" must be an integer >= 0')
-                postman.ack(self, req_id, seq)
+                epoch = msg.get("epoch")
+                if epoch is not None and not isinstance(epoch, str):
+                    raise BadRequest('field "epoch" must be a string (the inbox\'s epoch)')
+                postman.ack(self, req_id, seq, epoch)
             else:
                 postman.inbox(self, req_id)
             return
@@ -862,6 +903,7 @@ class Session(asyncio.Protocol):
                 else:  # a Refusal carries its code (cluster: NOT_ROUTED)
                     code = getattr(err, "code", ErrorCode.STORE_UNAVAILABLE)
                     self.send(replies.error(req_id, code, err))
+                self.published()
 
             try:
                 off = hub.publish(ch, req.data, done)
@@ -870,6 +912,8 @@ class Session(asyncio.Protocol):
                 return
             if off is not None:
                 self.send(replies.puback(req.id, ch, off))
+            else:
+                self.inflight += 1  # answered by done(), later
         elif op == "sub":
             if self._denied("subscribe", ch, req.id, replies) or (
                 since is not None and self._denied("history", ch, req.id, replies)

@@ -55,7 +55,11 @@ def main() -> None:
         asyncio.run(roundtrip(f"tcp://127.0.0.1:{tcp}"))
         asyncio.run(roundtrip(f"ws://127.0.0.1:{ws}/ws"))
         # the browser client and the demo are package data: in the wheel, served
-        for path, needle in (("/fastim.js", b"export function connect"), ("/demo/", b"<html")):
+        for path, needle in (
+            ("/fastim.js", b"export function connect"),
+            ("/demo/", b"<html"),
+            ("/", b'href="demo/"'),
+        ):
             with urllib.request.urlopen(f"http://127.0.0.1:{ws}{path}", timeout=5) as r:
                 assert r.status == 200 and needle in r.read(), path
     finally:

@@ -13,9 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,12 +47,16 @@ NodeFactory = Callable[..., Awaitable[Node]]
 
 
 @pytest.fixture
-async def node_factory() -> AsyncIterator[NodeFactory]:
-    """Start nodes with settings of the test's choosing; all are stopped at the end."""
+async def node_factory(tmp_path: Path) -> AsyncIterator[NodeFactory]:
+    """Start nodes with settings of the test's choosing; all are stopped at the end.
+
+    With the product's defaults, so the store is sqlite unless the test says otherwise:
+    each node gets a database file of its own in the test's directory."""
     nodes: list[Node] = []
 
     async def start(**settings: Any) -> Node:
         settings.setdefault("node_id", "test-node")
+        settings.setdefault("store_path", str(tmp_path / f"node-{len(nodes)}-{free_port()}.db"))
         for attempt in range(5):
             cfg = dict(settings)
             cfg.setdefault("tcp_port", free_port())
@@ -113,8 +119,10 @@ def start_node_process(*args: str, timeout: float = 20.0) -> NodeProcess:
         "proc-node",
         *args,
     ]
+    # a directory of its own: the default store is a sqlite file in the working directory
+    cwd = tempfile.mkdtemp(prefix="fastim-node-")
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     assert proc.stdout is not None
     lines: list[str] = []

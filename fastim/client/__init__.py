@@ -26,12 +26,13 @@ See docs/client.md.
 from .backoff import Backoff
 from .client import Client, RateLimited, connect
 from .connection import HandshakeError
-from .direct import DirectMessage, DirectMessages, InboxState, Sent
+from .direct import DirectGap, DirectMessage, DirectMessages, InboxState, Sent
 from .subscription import Gap, Message, Since, Subscription
 
 __all__ = [
     "Backoff",
     "Client",
+    "DirectGap",
     "DirectMessage",
     "DirectMessages",
     "Gap",

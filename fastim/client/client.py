@@ -44,7 +44,7 @@ from ..errors import ConnectionClosed, FastimError, ProtocolError, RequestError
 from ..protocol import CloseCode, ErrorCode, FrameType
 from .backoff import Backoff
 from .connection import Connection, HandshakeError, deadline, open_connection, parse_url
-from .direct import DirectInbox, DirectMessages, InboxState, Sent
+from .direct import DirectGapCallback, DirectInbox, DirectMessages, InboxState, Sent
 from .subscription import Gap, GapCallback, Message, Since, Subscription
 
 __all__ = ["CLIENT_NAME", "Client", "Message", "RateLimited", "Subscription", "connect"]
@@ -437,11 +437,18 @@ class Client:
                 last = e
                 continue
             try:
-                return Sent(str(reply["mid"]), int(reply["seq"]), bool(reply.get("dup")))
+                return Sent(
+                    str(reply["mid"]),
+                    int(reply["seq"]),
+                    bool(reply.get("dup")),
+                    str(reply.get("epoch") or ""),
+                )
             except (KeyError, TypeError, ValueError):
                 raise ProtocolError(f"malformed 'sent' reply: {reply!r}") from None
 
-    def direct_messages(self, *, auto_ack: bool = True) -> DirectMessages:
+    def direct_messages(
+        self, *, auto_ack: bool = True, on_gap: DirectGapCallback | None = None
+    ) -> DirectMessages:
         """The direct messages to this client's user: each ``seq`` once, in order.
 
         ``async for msg in client.direct_messages(): ...`` yields
@@ -450,9 +457,16 @@ class Client:
         batches: at most one ack in flight) once the iterator handed it over; without,
         call :meth:`ack`. Several iterators share one queue (each message goes to one).
         Needs ``user`` in :func:`connect`.
+
+        ``on_gap`` is called with a :class:`~fastim.client.DirectGap` when the reading
+        reaches the point where the inbox's numbering started again (the node's store
+        lost it): what is lost is said there, and the new numbering follows
+        (``client.inbox.gaps`` counts them either way).
         """
         if self.user is None:
             raise ValueError("direct messages need a user: connect(..., user=...)")
+        if on_gap is not None:
+            self._inbox.on_gap = on_gap
         return DirectMessages(self._inbox, auto_ack)
 
     def ack(self, seq: int) -> None:
@@ -482,7 +496,7 @@ class Client:
             RequestError: NO_USER (115) without a user; STORE_UNAVAILABLE (114).
         """
         reply = await self._cmd({"op": "inbox"})
-        return InboxState(int(reply["acked"]), int(reply["top"]))
+        return InboxState(int(reply["acked"]), int(reply["top"]), str(reply.get("epoch") or ""))
 
     async def ping(self) -> float:
         """A round trip through the node's command path; returns it in seconds.
@@ -943,8 +957,13 @@ class Client:
             return
         if epoch == since.epoch and off >= since.off:
             reason = "trimmed"  # what the node still had of (since.off, off] follows
+        elif epoch != since.epoch:
+            reason = "epoch"
+            # the node sends what it has of the new epoch from its start, then live
+            # ones (an epoch this subscription was in before resumes where it was left)
+            sub._move(epoch, sub._left.get(epoch, 0))
         else:
-            reason = "epoch" if epoch != since.epoch else "rewound"
+            reason = "rewound"
             sub._move(epoch, off)  # offsets start again: live messages after `off`
         sub.epoch = epoch
         sub._gap(Gap(ch, since.epoch, since.off, epoch, off, reason))

@@ -11,6 +11,15 @@ hole is filled (a retry or the replay brings the missing one) or turns out to be
 acknowledged already (by another connection of the same user: then it is skipped, as the
 inbox's ack is per user).
 
+Epochs. An inbox's numbering starts again at 1 when the node's store lost it (a memory
+store's restart, a flushed Redis) or went back (a restored backup); the node then gives
+the inbox a new epoch, carried by every ``dm``. A message of another epoch than the one
+this client is in is never a copy: the client queues a :class:`DirectGap` (the old
+numbering's messages after ``last_seq`` may be lost), starts its duplicate check afresh,
+and delivers the new numbering from where the node says it starts. Copies from an epoch
+it has left are dropped; an ack names its epoch, so it never acknowledges messages of a
+numbering this client has not seen.
+
 Acks are cumulative and batched: at most one ``ack`` is in flight; when it returns, the
 next one carries the highest ``seq`` the application has taken since. An ack that was
 lost (connection gone, store unavailable) is sent again later: the node's own retries
@@ -22,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import ConnectionClosed, RequestError
@@ -30,7 +40,15 @@ from ..protocol import ErrorCode
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["DirectInbox", "DirectMessage", "DirectMessages", "InboxState", "Sent"]
+__all__ = [
+    "DirectGap",
+    "DirectGapCallback",
+    "DirectInbox",
+    "DirectMessage",
+    "DirectMessages",
+    "InboxState",
+    "Sent",
+]
 
 log = logging.getLogger("fastim.client")
 
@@ -47,6 +65,21 @@ class DirectMessage(NamedTuple):
     mid: str  # the node's message id (the same for every copy and every retry)
     sender: str | None  # the sender's user id
     data: Any  # the JSON document sent, decoded
+    epoch: str = ""  # the inbox's epoch: seq counts within it ("" from a node without)
+
+
+class DirectGap(NamedTuple):
+    """The inbox's numbering started again (a new epoch): direct messages of the old
+    numbering after ``last_seq`` that this client had not received may be lost (the
+    node's store lost them). Messages of the new epoch follow, from its start."""
+
+    last_epoch: str  # the epoch this client was in
+    last_seq: int  # the last seq of it handed to the application (0: none)
+    epoch: str  # the inbox's epoch from here on
+
+
+#: called with each :class:`DirectGap` when the application's reading reaches it
+DirectGapCallback = Callable[[DirectGap], object]
 
 
 class Sent(NamedTuple):
@@ -55,6 +88,7 @@ class Sent(NamedTuple):
     mid: str  # message id
     seq: int  # the recipient's sequence number given to the message
     dup: bool  # True: this cid had been stored before (a retry); nothing new was stored
+    epoch: str = ""  # the recipient inbox's epoch that ``seq`` belongs to
 
 
 class InboxState(NamedTuple):
@@ -62,6 +96,7 @@ class InboxState(NamedTuple):
 
     acked: int  # every seq up to this one is acknowledged
     top: int  # the last seq given
+    epoch: str = ""  # the inbox's epoch ("" before its first message)
 
 
 class DirectInbox:
@@ -80,8 +115,16 @@ class DirectInbox:
         self.duplicates = 0
         #: messages skipped because another connection of the user acknowledged them
         self.skipped = 0
+        #: the inbox epoch ``delivered``, ``taken`` and ``acked`` count in ("" unknown)
+        self.epoch = ""
+        #: times the inbox's numbering started again (see :class:`DirectGap`)
+        self.gaps = 0
+        self.last_gap: DirectGap | None = None
+        #: called when the application's reading reaches a gap
+        self.on_gap: DirectGapCallback | None = None
+        self._left: deque[str] = deque(maxlen=8)  # epochs left: their copies are stale
         self._held: dict[int, DirectMessage] = {}
-        self._queue: deque[DirectMessage] = deque()
+        self._queue: deque[DirectMessage | DirectGap] = deque()
         self._wake = asyncio.Event()
         self._end: ConnectionClosed | None = None
         self._end_normal = False
@@ -96,17 +139,56 @@ class DirectInbox:
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
             log.warning("fastim client: dm without a valid seq: %r", obj)
             return
+        epoch = obj.get("epoch")
+        epoch = epoch if isinstance(epoch, str) else ""
+        if epoch and epoch != self.epoch:
+            if epoch in self._left:
+                self.duplicates += 1  # a late copy of a numbering already left
+                return
+            self._new_epoch(epoch)
         if (self.delivered is not None and seq <= self.delivered) or seq in self._held:
             self.duplicates += 1
             return
         sender = obj.get("from")
         self._held[seq] = DirectMessage(
             seq, str(obj.get("mid", "")), sender if isinstance(sender, str) else None,
-            obj.get("data"),
+            obj.get("data"), self.epoch,
         )  # fmt: skip
         self._drain()
         if self._held:
             self._check_hole()
+
+    def _new_epoch(self, epoch: str) -> None:
+        """The inbox numbers in ``epoch`` from now on. From an unknown one (the first
+        message) nothing is lost; from a known one, the old numbering ended: what was
+        held of it is handed over (real messages, with a hole before them), a gap is
+        queued, and the duplicate check starts afresh."""
+        old = self.epoch
+        self.epoch = epoch
+        if not old:
+            return
+        self._left.append(old)
+        held = self._held
+        last = self.delivered or 0
+        for seq in sorted(held):
+            self._queue.append(held[seq])
+            last = seq
+        held.clear()
+        gap = DirectGap(old, last, epoch)
+        self.gaps += 1
+        self.last_gap = gap
+        log.warning(
+            "fastim client: the inbox started a new numbering (epoch %s -> %s): direct "
+            "messages after seq %d of the old one may be lost",
+            old,
+            epoch,
+            last,
+        )
+        self._queue.append(gap)
+        self.delivered = None
+        self.taken = 0
+        self.acked = 0
+        self._wake.set()
 
     def _drain(self) -> None:
         """Queue the held messages that follow ``delivered`` without a hole."""
@@ -149,7 +231,13 @@ class DirectInbox:
                     log.debug("fastim client: inbox state: %r", e)
                 else:
                     client._inbox_ok()
-                    if self.delivered is None or state.acked > self.delivered:
+                    if state.epoch and state.epoch != self.epoch and state.epoch not in self._left:
+                        # the inbox moved to another numbering: what is held of the
+                        # old one is handed over, with the gap, and the new one starts
+                        self._new_epoch(state.epoch)
+                    if state.epoch in ("", self.epoch) and (
+                        self.delivered is None or state.acked > self.delivered
+                    ):
                         self.delivered = state.acked
                     self._drain()
                     if not self._held:
@@ -157,7 +245,7 @@ class DirectInbox:
                     log.info(
                         "fastim client: direct messages %d.. wait for %d (acked %d)",
                         min(self._held),
-                        self.delivered + 1,
+                        state.acked + 1,
                         state.acked,
                     )
                 await asyncio.sleep(delay)
@@ -167,8 +255,13 @@ class DirectInbox:
 
     # ----------------------------------------------------------------- acks
 
-    def took(self, seq: int) -> None:
-        """The application has ``seq`` (and everything before it): acknowledge it."""
+    def took(self, seq: int, epoch: str | None = None) -> None:
+        """The application has ``seq`` (and everything before it): acknowledge it.
+
+        ``epoch``: the message's; one of a numbering left since is not acknowledged
+        (the node no longer has it)."""
+        if epoch is not None and epoch != self.epoch:
+            return
         if self.delivered is not None:
             seq = min(seq, self.delivered)  # never ack what this client has not seen
         if seq > self.taken:
@@ -181,15 +274,19 @@ class DirectInbox:
         if self._ack_inflight or self.taken <= self.acked or not client.connected:
             return
         self._ack_inflight = True
-        client._spawn(self._ack(self.taken))
+        client._spawn(self._ack(self.taken, self.epoch))
 
-    async def _ack(self, seq: int) -> None:
+    async def _ack(self, seq: int, epoch: str) -> None:
         client = self._client
         again = True
         try:
-            reply = await client._cmd({"op": "ack", "seq": seq})
+            cmd: dict[str, Any] = {"op": "ack", "seq": seq}
+            if epoch:
+                cmd["epoch"] = epoch
+            reply = await client._cmd(cmd)
             acked = reply.get("seq")
-            self.acked = max(self.acked, acked if isinstance(acked, int) else seq)
+            if epoch == self.epoch and reply.get("epoch", epoch) == epoch:
+                self.acked = max(self.acked, acked if isinstance(acked, int) else seq)
         except RequestError as e:
             log.info("fastim client: ack %d refused: %s", seq, e)
             if e.code == ErrorCode.STORE_UNAVAILABLE:
@@ -209,16 +306,28 @@ class DirectInbox:
         while True:
             if self._queue:
                 msg = self._queue.popleft()
+                if isinstance(msg, DirectGap):
+                    self._reached(msg)
+                    continue
                 if auto_ack:
-                    self.took(msg.seq)
+                    self.took(msg.seq, msg.epoch)
                 return msg
             if self._end is not None:
                 raise ConnectionClosed(self._end.code, self._end.reason)
             self._wake.clear()
             await self._wake.wait()
 
+    def _reached(self, gap: DirectGap) -> None:
+        cb = self.on_gap
+        if cb is None:
+            return
+        try:
+            cb(gap)
+        except Exception:  # the application's bug must not break the stream
+            log.exception("fastim client: on_gap callback of the direct messages failed")
+
     def qsize(self) -> int:
-        return len(self._queue)
+        return sum(1 for m in self._queue if isinstance(m, DirectMessage))
 
     def finish(self, exc: ConnectionClosed, normal: bool) -> None:
         if self._end is None:

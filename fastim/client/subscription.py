@@ -56,8 +56,10 @@ class Gap(NamedTuple):
       (``history_size``, ``history_ttl``, or more than ``recovery_max`` missed); those
       it still had follow, with offsets above ``last_offset``.
     * ``"epoch"``: the channel's history was lost (a new epoch: a memory store or a
-      non-durable namespace restarted, Redis lost keys). Offsets start again; the
-      stream goes on with live messages after ``offset``.
+      non-durable namespace restarted, Redis lost keys). What the old epoch had after
+      ``last_offset`` is lost; offsets start again, and the stream goes on with every
+      message of the new epoch the node still has, from its start (offset 1 unless
+      trimmed), then live ones.
     * ``"rewound"``: same epoch, but the channel is behind the offset the client had
       (a store that lost its last writes, e.g. a Redis failover); offsets after
       ``offset`` follow.

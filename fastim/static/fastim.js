@@ -68,6 +68,14 @@ export const ErrorCode = Object.freeze({
  * @property {string} mid        the node's message id
  * @property {string|null} from  the sender's user id
  * @property {any} data
+ * @property {string} epoch      the inbox's epoch: seq counts within it
+ *
+ * @typedef {object} DirectGap  The inbox's numbering started again (the node's store
+ *     lost it): messages of the old epoch after `lastSeq` not received may be lost;
+ *     the new epoch's messages follow, from its start.
+ * @property {string} lastEpoch  the epoch this client was in
+ * @property {number} lastSeq    its last seq handed to onDirect (0: none)
+ * @property {string} epoch      the inbox's epoch from here on
  *
  * @typedef {object} Sent  The node's acknowledgement of a send.
  * @property {string} mid
@@ -104,9 +112,16 @@ export const ErrorCode = Object.freeze({
  * @property {boolean} [autoAck=true]  acknowledge a direct message once onDirect returned
  *     (or its promise resolved); false: call client.ack(seq)
  * @property {(dm: DirectMessage) => any} [onDirect]
+ * @property {(gap: DirectGap) => void} [onDirectGap]  called, in order with onDirect,
+ *     where the inbox's numbering started again
  * @property {(event: object) => void} [onEvent]  join, leave and other events
  * @property {(state: State, info: {code?: number, reason?: string}) => void} [onState]
  * @property {(err: Error) => void} [onError]  failures with no request to report them to
+ * @property {WebSocketClass} [WebSocket]  the WebSocket class to connect with; default:
+ *     the global one (browsers, Deno, Bun, Node 22+ or Node 20 with
+ *     --experimental-websocket); elsewhere pass one, e.g. the `ws` package's
+ *
+ * @typedef {new (url: string, protocols?: string | string[]) => WebSocket} WebSocketClass
  */
 
 /** The node refused a request. */
@@ -207,6 +222,9 @@ function newCid() {
 
 /** The default endpoint: /ws on the origin this module came from (http→ws, https→wss). */
 function defaultUrl() {
+  if (!/^https?:/.test(import.meta.url)) {
+    throw new TypeError(`connect: pass url (this module was not loaded from a node: ${import.meta.url})`);
+  }
   const u = new URL("/ws", import.meta.url);
   u.protocol = u.protocol === "https:" ? "wss:" : "ws:";
   return u.href;
@@ -327,6 +345,15 @@ export class Client {
     /** @type {string[]} */
     this.urls = Array.isArray(urls) ? urls.slice() : [urls];
     if (!this.urls.length) throw new TypeError("connect: no url");
+    /** @type {WebSocketClass} */
+    this._WebSocket = opts.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== "function") {
+      throw new TypeError(
+        "no WebSocket implementation: pass one as the WebSocket option, " +
+          "connect({url, WebSocket: Impl}) (e.g. the ws package's), " +
+          "or run Node 22+ or Node 20 with --experimental-websocket",
+      );
+    }
     this.user = opts.user ?? null;
     this.token = opts.token ?? null;
     this.getToken = opts.getToken ?? null;
@@ -347,7 +374,12 @@ export class Client {
     this.subscriptions = new Map();
     /** Direct messages: every seq up to `delivered` was handed over (null: not known). */
     this.inbox = { delivered: /** @type {number|null} */ (null), taken: 0, acked: 0,
-      duplicates: 0, skipped: 0 }; // prettier-ignore
+      duplicates: 0, skipped: 0, epoch: "", gaps: 0,
+      lastGap: /** @type {DirectGap|null} */ (null) }; // prettier-ignore
+    /** Called with each DirectGap, in order with onDirect. */
+    this.onDirectGap = opts.onDirectGap ?? null;
+    /** @type {string[]} inbox epochs left: their late copies are dropped */
+    this._leftEpochs = [];
 
     /** @type {WebSocket|null} */
     this._ws = null;
@@ -369,7 +401,7 @@ export class Client {
     this._refreshTimer = null;
     /** @type {Map<number, DirectMessage>} */
     this._held = new Map();
-    /** @type {DirectMessage[]} */
+    /** @type {Array<DirectMessage|{gap: DirectGap}>} */
     this._dmQueue = [];
     this._dmRunning = false;
     this._ackInflight = false;
@@ -476,7 +508,7 @@ export class Client {
       }
       try {
         const r = await this._request(cmd, Math.min(this.requestTimeout, left));
-        return { mid: r.mid, seq: r.seq, dup: !!r.dup };
+        return { mid: r.mid, seq: r.seq, dup: !!r.dup, epoch: r.epoch || "" };
       } catch (e) {
         if (e instanceof RequestError && e.code === ErrorCode.STORE_UNAVAILABLE) {
           last = e;
@@ -497,6 +529,12 @@ export class Client {
    * @param {number} seq
    */
   ack(seq) {
+    this._took(seq, this.inbox.epoch);
+  }
+
+  /** @param {number} seq  @param {string} epoch  the message's (a left one is not acked) */
+  _took(seq, epoch) {
+    if (epoch !== this.inbox.epoch) return;
     const d = this.inbox.delivered;
     if (d !== null) seq = Math.min(seq, d); // never ack what this client has not seen
     if (seq > this.inbox.taken) {
@@ -510,10 +548,10 @@ export class Client {
     return this._request({ op: "presence", ch: channel });
   }
 
-  /** The inbox as the node has it. @returns {Promise<{acked: number, top: number}>} */
+  /** The inbox as the node has it. @returns {Promise<{acked: number, top: number, epoch: string}>} */
   async inboxState() {
     const r = await this._request({ op: "inbox" });
-    return { acked: r.acked, top: r.top };
+    return { acked: r.acked, top: r.top, epoch: r.epoch || "" };
   }
 
   /** Close for good: pending requests fail, subscriptions end. */
@@ -590,17 +628,26 @@ export class Client {
     }
     let ws;
     try {
-      ws = new WebSocket(target, "fastim.json");
+      ws = new this._WebSocket(target, "fastim.json");
     } catch (e) {
       // a malformed URL: retrying cannot help
       this._giveUp(new ConnectionClosed(1002, `bad url ${url}: ${e}`));
       return;
     }
     this._ws = ws;
-    ws.onopen = () => this._onOpen(ws);
+    let opened = false;
+    ws.onopen = () => {
+      opened = true;
+      this._onOpen(ws);
+    };
     ws.onmessage = (ev) => this._onMessage(ws, ev);
     ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
-    ws.onerror = () => {}; // a close event follows, with the code
+    // Once open, a close event follows an error, with the code. Before open, browsers
+    // follow it with a 1006 close but Node's WebSocket (undici) sends none: the attempt
+    // failed either way, go on to the backoff now (not after the handshake timeout).
+    ws.onerror = () => {
+      if (!opened) this._onConnectFailed(ws);
+    };
     // a node that takes the connection but never answers (or a path that drops it
     // silently) must not leave the client waiting: give up on it and try again
     this._handshakeTimer = setTimeout(() => {
@@ -661,6 +708,18 @@ export class Client {
     this._waiters = [];
     for (const w of waiters) w();
     this._pumpAck(); // an ack the last connection could not deliver
+  }
+
+  /** @param {WebSocket} ws  The connection could not be made (an error before open). */
+  _onConnectFailed(ws) {
+    if (ws !== this._ws) return;
+    this._detach();
+    try {
+      ws.close();
+    } catch {
+      /* closed already */
+    }
+    this._retry(new ConnectionClosed(1006, "could not connect"));
   }
 
   /** @param {WebSocket} ws  @param {number} code  @param {string} reason */
@@ -952,8 +1011,13 @@ export class Client {
     }
     /** @type {Gap["reason"]} */
     let reason = "trimmed"; // what the node still had of (since.off, off] follows
-    if (!(epoch === since.epoch && off >= since.off)) {
-      reason = epoch !== since.epoch ? "epoch" : "rewound";
+    if (epoch !== since.epoch) {
+      reason = "epoch";
+      // the node sends what it has of the new epoch from its start, then live ones
+      // (an epoch this subscription was in before resumes where it was left)
+      sub._move(epoch, sub._left.get(epoch) ?? 0);
+    } else if (off < since.off) {
+      reason = "rewound";
       sub._move(epoch, off); // offsets start again: live after `off`
     }
     sub.epoch = epoch;
@@ -1030,16 +1094,53 @@ export class Client {
     const seq = obj.seq;
     if (!Number.isInteger(seq) || seq < 1) return;
     const inbox = this.inbox;
+    const epoch = typeof obj.epoch === "string" ? obj.epoch : "";
+    if (epoch && epoch !== inbox.epoch) {
+      if (this._leftEpochs.includes(epoch)) {
+        inbox.duplicates += 1; // a late copy of a numbering already left
+        return;
+      }
+      this._newInboxEpoch(epoch);
+    }
     if ((inbox.delivered !== null && seq <= inbox.delivered) || this._held.has(seq)) {
       inbox.duplicates += 1;
       return;
     }
     this._held.set(seq, {
       seq, mid: String(obj.mid ?? ""), from: typeof obj.from === "string" ? obj.from : null,
-      data: obj.data,
+      data: obj.data, epoch: inbox.epoch,
     }); // prettier-ignore
     this._drainHeld();
     if (this._held.size) this._checkHole();
+  }
+
+  /**
+   * The inbox numbers in `epoch` from now on (its store lost the old numbering). From
+   * an unknown one nothing is lost; from a known one, what was held of it is handed
+   * over, a gap follows, and the duplicate check starts afresh (mirrors direct.py).
+   * @param {string} epoch
+   */
+  _newInboxEpoch(epoch) {
+    const inbox = this.inbox;
+    const old = inbox.epoch;
+    inbox.epoch = epoch;
+    if (!old) return;
+    this._leftEpochs.push(old);
+    if (this._leftEpochs.length > 8) this._leftEpochs.shift();
+    let last = inbox.delivered ?? 0;
+    for (const seq of [...this._held.keys()].sort((a, b) => a - b)) {
+      this._dmQueue.push(/** @type {DirectMessage} */ (this._held.get(seq)));
+      last = seq;
+    }
+    this._held.clear();
+    const gap = { lastEpoch: old, lastSeq: last, epoch };
+    inbox.gaps += 1;
+    inbox.lastGap = gap;
+    this._dmQueue.push({ gap });
+    inbox.delivered = null;
+    inbox.taken = 0;
+    inbox.acked = 0;
+    this._runDirect();
   }
 
   _drainHeld() {
@@ -1070,9 +1171,14 @@ export class Client {
       while (this._held.size && !this._closing) {
         try {
           const state = await this.inboxState();
-          if (this.inbox.delivered === null || state.acked > this.inbox.delivered) {
-            this.inbox.delivered = state.acked;
+          const inbox = this.inbox;
+          if (state.epoch && state.epoch !== inbox.epoch && !this._leftEpochs.includes(state.epoch)) {
+            this._newInboxEpoch(state.epoch); // moved on: hand over what is held of the old
           }
+          if ((state.epoch === "" || state.epoch === inbox.epoch) &&
+              (inbox.delivered === null || state.acked > inbox.delivered)) {
+            inbox.delivered = state.acked;
+          } // prettier-ignore
           this._drainHeld();
           if (!this._held.size) return;
         } catch (e) {
@@ -1092,13 +1198,18 @@ export class Client {
     this._dmRunning = true;
     try {
       while (this._dmQueue.length && this._onDirect) {
-        const dm = /** @type {DirectMessage} */ (this._dmQueue.shift());
+        const item = /** @type {DirectMessage|{gap: DirectGap}} */ (this._dmQueue.shift());
+        if ("gap" in item) {
+          this._callback(this.onDirectGap, item.gap);
+          continue;
+        }
+        const dm = item;
         try {
           await this._onDirect(dm);
         } catch (e) {
           this._callback(this.onError, e); // the application's bug: the message counts as taken
         }
-        if (this.autoAck) this.ack(dm.seq);
+        if (this.autoAck) this._took(dm.seq, dm.epoch);
       }
     } finally {
       this._dmRunning = false;
@@ -1111,10 +1222,16 @@ export class Client {
     if (this._ackInflight || inbox.taken <= inbox.acked || !this._connected) return;
     this._ackInflight = true;
     const seq = inbox.taken;
+    const epoch = inbox.epoch;
     let again = true;
     try {
-      const r = await this._request({ op: "ack", seq });
-      inbox.acked = Math.max(inbox.acked, Number.isInteger(r.seq) ? r.seq : seq);
+      /** @type {{op: string, seq: number, epoch?: string}} */
+      const cmd = { op: "ack", seq };
+      if (epoch) cmd.epoch = epoch;
+      const r = await this._request(cmd);
+      if (epoch === inbox.epoch && (r.epoch ?? epoch) === epoch) {
+        inbox.acked = Math.max(inbox.acked, Number.isInteger(r.seq) ? r.seq : seq);
+      }
     } catch (e) {
       if (e instanceof RequestError) {
         if (e.code === ErrorCode.STORE_UNAVAILABLE) await sleep(ACK_RETRY);

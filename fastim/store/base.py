@@ -135,25 +135,32 @@ class History(NamedTuple):
 
 class InboxAppended(NamedTuple):
     """Result of :meth:`Store.inbox_append`; ``duplicate``: an earlier send with the same
-    (sender, client id) was found, and ``seq``/``msg_id`` are that send's."""
+    (sender, client id) was found, and ``seq``/``msg_id`` are that send's. ``epoch``: the
+    inbox's epoch, which ``seq`` belongs to."""
 
     seq: int
     msg_id: str
     duplicate: bool
+    epoch: str = ""
 
 
 class InboxMessage(NamedTuple):
+    """One stored direct message; ``epoch`` is the inbox's epoch when it was read."""
+
     seq: int
     msg_id: str
     sender: str | None
     data: bytes
+    epoch: str = ""
 
 
 class InboxState(NamedTuple):
-    """``acked``: the highest acknowledged sequence; ``top``: the last one assigned."""
+    """``acked``: the highest acknowledged sequence; ``top``: the last one assigned;
+    ``epoch``: the inbox's epoch ("" for an inbox never written to)."""
 
     acked: int
     top: int
+    epoch: str = ""
 
 
 # ------------------------------------------------------------------------------- interface
@@ -174,8 +181,15 @@ class Store(abc.ABC):
     """Channel history and user inboxes; every method is a coroutine except ``name``.
 
     Channel history: per channel an epoch (names one continuous history; a new one when
-    the store lost the channel's history) and offsets 1, 2, 3, ... Inboxes: per user a
+    the store lost the channel's history) and offsets 1, 2, 3, ... Inboxes: per user an
+    epoch (the same idea: a new one when the inbox's numbering started again), a
     sequence 1, 2, 3, ..., a cumulative acknowledged sequence, and idempotent sends.
+
+    Why inboxes have epochs: a client drops a direct message whose ``seq`` it has already
+    delivered (it gets copies: retries, replays, several connections). An inbox that
+    started again at 1 (a memory store's restart, a flushed Redis, a restored backup)
+    would give new messages sequences the client has seen, and they would be dropped in
+    silence. With the epoch on every message, a client knows a new numbering from a copy.
     """
 
     #: "memory", "sqlite" or "redis"
@@ -264,6 +278,9 @@ class Store(abc.ABC):
     ) -> InboxAppended:
         """Store a direct message for ``user``: next sequence, a new unique message id.
 
+        The first append to an inbox the store does not have (never written, or lost)
+        gives it a new epoch, returned with every result.
+
         With a ``client_msg_id``, a second send with the same (``sender``,
         ``client_msg_id``) to the same user within the dedup window stores nothing and
         returns the first send's sequence and id with ``duplicate=True``, even after the
@@ -273,19 +290,33 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def inbox_read(self, user: str, after_seq: int, limit: int = 1000) -> list[InboxMessage]:
-        """Unacknowledged messages with sequence > ``after_seq``, in order, at most ``limit``."""
+        """Unacknowledged messages with sequence > ``after_seq``, in order, at most ``limit``;
+        each carries the inbox's epoch read in the same snapshot."""
 
     @abc.abstractmethod
-    async def inbox_ack(self, user: str, seq: int) -> InboxState:
+    async def inbox_ack(self, user: str, seq: int, epoch: str | None = None) -> InboxState:
         """Acknowledge every message up to ``seq`` (cumulative) and drop them.
 
         An ack at or below the current acked sequence changes nothing; above the last
-        sequence it raises :class:`AckOutOfRange`. Returns the state after.
+        sequence it raises :class:`AckOutOfRange`. With ``epoch``, an ack for another
+        epoch than the inbox's (a client that has not seen the new numbering yet)
+        changes nothing either: its ``seq`` names other messages. Returns the state after.
         """
 
     @abc.abstractmethod
     async def inbox_state(self, user: str) -> InboxState:
-        """(acked, top) of the user's inbox; (0, 0) for a user never written to."""
+        """(acked, top, epoch) of the user's inbox; (0, 0, "") for a user never written to."""
+
+    @abc.abstractmethod
+    async def inbox_restart_epoch(self, user: str, seen_epoch: str) -> InboxState:
+        """Give the inbox a new epoch if it is still in ``seen_epoch``; return its state.
+
+        For an inbox that went back without losing its epoch (a store restored from an
+        older backup numbers new messages with sequences clients have already seen).
+        The node calls it when a new message gets a sequence at or below one it already
+        delivered in the same epoch. Messages, acked and top stay. Compare-and-set: a
+        restart made by another node first is returned unchanged.
+        """
 
     # -- upkeep
 

@@ -50,9 +50,12 @@ class _Channel:
 
 
 class _Inbox:
-    __slots__ = ("acked", "dedup", "dedup_order", "msgs", "top")
+    __slots__ = ("acked", "dedup", "dedup_order", "epoch", "msgs", "top")
 
     def __init__(self) -> None:
+        #: new with the inbox: a restarted node's memory store numbers inboxes from 1
+        #: again, and clients tell its messages from copies of old ones by the epoch
+        self.epoch = new_epoch()
         self.top = 0
         self.acked = 0
         self.msgs: deque[InboxMessage] = deque()
@@ -208,7 +211,7 @@ class MemoryStore(Store):
             self._prune_dedup(ib, now)
             hit = ib.dedup.get(key)
             if hit is not None:
-                return InboxAppended(hit[0], hit[1], True)
+                return InboxAppended(hit[0], hit[1], True, ib.epoch)
         if ib.top - ib.acked >= self.inbox_limits.max_unacked:
             raise InboxFull(user, self.inbox_limits.max_unacked)
         ib.top += 1
@@ -217,7 +220,7 @@ class MemoryStore(Store):
         if key is not None and self.inbox_limits.dedup_window > 0:
             ib.dedup[key] = (ib.top, msg_id, now)
             ib.dedup_order.append((now, key))
-        return InboxAppended(ib.top, msg_id, False)
+        return InboxAppended(ib.top, msg_id, False, ib.epoch)
 
     async def inbox_read(self, user: str, after_seq: int, limit: int = 1000) -> list[InboxMessage]:
         check_read_args(after_seq, limit)
@@ -226,27 +229,42 @@ class MemoryStore(Store):
         if ib is None or not ib.msgs:
             return []
         start = max(0, after_seq + 1 - ib.msgs[0].seq)
-        return list(itertools.islice(ib.msgs, start, start + limit))
+        epoch = ib.epoch
+        return [m._replace(epoch=epoch) for m in itertools.islice(ib.msgs, start, start + limit)]
 
-    async def inbox_ack(self, user: str, seq: int) -> InboxState:
+    async def inbox_ack(self, user: str, seq: int, epoch: str | None = None) -> InboxState:
         self._check_open()
         ib = self._inboxes.get(user)
-        top = ib.top if ib is not None else 0
-        if seq > top:
-            raise AckOutOfRange(user, seq, top)
         if ib is None:
+            if epoch:
+                return InboxState(0, 0)  # an ack of a numbering this store does not have
+            if seq > 0:
+                raise AckOutOfRange(user, seq, 0)
             return InboxState(0, 0)
+        if epoch is not None and epoch != ib.epoch:
+            return InboxState(ib.acked, ib.top, ib.epoch)
+        if seq > ib.top:
+            raise AckOutOfRange(user, seq, ib.top)
         if seq > ib.acked:
             msgs = ib.msgs
             while msgs and msgs[0].seq <= seq:
                 msgs.popleft()
             ib.acked = seq
-        return InboxState(ib.acked, ib.top)
+        return InboxState(ib.acked, ib.top, ib.epoch)
 
     async def inbox_state(self, user: str) -> InboxState:
         self._check_open()
         ib = self._inboxes.get(user)
-        return InboxState(0, 0) if ib is None else InboxState(ib.acked, ib.top)
+        return InboxState(0, 0) if ib is None else InboxState(ib.acked, ib.top, ib.epoch)
+
+    async def inbox_restart_epoch(self, user: str, seen_epoch: str) -> InboxState:
+        self._check_open()
+        ib = self._inboxes.get(user)
+        if ib is None:
+            return InboxState(0, 0)
+        if ib.epoch == seen_epoch:
+            ib.epoch = new_epoch()
+        return InboxState(ib.acked, ib.top, ib.epoch)
 
     # ------------------------------------------------------------------------------ upkeep
 

@@ -193,8 +193,9 @@ return out
 )
 
 # KEYS meta, stream, dedup, times. ARGV: data, dedup key ('' = none), has sender ('0'/'1'),
-# sender, msg id, max unacked, dedup window ms. Returns {seq, msg_id, duplicate} or
-# {-1, '', 0} when full.
+# sender, msg id, max unacked, dedup window ms, a fresh epoch. Returns {seq, msg_id,
+# duplicate, epoch} or {-1, '', 0, epoch} when full. An inbox without its meta hash (never
+# written, or lost: a flushed or evicted Redis) starts again at 1 in the fresh epoch.
 INBOX_APPEND = """
 local meta, stream, dedup, times = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local key, window = ARGV[2], tonumber(ARGV[7])
@@ -202,6 +203,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if redis.call('EXISTS', meta) == 0 then
   redis.call('DEL', stream, dedup, times)  -- leftovers of a lost inbox would clash
+end
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  epoch = ARGV[8]
+  redis.call('HSET', meta, 'epoch', epoch)
 end
 if key ~= '' then
   local old = redis.call('ZRANGEBYSCORE', times, '-inf', now - window, 'LIMIT', 0, 100)
@@ -212,12 +218,12 @@ if key ~= '' then
   local hit = redis.call('HGET', dedup, key)
   if hit then
     local seq, mid, ts = string.match(hit, '^(%d+) (%S+) (%d+)$')
-    if now - tonumber(ts) < window then return {tonumber(seq), mid, 1} end
+    if now - tonumber(ts) < window then return {tonumber(seq), mid, 1, epoch} end
   end
 end
 local top = tonumber(redis.call('HGET', meta, 'top') or '0')
 local acked = tonumber(redis.call('HGET', meta, 'acked') or '0')
-if top - acked >= tonumber(ARGV[6]) then return {-1, '', 0} end
+if top - acked >= tonumber(ARGV[6]) then return {-1, '', 0, epoch} end
 top = top + 1
 redis.call('HSET', meta, 'top', top, 'acked', acked)
 if ARGV[3] == '1' then
@@ -229,28 +235,45 @@ if key ~= '' and window > 0 then
   redis.call('HSET', dedup, key, top .. ' ' .. ARGV[5] .. ' ' .. now)
   redis.call('ZADD', times, now, key)
 end
-return {top, ARGV[5], 0}
+return {top, ARGV[5], 0, epoch}
 """
 
-# KEYS meta, stream. ARGV seq. Returns {acked, top, refused (0/1)}.
+# KEYS meta, stream. ARGV seq, has epoch ('0'/'1'), epoch. Returns {acked, top, refused
+# (0/1), epoch}; an ack naming another epoch than the inbox's changes nothing.
 INBOX_ACK = """
 local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
 local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
+local epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
 local seq = tonumber(ARGV[1])
-if seq > top then return {acked, top, 1} end
+if ARGV[2] == '1' and ARGV[3] ~= epoch then return {acked, top, 0, epoch} end
+if seq > top then return {acked, top, 1, epoch} end
 if seq > acked then
   acked = seq
   redis.call('HSET', KEYS[1], 'acked', acked)
   redis.call('XTRIM', KEYS[2], 'MINID', acked + 1)
 end
-return {acked, top, 0}
+return {acked, top, 0, epoch}
 """
 
-# KEYS meta, stream. ARGV after, limit. Returns {acked, top, seq, id, sender|false, data, ...}.
+# KEYS meta. ARGV the epoch seen, a fresh one. Returns {acked, top, epoch}.
+INBOX_RESTART_EPOCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, ''} end
+local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
+local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
+local epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
+if epoch == ARGV[1] then
+  epoch = ARGV[2]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+return {acked, top, epoch}
+"""
+
+# KEYS meta, stream. ARGV after, limit. Returns {acked, top, epoch, seq, id, sender|false,
+# data, ...}.
 INBOX_READ = """
 local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
 local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
-local out = {acked, top}
+local out = {acked, top, redis.call('HGET', KEYS[1], 'epoch') or ''}
 local limit = tonumber(ARGV[2])
 if limit == 0 or top == 0 then return out end
 local from = math.max(tonumber(ARGV[1]), acked) + 1
@@ -288,6 +311,7 @@ _SCRIPTS = {
         ("inbox_append", INBOX_APPEND),
         ("inbox_ack", INBOX_ACK),
         ("inbox_read", INBOX_READ),
+        ("inbox_restart_epoch", INBOX_RESTART_EPOCH),
     )
 }
 
@@ -527,13 +551,14 @@ class RedisStore(Store):
             new_msg_id(),
             lim.max_unacked,
             self._ms(lim.dedup_window) if lim.dedup_window > 0 else 0,
+            new_epoch(),
         ]
 
         def parse(reply: Any) -> InboxAppended:
-            seq, msg_id, dup = reply
+            seq, msg_id, dup, epoch = reply
             if seq < 0:
                 raise InboxFull(user, lim.max_unacked)
-            return InboxAppended(int(seq), _s(msg_id), bool(dup))
+            return InboxAppended(int(seq), _s(msg_id), bool(dup), _s(epoch))
 
         return await self._call("inbox_append", self._in(user), args, parse)
 
@@ -543,20 +568,28 @@ class RedisStore(Store):
             "inbox_read", self._in(user)[:2], [after_seq, limit], _parse_inbox_messages
         )
 
-    async def inbox_ack(self, user: str, seq: int) -> InboxState:
+    async def inbox_ack(self, user: str, seq: int, epoch: str | None = None) -> InboxState:
         def parse(reply: Any) -> InboxState:
-            acked, top, refused = reply
+            acked, top, refused, current = reply
             if refused:
                 raise AckOutOfRange(user, seq, int(top))
-            return InboxState(int(acked), int(top))
+            return InboxState(int(acked), int(top), _s(current))
 
-        return await self._call("inbox_ack", self._in(user)[:2], [seq], parse)
+        args = [seq, "0" if epoch is None else "1", epoch or ""]
+        return await self._call("inbox_ack", self._in(user)[:2], args, parse)
 
     async def inbox_state(self, user: str) -> InboxState:
         def parse(reply: Any) -> InboxState:
-            return InboxState(int(reply[0]), int(reply[1]))
+            return InboxState(int(reply[0]), int(reply[1]), _s(reply[2]))
 
         return await self._call("inbox_read", self._in(user)[:2], [0, 0], parse)
+
+    async def inbox_restart_epoch(self, user: str, seen_epoch: str) -> InboxState:
+        def parse(reply: Any) -> InboxState:
+            return InboxState(int(reply[0]), int(reply[1]), _s(reply[2]))
+
+        args = [seen_epoch, new_epoch()]
+        return await self._call("inbox_restart_epoch", self._in(user)[:1], args, parse)
 
     # ------------------------------------------------------------------------------ upkeep
 
@@ -591,8 +624,9 @@ def _parse_peek(reply: Any) -> History | None:
 
 
 def _parse_inbox_messages(reply: Any) -> list[InboxMessage]:
-    it = iter(reply[2:])
+    epoch = _s(reply[2])
+    it = iter(reply[3:])
     return [
-        InboxMessage(int(seq), _s(mid), None if sender is None else _s(sender), data)
+        InboxMessage(int(seq), _s(mid), None if sender is None else _s(sender), data, epoch)
         for seq, mid, sender, data in zip(it, it, it, it, strict=True)
     ]

@@ -94,7 +94,8 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS inboxes (
     user  TEXT PRIMARY KEY,
     top   INTEGER NOT NULL,
-    acked INTEGER NOT NULL
+    acked INTEGER NOT NULL,
+    epoch TEXT NOT NULL DEFAULT ''  -- '' only in files written before inboxes had epochs
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS inbox_messages (
     user   TEXT NOT NULL,
@@ -270,10 +271,17 @@ class _Writer:
             hit = c.execute(
                 "SELECT seq, msg_id, ts FROM inbox_dedup WHERE user = ? AND key = ?", (user, key)
             ).fetchone()
+            hit = c.execute(
+                "SELECT d.seq, d.msg_id, d.ts, i.epoch FROM inbox_dedup d "
+                "JOIN inboxes i ON i.user = d.user WHERE d.user = ? AND d.key = ?",
+                (user, key),
+            ).fetchone()
             if hit is not None and now - hit[2] < lim.dedup_window:
-                return InboxAppended(hit[0], hit[1], True)
-        row = c.execute("SELECT top, acked FROM inboxes WHERE user = ?", (user,)).fetchone()
-        top, acked = row if row else (0, 0)
+                return InboxAppended(hit[0], hit[1], True, hit[3])
+        row = c.execute(
+            "SELECT top, acked, epoch FROM inboxes WHERE user = ?", (user,)
+        ).fetchone()
+        top, acked, epoch = row if row else (0, 0, new_epoch())
         if top - acked >= lim.max_unacked:
             raise InboxFull(user, lim.max_unacked)
         seq = top + 1
@@ -281,7 +289,10 @@ class _Writer:
         if row:
             c.execute("UPDATE inboxes SET top = ? WHERE user = ?", (seq, user))
         else:
-            c.execute("INSERT INTO inboxes (user, top, acked) VALUES (?, ?, 0)", (user, seq))
+            c.execute(
+                "INSERT INTO inboxes (user, top, acked, epoch) VALUES (?, ?, 0, ?)",
+                (user, seq, epoch),
+            )
         c.execute(
             "INSERT INTO inbox_messages (user, seq, msg_id, sender, data) VALUES (?, ?, ?, ?, ?)",
             (user, seq, msg_id, sender, data),
@@ -292,19 +303,36 @@ class _Writer:
                 "VALUES (?, ?, ?, ?, ?)",
                 (user, key, seq, msg_id, now),
             )
-        return InboxAppended(seq, msg_id, False)
+        return InboxAppended(seq, msg_id, False, epoch)
 
-    def inbox_ack(self, user: str, seq: int) -> InboxState:
+    def inbox_ack(self, user: str, seq: int, epoch: str | None) -> InboxState:
         c = self.conn
-        row = c.execute("SELECT top, acked FROM inboxes WHERE user = ?", (user,)).fetchone()
-        top, acked = row if row else (0, 0)
+        row = c.execute(
+            "SELECT top, acked, epoch FROM inboxes WHERE user = ?", (user,)
+        ).fetchone()
+        top, acked, current = row if row else (0, 0, "")
+        if epoch is not None and epoch != current:
+            return InboxState(acked, top, current)  # an ack of another numbering
         if seq > top:
             raise AckOutOfRange(user, seq, top)
         if seq > acked:
             c.execute("UPDATE inboxes SET acked = ? WHERE user = ?", (seq, user))
             c.execute("DELETE FROM inbox_messages WHERE user = ? AND seq <= ?", (user, seq))
             acked = seq
-        return InboxState(acked, top)
+        return InboxState(acked, top, current)
+
+    def inbox_restart_epoch(self, user: str, seen: str) -> InboxState:
+        c = self.conn
+        row = c.execute(
+            "SELECT top, acked, epoch FROM inboxes WHERE user = ?", (user,)
+        ).fetchone()
+        if row is None:
+            return InboxState(0, 0)
+        top, acked, epoch = row
+        if epoch == seen:
+            epoch = new_epoch()
+            c.execute("UPDATE inboxes SET epoch = ? WHERE user = ?", (epoch, user))
+        return InboxState(acked, top, epoch)
 
     # -- upkeep
 
@@ -322,6 +350,15 @@ class _Writer:
             "DELETE FROM inbox_dedup WHERE ts <= ?", (now - self.store.inbox_limits.dedup_window,)
         )
         return len(dead) + max(cur.rowcount, 0)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a file written by an earlier version up to :data:`SCHEMA`."""
+    cols = {row[1] for row in conn.execute("PRAGMA table_info(inboxes)")}
+    if "epoch" not in cols:
+        conn.execute("ALTER TABLE inboxes ADD COLUMN epoch TEXT NOT NULL DEFAULT ''")
+    # inboxes from before epochs: each gets one now (their clients knew none)
+    conn.execute("UPDATE inboxes SET epoch = lower(hex(randomblob(6))) WHERE epoch = ''")
 
 
 _Job = tuple[Callable[[_Writer], Any], "asyncio.Future[Any]"]
@@ -424,6 +461,7 @@ class SqliteStore(Store):
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             conn.executescript(SCHEMA)
+            _migrate(conn)
         return conn
 
     def _run(self, conn: sqlite3.Connection) -> None:
@@ -653,24 +691,32 @@ class SqliteStore(Store):
         check_read_args(after_seq, limit)
 
         def run(conn: sqlite3.Connection) -> list[InboxMessage]:
+            # one snapshot (reads run in a transaction) for the epoch and the messages
+            row = conn.execute("SELECT epoch FROM inboxes WHERE user = ?", (user,)).fetchone()
             rows = conn.execute(
-                "SELECT seq, msg_id, sender, data FROM inbox_messages WHERE user = ? AND seq > ? "
-                "ORDER BY seq LIMIT ?",
+                "SELECT seq, msg_id, sender, data FROM inbox_messages "
+                "WHERE user = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (user, after_seq, limit),
             ).fetchall()
-            return [InboxMessage(*r) for r in rows]
+            epoch = row[0] if row else ""
+            return [InboxMessage(seq, mid, snd, data, epoch) for seq, mid, snd, data in rows]
 
         return await self._read(run)
 
-    async def inbox_ack(self, user: str, seq: int) -> InboxState:
-        return await self._write(lambda w: w.inbox_ack(user, seq))
+    async def inbox_ack(self, user: str, seq: int, epoch: str | None = None) -> InboxState:
+        return await self._write(lambda w: w.inbox_ack(user, seq, epoch))
 
     async def inbox_state(self, user: str) -> InboxState:
         def run(conn: sqlite3.Connection) -> InboxState:
-            row = conn.execute("SELECT acked, top FROM inboxes WHERE user = ?", (user,)).fetchone()
+            row = conn.execute(
+                "SELECT acked, top, epoch FROM inboxes WHERE user = ?", (user,)
+            ).fetchone()
             return InboxState(*row) if row else InboxState(0, 0)
 
         return await self._read(run)
+
+    async def inbox_restart_epoch(self, user: str, seen_epoch: str) -> InboxState:
+        return await self._write(lambda w: w.inbox_restart_epoch(user, seen_epoch))
 
     # ------------------------------------------------------------------------------ upkeep
 

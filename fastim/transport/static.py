@@ -9,6 +9,13 @@ and kept in memory (a few tens of KiB), and are answered with an ``ETag`` and
 while the file is unchanged, so a node upgrade is never hidden behind a stale cached
 client.
 
+``/fastim.js`` is public code that pages of other origins ``import`` (module scripts are
+fetched with CORS): it carries ``Access-Control-Allow-Origin`` as the
+``static_allowed_origins`` setting says (``*`` by default: no credentials go with it, and
+a public file hidden from other origins protects nothing; whether a page may *connect*
+is ``allowed_origins``, at the WebSocket: origin.py), and ``OPTIONS /fastim.js`` answers
+a CORS preflight. The demo has no CORS headers: it is the node's own page.
+
 Only files listed at load time are served: a request path is looked up in that table,
 never joined to a filesystem path, so ``..`` and the like cannot reach anything else.
 """
@@ -50,13 +57,15 @@ class StaticFile(NamedTuple):
     etag: bytes
     #: headers besides Content-Type and Content-Length
     headers: bytes
+    #: public code other origins may fetch: CORS headers (static_allowed_origins)
+    cors: bool = False
 
 
-def _load(path: Path, extra: bytes = b"") -> StaticFile:
+def _load(path: Path, extra: bytes = b"", cors: bool = False) -> StaticFile:
     body = path.read_bytes()
     etag = b'"' + hashlib.sha256(body).hexdigest()[:32].encode() + b'"'
     ctype = _TYPES.get(path.suffix, b"application/octet-stream")
-    return StaticFile(body, ctype, etag, _COMMON + b"ETag: " + etag + b"\r\n" + extra)
+    return StaticFile(body, ctype, etag, _COMMON + b"ETag: " + etag + b"\r\n" + extra, cors)
 
 
 class StaticFiles:
@@ -71,7 +80,7 @@ class StaticFiles:
         files: dict[bytes, StaticFile] = {}
         client = self.root / "fastim.js"
         if client.is_file():
-            files[b"/fastim.js"] = _load(client)
+            files[b"/fastim.js"] = _load(client, cors=True)
         demo = self.root / "demo"
         if demo.is_dir():
             for p in sorted(demo.iterdir()):
@@ -81,6 +90,9 @@ class StaticFiles:
             index = self._demo.get(b"/demo/index.html")
             if index is not None:
                 self._demo[b"/demo/"] = index
+        root = self.root / "index.html"
+        if root.is_file():  # `/`: a page pointing to the demo, served when the demo is
+            self._demo[b"/"] = _load(root, _DEMO_CSP)
         self._files = files
         return files
 
@@ -113,15 +125,28 @@ def serve(session: WsSession, method: bytes, path: bytes) -> bool:
     f = FILES.find(path, demo)
     if f is None:
         return False
+    cors = session.node.origins.static_headers(session.headers.get(b"origin")) if f.cors else b""
+    if method == b"OPTIONS" and f.cors:
+        # a CORS preflight (a fetch() with headers of its own; an import needs none)
+        session.http_send(204, b"", f.content_type, cors + _PREFLIGHT)
+        return True
     if method != b"GET":
-        session.http_reply(405, f"{path.decode('latin-1')}: use GET", b"Allow: GET\r\n")
+        allow = b"Allow: GET, OPTIONS\r\n" if f.cors else b"Allow: GET\r\n"
+        session.http_reply(405, f"{path.decode('latin-1')}: use GET", allow)
         return True
     inm = session.headers.get(b"if-none-match")
     if inm is not None and (inm.strip() == b"*" or f.etag in _etags(inm)):
-        session.http_send(304, b"", f.content_type, f.headers)
+        session.http_send(304, b"", f.content_type, f.headers + cors)
         return True
-    session.http_send(200, f.body, f.content_type, f.headers)
+    session.http_send(200, f.body, f.content_type, f.headers + cors)
     return True
+
+
+#: the answer to a preflight: GET, with any request headers, remembered for a day
+_PREFLIGHT = (
+    b"Allow: GET, OPTIONS\r\nAccess-Control-Allow-Methods: GET\r\n"
+    b"Access-Control-Allow-Headers: *\r\nAccess-Control-Max-Age: 86400\r\n"
+)
 
 
 def _etags(header: bytes) -> list[bytes]:

@@ -36,7 +36,7 @@ class TcpSession(Session):
         try:
             for ftype, payload in frames:
                 self.handle_frame(ftype, payload)
-                if self.state >= CLOSING:
+                if self.state >= CLOSING or self.closing_after is not None:
                     return
         except ProtocolError as e:
             error = e

@@ -37,6 +37,7 @@ from ..session import (
     Session,
 )
 from . import static
+from .origin import refuse_cross_origin
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -49,6 +50,7 @@ _SERVER = f"fastim/{__version__}".encode()
 _STATUS = {
     400: b"Bad Request",
     401: b"Unauthorized",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
     409: b"Conflict",
@@ -60,6 +62,7 @@ _STATUS = {
     500: b"Internal Server Error",
     503: b"Service Unavailable",
     200: b"OK",
+    204: b"No Content",
     301: b"Moved Permanently",
     304: b"Not Modified",
 }
@@ -452,7 +455,7 @@ class WsSession(Session):
         )
         self.http = None
         self.state = CLOSING
-        if status == 304:  # no body, and no Content-Length that would describe one
+        if status in (204, 304):  # no body, and no Content-Length that would describe one
             tail = b"Connection: close\r\n\r\n"
         else:
             tail = b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload
@@ -538,6 +541,8 @@ class WsSession(Session):
         if not ok:
             self.http_reply(400, 'header "Sec-WebSocket-Key" must be 16 bytes in base64')
             return
+        if refuse_cross_origin(self):
+            return  # a browser page of another origin, not allowed (403: origin.py)
         ext_line = b""
         deflate: DeflateParams | None = None
         if cfg.ws_compression and b"sec-websocket-extensions" in h:
@@ -646,7 +651,9 @@ class WsSession(Session):
             error = e
         try:
             for opcode, payload in events:
-                if self.state >= CLOSING and opcode != _core.OP_CLOSE:
+                if (
+                    self.state >= CLOSING or self.closing_after is not None
+                ) and opcode != _core.OP_CLOSE:
                     continue  # after our close frame only the peer's close matters (§5.5.1)
                 self._ws_event(opcode, payload)
             if error is not None:
@@ -691,12 +698,12 @@ class WsSession(Session):
                     # the frames before the bad bytes were valid: answer them, then fail
                     for ftype, fpayload in e.frames:
                         self.handle_frame(ftype, fpayload)
-                        if self.state >= CLOSING:
+                        if self.state >= CLOSING or self.closing_after is not None:
                             return
                     raise
                 for ftype, fpayload in frames:
                     self.handle_frame(ftype, fpayload)
-                    if self.state >= CLOSING:
+                    if self.state >= CLOSING or self.closing_after is not None:
                         return
                 if decoder.buffered:
                     raise ProtocolError(

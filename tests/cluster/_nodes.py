@@ -69,7 +69,7 @@ class ClusterNode:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                cmd, cwd=self.directory, env=env, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
 
@@ -138,7 +138,11 @@ class Nodes:
 
     def args(self) -> list[str]:
         """The nodes' command line (after etcd and redis have their ports)."""
-        store_args = ["--store", "redis", "--redis-url", self.redis.url] if self.redis else []
+        store_args = (
+            ["--store", "redis", "--redis-url", self.redis.url]
+            if self.redis
+            else ["--store", "memory"]
+        )
         return [
             "--etcd-endpoints", self.etcd.endpoint,
             "--cluster-name", f"c{os.getpid()}",

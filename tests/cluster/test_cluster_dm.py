@@ -169,7 +169,7 @@ async def test_every_connection_on_every_node_gets_every_dm(three: Cluster) -> N
         assert len({s.mid for s in sent}) == n and not any(s.dup for s in sent)
         await eventually(lambda: bob_b.inbox.acked == n or bob_c.inbox.acked == n, 5, "acks")
         state = await bob_c.inbox_state()
-        assert tuple(state) == (n, n)
+        assert tuple(state)[:2] == (n, n)
         # /metrics on the sender's node counts the relays to b and c
         metrics = await asyncio.to_thread(_metrics, a)
         relayed = re.search(r"^fastim_cluster_dm_relayed_total (\S+)$", metrics, re.M)
@@ -266,7 +266,7 @@ async def test_kill9_of_the_recipients_node_loses_nothing(
         assert {s.seq: s.mid for s in sent.values()} == {d.seq: d.mid for d in got}
         assert heidi.reconnects >= 1
         state = await heidi.inbox_state()
-        assert tuple(state) == (n, n)
+        assert tuple(state)[:2] == (n, n)
         await routed(cluster, "heidi", {"c"})  # b's route went with its lease
         await alice.aclose()
         await heidi.aclose()

@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 class NodeProc:
     """One node's command line; :meth:`start` runs it (again), :meth:`kill` SIGKILLs it."""
@@ -79,8 +77,13 @@ class NodeProc:
             *self.args,
         ]  # fmt: skip
         with open(self.log_path, "wb") as out:
+            # in the test's directory: the default store is a file in the working directory
             self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                cmd,
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
 
     def _listening(self) -> bool:
@@ -153,6 +156,18 @@ class NodeProc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+    async def astop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (a graceful drain) and wait for the exit without blocking the loop
+        (the clients of the test, in the same loop, take part in the drain)."""
+        assert self.proc is not None and self.proc.poll() is None, "not running"
+        self.proc.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.proc.poll() is None:
+            if loop.time() > deadline:
+                raise AssertionError(f"node did not stop within {timeout}s: {self.state()}")
+            await asyncio.sleep(0.01)
 
     @property
     def alive(self) -> bool:

@@ -114,17 +114,25 @@ async def test_too_long_a_gap_is_not_recovered(store_node: Any) -> None:
     await back.close()
 
 
-async def test_another_epoch_is_not_recovered(store_node: Any) -> None:
+async def test_another_epoch_is_not_recovered_and_the_current_one_is_sent_whole(
+    store_node: Any,
+) -> None:
+    """A position in an older epoch: recovered false (what that epoch had after it may
+    be lost), then every message of the current epoch still kept, from its start, then
+    live ones (issue P7: answering live only skipped what was published in between)."""
     node = await store_node()
     c = await WsClient.connect(node.ws_port)
     async with deadline(10):
         await c.pub("ep", {"a": 1})
-        r = await c.request(
-            {"op": "sub", "ch": "ep", "since": {"off": 0, "epoch": "not-this-one"}}, "subscribed"
-        )
-        assert r["recovered"] is False and r["epoch"] != "not-this-one" and r["off"] == 1
         await c.pub("ep", {"a": 2})
-        assert (await c.msg())["data"] == {"a": 2}  # live only
+        r = await c.request(
+            {"op": "sub", "ch": "ep", "since": {"off": 7, "epoch": "not-this-one"}}, "subscribed"
+        )
+        assert r["recovered"] is False and r["epoch"] != "not-this-one" and r["off"] == 2
+        got = [await c.msg(), await c.msg()]
+        assert [(m["off"], m["data"]) for m in got] == [(1, {"a": 1}), (2, {"a": 2})]
+        await c.pub("ep", {"a": 3})
+        assert (await c.msg())["data"] == {"a": 3}  # then live
     await c.close()
 
 
@@ -199,10 +207,13 @@ async def test_direct_message_reaches_every_connection_and_is_idempotent(
             {"op": "send", "to": "bob", "data": {"text": "hi"}, "cid": "c-1"}, "sent"
         )
         assert sent["seq"] == 1 and sent["dup"] is False and sent["to"] == "bob"
+        epoch = sent["epoch"]  # the inbox's: seq counts within it
+        assert isinstance(epoch, str) and len(epoch) == 12
         for b in (bob1, bob2):
             dm = await b.recv_json()
             assert dm == {
                 "op": "dm",
+                "epoch": epoch,
                 "from": "alice",
                 "mid": sent["mid"],
                 "seq": 1,
@@ -211,11 +222,22 @@ async def test_direct_message_reaches_every_connection_and_is_idempotent(
         again = await alice.request(
             {"op": "send", "to": "bob", "data": {"text": "hi"}, "cid": "c-1"}, "sent"
         )
-        assert (again["mid"], again["seq"], again["dup"]) == (sent["mid"], 1, True)
-        acked = await bob1.request({"op": "ack", "seq": 1}, "acked")
-        assert acked["seq"] == 1
+        assert (again["mid"], again["seq"], again["dup"], again["epoch"]) == (
+            sent["mid"],
+            1,
+            True,
+            epoch,
+        )
+        # an ack naming another epoch (a client still in an old numbering) changes nothing
+        stale = await bob1.request({"op": "ack", "seq": 1, "epoch": "0123456789ab"}, "acked")
+        assert (stale["seq"], stale["epoch"]) == (0, epoch)
+        acked = await bob1.request({"op": "ack", "seq": 1, "epoch": epoch}, "acked")
+        assert (acked["seq"], acked["epoch"]) == (1, epoch)
         st = await bob2.request({"op": "inbox"}, "inbox")
-        assert (st["acked"], st["top"]) == (1, 1)
+        assert (st["acked"], st["top"], st["epoch"]) == (1, 1, epoch)
+        bob2.send_json({"op": "ack", "seq": 1, "epoch": 7})  # a bad field: named, closed
+        bad = await bob2.recv_json()
+        assert bad["code"] == ErrorCode.BAD_REQUEST and '"epoch"' in bad["reason"]
     for c in (alice, bob1, bob2):
         await c.close()
 
@@ -291,7 +313,12 @@ async def test_tcp_user_from_hello_options(store_node: Any) -> None:
         dm = orjson.loads(await tcp.expect(F.EVENT))
         assert dm["op"] == "dm" and dm["from"] == "alice" and dm["data"] == {"x": 1}
         tcp.send(F.CMD, b'{"op":"ack","seq":1,"id":9}')
-        assert orjson.loads(await tcp.expect(F.EVENT)) == {"op": "acked", "seq": 1, "id": 9}
+        assert orjson.loads(await tcp.expect(F.EVENT)) == {
+            "op": "acked",
+            "seq": 1,
+            "epoch": dm["epoch"],
+            "id": 9,
+        }
     await tcp.close()
     await alice.close()
 
@@ -368,6 +395,15 @@ async def test_history_that_went_back_under_the_node_starts_a_new_epoch(
             {"op": "sub", "ch": "news", "since": {"off": 5, "epoch": epoch}}, "subscribed"
         )
         assert (again["epoch"], again["off"], again["recovered"]) == (ev["epoch"], 3, False)
+        # the new epoch from its start (it kept what the restore kept), then live: the
+        # messages after the old position are not skipped (the first two are the
+        # restored copies of 1 and 2: after a restore the client is told by the gap)
+        got = [await sub.msg() for _ in range(3)]
+        assert [(m["off"], m["data"]["i"]) for m in got] == [
+            (1, 0),
+            (2, 1),
+            (3, "after the restore"),
+        ]
         assert await pub.pub("news", {"i": "live"}) == 4
         m = await sub.msg()
         assert (m["off"], m["data"]) == (4, {"i": "live"})

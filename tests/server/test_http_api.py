@@ -247,6 +247,7 @@ async def test_send_reaches_the_user_and_is_idempotent(store_api_node: Node) -> 
             dm = await ws.recv_json()
             assert dm == {
                 "op": "dm",
+                "epoch": sent["epoch"],
                 "from": "backend",
                 "mid": sent["mid"],
                 "seq": 1,
@@ -254,7 +255,7 @@ async def test_send_reaches_the_user_and_is_idempotent(store_api_node: Node) -> 
             }
         status, _h, again = await call(node, "POST", "/api/send", msg)
         assert status == 200
-        assert again == {"mid": sent["mid"], "seq": 1, "dup": True}
+        assert again == {"mid": sent["mid"], "seq": 1, "epoch": sent["epoch"], "dup": True}
         # without "from": a message from nobody in particular
         status, _h, anon = await call(node, "POST", "/api/send", {"to": "bob", "data": "x"})
         assert (status, anon["seq"], anon["dup"]) == (200, 2, False)

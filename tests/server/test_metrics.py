@@ -86,7 +86,7 @@ async def test_metrics_follow_traffic(node: Node) -> None:
     assert delta(after, before, "fastim_bytes_sent_total") > 20 * len(b'{"i":0}')
     assert delta(after, before, "fastim_writes_total") > 0
     assert v(after, "fastim_ready") == 1
-    assert v(after, "fastim_node_info", node="test-node", store="memory", version="0.1.0") == 1
+    assert v(after, "fastim_node_info", node="test-node", store="sqlite", version="0.1.0") == 1
 
     # the latency histogram counts messages, not deliveries: 5 publishes, 4 subscribers
     count = v(after, "fastim_publish_latency_seconds_count")

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -103,10 +104,13 @@ def test_sigterm_right_after_listening_is_graceful(node_process: Any) -> None:
     assert all("stopped" in log for log in logs), logs
 
 
-async def test_signal_handlers_are_installed_before_listening_is_logged() -> None:
+async def test_signal_handlers_are_installed_before_listening_is_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Deterministic form of the test above: when serve_forever() logs "listening" (the
     line supervisors and the node_process fixture wait for), SIGTERM must already be
     handled, else a SIGTERM in that window kills the process without a graceful stop."""
+    monkeypatch.chdir(tmp_path)  # the default store's file goes to the working directory
     node = Node(Config(tcp_port=free_port(), ws_port=free_port(), node_id="sig-test"))
     at_listening: list[object] = []
 

@@ -84,4 +84,16 @@ async def test_other_methods_are_refused(node_factory: Any) -> None:
     status, headers, _ = await http_exchange(
         node.ws_port, get("/fastim.js", "Content-Length: 0\r\n", method="POST")
     )
-    assert status == 405 and headers["allow"] == "GET"
+    assert status == 405 and headers["allow"] == "GET, OPTIONS"  # and a CORS preflight
+
+
+async def test_root_points_to_the_demo_when_it_is_on(node_factory: Any) -> None:
+    node = await node_factory()
+    status, headers, body = await http_exchange(node.ws_port, get("/"))
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    assert body == (STATIC_DIR / "index.html").read_bytes()
+    assert b'href="demo/"' in body and b'href="fastim.js"' in body
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    off = await node_factory(demo=0)
+    status, _, body = await http_exchange(off.ws_port, get("/"))
+    assert status == 404, body

@@ -190,7 +190,7 @@ async def test_quiet_channel_keeps_its_epoch_until_meta_ttl(make_store: StoreFac
     st = await s.state("c")
     assert st.top == 0 and st.epoch != first.epoch
     again = await s.append("c", b"b")
-    assert again == (1, st.epoch)
+    assert again[:3] == (1, st.epoch)
     assert (await s.read("c", 0)).messages == [(1, b"b")]
 
 
@@ -203,7 +203,7 @@ async def test_sweep_keeps_what_is_live(make_store: StoreFactory) -> None:
     assert isinstance(await s.sweep(), int)
     assert await s.read("live", 0) == (live.epoch, 1, [(1, b"y")])
     assert (await s.state("gone")).top == 0
-    assert await s.inbox_state("u") == (0, 1)
+    assert (await s.inbox_state("u"))[:2] == (0, 1)
 
 
 async def test_bad_read_arguments(store: Store) -> None:
@@ -217,7 +217,7 @@ async def test_bad_read_arguments(store: Store) -> None:
 
 
 async def test_inbox_sequences_and_ids(store: Store) -> None:
-    assert await store.inbox_state("bob") == (0, 0)
+    assert (await store.inbox_state("bob"))[:2] == (0, 0)
     assert await store.inbox_read("bob", 0) == []
     sent = [await store.inbox_append("bob", b"m%d" % i, sender="alice") for i in range(1, 6)]
     assert [s.seq for s in sent] == [1, 2, 3, 4, 5]
@@ -229,7 +229,7 @@ async def test_inbox_sequences_and_ids(store: Store) -> None:
     ]
     assert [m.seq for m in await store.inbox_read("bob", 3)] == [4, 5]
     assert [m.seq for m in await store.inbox_read("bob", 0, limit=2)] == [1, 2]
-    assert await store.inbox_state("bob") == (0, 5)
+    assert (await store.inbox_state("bob"))[:2] == (0, 5)
     assert await store.inbox_read("carol", 0) == []
 
 
@@ -243,19 +243,19 @@ async def test_inbox_sender_none_and_empty_are_kept_apart(store: Store) -> None:
 async def test_inbox_ack_is_cumulative(store: Store) -> None:
     for i in range(5):
         await store.inbox_append("u", b"%d" % i)
-    assert await store.inbox_ack("u", 3) == (3, 5)
+    assert (await store.inbox_ack("u", 3))[:2] == (3, 5)
     assert [m.seq for m in await store.inbox_read("u", 0)] == [4, 5]
-    assert await store.inbox_ack("u", 2) == (3, 5)  # below: no-op
-    assert await store.inbox_ack("u", 3) == (3, 5)
-    assert await store.inbox_state("u") == (3, 5)
+    assert (await store.inbox_ack("u", 2))[:2] == (3, 5)  # below: no-op
+    assert (await store.inbox_ack("u", 3))[:2] == (3, 5)
+    assert (await store.inbox_state("u"))[:2] == (3, 5)
     with pytest.raises(AckOutOfRange) as e:
         await store.inbox_ack("u", 6)
     assert "above the last sequence 5" in str(e.value)
-    assert await store.inbox_state("u") == (3, 5)
-    assert await store.inbox_ack("u", 5) == (5, 5)
+    assert (await store.inbox_state("u"))[:2] == (3, 5)
+    assert (await store.inbox_ack("u", 5))[:2] == (5, 5)
     assert await store.inbox_read("u", 0) == []
     assert (await store.inbox_append("u", b"next")).seq == 6
-    assert await store.inbox_ack("nobody", 0) == (0, 0)
+    assert (await store.inbox_ack("nobody", 0))[:2] == (0, 0)
     with pytest.raises(AckOutOfRange):
         await store.inbox_ack("nobody", 1)
 
@@ -263,19 +263,19 @@ async def test_inbox_ack_is_cumulative(store: Store) -> None:
 async def test_inbox_send_is_idempotent_by_sender_and_client_id(store: Store) -> None:
     first = await store.inbox_append("u", b"hello", client_msg_id="c1", sender="alice")
     again = await store.inbox_append("u", b"hello", client_msg_id="c1", sender="alice")
-    assert again == (first.seq, first.msg_id, True)
+    assert again[:3] == (first.seq, first.msg_id, True)
     other_sender = await store.inbox_append("u", b"x", client_msg_id="c1", sender="bob")
     anonymous = await store.inbox_append("u", b"y", client_msg_id="c1")
     anonymous2 = await store.inbox_append("u", b"y", client_msg_id="c1")
     other_user = await store.inbox_append("v", b"z", client_msg_id="c1", sender="alice")
     assert not other_sender.duplicate and other_sender.seq == 2
     assert not anonymous.duplicate and anonymous.seq == 3
-    assert anonymous2 == (3, anonymous.msg_id, True)
+    assert anonymous2[:3] == (3, anonymous.msg_id, True)
     assert not other_user.duplicate and other_user.seq == 1
     assert [m.seq for m in await store.inbox_read("u", 0)] == [1, 2, 3]
     # still recognised after the message was acknowledged and dropped
     await store.inbox_ack("u", 3)
-    assert await store.inbox_append("u", b"hello", "c1", "alice") == (1, first.msg_id, True)
+    assert (await store.inbox_append("u", b"hello", "c1", "alice"))[:3] == (1, first.msg_id, True)
     # no client id: never deduplicated
     a = await store.inbox_append("u", b"same")
     b = await store.inbox_append("u", b"same")
@@ -288,7 +288,7 @@ async def test_concurrent_retries_store_once(store: Store) -> None:
     )
     assert len({(r.seq, r.msg_id) for r in results}) == 1
     assert sum(not r.duplicate for r in results) == 1
-    assert await store.inbox_state("u") == (0, 1)
+    assert (await store.inbox_state("u"))[:2] == (0, 1)
 
 
 async def test_dedup_window_expires(make_store: StoreFactory) -> None:
@@ -306,11 +306,60 @@ async def test_inbox_full_refuses_until_acked(make_store: StoreFactory) -> None:
     with pytest.raises(InboxFull) as e:
         await s.inbox_append("u", b"more", "c9", "a")
     assert "inbox of 'u' is full: 3 unacknowledged messages" in str(e.value)
-    assert await s.inbox_state("u") == (0, 3)
+    assert (await s.inbox_state("u"))[:2] == (0, 3)
     # a retry of a stored message is still answered while full
-    assert await s.inbox_append("u", b"0", "c0", "a") == (1, sent[0].msg_id, True)
+    assert (await s.inbox_append("u", b"0", "c0", "a"))[:3] == (1, sent[0].msg_id, True)
     await s.inbox_ack("u", 1)
     assert (await s.inbox_append("u", b"more", "c9", "a")).seq == 4
+
+
+async def test_inbox_epoch_is_given_at_the_first_send_and_kept(store: Store) -> None:
+    """An inbox gets its epoch when it is created and every result carries it: the
+    node hands it to clients with each message, so they tell a new numbering (after
+    the store lost the inbox) from copies of messages they already have."""
+    assert await store.inbox_state("bob") == (0, 0, "")  # nothing created by a read
+    first = await store.inbox_append("bob", b"1", "c1", "alice")
+    epoch = first.epoch
+    assert isinstance(epoch, str) and len(epoch) >= 8
+    assert (await store.inbox_append("bob", b"2")).epoch == epoch
+    assert (await store.inbox_append("bob", b"1", "c1", "alice")) == (1, first.msg_id, True, epoch)
+    assert await store.inbox_state("bob") == (0, 2, epoch)
+    assert {m.epoch for m in await store.inbox_read("bob", 0)} == {epoch}
+    assert await store.inbox_ack("bob", 1, epoch) == (1, 2, epoch)
+    assert (await store.inbox_append("carol", b"x")).epoch != epoch  # one per inbox
+
+
+async def test_inbox_ack_of_another_epoch_changes_nothing(store: Store) -> None:
+    """A client acknowledging by the old numbering must not acknowledge messages of the
+    new one that it has never seen (their seqs overlap)."""
+    e = (await store.inbox_append("u", b"1")).epoch
+    await store.inbox_append("u", b"2")
+    assert await store.inbox_ack("u", 2, "0123456789ab") == (0, 2, e)
+    assert [m.seq for m in await store.inbox_read("u", 0)] == [1, 2]
+    assert await store.inbox_ack("u", 99, "0123456789ab") == (0, 2, e)  # not out of range
+    assert await store.inbox_ack("nobody", 5, "0123456789ab") == (0, 0, "")
+    assert await store.inbox_ack("u", 1) == (1, 2, e)  # no epoch: as before
+    with pytest.raises(AckOutOfRange):
+        await store.inbox_ack("u", 3, e)
+
+
+async def test_inbox_restart_epoch_is_a_compare_and_set_that_keeps_the_inbox(
+    store: Store,
+) -> None:
+    """A store restored from an older backup keeps the inbox's epoch with a lower top;
+    the node moves the inbox to a new epoch. Messages, acked and top stay."""
+    old = (await store.inbox_append("u", b"1")).epoch
+    await store.inbox_append("u", b"2")
+    await store.inbox_ack("u", 1)
+    st = await store.inbox_restart_epoch("u", old)
+    assert st.epoch not in ("", old) and st[:2] == (1, 2)
+    assert await store.inbox_restart_epoch("u", old) == st  # the second caller: unchanged
+    assert await store.inbox_state("u") == st
+    assert [(m.seq, m.epoch) for m in await store.inbox_read("u", 0)] == [(2, st.epoch)]
+    nxt = await store.inbox_append("u", b"3")
+    assert (nxt.seq, nxt.epoch) == (3, st.epoch)
+    assert await store.inbox_restart_epoch("never", "x") == (0, 0, "")
+    assert await store.inbox_state("never") == (0, 0, "")
 
 
 def test_errors_form_one_tree() -> None:

@@ -52,6 +52,7 @@ class MInbox:
     acked: int = 0
     msgs: list[tuple[int, str, str | None, bytes]] = field(default_factory=list)
     dedup: dict[str, tuple[int, str, float]] = field(default_factory=dict)
+    epoch: str = ""  # given by the store at the first send, then never changes
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -167,6 +168,7 @@ class StoreMachine(RuleBasedStateMachine):
                 hit[0],
                 hit[1],
                 True,
+                ib.epoch,
             )
             return
         if ib.top - ib.acked >= INBOX.max_unacked:
@@ -176,6 +178,9 @@ class StoreMachine(RuleBasedStateMachine):
         got = self.run(self.store.inbox_append(user, data, cid, sender))
         ib.top += 1
         assert (got.seq, got.duplicate) == (ib.top, False)
+        if not ib.epoch:
+            ib.epoch = got.epoch
+        assert got.epoch == ib.epoch and ib.epoch
         assert all(m[1] != got.msg_id for m in ib.msgs)
         ib.msgs.append((got.seq, got.msg_id, sender, data))
         if key is not None:
@@ -187,7 +192,8 @@ class StoreMachine(RuleBasedStateMachine):
         after = max(0, ib.top - back)
         got = self.run(self.store.inbox_read(user, after, limit))
         want = [m for m in ib.msgs if m[0] > after][:limit]
-        assert [tuple(m) for m in got] == want
+        assert [tuple(m)[:4] for m in got] == want
+        assert all(m.epoch == ib.epoch for m in got)
 
     @rule(user=USERS, back=st.integers(-1, 6))
     def inbox_ack(self, user: str, back: int) -> None:
@@ -201,12 +207,12 @@ class StoreMachine(RuleBasedStateMachine):
         if seq > ib.acked:
             ib.acked = seq
             ib.msgs = [m for m in ib.msgs if m[0] > seq]
-        assert got == (ib.acked, ib.top)
+        assert got == (ib.acked, ib.top, ib.epoch)
 
     @invariant()
     def inbox_states(self) -> None:
         for user, ib in self.inboxes.items():
-            assert self.run(self.store.inbox_state(user)) == (ib.acked, ib.top)
+            assert self.run(self.store.inbox_state(user)) == (ib.acked, ib.top, ib.epoch)
 
 
 class SqliteMachine(StoreMachine):

@@ -17,7 +17,8 @@ from ._redis import RedisServer
 
 async def test_open_each_store(tmp_path: Path, redis_server: RedisServer) -> None:
     base: dict[str, Any] = {"history_size": 7, "history_ttl": 0.0, "inbox_max": 3}
-    m = await open_store(Config(**base).validate())
+    assert Config().store == "sqlite"  # the default keeps what it acknowledged (issue P7)
+    m = await open_store(Config(**base, store="memory").validate())
     assert isinstance(m, MemoryStore)
     assert m.limits == HistoryLimits(7, None, 86400.0)
     assert m.inbox_limits.max_unacked == 3

@@ -111,6 +111,26 @@ async def test_lost_keys_start_a_new_epoch(
         await s.close()
 
 
+async def test_a_lost_inbox_starts_a_new_epoch(
+    redis_server: RedisServer, raw: aioredis.Redis, p: str
+) -> None:
+    """A flushed or evicted inbox numbers from 1 again: in a new epoch, so clients do
+    not take its messages for copies of the old ones."""
+    s = await RedisStore.open(redis_server.url, prefix=p)
+    try:
+        a = await s.inbox_append("bob", b"1")
+        await s.inbox_append("bob", b"2")
+        await raw.delete(f"{p}:in:{{bob}}:m")  # meta gone (eviction, flush)
+        b = await s.inbox_append("bob", b"x")
+        assert b.seq == 1 and b.epoch not in ("", a.epoch)
+        assert await s.inbox_state("bob") == (0, 1, b.epoch)
+        assert [(m.seq, m.data, m.epoch) for m in await s.inbox_read("bob", 0)] == [
+            (1, b"x", b.epoch)
+        ]
+    finally:
+        await s.close()
+
+
 async def test_scripts_reload_after_script_flush(
     redis_server: RedisServer, raw: aioredis.Redis, p: str
 ) -> None:

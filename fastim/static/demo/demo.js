@@ -10,11 +10,16 @@ const HISTORY = 50; // messages shown when a room is opened
 const PRESENCE_POLL = 10000; // ms; join/leave events make it instant where enabled
 const NAME = /^[^\u0000-\u001f\u007f]{1,32}$/u;
 const ROOM = /^[a-z0-9_-]{1,32}$/;
+const DM_LINES = 200; // kept per direct conversation across reloads
 
 const $ = (/** @type {string} */ sel) => /** @type {HTMLElement} */ (document.querySelector(sel));
 
 /** @typedef {{who: string, text: string, ts: number, off?: number, mine?: boolean,
- *             pending?: boolean, notice?: boolean}} Line */
+ *             pending?: boolean, failed?: string, notice?: boolean, cid?: string,
+ *             mid?: string}} Line
+ *  pending: sent, not yet confirmed by the node; failed: not sent (why); cid: the id a
+ *  room message of this page carries, to put the node's copy in its place; mid: a
+ *  direct message's id (the node may hand one over again after a reload) */
 
 const state = {
   /** @type {string} */ user: "",
@@ -52,6 +57,9 @@ function start(user) {
   $("#chat").hidden = false;
   $("#me").hidden = false;
   $("#me").textContent = user;
+  $("#status").hidden = false;
+  $("#menu").hidden = false;
+  loadDms();
   state.client = connect({
     user,
     onState: (s, info) => {
@@ -92,9 +100,15 @@ function joinRoom(name) {
     history: HISTORY,
     onMessage: (m) => {
       const d = m.data && typeof m.data === "object" ? m.data : { text: String(m.data) };
+      const mine = d.user === state.user;
+      // this page's own line, shown while it was on its way: the node's copy replaces it
+      const local = mine && d.cid ? room.lines.findIndex((l) => l.cid === d.cid) : -1;
+      if (local >= 0) {
+        room.lines.splice(local, 1);
+        if (sameConv(state.current, { kind: "room", name })) renderMessages();
+      }
       addLine(room, { who: String(d.user ?? "?"), text: String(d.text ?? ""),
-        ts: Number(d.ts) || Date.now(), off: m.offset, mine: d.user === state.user },
-        { kind: "room", name }); // prettier-ignore
+        ts: Number(d.ts) || Date.now(), off: m.offset, mine }, { kind: "room", name }); // prettier-ignore
     },
     onGap: (g) => addLine(room, { who: "", text: g.reason === "epoch"
       ? "the room's history was lost (server restarted)" : "some messages are no longer available",
@@ -106,12 +120,18 @@ function joinRoom(name) {
   renderSide();
 }
 
+// The form is novalidate: a name refused once must not block the next submit (the
+// browser's own check would stop every later one while the custom message is set).
+$("#room-name").addEventListener("input", () => {
+  /** @type {HTMLInputElement} */ ($("#room-name")).setCustomValidity("");
+});
+
 $("#new-room").addEventListener("submit", (ev) => {
   ev.preventDefault();
   const input = /** @type {HTMLInputElement} */ ($("#room-name"));
   const name = input.value.trim().toLowerCase();
   if (!ROOM.test(name)) {
-    input.setCustomValidity("a-z, 0-9, _ and -, up to 32");
+    input.setCustomValidity("a-z, 0-9, _ and -, up to 32 (e.g. dev-talk)");
     input.reportValidity();
     return;
   }
@@ -155,16 +175,57 @@ function dmWith(peer) {
   if (!c) {
     c = { lines: [], unread: 0 };
     state.dms.set(peer, c);
+    saveDms();
   }
   return c;
+}
+
+/** Direct conversations live in this browser only (the node keeps an inbox until it is
+ * acknowledged, not a history): kept in localStorage per user, so a reload keeps them. */
+function saveDms() {
+  /** @type {Record<string, {lines: Line[], unread: number}>} */
+  const out = {};
+  for (const [peer, c] of state.dms) {
+    out[peer] = { lines: c.lines.slice(-DM_LINES), unread: c.unread };
+  }
+  try {
+    localStorage.setItem(`fastim-demo-dms:${state.user}`, JSON.stringify(out));
+  } catch (e) {
+    console.warn("direct messages not saved:", e); // storage full or refused
+  }
+}
+
+function loadDms() {
+  let saved = {};
+  try {
+    saved = JSON.parse(localStorage.getItem(`fastim-demo-dms:${state.user}`) || "{}") || {};
+  } catch {
+    saved = {};
+  }
+  for (const [peer, c] of Object.entries(saved)) {
+    if (!NAME.test(peer) || !c || !Array.isArray(c.lines)) continue;
+    const lines = c.lines.filter((/** @type {any} */ l) => l && typeof l.text === "string");
+    for (const l of lines) {
+      if (l.pending) {
+        // its page went away before the node answered: it may or may not have been stored
+        l.pending = false;
+        l.failed = "not confirmed before the page was left";
+      }
+    }
+    state.dms.set(peer, { lines, unread: Number(c.unread) || 0 });
+  }
 }
 
 /** @param {import("../fastim.js").DirectMessage} dm */
 function onDirect(dm) {
   const peer = dm.from ?? "server";
+  const conv = dmWith(peer);
+  // handed over again after a reload before its ack reached the node: shown already
+  if (dm.mid && conv.lines.some((l) => l.mid === dm.mid)) return;
   const d = dm.data && typeof dm.data === "object" ? dm.data : { text: String(dm.data) };
-  addLine(dmWith(peer), { who: peer, text: String(d.text ?? ""), ts: Number(d.ts) || Date.now() },
-    { kind: "dm", name: peer }); // prettier-ignore
+  addLine(conv, { who: peer, text: String(d.text ?? ""), ts: Number(d.ts) || Date.now(),
+    mid: dm.mid }, { kind: "dm", name: peer }); // prettier-ignore
+  saveDms();
   renderSide();
 }
 
@@ -179,23 +240,31 @@ $("#composer").addEventListener("submit", async (ev) => {
   input.value = "";
   const cur = { ...state.current };
   const ts = Date.now();
+  const conv = cur.kind === "room" ? state.rooms.get(cur.name) : dmWith(cur.name);
+  if (!conv) return;
+  /** @type {Line} */
+  const line = { who: state.user, text, ts, mine: true, pending: true };
+  if (cur.kind === "room") line.cid = Math.random().toString(36).slice(2);
+  addLine(conv, line, cur); // pending until the node confirms, then sent or not sent
+  if (cur.kind === "dm") saveDms();
   try {
     if (cur.kind === "room") {
-      // shown when it comes back from the node, with its offset: one order for all
-      await client.publish(`room:${cur.name}`, { user: state.user, text, ts });
+      // the node's copy (with its offset: one order for all) replaces this line when it
+      // comes back; until then, or if it does not, the line stands as sent
+      const off = await client.publish(`room:${cur.name}`, { user: state.user, text, ts,
+        cid: line.cid }); // prettier-ignore
+      line.off = off;
     } else {
-      const conv = dmWith(cur.name);
-      const line = { who: state.user, text, ts, mine: true, pending: true };
-      addLine(conv, line, cur);
-      await client.send(cur.name, { text, ts });
-      line.pending = false;
-      if (sameConv(state.current, cur)) renderMessages();
+      const sent = await client.send(cur.name, { text, ts });
+      line.mid = sent.mid;
     }
+    line.pending = false;
   } catch (e) {
-    const target = cur.kind === "room" ? state.rooms.get(cur.name) : dmWith(cur.name);
-    const why = e instanceof Error ? e.message : String(e);
-    if (target) addLine(target, { who: "", text: `not sent: ${why}`, ts, notice: true }, cur);
+    line.pending = false;
+    line.failed = e instanceof Error ? e.message : String(e);
   }
+  if (cur.kind === "dm") saveDms();
+  if (sameConv(state.current, cur) && conv.lines.includes(line)) renderMessages();
 });
 
 // ---------------------------------------------------------------- rendering
@@ -229,6 +298,8 @@ function open(where) {
   }
   const conv = where.kind === "room" ? state.rooms.get(where.name) : dmWith(where.name);
   if (conv) conv.unread = 0;
+  if (where.kind === "dm") saveDms();
+  showSide(false); // narrow screens: the conversation takes the screen
   $("#title").textContent = where.kind === "room" ? `# ${where.name}` : `@ ${where.name}`;
   $("#conversation").dataset.kind = where.kind;
   $("#conversation").dataset.name = where.name;
@@ -253,6 +324,7 @@ function appendLine(line) {
   else {
     if (line.mine) li.classList.add("mine");
     if (line.pending) li.classList.add("pending");
+    if (line.failed) li.classList.add("failed");
     if (line.off !== undefined) li.dataset.off = String(line.off);
     li.dataset.who = line.who;
     const who = document.createElement("span");
@@ -266,6 +338,12 @@ function appendLine(line) {
   const time = document.createElement("time");
   time.textContent = new Date(line.ts).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
   li.append(text, time);
+  if (line.pending || line.failed) {
+    const mark = document.createElement("span");
+    mark.className = "mark";
+    mark.textContent = line.pending ? "sending…" : `not sent: ${line.failed}`;
+    li.append(mark);
+  }
   list.append(li);
   if (stick) list.scrollTop = list.scrollHeight;
 }
@@ -291,7 +369,29 @@ function renderSide() {
       item(`@ ${peer}`, c.unread, sameConv(cur, { kind: "dm", name: peer }), () =>
         open({ kind: "dm", name: peer }), { peer })), // prettier-ignore
   );
+  // narrow screens: the side panel is behind the menu button, which shows what is unread
+  let unread = 0;
+  for (const c of [...state.rooms.values(), ...state.dms.values()]) unread += c.unread;
+  const menu = $("#menu");
+  menu.querySelector(".badge")?.remove();
+  if (unread) {
+    const b = document.createElement("span");
+    b.className = "badge";
+    b.textContent = String(unread);
+    menu.append(b);
+  }
 }
+
+// ---------------------------------------------------------------- narrow screens
+
+/** Show or hide the side panel (only narrow screens hide it: demo.css). @param {boolean} on */
+function showSide(on) {
+  $("#chat").classList.toggle("side-open", on);
+  $("#menu").setAttribute("aria-expanded", String(on));
+  /** @type {HTMLElement} */ ($("#menu .label")).textContent = on ? "Chat" : "Rooms";
+}
+
+$("#menu").addEventListener("click", () => showSide(!$("#chat").classList.contains("side-open")));
 
 /**
  * @param {string} label  @param {number} unread  @param {boolean} current
