@@ -28,6 +28,7 @@ from .protocol import SHUTDOWN_REASON, CloseCode
 from .session import Session, SessionList
 from .store import Store, StoreError, open_store
 from .transport.origin import Origins
+from .transport.ws import PROBE_HOLD, PROBE_RATE
 
 if TYPE_CHECKING:
     from .cluster.runtime import Cluster
@@ -35,15 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastim")
 
 SWEEP_EVERY = 5.0  # seconds between sweeps of idle channels
-
-#: the plain HTTP endpoints of probes and scrapers (``GET`` only): the per-address client
-#: limits never refuse them (docs/operations.md, "Probes and the per-address limits")
-PROBE_PATHS = frozenset({b"/health", b"/ready", b"/metrics"})
-#: connections an address over its per-address limits may keep open while they send
-#: their request head (which tells a probe from a client); more are refused unread
-PROBE_HOLD = 16
-#: probes per second (burst twice that) an address over its per-address limits may make
-PROBE_RATE = 10.0
 
 
 class Node:

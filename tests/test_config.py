@@ -293,17 +293,16 @@ def test_hosts_that_are_addresses_pass(host: str) -> None:
     assert Config(host=host).validate().host == host
 
 
-def test_a_listen_failure_names_the_setting_and_the_address() -> None:
+def test_a_listen_failure_names_the_setting_and_the_address(tmp_path: Path) -> None:
     import socket
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parent.parent
-
     def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        # in a directory of its own: the default store is a sqlite file in the cwd
         return subprocess.run(
             [sys.executable, "-m", "fastim", "serve", *args],
-            capture_output=True, text=True, timeout=60, cwd=root,
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
         )  # fmt: skip
 
     with socket.socket() as taken:

@@ -27,7 +27,6 @@ import orjson
 
 from .. import __version__, _core
 from ..errors import ProtocolError, WebSocketError
-from ..node import PROBE_PATHS, PROBE_RATE
 from ..protocol import CloseCode, ErrorCode
 from ..session import (
     CLIENT_TYPES_MASK,
@@ -46,6 +45,15 @@ WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_REQUEST_HEAD = 16 * 1024
 MAX_HEADERS = 64
 _SERVER = f"fastim/{__version__}".encode()
+
+#: the plain HTTP endpoints of probes and scrapers (``GET`` only): the per-address client
+#: limits never refuse them (docs/operations.md, "Probes and the per-address limits")
+PROBE_PATHS = frozenset({b"/health", b"/ready", b"/metrics"})
+#: connections an address over its per-address limits may keep open while they send
+#: their request head (which tells a probe from a client); more are refused unread
+PROBE_HOLD = 16
+#: probes per second (burst twice that) an address over its per-address limits may make
+PROBE_RATE = 10.0
 
 _STATUS = {
     400: b"Bad Request",
@@ -298,7 +306,7 @@ class WsSession(Session):
         #: messages to this client are compressed (permessage-deflate, full window)
         self.deflate = False
         #: refused by a per-address limit (status, reason, address), answered once the
-        #: request head shows it is not a probe (node.PROBE_PATHS)
+        #: request head shows it is not a probe (PROBE_PATHS)
         self.limited: tuple[int, str, str] | None = None
 
     # ------------------------------------------------------------------ httptools callbacks
@@ -758,7 +766,11 @@ class WsSession(Session):
                 # ...but a message over max_message left the framing intact: error 103
                 # first, in the connection's format, as over TCP (docs/configuration.md).
                 # Not on the echo endpoint: conformance suites expect the close alone
-                self.send(self.replies.error(req_id, err.code, err.reason))
+                error = self.replies.error(req_id, err.code, err.reason)
+                if self.inflight:  # after the answers to its publishes still in flight
+                    self._close_after(error, err.ws_close_code, err.reason[:100])
+                    return
+                self.send(error)
             self.close(err.ws_close_code, err.reason[:100])
             return
         super().fail(err, req_id)

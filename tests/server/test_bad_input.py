@@ -823,3 +823,23 @@ async def test_control_sees_nothing_of_a_bad_clients_close(node: Node, control: 
     assert not control.tcp.frames and not control.ws.events
     with pytest.raises((asyncio.TimeoutError, Closed)):
         await control.tcp.recv(0.1)
+
+
+async def test_ws_oversize_message_after_a_durable_publish(node_factory: Any) -> None:
+    """The error 103 of an oversize message comes after the answer to a publish that
+    came before it and waited for the store (sqlite), then close 1009."""
+    node = await node_factory(store="sqlite", max_message=1024)
+    ws = await WsClient.connect(node.ws_port)
+    async with deadline(10):
+        assert await ws.request({"op": "ping"}, "pong")
+        pub = _core.ws_encode(
+            _core.OP_TEXT, b'{"op":"pub","ch":"d","data":1,"id":7}', mask=os.urandom(4)
+        )
+        big = _core.ws_encode(_core.OP_TEXT, b" " * 1100, mask=os.urandom(4))
+        ws.writer.write(pub + big)  # one write: read and parsed together
+        code, _reason, before = await ws.recv_close()
+        assert code == CloseCode.MESSAGE_TOO_BIG
+        replies = [orjson.loads(p) for op, p in before]
+        assert [r["op"] for r in replies] == ["puback", "error"], replies
+        assert replies[0]["id"] == 7 and replies[1]["code"] == ErrorCode.FRAME_TOO_LARGE
+        await ws.wait_eof()

@@ -218,7 +218,7 @@ async def test_an_address_over_its_limits_holds_few_connections_without_a_reques
     """What protects the node from a flood while probes get through: an address over its
     limits may keep only PROBE_HOLD connections open that have not sent their request
     head yet; the next ones are refused at once, unread, as before."""
-    from fastim.node import PROBE_HOLD
+    from fastim.transport.ws import PROBE_HOLD
 
     node = await node_factory(ip_limits_exempt="", max_connections_per_ip=1)
     async with deadline(15):
@@ -256,7 +256,7 @@ async def test_a_silent_connection_over_the_limits_gets_the_limit_answer(
 async def test_probes_from_an_address_over_its_limits_have_a_rate_of_their_own(
     node_factory: Any,
 ) -> None:
-    from fastim.node import PROBE_RATE
+    from fastim.transport.ws import PROBE_RATE
 
     node = await node_factory(ip_limits_exempt="", max_connections_per_ip=1)
     loop = asyncio.get_running_loop()
