@@ -21,7 +21,7 @@ import orjson
 
 from . import _core
 from .metrics import LatencyHistogram
-from .namespaces import Namespace, Namespaces
+from .config.namespaces import Namespace
 from .protocol import ErrorCode, FrameType, pack_msg
 from .store import Store, StoreError
 from .tasks import Background
@@ -240,7 +240,7 @@ class Hub:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.store = store
-        self.namespaces = Namespaces(config)
+        self.namespaces = config.namespace_table()
         self.channels: dict[str, Channel] = {}
         #: channels with no subscribers, kept for their history until ``history_ttl``
         self.idle: dict[str, Channel] = {}

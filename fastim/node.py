@@ -90,7 +90,7 @@ class Node:
         loop = asyncio.get_running_loop()
         cfg = self.config
         # the store first: a node that cannot reach it must fail at start, not later
-        self.store = await open_store(cfg)
+        self.store = await open_store(cfg.store_settings())
         self.hub.store = self.store
         self.postman = Postman(self.store, cfg.dm_retry)
         self.flusher = _core.Flusher(loop.call_soon)
@@ -110,7 +110,7 @@ class Node:
         self.store_probe = StoreProbe(self.store, self.wheel.now)  # for /ready
         # both listeners speak TLS when tls_cert is set; the handshake gets the same
         # bound as the protocol's (sessions exist only once TLS is up)
-        tls = tls_server_context(cfg)
+        tls = tls_server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         tls_args: dict[str, Any] = (
             {"ssl": tls, "ssl_handshake_timeout": cfg.handshake_timeout} if tls else {}
         )

@@ -549,7 +549,7 @@ class WsSession(Session):
         if not ok:
             self.http_reply(400, 'header "Sec-WebSocket-Key" must be 16 bytes in base64')
             return
-        if refuse_cross_origin(self):
+        if refuse_cross_origin(self.node.origins, self.headers, self.http_reply):
             return  # a browser page of another origin, not allowed (403: origin.py)
         ext_line = b""
         deflate: DeflateParams | None = None

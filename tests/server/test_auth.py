@@ -24,7 +24,6 @@ from fastim import _core
 from fastim.auth import Auth, AuthFailed
 from fastim.client import connect
 from fastim.config import Config, ConfigError, redact
-from fastim.namespaces import Namespaces
 from fastim.protocol import CloseCode, ErrorCode, FrameType, pack_hello, unpack_error
 
 from ._support import TcpClient, WsClient, deadline
@@ -619,7 +618,7 @@ def test_patterns_are_fnmatch_globs() -> None:
 
 def test_refusal_rules() -> None:
     auth = _auth(jwt_secret=SECRET, anonymous="on", namespaces=NAMESPACES)
-    hub_ns = Namespaces(Config(jwt_secret=SECRET, namespaces=NAMESPACES).validate())
+    hub_ns = Config(jwt_secret=SECRET, namespaces=NAMESPACES).validate().namespace_table()
     members = hub_ns.of("members:1")
     user = auth.verify(token("u"))
     scoped = auth.verify(token("s", channels=["members:1"]))

@@ -20,6 +20,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..store import HistoryLimits, InboxLimits, StoreSettings
+from .endpoints import parse_endpoints
+from .namespaces import RULE_KEYS, RULE_VALUES, Namespace, Namespaces, check_namespaces
+from .origins import OriginPolicy
+from .security import ANONYMOUS_VALUES, MIN_SECRET_BYTES, load_public_key, tls_server_context
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -383,8 +389,6 @@ class Config:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.dm_retry > 0:
             raise ConfigError(f"dm_retry: must be > 0 seconds, got {self.dm_retry}")
-        from .namespaces import check_namespaces
-
         try:
             self.namespaces = check_namespaces(self.namespaces)
         except ValueError as e:
@@ -405,8 +409,6 @@ class Config:
 
     def _validate_origins(self) -> None:
         """Origin patterns (fastim/transport/origin.py): the entry that does not parse."""
-        from .transport.origin import OriginPolicy
-
         for name in ("allowed_origins", "static_allowed_origins"):
             try:
                 OriginPolicy(getattr(self, name))
@@ -452,18 +454,54 @@ class Config:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
     def _validate_security(self) -> None:
-        """Tokens, rules and TLS (fastim.auth): reads the key and certificate files."""
-        from .auth import check_settings
-
+        """Tokens, rules and TLS: reads the key and certificate files, so that
+        ``fastim config check`` and the start fail on a wrong path, not the first client."""
+        if self.anonymous not in ANONYMOUS_VALUES:
+            raise ConfigError(f"anonymous: must be auto, on or off, got {self.anonymous!r}")
+        if self.jwt_secret and len(self.jwt_secret.encode()) < MIN_SECRET_BYTES:
+            # the value itself is never repeated: it is a secret
+            raise ConfigError(
+                f"jwt_secret: at least {MIN_SECRET_BYTES} bytes (RFC 7518 §3.2), "
+                f"got {len(self.jwt_secret.encode())}"
+            )
+        if self.jwt_public_key:
+            try:
+                load_public_key(self.jwt_public_key)
+            except ValueError as e:
+                raise ConfigError(f"jwt_public_key: {e}") from None
+        if not self.jwt_leeway >= 0:
+            raise ConfigError(f"jwt_leeway: must be >= 0 seconds, got {self.jwt_leeway}")
+        configured = bool(self.jwt_secret or self.jwt_public_key)
+        if self.anonymous == "off" and not configured:
+            raise ConfigError(
+                "anonymous: 'off' needs jwt_secret or jwt_public_key (else no one can connect)"
+            )
+        for name in RULE_KEYS:
+            rule = getattr(self, name)
+            if rule not in RULE_VALUES:
+                raise ConfigError(
+                    f"{name}: must be one of {', '.join(RULE_VALUES)}, got {rule!r}"
+                )
+            if rule in ("user", "token") and not configured:
+                raise ConfigError(f"{name}: {rule!r} needs jwt_secret or jwt_public_key")
+        if not configured:
+            for ns, table in self.namespaces.items():
+                for key, value in table.items():
+                    if key.startswith("allow_") and value in ("user", "token"):
+                        raise ConfigError(
+                            f"namespaces.{ns}.{key}: {value!r} needs jwt_secret or jwt_public_key"
+                        )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key: set both (PEM files) or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca: needs tls_cert and tls_key")
         try:
-            check_settings(self)
+            tls_server_context(self.tls_cert, self.tls_key, self.tls_client_ca)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
     def _validate_cluster(self) -> None:
         """Cluster settings (fastim.cluster): checked even while etcd_endpoints is empty."""
-        from .cluster.membership import parse_endpoints
-
         try:
             parse_endpoints(self.etcd_endpoints)
         except ValueError as e:
@@ -517,6 +555,37 @@ class Config:
         for name, path in zip(("link_tls_cert", "link_tls_key", "link_tls_ca"), tls, strict=True):
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{name}: no such file {path!r}")
+
+    def history_limits(self) -> HistoryLimits:
+        """``history_size``, ``history_ttl`` and ``history_meta_ttl`` (0 = no limit)."""
+        return HistoryLimits(
+            self.history_size, self.history_ttl or None, self.history_meta_ttl or None
+        )
+
+    def store_settings(self) -> StoreSettings:
+        """What the store of this node is opened with (:func:`fastim.store.open_store`)."""
+        return StoreSettings(
+            kind=self.store,
+            path=self.store_path,
+            synchronous=self.sqlite_synchronous,
+            url=self.redis_url,
+            prefix=self.redis_prefix,
+            timeout=self.redis_timeout,
+            limits=self.history_limits(),
+            inbox=InboxLimits(self.inbox_max, self.inbox_dedup_window),
+        )
+
+    def namespace_table(self) -> Namespaces:
+        """The channel namespaces: the top-level settings, and each ``[namespaces.NAME]``
+        table completed from them."""
+        default = Namespace(
+            "",
+            history_size=self.history_size,
+            history_ttl=self.history_ttl,
+            meta_ttl=self.history_meta_ttl,
+            **{key: getattr(self, key) for key in RULE_KEYS},
+        )
+        return Namespaces(default, self.namespaces)
 
     def exempt_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [
