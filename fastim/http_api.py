@@ -35,7 +35,7 @@ import httptools
 import orjson
 
 from .errors import ProtocolError
-from .hub import HubError
+from .hub import HubError, Published
 from .protocol import CloseCode, ErrorCode, validate_channel
 from .store import InboxFull, InboxMessage, StoreError
 
@@ -256,15 +256,11 @@ class HttpApi:
     async def _publish_one(self, name: str, data: bytes) -> dict[str, Any]:
         hub = self.node.hub
         loop = asyncio.get_running_loop()
-        settled: asyncio.Future[tuple[int, str | None]] = loop.create_future()
+        settled: asyncio.Future[Published] = loop.create_future()
 
-        epoch: list[str] = []
-
-        def done(off: int, err: str | None) -> None:
-            if hub.ack_epoch is not None:
-                epoch.append(hub.ack_epoch)  # forwarded to the owner: its epoch
+        def done(result: Published) -> None:
             if not settled.done():
-                settled.set_result((off, err))
+                settled.set_result(result)
 
         try:
             router = hub.router
@@ -274,13 +270,11 @@ class HttpApi:
             off = hub.publish(name, data, done)
         except HubError as e:
             raise ApiError(_status_of(e.code), e.reason, code=e.code) from None
-        if off is None:  # durable: answered after the store took it (or failed)
-            off, err = await settled
-            if err is not None:
-                code = getattr(err, "code", ErrorCode.STORE_UNAVAILABLE)
-                raise ApiError(503, err, code=code)
-        if epoch:
-            return {"offset": off, "epoch": epoch[0]}
+        if off is None:  # durable or forwarded: answered once the store or owner took it
+            result = await settled
+            if result.refusal is not None:
+                raise ApiError(503, result.refusal.reason, code=result.refusal.code)
+            return {"offset": result.offset, "epoch": result.epoch}
         assert ch is not None
         return {"offset": off, "epoch": ch.epoch}
 

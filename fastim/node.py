@@ -45,6 +45,10 @@ class Node:
         self.config = (config or Config()).validate()
         self.auth = Auth(self.config)  # tokens and channel rules (fastim/auth.py)
         self.hub = Hub(self.config)
+        # presence under namespace rules: the hub asks, the auth decides
+        self.hub.presence_gate = lambda sub, ns, name: not self.auth.refusal(
+            ns, "presence", name, getattr(sub, "identity", None)
+        )
         self.store: Store | None = None
         self.postman: Postman | None = None
         self.sessions = SessionList()

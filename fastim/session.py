@@ -21,7 +21,7 @@ import orjson
 from . import _core
 from .auth import AuthFailed, Identity
 from .errors import BadRequest, ProtocolError
-from .hub import HubError, Since
+from .hub import HubError, Published, Since
 from .protocol import (
     CLIENT_FRAME_TYPES,
     CloseCode,
@@ -897,12 +897,12 @@ class Session(asyncio.Protocol):
                 return
             req_id = req.id
 
-            def done(off: int, err: str | None) -> None:
-                if err is None:
-                    self.send(replies.puback(req_id, ch, off))
-                else:  # a Refusal carries its code (cluster: NOT_ROUTED)
-                    code = getattr(err, "code", ErrorCode.STORE_UNAVAILABLE)
-                    self.send(replies.error(req_id, code, err))
+            def done(result: Published) -> None:
+                refusal = result.refusal
+                if refusal is None:
+                    self.send(replies.puback(req_id, ch, result.offset))
+                else:  # the store failed, or (cluster) the owner was not reachable
+                    self.send(replies.error(req_id, refusal.code, refusal.reason))
                 self.published()
 
             try:
