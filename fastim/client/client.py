@@ -44,7 +44,7 @@ from ..errors import ConnectionClosed, FastimError, ProtocolError, RequestError
 from ..protocol import CloseCode, ErrorCode, FrameType
 from .backoff import Backoff
 from .connection import Connection, HandshakeError, deadline, open_connection, parse_url
-from .direct import DirectGapCallback, DirectInbox, DirectMessages, InboxState, Sent
+from .direct import DirectGapCallback, DirectInbox, DirectMessages, InboxState, Sent, inbox_state
 from .subscription import Gap, GapCallback, Message, Since, Subscription
 
 __all__ = ["CLIENT_NAME", "Client", "Message", "RateLimited", "Subscription", "connect"]
@@ -495,8 +495,7 @@ class Client:
         Raises:
             RequestError: NO_USER (115) without a user; STORE_UNAVAILABLE (114).
         """
-        reply = await self._cmd({"op": "inbox"})
-        return InboxState(int(reply["acked"]), int(reply["top"]), str(reply.get("epoch") or ""))
+        return inbox_state(await self._cmd({"op": "inbox"}))
 
     async def ping(self) -> float:
         """A round trip through the node's command path; returns it in seconds.
