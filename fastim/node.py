@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 from . import _core
 from .auth import Auth, tls_server_context
 from .config import Config
+from .delivery import Postman
 from .heartbeat import TimerWheel
 from .http_api import HttpApi
 from .hub import Hub
 from .metrics import Metrics, StoreProbe
-from .postman import Postman
 from .protocol import SHUTDOWN_REASON, CloseCode
 from .session import Session, SessionList
 from .store import Store, StoreError, open_store
