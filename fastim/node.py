@@ -17,13 +17,12 @@ import signal
 from typing import TYPE_CHECKING, Any
 
 from . import _core
+from .api import HttpApi, Metrics, StoreProbe
 from .auth import Auth, tls_server_context
 from .config import Config
 from .delivery import Postman
 from .heartbeat import TimerWheel
-from .http_api import HttpApi
 from .hub import Hub
-from .metrics import Metrics, StoreProbe
 from .protocol import SHUTDOWN_REASON, CloseCode
 from .session import Session, SessionList
 from .store import Store, StoreError, open_store
@@ -51,7 +50,7 @@ class Node:
         )
         self.store: Store | None = None
         self.postman: Postman | None = None
-        self.sessions = SessionList()
+        self.sessions: SessionList[Session] = SessionList()
         self.flusher: _core.Flusher = _core.Flusher(None)
         self.wheel: TimerWheel
         self._servers: list[asyncio.Server] = []

@@ -19,7 +19,6 @@ import base64
 import binascii
 import hashlib
 import re
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 import httptools
@@ -36,10 +35,8 @@ from ..session import (
     Session,
 )
 from . import static
+from .host import TransportHost
 from .origin import refuse_cross_origin
-
-if TYPE_CHECKING:
-    from ..node import Node
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_REQUEST_HEAD = 16 * 1024
@@ -287,8 +284,11 @@ class WsSession(Session):
 
     hello_required = False
 
-    def __init__(self, node: Node) -> None:
+    node: TransportHost  # narrower than Session's Host: the HTTP side too
+
+    def __init__(self, node: TransportHost) -> None:
         super().__init__(node)
+        self.node = node
         self.http: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.head_bytes = 0
         self.url = b""

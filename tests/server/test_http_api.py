@@ -1,4 +1,4 @@
-"""The server HTTP API (fastim/http_api.py, docs/api.md) over real sockets.
+"""The server HTTP API (fastim/api/http.py, docs/api.md) over real sockets.
 
 Requests are written by hand (raw HTTP/1.1 on the WebSocket port), so what is tested is
 what any HTTP client sees: status, headers and JSON bodies. Publishes and sends made
@@ -17,7 +17,7 @@ import orjson
 import pytest
 from store._redis import RedisServer  # type: ignore[import-not-found]
 
-from fastim.http_api import OPENAPI, ROUTES
+from fastim.api import OPENAPI, ROUTES
 from fastim.node import Node
 from fastim.protocol import CloseCode, ErrorCode, FrameType, pack_hello, unpack_goaway
 from fastim.store import StoreUnavailable

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,14 +36,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.metrics_core import Metric
 
-from . import __version__
-from .hub.stats import LATENCY_BUCKETS as LATENCY_BUCKETS
-from .hub.stats import LatencyHistogram as LatencyHistogram
-
-if TYPE_CHECKING:
-    from .cluster.runtime import Cluster
-    from .node import Node
-    from .store import Store
+from .. import __version__
+from ..cluster.runtime import Cluster
+from ..hub.stats import LATENCY_BUCKETS as LATENCY_BUCKETS
+from ..hub.stats import LatencyHistogram as LatencyHistogram
+from ..store import Store, StoreError
+from ..transport import TcpSession, WsSession
+from .host import ApiHost
 
 log = logging.getLogger("fastim")
 
@@ -90,8 +89,6 @@ class StoreProbe:
             self._task = self._spawn(self._probe())
 
     async def _probe(self) -> None:
-        from .store import StoreError
-
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(self.store.inbox_state(PROBE_USER), self.timeout)
@@ -141,7 +138,7 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 class NodeCollector:
     """Reads a node's counters when Prometheus scrapes (see the module docstring)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ApiHost) -> None:
         self.node = node
 
     def collect(self) -> Iterator[Metric]:
@@ -412,10 +409,8 @@ def cluster_metrics(cluster: Cluster) -> Iterator[Metric]:
         )
 
 
-def connections_by_transport(node: Node) -> dict[str, int]:
+def connections_by_transport(node: ApiHost) -> dict[str, int]:
     """Open connections per transport: one pass over the node's sessions."""
-    from .transport import TcpSession, WsSession
-
     out = {"tcp": 0, "websocket": 0, "http": 0}
     for s in node.sessions:
         if isinstance(s, WsSession):
@@ -434,7 +429,7 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ApiHost) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(node))
         ProcessCollector(registry=self.registry)

@@ -2,7 +2,7 @@
 
 Routes under ``/api/`` on the WebSocket/HTTP port (docs/api.md): publish, broadcast,
 send to a user, presence, history, disconnect a user, and the OpenAPI document that
-describes them (:data:`OPENAPI`). JSON in, JSON out; every error is
+describes them (:data:`OPENAPI`, in ``openapi.json``). JSON in, JSON out; every error is
 ``{"error": "...", "field": "..."}`` (``field`` when one field is to blame, ``code``
 when a fastim error code applies) with a 4xx/5xx status.
 
@@ -26,22 +26,23 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, cast
+from importlib import resources
+from typing import Any, cast
 from urllib.parse import parse_qs
 
 import httptools
 import orjson
 
-from .errors import ProtocolError
-from .hub import HubError, Published
-from .protocol import CloseCode, ErrorCode, validate_channel
-from .store import InboxFull, InboxMessage, StoreError
-
-if TYPE_CHECKING:
-    from .node import Node
-    from .transport.ws import WsSession
+from ..errors import ProtocolError
+from ..hub import HubError, Published
+from ..protocol import CloseCode, ErrorCode, validate_channel
+from ..session.commands import CID_MAX
+from ..store import InboxFull, InboxMessage, StoreError
+from ..transport.ws import WsSession
+from .host import ApiHost
 
 log = logging.getLogger("fastim.api")
 
@@ -52,7 +53,6 @@ MAX_BROADCAST = 1000
 #: messages one history request may return
 MAX_HISTORY = 1000
 DEFAULT_HISTORY = 100
-_CID_MAX = 128
 _REASON_MAX = 120  # a WebSocket close reason holds at most 123 bytes
 
 
@@ -122,7 +122,7 @@ def _status_of(code: int) -> int:
 class HttpApi:
     """The ``/api/`` routes of one node."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ApiHost) -> None:
         self.node = node
         key = node.config.api_key
         self._key = key.encode() if key else b""
@@ -162,7 +162,7 @@ class HttpApi:
                 )
             query = _query(session.url, params)
             body = _json_body(session, fields) if want == "POST" else {}
-            handler = cast(Handler, getattr(HttpApi, "_" + name))
+            handler = _HANDLERS[name]
         except ApiError as e:
             self._reply(session, label, e)
             return
@@ -308,8 +308,8 @@ class HttpApi:
         to = _user(body.get("to"), "to")
         sender = _user(body["from"], "from") if body.get("from") is not None else None
         cid = body.get("cid")
-        if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= _CID_MAX):
-            raise ApiError(400, f'field "cid" must be a string of 1..{_CID_MAX} characters', "cid")
+        if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= CID_MAX):
+            raise ApiError(400, f'field "cid" must be a string of 1..{CID_MAX} characters', "cid")
         data = self._data(body)
         node = self.node
         store, postman = node.store, node.postman
@@ -412,6 +412,17 @@ class HttpApi:
         return data
 
 
+#: route name (``_ROUTES``) → its handler
+_HANDLERS: dict[str, Handler] = {
+    "publish": HttpApi._publish,
+    "broadcast": HttpApi._broadcast,
+    "send": HttpApi._send,
+    "presence": HttpApi._presence,
+    "history": HttpApi._history,
+    "disconnect": HttpApi._disconnect,
+}
+
+
 def _no_history(name: str) -> dict[str, Any]:
     """The history of a channel that does not exist (never published to, or forgotten):
     empty, and no epoch, since none was made; its first publish will make one."""
@@ -481,313 +492,8 @@ def _json_body(session: WsSession, allowed: frozenset[str]) -> dict[str, Any]:
     return obj
 
 
-# --------------------------------------------------------------------------- OpenAPI
-
-_ERR = {"$ref": "#/components/responses/Error"}
-_CHANNEL = {
-    "type": "string",
-    "minLength": 1,
-    "description": "a channel: 1..255 bytes of UTF-8, no control characters",
-}
-_USER = {
-    "type": "string",
-    "minLength": 1,
-    "description": "a user id: 1..255 bytes of UTF-8, no control characters",
-}
-_S = "#/components/schemas/"
-
-
-def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
-
-
-def _ok(description: str, ref: str) -> dict[str, Any]:
-    return {"description": description, "content": _json_content({"$ref": ref})}
-
-
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(s): _ERR for s in statuses}
-
-
-#: the OpenAPI 3.1 document served at ``/api/openapi.json`` (tests check it covers ROUTES)
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {
-        "title": "fastim server HTTP API",
-        "version": "1",
-        "description": "Publish, broadcast, send to users, presence, history and disconnect "
-        "on a fastim node. Served on the WebSocket/HTTP port under /api/, when the node has "
-        "an api_key. See docs/api.md.",
-    },
-    "security": [{"bearer": []}, {"apiKey": []}],
-    "paths": {
-        "/api/publish": {
-            "post": {
-                "operationId": "publish",
-                "summary": "Publish one message to a channel",
-                "description": "Answered when a client's publish would be acknowledged: "
-                "durable channels after the store accepted the message.",
-                "requestBody": {
-                    "required": True,
-                    "content": _json_content({"$ref": _S + "PublishRequest"}),
-                },
-                "responses": {
-                    "200": _ok("the message's offset and its channel's epoch", _S + "Published"),
-                    **_errors(400, 401, 413, 415, 429, 503),
-                },
-            }
-        },
-        "/api/broadcast": {
-            "post": {
-                "operationId": "broadcast",
-                "summary": "Publish one message to many channels",
-                "requestBody": {
-                    "required": True,
-                    "content": _json_content({"$ref": _S + "BroadcastRequest"}),
-                },
-                "responses": {
-                    "200": _ok("one result per channel, in order", _S + "BroadcastResult"),
-                    **_errors(400, 401, 413, 415),
-                },
-            }
-        },
-        "/api/send": {
-            "post": {
-                "operationId": "send",
-                "summary": "Send a direct message to a user (stored in the user's inbox)",
-                "requestBody": {
-                    "required": True,
-                    "content": _json_content({"$ref": _S + "SendRequest"}),
-                },
-                "responses": {
-                    "200": _ok("stored; delivered to the user's connections", _S + "Sent"),
-                    **_errors(400, 401, 413, 415, 429, 503),
-                },
-            }
-        },
-        "/api/presence": {
-            "get": {
-                "operationId": "presence",
-                "summary": "Who is subscribed to a channel on this node",
-                "parameters": [
-                    {"name": "channel", "in": "query", "required": True, "schema": _CHANNEL}
-                ],
-                "responses": {
-                    "200": _ok("connection count and user ids", _S + "Presence"),
-                    **_errors(400, 401),
-                },
-            }
-        },
-        "/api/history": {
-            "get": {
-                "operationId": "history",
-                "summary": "A channel's kept messages after an offset",
-                "parameters": [
-                    {"name": "channel", "in": "query", "required": True, "schema": _CHANNEL},
-                    {
-                        "name": "since",
-                        "in": "query",
-                        "required": False,
-                        "description": "return messages with offset > since",
-                        "schema": {"type": "integer", "minimum": 0, "default": 0},
-                    },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "required": False,
-                        "schema": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": MAX_HISTORY,
-                            "default": DEFAULT_HISTORY,
-                        },
-                    },
-                ],
-                "responses": {
-                    "200": _ok("epoch, latest offset and messages, oldest first", _S + "History"),
-                    **_errors(400, 401, 503),
-                },
-            }
-        },
-        "/api/disconnect": {
-            "post": {
-                "operationId": "disconnect",
-                "summary": "Close every connection of a user on this node (close code 4510)",
-                "requestBody": {
-                    "required": True,
-                    "content": _json_content({"$ref": _S + "DisconnectRequest"}),
-                },
-                "responses": {
-                    "200": _ok("how many connections were closed", _S + "Disconnected"),
-                    **_errors(400, 401, 413, 415),
-                },
-            }
-        },
-        "/api/openapi.json": {
-            "get": {
-                "operationId": "openapi",
-                "summary": "This document (no API key needed)",
-                "security": [],
-                "responses": {
-                    "200": {
-                        "description": "the OpenAPI document",
-                        "content": _json_content({"type": "object"}),
-                    }
-                },
-            }
-        },
-    },
-    "components": {
-        "securitySchemes": {
-            "bearer": {
-                "type": "http",
-                "scheme": "bearer",
-                "description": "Authorization: Bearer <api_key>",
-            },
-            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-        },
-        "responses": {
-            "Error": {
-                "description": "an error; field names the bad field or parameter",
-                "content": _json_content({"$ref": _S + "Error"}),
-            }
-        },
-        "schemas": {
-            "Error": {
-                "type": "object",
-                "required": ["error"],
-                "properties": {
-                    "error": {"type": "string"},
-                    "field": {"type": "string", "description": "the field or parameter at fault"},
-                    "code": {
-                        "type": "integer",
-                        "description": "fastim error code (docs/protocol.md)",
-                    },
-                },
-            },
-            "PublishRequest": {
-                "type": "object",
-                "required": ["channel", "data"],
-                "additionalProperties": False,
-                "properties": {"channel": _CHANNEL, "data": {"description": "any JSON value"}},
-            },
-            "Published": {
-                "type": "object",
-                "required": ["offset", "epoch"],
-                "properties": {
-                    "offset": {"type": "integer", "minimum": 1},
-                    "epoch": {"type": "string"},
-                },
-            },
-            "BroadcastRequest": {
-                "type": "object",
-                "required": ["channels", "data"],
-                "additionalProperties": False,
-                "properties": {
-                    "channels": {
-                        "type": "array",
-                        "items": _CHANNEL,
-                        "minItems": 1,
-                        "maxItems": MAX_BROADCAST,
-                    },
-                    "data": {"description": "any JSON value"},
-                },
-            },
-            "BroadcastResult": {
-                "type": "object",
-                "required": ["results"],
-                "properties": {
-                    "results": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["channel"],
-                            "description": "offset and epoch, or error (and code)",
-                            "properties": {
-                                "channel": {"type": "string"},
-                                "offset": {"type": "integer"},
-                                "epoch": {"type": "string"},
-                                "error": {"type": "string"},
-                                "code": {"type": "integer"},
-                            },
-                        },
-                    }
-                },
-            },
-            "SendRequest": {
-                "type": "object",
-                "required": ["to", "data"],
-                "additionalProperties": False,
-                "properties": {
-                    "to": _USER,
-                    "data": {"description": "any JSON value"},
-                    "from": {**_USER, "description": "the sender user id shown to the recipient"},
-                    "cid": {
-                        "type": "string",
-                        "minLength": 1,
-                        "maxLength": _CID_MAX,
-                        "description": "client message id: a retry with the same from and cid "
-                        "is stored once",
-                    },
-                },
-            },
-            "Sent": {
-                "type": "object",
-                "required": ["mid", "seq", "epoch", "dup"],
-                "properties": {
-                    "mid": {"type": "string"},
-                    "seq": {"type": "integer", "minimum": 1},
-                    "epoch": {
-                        "type": "string",
-                        "description": "the recipient inbox's epoch: seq counts within it",
-                    },
-                    "dup": {"type": "boolean"},
-                },
-            },
-            "Presence": {
-                "type": "object",
-                "required": ["channel", "count"],
-                "properties": {
-                    "channel": {"type": "string"},
-                    "count": {"type": "integer"},
-                    "users": {"type": "array", "items": {"type": "string"}},
-                },
-            },
-            "History": {
-                "type": "object",
-                "required": ["channel", "epoch", "top", "messages"],
-                "properties": {
-                    "channel": {"type": "string"},
-                    "epoch": {
-                        "type": "string",
-                        "description": "'' for a channel that does not exist (a read "
-                        "creates none)",
-                    },
-                    "top": {"type": "integer", "description": "the channel's latest offset"},
-                    "messages": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["offset", "data"],
-                            "properties": {"offset": {"type": "integer"}, "data": {}},
-                        },
-                    },
-                },
-            },
-            "DisconnectRequest": {
-                "type": "object",
-                "required": ["user"],
-                "additionalProperties": False,
-                "properties": {
-                    "user": _USER,
-                    "reason": {"type": "string", "maxLength": _REASON_MAX},
-                },
-            },
-            "Disconnected": {
-                "type": "object",
-                "required": ["disconnected"],
-                "properties": {"disconnected": {"type": "integer"}},
-            },
-        },
-    },
-}
+#: the OpenAPI 3.1 document served at ``/api/openapi.json`` (tests check it covers ROUTES):
+#: data, in ``openapi.json`` beside this module
+OPENAPI: dict[str, Any] = json.loads(
+    resources.files(__package__).joinpath("openapi.json").read_text("utf-8")
+)
