@@ -175,6 +175,51 @@ def test_a_direct_message_after_a_restart_reaches_the_page(
     assert page_errors(d) == []
 
 
+def test_an_ack_of_a_lost_numbering_is_not_repeated(
+    browser: Callable[[], Browser], nodes: Callable[..., Any]
+) -> None:
+    """An ack that reaches the node after it lost the inbox's numbering (memory store
+    restarted; here ``autoAck: false`` and the ack made after the reconnect; with autoAck
+    an ack on its way at the kill does the same) changes nothing there: the node answers
+    with another epoch (or none). The client used to send it again at once, forever:
+    thousands of acks a second until a message of the new epoch came."""
+    node = nodes("--store", "memory")
+    d = browser()
+    d.get(f"http://127.0.0.1:{node.ws_port}/health")
+    d.execute_async_script(
+        """
+        const done = arguments[0];
+        import('/fastim.js').then(async (f) => {
+          window.direct = [];
+          window.client = f.connect({user: 'eve', autoAck: false, backoff: {base: 50, max: 200},
+            onDirect: (dm) => { direct.push(['dm', dm.seq, dm.epoch, dm.data.n]); },
+            onDirectGap: (g) => { direct.push(['gap', g.lastEpoch, g.lastSeq, g.epoch]); }});
+          await client.ready();
+          done(true);
+        }).catch((e) => done('error: ' + e));
+        """
+    )
+    e1 = {send(node, "eve", n)[2] for n in (1, 2, 3)}.pop()
+    wait_js(d, "direct.length === 3", "3 dms, not acked")
+    node.kill()
+    node.start()
+    wait_js(d, "client.reconnects === 1 && client.state === 'connected'", "the page back")
+    d.execute_script("client.ack(3)")  # one request (its id taken now)...
+    before = js(d, "client._nextId")
+    time.sleep(1.0)
+    again = js(d, "client._nextId") - before
+    assert again == 0, f"the ack was sent {again} more times in 1 s"  # ...and no more
+    assert js(d, "[client.inbox.taken, client.inbox.acked]") == [3, 0]
+    # the new numbering arrives, and its acks count
+    _, seq, e2 = send(node, "eve", 4)
+    assert seq == 1 and e2 != e1
+    wait_js(d, "direct.length === 5", "the new epoch's first dm")
+    assert js(d, "direct.slice(3)") == [["gap", e1, 3, e2], ["dm", 1, e2, 4]]
+    d.execute_script("client.ack(1)")
+    wait_js(d, f"client.inbox.acked === 1 && client.inbox.epoch === '{e2}'", "the ack counts")
+    assert page_errors(d) == []
+
+
 def test_a_channel_message_after_a_restart_is_not_skipped(
     browser: Callable[[], Browser], nodes: Callable[..., Any]
 ) -> None:
