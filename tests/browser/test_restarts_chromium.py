@@ -9,7 +9,9 @@ the same address; the test publishes and sends through the node's HTTP API.
       epoch) after one ``onDirectGap`` saying where the old numbering ended, and is
       acknowledged in the new epoch;
    b. channel messages published after a restart, before the page came back, reach it:
-      a gap (reason "epoch", lastOffset 5), then the new epoch from its start, then live.
+      a gap (reason "epoch", lastOffset 5), then the new epoch from its start, then live;
+   and an ack that reaches the node after it lost the numbering is sent once, not in a
+   loop.
 2. Every store (sqlite, the default; memory; redis) through a graceful restart and a
    kill -9, with a channel stream and a direct-message stream: on sqlite and redis
    everything once, in order, no gap; on memory the old epoch up to the gap, the new one
@@ -23,6 +25,7 @@ Every wait is bounded (``WAIT``); nothing asserts on speed.
 from __future__ import annotations
 
 import http.client
+import os
 import signal
 import threading
 import time
@@ -36,7 +39,7 @@ from faults._node import NodeProc, free_port  # type: ignore[import-not-found]
 from store._redis import RedisServer  # type: ignore[import-not-found]
 
 from .conftest import WAIT, Browser, api, console_errors
-from .test_demo_chromium import wait_js
+from .test_demo_chromium import ROOM_TEXTS, click, login, say, wait_js
 
 KEY = "browser-restarts-api-key-0123456789"
 #: Chromium logs each refused reconnect while the node is down: expected, nothing else is
@@ -384,4 +387,94 @@ def test_streams_across_a_restart_on_every_store(
     assert [x[:3] for x in dnew] == [["dm", s, d2] for s in range(1, len(dnew) + 1)], direct
     assert [x for x in dnew if x[3] in dict(new_sends)] == [["dm", s, d2, n] for n, s in new_sends]
     assert js(d, "[sub.epoch, client.inbox.epoch]") == [e2, d2]
+    assert page_errors(d) == []
+
+
+# ----------------------------------------------------------------------------- the demo
+
+#: the conversation as shown: [kind, text, offset] per line ("gap" lines: the notice)
+SHOWN = """
+return [...document.querySelectorAll('#messages li')].map((li) => [
+  li.classList.contains('gap') ? 'gap:' + li.dataset.gap : li.dataset.who || 'notice',
+  li.querySelector('.text').textContent,
+  li.dataset.off === undefined ? null : +li.dataset.off,
+]);
+"""
+
+
+def test_demo_shows_where_history_was_lost(
+    browser: Callable[[], Browser], nodes: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The demo against a node without a store (memory): a room's messages, a direct
+    conversation, kill -9, start again, more messages. The room shows a line saying its
+    history was lost, between the old messages and the new ones (offsets from 1 again:
+    shown, not dropped); the direct conversation the same. A screenshot of it goes to
+    $DEMO_SCREENSHOTS (docs/img/demo-history-lost.png was taken so), else tmp_path."""
+    from selenium.webdriver.common.by import By
+
+    node = nodes("--store", "memory")
+    base = f"http://127.0.0.1:{node.ws_port}"
+    d = browser()
+    d.set_window_size(1200, 760)
+    login(d, base, "alice")
+    shown: list[tuple[str, str, int]] = []
+
+    def bob(text: str) -> None:
+        data = {"user": "bob", "text": text, "ts": int(time.time() * 1000)}
+        api(node.ws_port, KEY, "POST", "publish", {"channel": "room:lobby", "data": data})
+
+    def post(who: str, text: str) -> None:
+        if who == "alice":
+            say(d, text)
+        else:
+            bob(text)
+        shown.append((who, text, len(shown) + 1))
+        n = sum(1 for w, *_ in shown if not w.startswith("gap"))
+        wait_js(d, f"{ROOM_TEXTS}.length === {n}", f"{text!r} shown")
+
+    post("alice", "morning! is the release still on for today?")
+    post("bob", "yes, tagging it after lunch")
+    post("alice", "great, I'll update the changelog")
+    api(node.ws_port, KEY, "POST", "send", {"to": "alice", "from": "bob", "data": {
+        "text": "can you review my PR first?", "ts": int(time.time() * 1000)}})  # fmt: skip
+    wait_js(d, "document.querySelector(\"#dms li[data-peer='bob'] .badge\")", "bob's dm")
+
+    node.kill()  # kill -9: the memory store's history and inboxes are gone
+    wait_js(d, "document.querySelector('#status').dataset.state === 'reconnecting'", "offline")
+    node.start()
+    wait_js(d, "document.querySelector('#status').dataset.state === 'connected'", "back")
+    gap = wait_js(d, "document.querySelector('#messages li.gap')?.textContent", "the gap line")
+    assert gap == (
+        "history was lost here: messages after #3 are gone (the node restarted without its store)"
+    )
+    shown.append(("gap:epoch", gap, 0))
+    post("bob", "the server just restarted, did you get my last message?")
+    post("alice", "no, that one is gone - can you send it again?")
+    wait_js(d, "!document.querySelector('#messages li.pending')", "alice's line confirmed")
+
+    lines = [tuple(x) for x in d.execute_script(SHOWN)]
+    assert lines == [
+        ("alice", shown[0][1], 1),
+        ("bob", shown[1][1], 2),
+        ("alice", shown[2][1], 3),
+        ("gap:epoch", gap, None),  # between the old messages and the new ones
+        ("bob", shown[4][1], 1),  # the new history, from its start: shown, not dropped
+        ("alice", shown[5][1], 2),
+    ], lines
+    out = Path(os.environ.get("DEMO_SCREENSHOTS") or tmp_path)
+    d.save_screenshot(str(out / "demo-history-lost.png"))
+
+    # the direct conversation: the new numbering's first message after a line that says so
+    api(node.ws_port, KEY, "POST", "send", {"to": "alice", "from": "bob", "data": {
+        "text": "here it is again: can you review my PR first?", "ts": 0}})  # fmt: skip
+    wait_js(d, "document.querySelector(\"#dms li[data-peer='bob'] .badge\")", "the new dm")
+    click(d, By.CSS_SELECTOR, "#dms li[data-peer='bob']")
+    wait_js(d, "document.querySelectorAll('#messages li').length === 3", "the conversation")
+    dm_lines = [tuple(x[:2]) for x in d.execute_script(SHOWN)]
+    assert dm_lines == [
+        ("bob", "can you review my PR first?"),
+        ("gap:epoch", "history was lost here: messages sent to you before this line and not "
+         "shown are gone (the node restarted without its store)"),
+        ("bob", "here it is again: can you review my PR first?"),
+    ], dm_lines  # fmt: skip
     assert page_errors(d) == []
