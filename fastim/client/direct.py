@@ -318,6 +318,10 @@ class DirectInbox:
             acked = reply.get("seq")
             if epoch == self.epoch and reply.get("epoch", epoch) == epoch:
                 self.acked = max(self.acked, acked if isinstance(acked, int) else seq)
+            else:
+                # the inbox is in another numbering now (the store lost it): this ack is
+                # moot, and sending it again would loop until a new message comes
+                again = False
         except RequestError as e:
             log.info("fastim client: ack %d refused: %s", seq, e)
             if e.code == ErrorCode.STORE_UNAVAILABLE:

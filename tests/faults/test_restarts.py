@@ -132,6 +132,45 @@ async def test_a_direct_message_after_a_restart_is_not_dropped_as_a_copy(
         node.stop()
 
 
+async def test_an_ack_of_a_lost_numbering_is_not_repeated(
+    nodes: Callable[..., NodeProc],
+) -> None:
+    """An ack made after the node lost the inbox (memory store restarted) names the old
+    epoch: the node changes nothing and says so, and the SDK does not send it again
+    and again until a message of the new numbering comes."""
+    node = nodes("--store", "memory")
+    await node.astart()
+    alice = await client(node.tcp_url, user="alice")
+    bob = await client(node.ws_url, user="bob")
+    try:
+        dms = bob.direct_messages(auto_ack=False)
+        for n in (1, 2, 3):
+            await alice.send("bob", {"n": n})
+        got = [await within(dms.get()) for _ in range(3)]
+        await node.akill()
+        await node.astart()
+        await eventually(lambda: bob.connected, what="bob reconnected")
+        sent: list[dict[str, Any]] = []
+        real = bob._cmd
+
+        async def counting(cmd: dict[str, Any], *a: Any, **kw: Any) -> Any:
+            sent.append(cmd)
+            return await real(cmd, *a, **kw)
+
+        bob._cmd = counting  # type: ignore[method-assign]
+        bob.ack(got[-1].seq)  # taken in the old numbering
+        await eventually(lambda: len(sent) >= 1, what="the ack")
+        await within(bob.ping())  # a round trip after the ack's answer
+        await within(bob.ping())
+        acks = [c for c in sent if c.get("op") == "ack"]
+        assert acks == [{"op": "ack", "seq": 3, "epoch": got[0].epoch}], acks
+        assert bob.inbox.acked == 0
+    finally:
+        await alice.aclose()
+        await bob.aclose()
+        node.stop()
+
+
 async def test_a_channel_message_after_a_restart_is_not_skipped(
     nodes: Callable[..., NodeProc],
 ) -> None:
