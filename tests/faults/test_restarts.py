@@ -278,8 +278,11 @@ async def test_streams_across_a_restart_on_every_store(
         async def send(i: int) -> None:
             sent[i] = await alice.send("bob", {"i": i})  # retried until acknowledged
 
+        steps: list[str] = []
+
         async def bounce() -> None:
             await eventually(lambda: len(acked) >= n // 3 and len(sent) >= ndm // 3)
+            steps.append(f"stop at {len(acked)} acked, {len(sent)} sent")
             if how == "kill9":
                 await node.akill()
             else:
@@ -288,12 +291,16 @@ async def test_streams_across_a_restart_on_every_store(
                 epoch_of.append("new")  # publishes acked from now on are the new epoch's
             await asyncio.sleep(0.2)
             await node.astart()
-
-        steps: list[str] = []
+            steps.append(f"up at {len(acked)} acked, {len(sent)} sent")
         await within(
             asyncio.gather(windowed(n, 8, publish), windowed(ndm, 4, send), bounce()),
             90,
-            lambda: progress(node, steps, f"{len(acked)} acked, {len(sent)} sent"),
+            lambda: progress(
+                node,
+                steps,
+                f"{len(acked)} acked, {len(failed)} failed, {len(sent)} sent, "
+                f"{len(received)} received, {len(got)} dms got",
+            ),
         )
         # settle: everything the node holds has had time to arrive
         last = max(off for _, off, e in acked if e == epoch_of[-1])
