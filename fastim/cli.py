@@ -15,7 +15,10 @@ from typing import Any
 import orjson
 
 from . import __version__
+from .cluster import ClusterError
 from .config import Config, ConfigError, load, redact
+from .node import Node
+from .store import StoreError
 
 log = logging.getLogger("fastim")
 
@@ -199,11 +202,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     _raise_fd_limit(cfg.max_connections)
     _tune_malloc()
-    from .node import Node
 
     node = Node(cfg)
-    from .cluster import ClusterError
-    from .store import StoreError
 
     try:
         _run(node.serve_forever())

@@ -14,11 +14,12 @@ import ipaddress
 import logging
 import os
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import _core
 from .api import HttpApi, Metrics, StoreProbe
 from .auth import Auth, tls_server_context
+from .cluster.runtime import Cluster, advertised_host, join_host_port
 from .config import Config
 from .delivery import Postman
 from .heartbeat import TimerWheel
@@ -26,11 +27,9 @@ from .hub import Hub
 from .protocol import SHUTDOWN_REASON, CloseCode
 from .session import Session, SessionList
 from .store import Store, StoreError, open_store
+from .transport import TcpSession, WsSession
 from .transport.origin import Origins
 from .transport.ws import PROBE_HOLD, PROBE_RATE
-
-if TYPE_CHECKING:
-    from .cluster.runtime import Cluster
 
 log = logging.getLogger("fastim")
 
@@ -88,8 +87,6 @@ class Node:
         self._probe_buckets: dict[str, _core.TokenBucket] = {}
 
     async def start(self) -> None:
-        from .transport import TcpSession, WsSession
-
         loop = asyncio.get_running_loop()
         cfg = self.config
         # the store first: a node that cannot reach it must fail at start, not later
@@ -130,8 +127,6 @@ class Node:
                 self._servers.append(srv)
                 self.ws_port = srv.sockets[0].getsockname()[1]
             if cfg.etcd_endpoints:
-                from .cluster.runtime import Cluster, advertised_host, join_host_port
-
                 host = advertised_host(cfg)
                 addresses = {}
                 if self.tcp_port:

@@ -38,15 +38,14 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 
+from .. import __version__
+from ..config import Config
 from ..tasks import until_one_ends
 from . import ClusterError, NodeIdTaken
-
-if TYPE_CHECKING:
-    from ..config import Config
 
 __all__ = [
     "DEGRADED",
@@ -599,6 +598,5 @@ class Membership:
 
 
 def _version() -> str:
-    from .. import __version__
 
     return __version__

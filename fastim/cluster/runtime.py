@@ -35,9 +35,12 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..hub import Channel, Done, HubError, Published, Since
+from .. import _core
+from ..config import Config
+from ..delivery import Postman
+from ..hub import Channel, Done, Hub, HubError, Published, Since
 from ..protocol import ErrorCode
 from ..store import StoreError
 from ..tasks import Background
@@ -48,10 +51,19 @@ from .link import LinkHandler, Links, LinkServer, client_context, link_peers, se
 from .membership import MemberEvent, Membership
 from .placement import Placement, moved
 
-if TYPE_CHECKING:
-    from ..node import Node
-
 log = logging.getLogger("fastim.cluster")
+
+
+class ClusterHost(Protocol):
+    """The node, as its cluster runtime sees it (the node implements it; the cluster
+    never imports the node): its settings, its hub (the cluster is the hub's
+    :class:`~fastim.hub.Router`), its flusher (links write through it) and its postman
+    (direct messages cross nodes through it)."""
+
+    config: Config
+    hub: Hub
+    flusher: _core.Flusher
+    postman: Postman | None
 
 _DELIVER = int(LinkFrame.DELIVER)
 
@@ -84,7 +96,7 @@ class Cluster(LinkHandler):
     (:class:`LinkServer`, inbound), ``me`` (this node id).
     """
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ClusterHost) -> None:
         cfg = node.config
         self.node = node
         self.hub = node.hub

@@ -27,6 +27,7 @@ from .base import (
     StoreUnavailable,
 )
 from .memory import MemoryStore
+from .sqlite import SqliteStore
 
 __all__ = [
     "AckOutOfRange",
@@ -40,6 +41,7 @@ __all__ = [
     "InboxMessage",
     "InboxState",
     "MemoryStore",
+    "SqliteStore",
     "Store",
     "StoreError",
     "StoreSettings",
@@ -76,12 +78,11 @@ async def open_store(settings: StoreSettings) -> Store:
     if settings.kind == "memory":
         return MemoryStore(limits, inbox)
     if settings.kind == "sqlite":
-        from .sqlite import SqliteStore
-
         return await SqliteStore.open(
             settings.path, limits, inbox, synchronous=settings.synchronous
         )
     if settings.kind == "redis":
+        # imported here: redis-py is the optional extra fastim[redis]
         from .redis import RedisStore
 
         return await RedisStore.open(
