@@ -23,7 +23,8 @@ the connection and reconnects; an acceptor that hears nothing (no frames, no pin
 ``timeout`` seconds, which TCP itself would take minutes to do.
 
 **Reconnect.** A link that is down redials with exponential backoff and jitter
-(``backoff`` = first delay, cap). The handshake checks both ends: HELLO names the
+(``backoff`` = first delay, cap; :func:`fastim.tasks.backoff_delay`), so a restarted node
+is not dialed by everyone at once. The handshake checks both ends: HELLO names the
 cluster and the node the dialer expects, WELCOME names the node that answered, and a
 mismatch (another cluster, or another node now on that address) is refused with GOAWAY.
 
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl as _ssl
 import struct
 from collections.abc import Callable, Mapping
@@ -50,7 +50,7 @@ import orjson
 
 from .. import _core
 from ..errors import FastimError
-from ..tasks import Background
+from ..tasks import Background, backoff_delay
 from .frames import (
     ACCEPTOR_ACCEPTS,
     BATCH_BYTES,
@@ -281,11 +281,6 @@ def _code_name(code: int) -> str:
         return str(code)
 
 
-def _backoff(attempt: int, first: float, cap: float) -> float:
-    """Exponential backoff with jitter: a restarted node is not dialed by everyone at once."""
-    return min(cap, first * (1 << min(attempt, 30))) * random.uniform(0.5, 1.0)
-
-
 class Link:
     """The dialing end of one link, to one peer: reconnects by itself until closed.
 
@@ -425,7 +420,7 @@ class Link:
             if self._closed:
                 break
             attempt = 0 if was_up else attempt + 1
-            await asyncio.sleep(_backoff(attempt, *links.backoff))
+            await asyncio.sleep(backoff_delay(attempt, *links.backoff))
 
     async def _session(self) -> bool:
         """Connect, handshake, then heartbeat until the connection ends; True if it was up."""
