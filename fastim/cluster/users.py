@@ -41,13 +41,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import ClusterError
 from .etcd import EtcdSession
-
-if TYPE_CHECKING:
-    from .membership import Membership
+from .membership import Membership
 
 __all__ = ["UserRoutes", "users_prefix"]
 
