@@ -192,23 +192,23 @@ class Link:
 
     def deliver(self, channel: str, epoch: str, offset: int, data: bytes) -> bool:
         """Queue a channel message for the peer (a DELIVER entry). False if the link is down."""
-        return self._append(LinkFrame.DELIVER, pack_deliver(channel, epoch, offset, data))
+        return self.append_entry(LinkFrame.DELIVER, pack_deliver(channel, epoch, offset, data))
 
     def forward(self, ref: int, channel: str, data: bytes) -> bool:
         """Queue a publish for the channel's owner (a FORWARD entry)."""
-        return self._append(LinkFrame.FORWARD, pack_forward(ref, channel, data))
+        return self.append_entry(LinkFrame.FORWARD, pack_forward(ref, channel, data))
 
     def forward_ack(
         self, ref: int, offset: int, epoch: str = "", code: int = 0, reason: str = ""
     ) -> bool:
         """Queue the answer to a forwarded publish (a FORWARD_ACK entry)."""
-        return self._append(
+        return self.append_entry(
             LinkFrame.FORWARD_ACK, pack_forward_ack(ref, offset, epoch, code, reason)
         )
 
     def dm(self, user: str, seq: int, event: bytes) -> bool:
         """Queue a stored direct message for the peer's connections of ``user`` (a DM entry)."""
-        return self._append(LinkFrame.DM, pack_dm(user, seq, event))
+        return self.append_entry(LinkFrame.DM, pack_dm(user, seq, event))
 
     def control(self, message: Mapping[str, Any]) -> bool:
         """Send one JSON object (a CONTROL frame), after anything queued before it."""
@@ -220,7 +220,9 @@ class Link:
         self.frames_out += 1
         return conn.send(LinkFrame.CONTROL, orjson.dumps(message))
 
-    def _append(self, ftype: int, entry: bytes) -> bool:
+    def append_entry(self, ftype: int, entry: bytes) -> bool:
+        """Queue one packed entry of a batched frame type (DELIVER, FORWARD, FORWARD_ACK,
+        DM): for a caller that packs an entry once for several links. False if down."""
         if self._conn is None:
             self.dropped += 1
             return False
