@@ -321,7 +321,7 @@ class Cluster(LinkHandler):
         get = links.links.get
         for kid in kids:
             link = get(kid)
-            if link is not None and link._append(_DELIVER, entry):
+            if link is not None and link.append_entry(_DELIVER, entry):
                 self.tree_out += 1
             else:
                 self.tree_dropped += 1  # link down: the child fills the gap later
