@@ -66,7 +66,7 @@ MAX_WS_MESSAGE = 64 << 20
 #: Cap on the size of the HTTP response head of a WebSocket upgrade.
 MAX_HTTP_HEAD = 16 * 1024
 #: RFC 6455 §1.3: appended to Sec-WebSocket-Key before hashing.
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_GUID = protocol.WS_GUID.decode("ascii")  # RFC 6455 §1.3 (one constant: the protocol's)
 #: The WebSocket subprotocol of binary fastim frames.
 WS_SUBPROTOCOL = "fastim.binary"
 
