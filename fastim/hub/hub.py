@@ -476,7 +476,7 @@ class Hub:
             n = ch.users.get(user, 0)
             ch.users[user] = n + 1
             if n == 0 and ch.ns.join_leave:
-                self._announce(ch, "join", user)  # to the others: before adding this one
+                self.announce(ch, "join", user)  # to the others: before adding this one
         ch.subs.add(ring)
         self.idle.pop(name, None)
         return ch
@@ -536,7 +536,7 @@ class Hub:
             else:
                 del ch.users[user]
                 if ch.ns.join_leave:
-                    self._announce(ch, "leave", user)
+                    self.announce(ch, "leave", user)
         if len(ch.subs) == 0:
             if ch.ns.history_size == 0 or ch.offset == 0:
                 self._drop(name)
@@ -547,7 +547,7 @@ class Hub:
 
     # ------------------------------------------------------------------ presence
 
-    def _announce(self, ch: Channel, op: str, user: str) -> None:
+    def announce(self, ch: Channel, op: str, user: str) -> None:
         """A join/leave event to the channel's subscribers that may see its presence.
 
         Under ``allow_presence = any`` (the default) that is every subscriber: one

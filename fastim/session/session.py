@@ -453,7 +453,7 @@ class Session(asyncio.Protocol):
                 n = channel.users.get(user, 0)
                 channel.users[user] = n + 1
                 if n == 0 and channel.ns.join_leave:
-                    hub._announce(channel, "join", user)
+                    hub.announce(channel, "join", user)
         postman = self.node.postman
         assert postman is not None
         postman.attach(self, user)
