@@ -1,6 +1,6 @@
 """Direct messages across nodes: the glue between the Postman, user routes and links.
 
-On one node the :class:`~fastim.postman.Postman` stores a direct message in the
+On one node the :class:`~fastim.delivery.Postman` stores a direct message in the
 recipient's inbox, answers the sender and delivers it to the recipient's connections
 there. In a cluster the store is shared (Redis: sequences are assigned atomically there,
 whichever node stores), so the only missing piece is reaching the recipient's
@@ -17,7 +17,7 @@ connections on the *other* nodes. :class:`DmRouter` is that piece:
 
 What makes it reliable is not the link (links are at most once) but the inbox: a node
 re-reads the inbox state before each retry and when a sequence seems to be missing, and
-reads the inbox of a user whose route is not in etcd yet (see ``fastim/postman.py``).
+reads the inbox of a user whose route is not in etcd yet (see ``fastim/delivery/postman.py``).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from ..delivery import Postman
 from .frames import DmEntry
 from .users import UserRoutes
 
 if TYPE_CHECKING:
-    from ..postman import Postman
     from .link import Links
     from .runtime import Cluster
 

@@ -19,7 +19,6 @@ import base64
 import binascii
 import hashlib
 import re
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 import httptools
@@ -36,15 +35,22 @@ from ..session import (
     Session,
 )
 from . import static
+from .host import TransportHost
 from .origin import refuse_cross_origin
-
-if TYPE_CHECKING:
-    from ..node import Node
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_REQUEST_HEAD = 16 * 1024
 MAX_HEADERS = 64
 _SERVER = f"fastim/{__version__}".encode()
+
+#: the plain HTTP endpoints of probes and scrapers (``GET`` only): the per-address client
+#: limits never refuse them (docs/operations.md, "Probes and the per-address limits")
+PROBE_PATHS = frozenset({b"/health", b"/ready", b"/metrics"})
+#: connections an address over its per-address limits may keep open while they send
+#: their request head (which tells a probe from a client); more are refused unread
+PROBE_HOLD = 16
+#: probes per second (burst twice that) an address over its per-address limits may make
+PROBE_RATE = 10.0
 
 _STATUS = {
     400: b"Bad Request",
@@ -267,6 +273,7 @@ class WsSession(Session):
         "head_bytes",
         "headers",
         "http",
+        "limited",
         "mode",
         "n_headers",
         "parser",
@@ -277,14 +284,19 @@ class WsSession(Session):
 
     hello_required = False
 
-    def __init__(self, node: Node) -> None:
+    node: TransportHost  # narrower than Session's Host: the HTTP side too
+
+    def __init__(self, node: TransportHost) -> None:
         super().__init__(node)
+        self.node = node
         self.http: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.head_bytes = 0
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
         self.n_headers = 0
-        self.reject: tuple[int, str] | None = None
+        #: an answer decided while parsing (status, reason, extra header lines), sent once
+        #: the parser stops: 431, 413, and under /api/ a 401 or 404 from the head alone
+        self.reject: tuple[int, str, bytes] | None = None
         self.request_done = False
         #: None until the request head is complete; then the body (plain requests: /api/)
         self.body: bytes | bytearray | None = None
@@ -293,6 +305,9 @@ class WsSession(Session):
         self.close_sent = False
         #: messages to this client are compressed (permessage-deflate, full window)
         self.deflate = False
+        #: refused by a per-address limit (status, reason, address), answered once the
+        #: request head shows it is not a probe (PROBE_PATHS)
+        self.limited: tuple[int, str, str] | None = None
 
     # ------------------------------------------------------------------ httptools callbacks
 
@@ -302,7 +317,7 @@ class WsSession(Session):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.n_headers += 1
         if self.n_headers > MAX_HEADERS:
-            self.reject = (431, f"more than {MAX_HEADERS} headers")
+            self.reject = (431, f"more than {MAX_HEADERS} headers", b"")
             return
         key = name.lower()
         if key in self.headers:
@@ -313,19 +328,60 @@ class WsSession(Session):
     def on_headers_complete(self) -> None:
         # from here on bytes are body: limited by max_message (413), not the head limit
         self.body = b""
+        path = self._path()
+        assert self.http is not None
+        if self.reject is None and self._limits_refuse(self.http.get_method(), path):
+            return
+        if self.reject is None and path.startswith(b"/api/"):
+            # the API key before anything about the body: a caller without it learns
+            # nothing, not even the size limit (docs/api.md: 401 first, whatever the path)
+            assert self.http is not None
+            self.reject = self.node.api.gate(self.headers, self.http.get_method(), path)
+            if self.reject is not None:
+                return
         cl = self.headers.get(b"content-length", b"").strip()
         if cl.isdigit() and int(cl) > self.config.max_message:
-            self.reject = (413, f"request body over max_message ({self.config.max_message} bytes)")
+            self.reject = (
+                413,
+                f"request body over max_message ({self.config.max_message} bytes)",
+                b"",
+            )
         elif self.reject is None and self.headers.get(b"expect", b"").lower() == b"100-continue":
             assert self.transport is not None
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _limits_refuse(self, method: bytes, path: bytes) -> bool:
+        """The per-address limits, now that the request head is in: a probe (GET /health,
+        /ready, /metrics) is never refused by the client limits (an address over them has
+        PROBE_RATE probes a second); anything else over them gets its 503 / 429 (True)."""
+        probe = method == b"GET" and path in PROBE_PATHS
+        limited = self.limited
+        if limited is None:
+            if probe:
+                self.node.probe_admitted(self)  # does not count among the clients
+            return False
+        self.limited = None
+        status, reason, ip = limited
+        node = self.node
+        node.unhold(ip)
+        if probe:
+            if node.probe_allowed(ip):
+                return False
+            status, reason = 429, f"over {PROBE_RATE:g} probes per second from {ip}"
+        node.limit_refusals += 1
+        self.reject = (status, reason, b"Retry-After: 1\r\n")
+        return True
 
     def on_body(self, body: bytes) -> None:
         buf = self.body
         if self.reject is not None or buf is None:
             return
         if len(buf) + len(body) > self.config.max_message:
-            self.reject = (413, f"request body over max_message ({self.config.max_message} bytes)")
+            self.reject = (
+                413,
+                f"request body over max_message ({self.config.max_message} bytes)",
+                b"",
+            )
             return
         if not isinstance(buf, bytearray):
             buf = self.body = bytearray()
@@ -360,7 +416,7 @@ class WsSession(Session):
             self.http.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             if self.reject is not None:
-                self.http_reply(*self.reject)
+                self._send_reject()
                 return
             offset = e.args[0] if e.args else len(data)
             self._upgrade(data[offset:])
@@ -369,11 +425,20 @@ class WsSession(Session):
             self.http_reply(400, f"malformed HTTP request: {e}")
             return
         if self.reject is not None:
-            self.http_reply(*self.reject)
+            self._send_reject()
         elif self.request_done:
             self._plain_request()
         elif self.body is None and self.head_bytes > MAX_REQUEST_HEAD:
             self.http_reply(431, f"request head over {MAX_REQUEST_HEAD} bytes")
+
+    def _send_reject(self) -> None:
+        assert self.reject is not None
+        status, reason, extra = self.reject
+        path = self._path()
+        if path.startswith(b"/api/"):
+            self.node.api.refuse(self, path, status, reason, extra)  # counted per route
+        else:
+            self.http_reply(status, reason, extra)
 
     def http_reply(self, status: int, body: str, extra: bytes = b"") -> None:
         """Answer a plain HTTP request and close the connection: text, JSON under /api/."""
@@ -484,7 +549,7 @@ class WsSession(Session):
         if not ok:
             self.http_reply(400, 'header "Sec-WebSocket-Key" must be 16 bytes in base64')
             return
-        if refuse_cross_origin(self):
+        if refuse_cross_origin(self.node.origins, self.headers, self.http_reply):
             return  # a browser page of another origin, not allowed (403: origin.py)
         ext_line = b""
         deflate: DeflateParams | None = None
@@ -548,6 +613,13 @@ class WsSession(Session):
             self.ring.fmt = _core.FMT_WS_JSON_DEFLATE if self.deflate else _core.FMT_WS_JSON
 
     def on_handshake_timeout(self) -> None:
+        limited = self.limited
+        if limited is not None:  # over a per-address limit, and no request head in time
+            self.limited = None
+            self.node.unhold(limited[2])
+            self.node.limit_refusals += 1
+            self.http_reply(limited[0], limited[1], b"Retry-After: 1\r\n")
+            return
         if self.request_done:  # an API request still working (a store that does not answer)
             self.http_reply(503, f"not answered within {self.config.handshake_timeout:g}s")
             return
@@ -555,9 +627,20 @@ class WsSession(Session):
             400, f"no complete WebSocket upgrade within {self.config.handshake_timeout:g}s"
         )
 
-    def refuse_limit(self, status: int, reason: str) -> None:
+    def refuse_limit(self, status: int, reason: str, ip: str) -> None:
+        if self.http is not None and self.node.hold(ip):
+            # it may be a probe, which the client limits must not refuse: decided when
+            # its request head is in (_limits_refuse), within handshake_timeout
+            self.limited = (status, reason, ip)
+            return
         self.node.limit_refusals += 1
         self.http_reply(status, reason, b"Retry-After: 1\r\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.limited is not None:
+            self.node.unhold(self.limited[2])
+            self.limited = None
+        super().connection_lost(exc)
 
     def refuse_overload(self) -> None:
         self.http_reply(503, "node at its connection limit, try another", b"Retry-After: 1\r\n")
@@ -672,13 +755,22 @@ class WsSession(Session):
 
     def fail(self, err: ProtocolError, req_id: object = None) -> None:
         if isinstance(err, WebSocketError):
-            # framing is broken: no error message, just the close code RFC 6455 asks for
+            # framing is broken: just the close code RFC 6455 asks for...
             self.node.protocol_errors += 1
             if self.state >= CLOSING:
                 # broken framing while we wait for the peer's close: stop waiting (§7.1.7)
                 assert self.transport is not None
                 self.transport.close()
                 return
+            if err.ws_close_code == CloseCode.MESSAGE_TOO_BIG and self.mode != MODE_ECHO:
+                # ...but a message over max_message left the framing intact: error 103
+                # first, in the connection's format, as over TCP (docs/configuration.md).
+                # Not on the echo endpoint: conformance suites expect the close alone
+                error = self.replies.error(req_id, err.code, err.reason)
+                if self.inflight:  # after the answers to its publishes still in flight
+                    self._close_after(error, err.ws_close_code, err.reason[:100])
+                    return
+                self.send(error)
             self.close(err.ws_close_code, err.reason[:100])
             return
         super().fail(err, req_id)
