@@ -50,6 +50,7 @@ from .frames import Deliver, Forward, ForwardAck, LinkFrame, pack_deliver
 from .link import LinkHandler, Links, LinkServer, client_context, link_peers, server_context
 from .membership import MemberEvent, Membership
 from .placement import Placement, moved
+from .users import UserRoutes
 
 log = logging.getLogger("fastim.cluster")
 
@@ -194,7 +195,7 @@ class Cluster(LinkHandler):
         self.hub.router = self
         if node.postman is not None:
             try:  # user routes under this node's lease, DM frames through the links
-                self.dm = await DmRouter.attach(self, node.postman)
+                self.dm = await self._attach_dm(node.postman)
             except BaseException:
                 await self.close()
                 raise
@@ -280,6 +281,25 @@ class Cluster(LinkHandler):
 
     def _membership_state(self, state: str) -> None:
         log.info("cluster membership %s", state)
+
+    async def _attach_dm(self, postman: Postman) -> DmRouter:
+        """Wire direct messages into this started runtime: user routes under its
+        membership's lease, DM frames out through its links and in through its
+        ``dm_handler``. Does not wait for etcd (see :meth:`DmRouter.start`)."""
+        membership, links = self.membership, self.links
+        if membership is None or links is None:
+            raise RuntimeError("the cluster runtime is not started")
+        router = DmRouter(self.me, postman, UserRoutes(membership), links)
+        self.dm_handler = router.on_dm
+        try:
+            # routes are soft state: a slow first listing must not fail a node that has
+            # joined; until it is done every DM goes to every peer
+            await router.start(wait=False)
+        except BaseException:
+            self.dm_handler = None
+            await router.stop()
+            raise
+        return router
 
     # ------------------------------------------------------------------ router (hub hooks)
 

@@ -1,7 +1,8 @@
 """The client SDK's modules import one way and nothing of the server.
 
 ``fastim.client`` is shipped to applications: it may use the wire format
-(``fastim.protocol``, ``fastim.errors``, ``fastim.codes``, ``fastim._core``) and nothing else of fastim.
+(``fastim.protocol``, ``fastim.errors``, ``fastim.codes``, ``fastim._core``) and nothing
+else of fastim.
 Inside it, every import is at the top of a module and points down: no cycle, none
 hidden under ``if TYPE_CHECKING:`` or inside a function (Subscription and DirectInbox
 reach the client through protocols of their own modules).
