@@ -1,19 +1,19 @@
 # The outbound ring of a connection and the flusher that drains dirty rings once per tick.
 
-FMT_TCP = 0
-FMT_WS_BINARY = 1
-FMT_WS_JSON = 2
-FMT_WS_BINARY_DEFLATE = 3   # FMT_WS_BINARY, compressed (permessage-deflate) when it pays
-FMT_WS_JSON_DEFLATE = 4     # FMT_WS_JSON, compressed when it pays
-N_FORMATS = 5
+# The wire formats, for Python: the C constants (and their number) are in _core.pxd
+FMT_TCP = WF_TCP
+FMT_WS_BINARY = WF_WS_BINARY
+FMT_WS_JSON = WF_WS_JSON
+FMT_WS_BINARY_DEFLATE = WF_WS_BINARY_DEFLATE
+FMT_WS_JSON_DEFLATE = WF_WS_JSON_DEFLATE
+N_FORMATS = N_FMT
 
 DEFAULT_RING_CAP = 4 * 1024 * 1024
 
 # Ring buffers are powers of two; emptied ones wait in the flusher's pool for the next
 # tick instead of going back to malloc (free + malloc of every ring's buffer every tick
-# were ~10% of a saturated node's CPU: docs/performance.md).
-DEF POOL_MIN_SHIFT = 9       # 512 bytes
-DEF POOL_CLASSES = 8         # .. 64 KiB; bigger buffers are malloc'd and freed
+# were ~10% of a saturated node's CPU: docs/performance.md). The size classes,
+# POOL_MIN_SHIFT and POOL_CLASSES, are C constants in _core.pxd.
 DEFAULT_POOL_LIMIT = 32 * 1024 * 1024
 
 
@@ -184,8 +184,8 @@ cdef class OutRing:
 
     def __init__(self, Flusher flusher, transport, int fmt=FMT_TCP,
                  Py_ssize_t cap=DEFAULT_RING_CAP, on_overflow=None):
-        if fmt < 0 or fmt >= N_FORMATS:
-            raise ValueError(f"fmt must be 0..{N_FORMATS - 1}")
+        if fmt < 0 or fmt >= N_FMT:
+            raise ValueError(f"fmt must be 0..{N_FMT - 1}")
         if cap < 0:
             raise ValueError("cap must be >= 0")
         self.flusher = flusher
@@ -217,8 +217,8 @@ cdef class OutRing:
 
     @fmt.setter
     def fmt(self, int fmt):
-        if fmt < 0 or fmt >= N_FORMATS:
-            raise ValueError(f"fmt must be 0..{N_FORMATS - 1}, got {fmt}")
+        if fmt < 0 or fmt >= N_FMT:
+            raise ValueError(f"fmt must be 0..{N_FMT - 1}, got {fmt}")
         if fmt != self._fmt and self.nsets:
             # a SubscriberSet counts its members per format: they would go stale
             raise ValueError("cannot change fmt while the ring is in a SubscriberSet")
