@@ -176,6 +176,13 @@ class OutRing:
         flush runs: the owner sets the transport's high-water mark to 0, so the
         transport pauses the ring (``pause_writing``) whenever it holds anything, and
         never sets an fd for a transport that transforms bytes (TLS).
+
+        The fd is the ring's only while its transport is not closing (then it may be
+        closed and its number given to a new connection), and the flusher does not ask
+        the transport: whoever closes it sets the fd to -1 first (the session does, on
+        its closes and on the peer's EOF; ``close()`` does; so does a flush whose
+        ``transport.write`` left the transport closing). A ring with fd -1 is flushed
+        through ``transport.write``.
         """
     @property
     def direct_fd(self) -> int:
@@ -183,7 +190,7 @@ class OutRing:
     def pause(self) -> None: ...
     def resume(self) -> None: ...
     def close(self) -> None:
-        """Drop pending bytes; later appends are ignored (return False)."""
+        """Drop pending bytes; later appends are ignored (return False); fd -1."""
     def __len__(self) -> int: ...
     @property
     def capacity(self) -> int:

@@ -137,6 +137,7 @@ cdef class Flusher:
         cdef bytes data
         cdef Py_ssize_t writes = 0
         cdef Py_ssize_t sent
+        cdef bint direct
         self.dirty = []
         self.scheduled = False
         for ring in batch:
@@ -152,13 +153,14 @@ cdef class Flusher:
                 continue
             if ring._paused or ring.size == 0:
                 continue
-            sent = -1
-            if ring.fd >= 0 and not ring.transport.is_closing():
-                # straight to the socket: no bytes object, no transport bookkeeping;
-                # whatever the kernel does not take goes to the transport, which then
-                # pauses the ring until its buffer is empty (set_fd). The fd is ours
-                # only while the transport is not closing: once it is, the fd may be
-                # closed and its number reused by a new connection.
+            direct = ring.fd >= 0
+            if direct:
+                # straight to the socket: no bytes object, no transport bookkeeping, no
+                # Python call; whatever the kernel does not take goes to the transport,
+                # which then pauses the ring until its buffer is empty (set_fd). The fd
+                # is ours only while the transport is not closing: whoever closes it
+                # sets the fd to -1 first (the session, close() here, the check below),
+                # since once closed its number may belong to a new connection.
                 sent = ring._send_direct()
                 writes += 1
                 if sent > 0:
@@ -171,9 +173,15 @@ cdef class Flusher:
                 ring.transport.write(data)
             except BaseException:
                 _log.exception("fastim: transport.write failed")
+                if direct and ring.transport.is_closing():
+                    ring.fd = -1
                 continue
-            if ring.fd < 0 or sent < 0:
+            if not direct:
                 writes += 1
+            elif ring.transport.is_closing():
+                # the write failed and the transport closes itself: no more direct writes
+                # (a Python call only here, where transport.write was one already)
+                ring.fd = -1
             self.bytes_written += len(data)
         self.writes += writes
         return writes
@@ -393,6 +401,7 @@ cdef class OutRing:
 
     def close(self):
         self._closed = True
+        self.fd = -1   # the connection's socket is no longer ours to write to
         self._release()
         self.head = 0
         self.size = 0
