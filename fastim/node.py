@@ -358,8 +358,7 @@ class Node:
                     len(self.sessions),
                 )
                 for s in list(self.sessions):
-                    if s.transport is not None:
-                        s.transport.abort()
+                    s.close_transport(abort=True)
         for srv in self._servers:
             try:
                 await asyncio.wait_for(srv.wait_closed(), 1.0)

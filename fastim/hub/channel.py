@@ -1,7 +1,7 @@
 """One channel: its subscribers, offsets, recent history, and its messages encoded once
 per wire format (a fastim MSG frame, that frame in a WebSocket binary frame, a JSON text
-frame, and the deflate variants), which the compiled fan-out appends to every
-subscriber's out-ring."""
+frame, and the deflate variants) in one compiled pass (:func:`_core.encode_msg`), which
+the compiled fan-out appends to every subscriber's out-ring."""
 
 from __future__ import annotations
 
@@ -9,20 +9,16 @@ import orjson
 
 from .. import _core
 from ..config.namespaces import Namespace
-from ..protocol import FrameType, pack_msg
+from ..protocol import FrameType
 from ..store.base import new_epoch
 from .deflate import Deflater
 from .interfaces import Done
 
 _EVENT = int(FrameType.EVENT)
-_MSG = int(FrameType.MSG)
 _OP_BINARY = _core.OP_BINARY
 _OP_TEXT = _core.OP_TEXT
-_FMT_TCP = _core.FMT_TCP
-_FMT_WS_BINARY = _core.FMT_WS_BINARY
-_FMT_WS_JSON = _core.FMT_WS_JSON
-_FMT_WS_BINARY_DEFLATE = _core.FMT_WS_BINARY_DEFLATE
-_FMT_WS_JSON_DEFLATE = _core.FMT_WS_JSON_DEFLATE
+_encode_msg = _core.encode_msg
+_encode_msg_one = _core.encode_msg_one
 
 
 class Channel:
@@ -75,45 +71,16 @@ class Channel:
         """The message in each wire format some subscriber uses (None for the others).
 
         Indexed by ``FMT_*``; three entries when no subscriber uses a deflate format (the
-        fan-out reads a short tuple as None for the rest). The deflate formats are
-        compressed once here, whatever their number of subscribers; without a
-        ``deflater`` they get the plain frames.
+        fan-out reads a short tuple as None for the rest). Built in one compiled pass
+        (:func:`fastim._core.encode_msg`); the deflate formats are compressed once, by
+        ``deflater``, whatever their number of subscribers; without a ``deflater`` they
+        get the plain frames.
         """
-        count = self.subs.count
-        n_tcp = count(_FMT_TCP)
-        n_wsb = count(_FMT_WS_BINARY)
-        n_wsbz = count(_FMT_WS_BINARY_DEFLATE)
-        n_js = count(_FMT_WS_JSON)
-        n_jsz = count(_FMT_WS_JSON_DEFLATE)
-        tcp = wsb = wsbz = js = jsz = None
-        if n_tcp or n_wsb or n_wsbz:
-            frame = _core.encode_frame(_MSG, pack_msg(offset, self.name_b, data))
-            if n_tcp:
-                tcp = frame
-            if n_wsb or (n_wsbz and deflater is None):
-                wsb = _core.ws_encode(_OP_BINARY, frame)
-            if n_wsbz:
-                wsbz = wsb if deflater is None else deflater.frame(_OP_BINARY, frame, wsb)
-        if n_js or n_jsz:
-            text = b"".join((self._json_prefix, str(offset).encode(), b',"data":', data, b"}"))
-            if n_js or deflater is None:
-                js = _core.ws_encode(_OP_TEXT, text)
-            if n_jsz:
-                jsz = js if deflater is None else deflater.frame(_OP_TEXT, text, js)
-        if n_wsbz or n_jsz:
-            return tcp, wsb if n_wsb else None, js if n_js else None, wsbz, jsz
-        return tcp, wsb, js
+        return _encode_msg(self.subs, offset, self.name_b, self._json_prefix, data, deflater)
 
     def encode_one(self, fmt: int, offset: int, data: bytes) -> bytes:
         """The message for one connection of wire format ``fmt`` (recovery; uncompressed)."""
-        if fmt == _FMT_TCP:
-            return _core.encode_frame(_MSG, pack_msg(offset, self.name_b, data))
-        if fmt in (_FMT_WS_BINARY, _FMT_WS_BINARY_DEFLATE):
-            return _core.ws_encode(
-                _OP_BINARY, _core.encode_frame(_MSG, pack_msg(offset, self.name_b, data))
-            )
-        text = b"".join((self._json_prefix, str(offset).encode(), b',"data":', data, b"}"))
-        return _core.ws_encode(_OP_TEXT, text)
+        return _encode_msg_one(fmt, offset, self.name_b, self._json_prefix, data)
 
 
 def encode_event(body: bytes) -> tuple[bytes, ...]:

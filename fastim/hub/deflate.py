@@ -32,7 +32,7 @@ class Deflater:
         self.bytes_in = 0
         self.bytes_out = 0
 
-    def compress(self, payload: bytes) -> memoryview:
+    def compress(self, payload: bytes | memoryview) -> memoryview:
         """``payload`` compressed on its own, without the trailing ``00 00 ff ff`` (§7.2.1)."""
         z = self._z
         if z is None:
@@ -43,11 +43,13 @@ class Deflater:
         self.bytes_out += len(out) - 4
         return memoryview(out)[:-4]
 
-    def frame(self, opcode: int, payload: bytes, plain: bytes | None = None) -> bytes:
+    def frame(self, opcode: int, payload: bytes | memoryview, plain: bytes | None = None) -> bytes:
         """The message as one frame for a deflate connection.
 
         Compressed with RSV1 set if it is at least ``min_size`` bytes and compressing
         makes it smaller; otherwise the plain frame (``plain`` if already built).
+        Called by :func:`fastim._core.encode_msg` (``payload`` may be a view into
+        ``plain``).
         """
         if len(payload) >= self.min_size:
             body = self.compress(payload)

@@ -2,9 +2,10 @@
 
 A publish is encoded once per wire format that has subscribers (a fastim MSG frame, that
 frame inside a WebSocket binary frame, a JSON text frame, and each WebSocket frame
-compressed with permessage-deflate), and then :meth:`SubscriberSet.fanout` appends the
-right one to every subscriber's out-ring in C. Nothing here runs per subscriber in Python:
-a message is compressed once, however many subscribers negotiated compression.
+compressed with permessage-deflate), in one compiled pass (:func:`_core.encode_msg`), and
+then :meth:`SubscriberSet.fanout` appends the right one to every subscriber's out-ring in
+C. Nothing here runs per subscriber in Python: a message is compressed once, however many
+subscribers negotiated compression.
 """
 
 from __future__ import annotations

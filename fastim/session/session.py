@@ -162,6 +162,29 @@ class Session(asyncio.Protocol):
         transport.set_write_buffer_limits(high=0)
         self.ring.set_fd(fd)
 
+    def close_transport(self, abort: bool = False) -> None:
+        """Close the transport (``abort``: dropping what it holds). Every close of a
+        session's transport goes through here (or follows ``ring.close()``).
+
+        The ring's socket stops being written to from C first: once the transport is
+        closing, its fd may be closed and its number given to a new connection, and
+        the flusher does not ask the transport (OutRing.set_fd)."""
+        if self.ring is not None:
+            self.ring.set_fd(-1)
+        if self.transport is None:
+            return
+        if abort:
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        """The peer closed its side: the transport closes ours too (None), so the ring
+        stops writing to the socket now, as for :meth:`close_transport`."""
+        if self.ring is not None:
+            self.ring.set_fd(-1)
+        return None
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.ip is not None:
             self.node.release(self.ip)
@@ -256,8 +279,7 @@ class Session(asyncio.Protocol):
         cfg = self.config
         if self.state == CLOSING:
             # the peer never finished the close: drop it
-            if self.transport is not None:
-                self.transport.abort()
+            self.close_transport(abort=True)
             return None
         if self.state == HANDSHAKE:
             self.on_handshake_timeout()
@@ -324,7 +346,7 @@ class Session(asyncio.Protocol):
     def finish_close(self) -> None:
         """TCP closes at once (after the write buffer drains); WebSocket overrides."""
         assert self.transport is not None
-        self.transport.close()
+        self.close_transport()
         self.node.wheel.schedule(self, self.node.wheel.now + self.config.close_timeout)
 
     def fail(self, err: ProtocolError, req_id: Any = None) -> None:

@@ -41,6 +41,3 @@ class TcpSession(Session):
             error = e
         if error is not None:
             self.fail(error)
-
-    def eof_received(self) -> bool | None:
-        return None  # close our side too

@@ -282,7 +282,7 @@ class WsSession(Session):
         else:
             tail = b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload
         self.transport.write(head + extra + tail)
-        self.transport.close()
+        self.close_transport()
         self.node.wheel.schedule(self, self.node.wheel.now + self.config.close_timeout)
 
     def _path(self) -> bytes:
@@ -540,7 +540,7 @@ class WsSession(Session):
             if self.state >= CLOSING:
                 # the answer to our close: the handshake is done
                 assert self.transport is not None
-                self.transport.close()
+                self.close_transport()
             else:
                 self.close(1000 if code == 1005 else code, "")
         # OP_PONG: liveness was recorded when the bytes arrived
@@ -564,7 +564,7 @@ class WsSession(Session):
         # peer's close already came (parser closed), drop now; else wait close_timeout.
         assert self.transport is not None
         if self.parser is None or self.parser.closed:
-            self.transport.close()
+            self.close_transport()
         self.node.wheel.schedule(self, self.node.wheel.now + self.config.close_timeout)
 
     def fail(self, err: ProtocolError, req_id: object = None) -> None:
@@ -574,7 +574,7 @@ class WsSession(Session):
             if self.state >= CLOSING:
                 # broken framing while we wait for the peer's close: stop waiting (§7.1.7)
                 assert self.transport is not None
-                self.transport.close()
+                self.close_transport()
                 return
             if err.ws_close_code == CloseCode.MESSAGE_TOO_BIG and self.mode != MODE_ECHO:
                 # ...but a message over max_message left the framing intact: error 103
