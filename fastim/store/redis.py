@@ -64,7 +64,7 @@ from .base import (
     new_msg_id,
 )
 
-# the scripts' sources stay importable from here, where they were defined before
+# `name as name`: defined here before, still importable from here
 from .redis_scripts import APPEND as APPEND
 from .redis_scripts import INBOX_ACK as INBOX_ACK
 from .redis_scripts import INBOX_APPEND as INBOX_APPEND
