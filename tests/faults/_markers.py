@@ -16,48 +16,48 @@ from collections.abc import Callable
 from fastim.client import Client, DirectMessage, Message
 
 
-async def _until_last(what: str, last: Callable[[], bool], seconds: float) -> None:
+async def _until(what: Callable[[], str], cond: Callable[[], bool], seconds: float) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
-    while True:
-        if last():
-            return
+    while not cond():
         if loop.time() > end:
-            raise AssertionError(f"the marker did not arrive last within {seconds}s: {what}")
+            raise AssertionError(f"the marker did not arrive last within {seconds}s: {what()}")
         await asyncio.sleep(0.01)
 
 
 async def channel_marker(
-    pub: Client, channel: str, received: list[Message], seconds: float = 30.0
+    pub: Client, channel: str, *received: list[Message], seconds: float = 30.0
 ) -> Message:
-    """Publish a marker on ``channel``, wait until it is the last of ``received`` (what a
-    reader of the subscription collects), take it off again and return it."""
+    """Publish a marker on ``channel``, wait until it is the last of each ``received``
+    (what a reader of a subscription collects), take it off again and return it."""
     data = {"marker": uuid.uuid4().hex}
     off = await asyncio.wait_for(pub.publish(channel, data), seconds)
-    await _until_last(
-        f"{channel} at offset {off}, last received {received[-1:]}",
-        lambda: bool(received) and received[-1].data == data,
+    await _until(
+        lambda: f"{channel} at offset {off}, last received {[r[-1:] for r in received]}",
+        lambda: all(r and r[-1].data == data for r in received),
         seconds,
     )
-    marker = received.pop()
-    assert marker.offset == off, (marker, off)
-    assert all(m.data != data for m in received), "the marker came twice"
-    return marker
+    markers = [r.pop() for r in received]
+    for r, m in zip(received, markers, strict=True):
+        assert m.offset == off, (m, off)
+        assert all(x.data != data for x in r), "the marker came twice"
+    return markers[0]
 
 
 async def dm_marker(
-    sender: Client, to: str, got: list[DirectMessage], seconds: float = 30.0
+    sender: Client, to: str, *got: list[DirectMessage], seconds: float = 30.0
 ) -> DirectMessage:
-    """Send a marker direct message to ``to``, wait until it is the last of ``got`` (what
-    a reader of the recipient's direct messages collects), take it off again and return
-    it."""
+    """Send a marker direct message to ``to``, wait until it is the last of each ``got``
+    (what a reader of a connection's direct messages collects), take it off again and
+    return it."""
     sent = await asyncio.wait_for(sender.send(to, {"marker": uuid.uuid4().hex}), seconds)
-    await _until_last(
-        f"to {to}, seq {sent.seq}, last got {got[-1:]}",
-        lambda: bool(got) and got[-1].mid == sent.mid,
+    await _until(
+        lambda: f"to {to}, seq {sent.seq}, last got {[g[-1:] for g in got]}",
+        lambda: all(g and g[-1].mid == sent.mid for g in got),
         seconds,
     )
-    marker = got.pop()
-    assert marker.seq == sent.seq, (marker, sent)
-    assert all(d.mid != sent.mid for d in got), "the marker came twice"
-    return marker
+    markers = [g.pop() for g in got]
+    for g, m in zip(got, markers, strict=True):
+        assert m.seq == sent.seq, (m, sent)
+        assert all(d.mid != sent.mid for d in g), "the marker came twice"
+    return markers[0]
