@@ -8,6 +8,10 @@ from typing import Any
 
 import pytest
 
+from fastim import _core
+from fastim.config import Config
+from fastim.hub import Hub
+
 
 class Sink:
     """Stands in for a transport: counts the bytes written to it."""
@@ -141,3 +145,38 @@ def test_fanout_10_msgs_to_10k_buffer_pool(benchmark: Any, pool: str) -> None:
         return int(flusher.flush())
 
     assert benchmark(run) == 10_000
+
+
+# Formats in use by a channel's subscribers (counts per FMT_*): TCP only; the three
+# plain formats; all five (the deflate ones get the plain frames: no deflater, so the
+# figure is the encoding's, not zlib's)
+MIXES = {"tcp": [1, 0, 0, 0, 0], "3-formats": [1, 1, 1, 0, 0], "5-formats": [1, 1, 1, 1, 1]}
+ENCODE_DATA = {64: b'{"text":"' + b"x" * 53 + b'"}', 1024: b'{"text":"' + b"y" * 1013 + b'"}'}
+
+
+@pytest.mark.parametrize("size", [64, 1024])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_channel_encode(benchmark: Any, mix: str, size: int) -> None:
+    """Channel.encode of one message, as the hub calls it per publish (P9: a compiled
+    pass instead of pack_msg + encode_frame + ws_encode + join in Python). Runs on any
+    commit: before P9 it measures the Python path."""
+    ch = Hub(Config()).channel("room:lobby")
+    assert ch is not None
+    for fmt, n in enumerate(MIXES[mix]):
+        for _ in range(n):
+            ch.subs.add(_core.OutRing(None, Sink(), fmt))
+    data = ENCODE_DATA[size]
+    frames = benchmark(ch.encode, 12345, data, None)
+    assert frames[0] is not None and len(frames[0]) == 9 + 9 + 10 + size
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_encode_msg_64b(benchmark: Any, impl: types.ModuleType, mix: str) -> None:
+    """encode_msg, compiled vs the reference (pure Python, zlib.crc32 and struct)."""
+    subs = impl.SubscriberSet()
+    for fmt, n in enumerate(MIXES[mix]):
+        for _ in range(n):
+            subs.add(impl.OutRing(None, Sink(), fmt))
+    head = b'{"op":"msg","ch":"room:lobby","off":'
+    frames = benchmark(impl.encode_msg, subs, 12345, b"room:lobby", head, ENCODE_DATA[64])
+    assert frames[0] is not None

@@ -4,6 +4,22 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 
+cdef enum:
+    # Wire formats of a subscriber's ring: which pre-encoded frame of a message it takes
+    # (exported to Python as FMT_* and N_FORMATS, fastim/core/ring.pxi). N_FMT, their
+    # number, is stated here only: it sizes every C array indexed by format.
+    WF_TCP = 0                  # fastim frame
+    WF_WS_BINARY = 1            # fastim frame inside a WebSocket binary frame
+    WF_WS_JSON = 2              # JSON message inside a WebSocket text frame
+    WF_WS_BINARY_DEFLATE = 3    # WF_WS_BINARY, compressed (permessage-deflate) when it pays
+    WF_WS_JSON_DEFLATE = 4      # WF_WS_JSON, compressed when it pays
+    N_FMT = 5
+
+    # Ring buffers are powers of two; the flusher pools emptied ones by size class
+    POOL_MIN_SHIFT = 9          # 512 bytes
+    POOL_CLASSES = 8            # .. 64 KiB; bigger buffers are malloc'd and freed
+
+
 cdef class FrameDecoder:
     cdef readonly Py_ssize_t max_frame
     cdef bytes _table             # shared normalised type table (see _type_table)
@@ -68,9 +84,9 @@ cdef class Flusher:
     cdef public Py_ssize_t writes
     cdef public Py_ssize_t bytes_written
     # buffers of emptied rings, by power-of-two size class (512 B .. 64 KiB), for reuse
-    cdef char** pool[8]
-    cdef Py_ssize_t pool_n[8]
-    cdef Py_ssize_t pool_cap[8]
+    cdef char** pool[POOL_CLASSES]
+    cdef Py_ssize_t pool_n[POOL_CLASSES]
+    cdef Py_ssize_t pool_cap[POOL_CLASSES]
     cdef readonly Py_ssize_t pool_bytes
     cdef public Py_ssize_t pool_limit
 
@@ -109,7 +125,7 @@ cdef class SubscriberSet:
     cdef Py_ssize_t n
     cdef Py_ssize_t acap
     cdef dict index
-    cdef Py_ssize_t counts[5]  # members per wire format (N_FORMATS)
+    cdef Py_ssize_t counts[N_FMT]  # members per wire format
     cdef int iterating         # > 0 while fanout() walks arr: add/remove refuse
 
     cdef inline int _check_mutable(self) except -1

@@ -8,7 +8,7 @@ Errors are raised as the classes of :mod:`fastim.errors`.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from typing_extensions import Buffer
 
@@ -40,6 +40,44 @@ def crc32(data: Buffer, value: int = 0) -> int:
 
 def encode_frame(ftype: int, payload: Buffer) -> bytes:
     """Header + payload of one fastim frame. Raises ValueError if ftype is not 0..255."""
+
+MSG_FRAME_TYPE: int  # 0x23: the fastim frame type of a channel message (FrameType.MSG)
+
+class _Deflater(Protocol):
+    def frame(
+        self, opcode: int, payload: bytes | memoryview, plain: bytes | None = None
+    ) -> bytes: ...
+
+def encode_msg(
+    subs: SubscriberSet,
+    offset: int,
+    channel: bytes,
+    json_head: bytes,
+    data: Buffer,
+    deflater: _Deflater | None = None,
+) -> tuple[bytes | None, ...]:
+    """A channel message in each wire format some member of ``subs`` uses, for
+    :meth:`SubscriberSet.fanout` (None for the formats nobody uses).
+
+    Indexed by FMT_*: three entries when no member uses a deflate format, else
+    N_FORMATS. One pass in C: each frame is allocated at its size and written once, the
+    data copied straight in, the CRC32 computed once:
+
+    - FMT_TCP: the fastim MSG frame (type MSG_FRAME_TYPE); its payload is u64
+      ``offset``, u8 ``len(channel)``, ``channel`` (at most 255 bytes, else
+      ValueError), ``data``;
+    - FMT_WS_BINARY: that frame as the payload of a WebSocket binary frame;
+    - FMT_WS_JSON: a WebSocket text frame of ``json_head`` + the offset in decimal +
+      ``,"data":`` + ``data`` + ``}``; ``json_head`` is the channel's
+      ``{"op":"msg","ch":<channel as JSON>,"off":``;
+    - FMT_WS_BINARY_DEFLATE, FMT_WS_JSON_DEFLATE: ``deflater.frame(opcode, payload,
+      plain)`` with the fastim frame or the JSON text as payload (compressed once for
+      all such members), or the plain frames when ``deflater`` is None.
+    """
+
+def encode_msg_one(fmt: int, offset: int, channel: bytes, json_head: bytes, data: Buffer) -> bytes:
+    """The message of :func:`encode_msg` for one connection of format ``fmt``, uncompressed
+    (a deflate format gets the plain frame; any other value the JSON text frame)."""
 
 class FrameDecoder:
     """Streaming fastim frame decoder: feed it chunks of any size, get whole frames.
@@ -176,6 +214,13 @@ class OutRing:
         flush runs: the owner sets the transport's high-water mark to 0, so the
         transport pauses the ring (``pause_writing``) whenever it holds anything, and
         never sets an fd for a transport that transforms bytes (TLS).
+
+        The fd is the ring's only while its transport is not closing (then it may be
+        closed and its number given to a new connection), and the flusher does not ask
+        the transport: whoever closes it sets the fd to -1 first (the session does, on
+        its closes and on the peer's EOF; ``close()`` does; so does a flush whose
+        ``transport.write`` left the transport closing). A ring with fd -1 is flushed
+        through ``transport.write``.
         """
     @property
     def direct_fd(self) -> int:
@@ -183,7 +228,7 @@ class OutRing:
     def pause(self) -> None: ...
     def resume(self) -> None: ...
     def close(self) -> None:
-        """Drop pending bytes; later appends are ignored (return False)."""
+        """Drop pending bytes; later appends are ignored (return False); fd -1."""
     def __len__(self) -> int: ...
     @property
     def capacity(self) -> int:

@@ -4,7 +4,8 @@
 
 One extension module built from several include files, one per part (as uvloop does):
 framing and CRC32, the WebSocket codec, the outbound ring and its flusher, the
-subscriber set that fans out, and the per-channel history ring.
+subscriber set that fans out, a channel message's encoding in every wire format, and
+the per-channel history ring.
 """
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
@@ -33,5 +34,6 @@ include "core/utf8.pxi"
 include "core/websocket.pxi"
 include "core/ring.pxi"
 include "core/fanout.pxi"
+include "core/encode.pxi"
 include "core/history.pxi"
 include "core/ratelimit.pxi"

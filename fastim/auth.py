@@ -39,43 +39,41 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
-import ssl
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from .config import Config
+from .config.namespaces import RULE_KEYS, RULE_VALUES, Namespace
+from .config.security import (
+    ANONYMOUS_VALUES as ANONYMOUS_VALUES,
+)
+from .config.security import (
+    MIN_SECRET_BYTES as MIN_SECRET_BYTES,
+)
+from .config.security import (
+    load_public_key as load_public_key,
+)
+from .config.security import (
+    tls_server_context as tls_server_context,
+)
 from .errors import ProtocolError
-from .namespaces import RULE_KEYS, RULE_VALUES, Namespace, Namespaces
 from .protocol import CloseCode, ErrorCode, validate_channel
-
-if TYPE_CHECKING:
-    from .config import Config
 
 #: values of the per-namespace rules (allow_subscribe, allow_publish, allow_history,
 #: allow_presence): everyone (anonymous connections too); connections with a verified
 #: token; only channels the token's ``channels`` claim lists; nobody
 RULES = RULE_VALUES
 
-#: what ``anonymous`` may be set to; "auto": on unless a secret or a key is configured
-ANONYMOUS_VALUES = ("auto", "on", "off")
-
 #: a token longer than this is refused unread (a JWT of a few claims is ~300 bytes)
 MAX_TOKEN = 8192
 #: a ``channels`` claim lists at most this many patterns per action
 MAX_PATTERNS = 256
-#: RFC 7518 §3.2: an HMAC key at least as long as the hash output (HS256: 32 bytes)
-MIN_SECRET_BYTES = 32
-MIN_RSA_BITS = 2048
 
 #: HMAC algorithms and the key length each needs (RFC 7518 §3.2: at least the hash's size)
 _HMAC_ALGS = {"HS256": 32, "HS384": 48, "HS512": 64}
-_RSA_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
-_EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
 #: the claim list each action is checked against: history and presence are reads
 _CLAIM_OF = {"subscribe": "sub", "history": "sub", "presence": "sub", "publish": "pub"}
@@ -184,114 +182,6 @@ def _number(claims: dict[str, Any], name: str) -> float | None:
 # --------------------------------------------------------------------------- keys
 
 
-def load_public_key(path: str) -> tuple[Any, tuple[str, ...]]:
-    """The key in a PEM file (a public key or a certificate) and the algorithms it verifies.
-
-    Raises ValueError naming the problem (missing file, not PEM, a key type or size
-    the node does not accept).
-    """
-    try:
-        with open(path, "rb") as fh:
-            pem = fh.read()
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        if b"-----BEGIN CERTIFICATE-----" in pem:
-            key: Any = x509.load_pem_x509_certificate(pem).public_key()
-        else:
-            key = load_pem_public_key(pem)
-    except ValueError as e:
-        raise ValueError(f"{path}: not a PEM public key or certificate ({e})") from None
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < MIN_RSA_BITS:
-            raise ValueError(f"{path}: RSA key of {key.key_size} bits, at least {MIN_RSA_BITS}")
-        return key, _RSA_ALGS
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        alg = _EC_ALGS.get(key.curve.name)
-        if alg is None:
-            raise ValueError(f"{path}: EC curve {key.curve.name} (accepted: {', '.join(_EC_ALGS)})")
-        return key, (alg,)
-    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
-        return key, ("EdDSA",)
-    raise ValueError(f"{path}: unsupported key type {type(key).__name__} (RSA, EC, Ed25519)")
-
-
-def check_settings(cfg: Config) -> None:
-    """Validate the auth and TLS settings of ``cfg``; raise ValueError naming the setting.
-
-    Called by :meth:`Config.validate`, so ``fastim config check`` reads the key and
-    certificate files too: a wrong path fails at start, not at the first client.
-    """
-    if cfg.anonymous not in ANONYMOUS_VALUES:
-        raise ValueError(f"anonymous: must be auto, on or off, got {cfg.anonymous!r}")
-    if cfg.jwt_secret and len(cfg.jwt_secret.encode()) < MIN_SECRET_BYTES:
-        # the value itself is never repeated: it is a secret
-        raise ValueError(
-            f"jwt_secret: at least {MIN_SECRET_BYTES} bytes (RFC 7518 §3.2), "
-            f"got {len(cfg.jwt_secret.encode())}"
-        )
-    if cfg.jwt_public_key:
-        try:
-            load_public_key(cfg.jwt_public_key)
-        except ValueError as e:
-            raise ValueError(f"jwt_public_key: {e}") from None
-    if not cfg.jwt_leeway >= 0:
-        raise ValueError(f"jwt_leeway: must be >= 0 seconds, got {cfg.jwt_leeway}")
-    configured = bool(cfg.jwt_secret or cfg.jwt_public_key)
-    if cfg.anonymous == "off" and not configured:
-        raise ValueError(
-            "anonymous: 'off' needs jwt_secret or jwt_public_key (else no one can connect)"
-        )
-    for name in RULE_KEYS:
-        rule = getattr(cfg, name)
-        if rule not in RULES:
-            raise ValueError(f"{name}: must be one of {', '.join(RULES)}, got {rule!r}")
-        if rule in ("user", "token") and not configured:
-            raise ValueError(f"{name}: {rule!r} needs jwt_secret or jwt_public_key")
-    if not configured:
-        for ns, table in cfg.namespaces.items():
-            for key, value in table.items():
-                if key.startswith("allow_") and value in ("user", "token"):
-                    raise ValueError(
-                        f"namespaces.{ns}.{key}: {value!r} needs jwt_secret or jwt_public_key"
-                    )
-    if bool(cfg.tls_cert) != bool(cfg.tls_key):
-        raise ValueError("tls_cert and tls_key: set both (PEM files) or neither")
-    if cfg.tls_client_ca and not cfg.tls_cert:
-        raise ValueError("tls_client_ca: needs tls_cert and tls_key")
-    tls_server_context(cfg)
-
-
-def tls_server_context(cfg: Config) -> ssl.SSLContext | None:
-    """The TLS context of both listeners, or None when ``tls_cert`` is not set.
-
-    TLS 1.2 or newer with the ``ssl`` module's default server ciphers. With
-    ``tls_client_ca`` a client must present a certificate that CA signed (mutual TLS,
-    meant for node-to-node links). Raises ValueError naming the file at fault.
-    """
-    if not cfg.tls_cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    except FileNotFoundError as e:
-        raise ValueError(f"tls_cert/tls_key: no such file: {e.filename}") from None
-    except (ssl.SSLError, OSError) as e:
-        raise ValueError(
-            f"tls_cert/tls_key: cannot load {cfg.tls_cert} with {cfg.tls_key}: {e}"
-        ) from None
-    if cfg.tls_client_ca:
-        try:
-            ctx.load_verify_locations(cafile=cfg.tls_client_ca)
-        except FileNotFoundError:
-            raise ValueError(f"tls_client_ca: no such file: {cfg.tls_client_ca}") from None
-        except (ssl.SSLError, OSError) as e:
-            raise ValueError(f"tls_client_ca: cannot load {cfg.tls_client_ca}: {e}") from None
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
 # --------------------------------------------------------------------------- the node's
 
 
@@ -322,7 +212,9 @@ class Auth:
         self._leeway = cfg.jwt_leeway
         #: some namespace restricts something: every connection's requests are checked
         #: (else only those of connections whose token carries a channels claim)
-        self.rules = any(getattr(ns, key) != "any" for ns in Namespaces(cfg) for key in RULE_KEYS)
+        self.rules = any(
+            getattr(ns, key) != "any" for ns in cfg.namespace_table() for key in RULE_KEYS
+        )
         # counters for metrics
         self.verified = 0
         self.failed = 0

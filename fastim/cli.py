@@ -15,7 +15,10 @@ from typing import Any
 import orjson
 
 from . import __version__
+from .cluster import ClusterError
 from .config import Config, ConfigError, load, redact
+from .node import Node
+from .store import StoreError
 
 log = logging.getLogger("fastim")
 
@@ -186,19 +189,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {
         f.name: getattr(args, f.name) for f in fields(Config) if not f.metadata.get("file_only")
     }
+    # an unknown FASTIM_* variable is a warning here (wrappers and images set their own)
+    # and an error in `fastim config check`, which is where a typo should be caught
+    unknown_env: list[str] = []
     try:
-        cfg = load(args.config, os.environ, overrides)
+        cfg = load(args.config, os.environ, overrides, unknown_env)
     except ConfigError as e:
         print(f"fastim: bad configuration: {e}", file=sys.stderr)
         return 2
     _setup_logging(cfg)
+    for warning in unknown_env:
+        log.warning("%s", warning)
     _raise_fd_limit(cfg.max_connections)
     _tune_malloc()
-    from .node import Node
 
     node = Node(cfg)
-    from .cluster import ClusterError
-    from .store import StoreError
 
     try:
         _run(node.serve_forever())
@@ -209,7 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("fastim: cannot join the cluster: %s", e)
         return 1
     except OSError as e:
-        log.error("fastim: cannot listen: %s", e)
+        log.error("fastim: cannot listen: %s", e.strerror or e)
         return 1
     return 0
 

@@ -18,7 +18,7 @@ print like any other exception; the compiled core imports and raises them.
 
 from __future__ import annotations
 
-from .protocol import CloseCode, ErrorCode
+from .codes import CloseCode, ErrorCode
 
 
 class FastimError(Exception):

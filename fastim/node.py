@@ -9,26 +9,27 @@ bounded time, drop the rest).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import os
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import _core
+from .api import HttpApi, Metrics, StoreProbe
 from .auth import Auth, tls_server_context
+from .cluster.runtime import Cluster, advertised_host, join_host_port
 from .config import Config
+from .delivery import Postman
 from .heartbeat import TimerWheel
-from .http_api import HttpApi
 from .hub import Hub
-from .metrics import Metrics, StoreProbe
-from .postman import Postman
 from .protocol import SHUTDOWN_REASON, CloseCode
 from .session import Session, SessionList
 from .store import Store, StoreError, open_store
+from .transport import TcpSession, WsSession
 from .transport.origin import Origins
-
-if TYPE_CHECKING:
-    from .cluster.runtime import Cluster
+from .transport.ws import PROBE_HOLD, PROBE_RATE
 
 log = logging.getLogger("fastim")
 
@@ -42,9 +43,13 @@ class Node:
         self.config = (config or Config()).validate()
         self.auth = Auth(self.config)  # tokens and channel rules (fastim/auth.py)
         self.hub = Hub(self.config)
+        # presence under namespace rules: the hub asks, the auth decides
+        self.hub.presence_gate = lambda sub, ns, name: not self.auth.refusal(
+            ns, "presence", name, getattr(sub, "identity", None)
+        )
         self.store: Store | None = None
         self.postman: Postman | None = None
-        self.sessions = SessionList()
+        self.sessions: SessionList[Session] = SessionList()
         self.flusher: _core.Flusher = _core.Flusher(None)
         self.wheel: TimerWheel
         self._servers: list[asyncio.Server] = []
@@ -76,14 +81,16 @@ class Node:
         self._exempt_cache: dict[str, bool] = {}
         self._ip_conns: dict[str, int] = {}
         self._ip_buckets: dict[str, _core.TokenBucket] = {}
+        # an address over those limits: connections held until their request head
+        # shows a probe, and the probes' own rate (PROBE_HOLD, PROBE_RATE)
+        self._ip_held: dict[str, int] = {}
+        self._probe_buckets: dict[str, _core.TokenBucket] = {}
 
     async def start(self) -> None:
-        from .transport import TcpSession, WsSession
-
         loop = asyncio.get_running_loop()
         cfg = self.config
         # the store first: a node that cannot reach it must fail at start, not later
-        self.store = await open_store(cfg)
+        self.store = await open_store(cfg.store_settings())
         self.hub.store = self.store
         self.postman = Postman(self.store, cfg.dm_retry)
         self.flusher = _core.Flusher(loop.call_soon)
@@ -103,7 +110,7 @@ class Node:
         self.store_probe = StoreProbe(self.store, self.wheel.now)  # for /ready
         # both listeners speak TLS when tls_cert is set; the handshake gets the same
         # bound as the protocol's (sessions exist only once TLS is up)
-        tls = tls_server_context(cfg)
+        tls = tls_server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         tls_args: dict[str, Any] = (
             {"ssl": tls, "ssl_handshake_timeout": cfg.handshake_timeout} if tls else {}
         )
@@ -112,30 +119,14 @@ class Node:
         tls_args["start_serving"] = False
         try:
             if cfg.tcp_port:
-                srv = await loop.create_server(
-                    lambda: TcpSession(self),
-                    cfg.host,
-                    cfg.tcp_port,
-                    backlog=cfg.backlog,
-                    reuse_address=True,
-                    **tls_args,
-                )
+                srv = await self._listen("tcp_port", lambda: TcpSession(self), tls_args)
                 self._servers.append(srv)
                 self.tcp_port = srv.sockets[0].getsockname()[1]
             if cfg.ws_port:
-                srv = await loop.create_server(
-                    lambda: WsSession(self),
-                    cfg.host,
-                    cfg.ws_port,
-                    backlog=cfg.backlog,
-                    reuse_address=True,
-                    **tls_args,
-                )
+                srv = await self._listen("ws_port", lambda: WsSession(self), tls_args)
                 self._servers.append(srv)
                 self.ws_port = srv.sockets[0].getsockname()[1]
             if cfg.etcd_endpoints:
-                from .cluster.runtime import Cluster, advertised_host, join_host_port
-
                 host = advertised_host(cfg)
                 addresses = {}
                 if self.tcp_port:
@@ -159,6 +150,28 @@ class Node:
         self.wheel.start()
         log.info("fastim node %s listening: %s", cfg.node_id, " ".join(self.urls()))
         self.origins.warn_if_open()
+
+    async def _listen(
+        self, setting: str, factory: Any, tls_args: dict[str, Any]
+    ) -> asyncio.Server:
+        """Bind the listener of ``setting`` (tcp_port, ws_port) on ``host``; a failure is
+        an OSError that names both settings and the address, for the operator."""
+        cfg = self.config
+        port = getattr(cfg, setting)
+        try:
+            return await asyncio.get_running_loop().create_server(
+                factory, cfg.host, port, backlog=cfg.backlog, reuse_address=True, **tls_args
+            )
+        except OSError as e:
+            host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+            why = {
+                errno.EADDRINUSE: f"another process listens there: change {setting}",
+                errno.EADDRNOTAVAIL: "no interface of this machine has that address: change host",
+                errno.EACCES: "ports below 1024 need privileges (CAP_NET_BIND_SERVICE)",
+            }.get(e.errno or 0, "")
+            what = os.strerror(e.errno) if e.errno else str(e)
+            msg = f"{setting} {port} on host {cfg.host!r}: {host}:{port}: {what}"
+            raise OSError(e.errno, msg + (f" ({why})" if why else "")) from e
 
     def urls(self) -> list[str]:
         cfg = self.config
@@ -219,8 +232,13 @@ class Node:
         finally:
             self._sweep_task = None
 
-    def admit(self, session: Session) -> tuple[int, str] | None:
-        """Per-address limits for a new connection: None, or (HTTP status, reason)."""
+    def admit(self, session: Session) -> tuple[int, str, str] | None:
+        """Per-address limits for a new connection: None, or (HTTP status, reason, address).
+
+        Applied at accept, so that connections that send nothing count too; on the
+        WebSocket/HTTP port a refused connection may still be a probe, which the
+        session tells from its request head (:meth:`hold`, :meth:`probe_admitted`).
+        """
         cfg = self.config
         if not cfg.max_connections_per_ip and not cfg.connect_rate_per_ip:
             return None
@@ -247,10 +265,10 @@ class Node:
             if bucket is None:
                 bucket = self._ip_buckets[ip] = _core.TokenBucket(rate, 2 * rate, self.wheel.now)
             if not bucket.take(self.wheel.now):
-                return 429, f"over {rate:g} new connections per second from {ip}"
+                return 429, f"over {rate:g} new connections per second from {ip}", ip
         n = self._ip_conns.get(ip, 0)
         if cfg.max_connections_per_ip and n >= cfg.max_connections_per_ip:
-            return 503, f"{ip} holds the maximum of {cfg.max_connections_per_ip} connections"
+            return 503, f"{ip} holds the maximum of {cfg.max_connections_per_ip} connections", ip
         self._ip_conns[ip] = n + 1
         session.ip = ip
         return None
@@ -262,18 +280,52 @@ class Node:
         else:
             self._ip_conns.pop(ip, None)
 
+    def hold(self, ip: str) -> bool:
+        """Keep a connection the per-address limits refused open until its request head
+        says whether it is a probe: at most PROBE_HOLD at once per address."""
+        n = self._ip_held.get(ip, 0)
+        if n >= PROBE_HOLD:
+            return False
+        self._ip_held[ip] = n + 1
+        return True
+
+    def unhold(self, ip: str) -> None:
+        n = self._ip_held.get(ip, 0) - 1
+        if n > 0:
+            self._ip_held[ip] = n
+        else:
+            self._ip_held.pop(ip, None)
+
+    def probe_allowed(self, ip: str) -> bool:
+        """A probe from an address over its client limits: within PROBE_RATE?"""
+        now = self.wheel.now
+        bucket = self._probe_buckets.get(ip)
+        if bucket is None:
+            bucket = self._probe_buckets[ip] = _core.TokenBucket(PROBE_RATE, 2 * PROBE_RATE, now)
+        return bucket.take(now)
+
+    def probe_admitted(self, session: Session) -> None:
+        """A connection the limits admitted turned out to be a probe: it no longer counts
+        among its address's connections, and its connect token is given back."""
+        ip = session.ip
+        if ip is None:
+            return
+        self.release(ip)
+        session.ip = None
+        bucket = self._ip_buckets.get(ip)
+        if bucket is not None and bucket.available <= bucket.burst - 1:
+            bucket.take(self.wheel.now, -1.0)
+
     def _prune_ip_buckets(self, now: float) -> None:
         """Forget connect-rate buckets that have refilled (an idle address costs nothing)."""
-        rate = self.config.connect_rate_per_ip
-        if not rate:
-            return
-        full = []
-        for ip, b in self._ip_buckets.items():
-            b.take(now, 0.0)  # refill up to now
-            if b.available >= b.burst:
-                full.append(ip)
-        for ip in full:
-            del self._ip_buckets[ip]
+        for buckets in (self._ip_buckets, self._probe_buckets):
+            full = []
+            for ip, b in buckets.items():
+                b.take(now, 0.0)  # refill up to now
+                if b.available >= b.burst:
+                    full.append(ip)
+            for ip in full:
+                del buckets[ip]
 
     def on_session_closed(self) -> None:
         if self._drained is not None and not self.sessions:
@@ -306,8 +358,7 @@ class Node:
                     len(self.sessions),
                 )
                 for s in list(self.sessions):
-                    if s.transport is not None:
-                        s.transport.abort()
+                    s.close_transport(abort=True)
         for srv in self._servers:
             try:
                 await asyncio.wait_for(srv.wait_closed(), 1.0)

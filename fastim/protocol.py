@@ -15,11 +15,18 @@ import unicodedata
 from enum import IntEnum
 from typing import NamedTuple
 
+from .codes import CloseCode as CloseCode  # re-exported: the wire's codes live here too
+from .codes import ErrorCode as ErrorCode
+from .errors import BadRequest, ProtocolError
+
 #: Protocol versions this build speaks, oldest first.
 SUPPORTED_VERSIONS = (1,)
 PROTOCOL_VERSION = SUPPORTED_VERSIONS[-1]
 
 HEADER_SIZE = 9
+
+#: RFC 6455 §1.3: what the server appends to Sec-WebSocket-Key to prove it read it
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_CHANNEL_BYTES = 255
 
 
@@ -80,80 +87,6 @@ def type_mask(types: frozenset[FrameType]) -> bytes:
     return bytes(table)
 
 
-class ErrorCode(IntEnum):
-    """Codes of ``{"op":"error"}`` replies and ERROR frames.
-
-    ``fatal`` codes are protocol violations: the server closes the connection
-    right after the error. The others answer one request and the connection stays.
-    """
-
-    INTERNAL = 100
-    UNKNOWN_OP = 101  # unknown op, unknown frame type
-    BAD_REQUEST = 102  # invalid JSON, missing or mistyped field (the reason names it)
-    FRAME_TOO_LARGE = 103  # fastim frame or WebSocket message over the limit
-    BAD_CHECKSUM = 104  # CRC32 mismatch
-    BAD_FRAMING = 105  # garbage, or WebSocket framing that breaks RFC 6455
-    INVALID_UTF8 = 106  # text that is not UTF-8
-    UNSUPPORTED_VERSION = 107  # HELLO's version range does not meet ours
-    HANDSHAKE_REQUIRED = 108  # TCP: first frame was not HELLO
-    LIMIT_EXCEEDED = 109  # too many subscriptions / channels
-    BAD_CHANNEL = 110  # empty, too long, or control characters
-    NOT_SUBSCRIBED = 111
-    ALREADY_SUBSCRIBED = 112
-    INBOX_FULL = 113  # the recipient's inbox holds inbox_max unacknowledged messages
-    STORE_UNAVAILABLE = 114  # the store failed: nothing was acknowledged, retry
-    NO_USER = 115  # a user-only command on a connection without a user
-    RATE_LIMITED = 116  # over publish_rate: this request was refused, slow down
-    AUTH_FAILED = 117  # token missing, malformed, expired or not verified: close 4501
-    PERMISSION_DENIED = 118  # the token or the namespace's rules refuse this request
-    NOT_ROUTED = 119  # cluster: the channel's owner node did not take the publish, retry
-
-    @property
-    def fatal(self) -> bool:
-        return self not in _NON_FATAL
-
-
-_NON_FATAL = frozenset(
-    {
-        ErrorCode.LIMIT_EXCEEDED,
-        ErrorCode.NOT_SUBSCRIBED,
-        ErrorCode.ALREADY_SUBSCRIBED,
-        ErrorCode.INBOX_FULL,
-        ErrorCode.STORE_UNAVAILABLE,
-        ErrorCode.NO_USER,
-        ErrorCode.RATE_LIMITED,
-        ErrorCode.NOT_ROUTED,
-        ErrorCode.PERMISSION_DENIED,
-    }
-)
-
-
-class CloseCode(IntEnum):
-    """Why a connection was closed: WebSocket close codes, and the GOAWAY code on TCP.
-
-    1000–1015 are RFC 6455's. 4000–4499: the client should reconnect (with backoff);
-    4500–4999: reconnecting with the same input will fail again.
-    """
-
-    NORMAL = 1000
-    GOING_AWAY = 1001  # server shutting down: reconnect
-    PROTOCOL_ERROR = 1002
-    INVALID_DATA = 1007
-    POLICY_VIOLATION = 1008
-    MESSAGE_TOO_BIG = 1009
-    INTERNAL_ERROR = 1011
-    HEARTBEAT_TIMEOUT = 4000  # no pong in time: reconnect
-    SLOW_CONSUMER = 4001  # outbound buffer over its cap: reconnect, recover from history
-    RATE_LIMITED = 4002  # too many requests or connections: reconnect later, with backoff
-    BAD_REQUEST = 4500  # malformed command: do not retry as is
-    AUTH_FAILED = 4501  # bad, expired or missing token: reconnect only with a new one
-    DISCONNECTED = 4510  # closed by the server HTTP API (/api/disconnect): do not reconnect
-
-    @staticmethod
-    def should_reconnect(code: int) -> bool:
-        return code in (1001, 1006, 1011, 1012, 1013) or 4000 <= code < 4500
-
-
 SHUTDOWN_REASON = "server shutting down, reconnect"
 
 
@@ -177,7 +110,6 @@ class Request(NamedTuple):
 
 
 def _bad(msg: str) -> Exception:
-    from .errors import BadRequest
 
     return BadRequest(msg)
 
@@ -192,7 +124,6 @@ def _channel(buf: bytes, pos: int) -> tuple[str, int]:
     try:
         ch = buf[pos + 1 : end].decode("utf-8")
     except UnicodeDecodeError:
-        from .errors import ProtocolError
 
         raise ProtocolError("channel is not valid UTF-8", ErrorCode.INVALID_UTF8) from None
     return ch, end
@@ -305,7 +236,6 @@ def pack_hello(min_version: int, max_version: int, options: bytes = b"{}") -> by
 
 def negotiate(payload: bytes) -> tuple[int, bytes]:
     """HELLO payload → (chosen version, raw JSON options). Raises ProtocolError."""
-    from .errors import ProtocolError
 
     if len(payload) < 2:
         raise _bad("HELLO payload too short: need u8 min_version, u8 max_version")
@@ -325,7 +255,6 @@ def validate_channel(channel: object) -> str:
 
     Valid: a string of 1..255 UTF-8 bytes with no control characters.
     """
-    from .errors import ProtocolError
 
     if not isinstance(channel, str):
         raise _bad(f'field "ch" must be a string, got {type(channel).__name__}')

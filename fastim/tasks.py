@@ -6,12 +6,17 @@ only when the task is garbage-collected, if ever. The hub, the postman, the clus
 runtime and the node links each start such tasks (store appends, inbox syncs, state
 requests, link dials): :class:`Background` keeps them referenced, logs a failure when it
 happens, and lets the owner wait for them or cancel them when it closes.
+
+The loops that keep a connection up (node links, etcd sessions) wait
+:func:`backoff_delay` between attempts and run a session's halves with
+:func:`until_one_ends`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -57,6 +62,17 @@ class Background:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def backoff_delay(attempt: int, first: float, cap: float) -> float:
+    """Seconds to wait before reconnect ``attempt`` (0 after a connection that was up):
+    ``first`` doubled per attempt up to ``cap``, times a jitter in [0.5, 1], so the nodes
+    that lost the same peer (or etcd) do not all come back at once.
+
+    The server's one backoff (node links, etcd sessions); the client SDK has its own
+    (:class:`fastim.client.backoff.Backoff`), so that it needs nothing of the server.
+    """
+    return min(cap, first * (1 << min(attempt, 30))) * random.uniform(0.5, 1.0)
 
 
 async def until_one_ends(*coros: Coroutine[Any, Any, Any]) -> None:

@@ -1,7 +1,7 @@
 """The load generator's message counting, which must be exact however bytes are chunked.
 
 Count-only subscribers skip per-message parsing once the stream is regular ("stride"
-mode, see fastim.bench._Sub); these tests build server streams with interleaved pings and
+mode, see fastim.bench.counting._Sub); these tests build server streams with interleaved pings and
 messages whose size changes (fastim's JSON offset gaining a digit), cut them into random
 chunks, and compare the count with the truth. Sampled subscribers must also report
 reordering and duplicates.
@@ -16,14 +16,9 @@ import orjson
 import pytest
 
 from fastim import _core
-from fastim.bench import (
-    Target,
-    WorkerResult,
-    _TcpSub,
-    _WsSub,
-    make_payload,
-    spread_sample,
-)
+from fastim.bench import Target, WorkerResult, make_payload, spread_sample
+from fastim.bench.counting import _TcpSub, _WsSub
+from fastim.client.connection import ws_accept
 from fastim.protocol import FrameType, pack_msg
 
 
@@ -41,6 +36,16 @@ class _Sink:
 
     def abort(self) -> None:
         pass
+
+
+def _switching(request: bytes, subprotocol: str | None = "fastim.json") -> bytes:
+    """A server's 101 response to the upgrade ``request``."""
+    key = request.split(b"Sec-WebSocket-Key: ", 1)[1].split(b"\r\n", 1)[0].decode()
+    proto = b"Sec-WebSocket-Protocol: %s\r\n" % subprotocol.encode() if subprotocol else b""
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: %s\r\n%s\r\n" % (ws_accept(key).encode(), proto)
+    )
 
 
 def _chunks(stream: bytes, rng: random.Random) -> list[bytes]:
@@ -153,7 +158,7 @@ async def test_fastim_ws_subscriber_waits_for_the_reply_then_counts() -> None:
     assert sink.written[0].startswith(b"GET /ws HTTP/1.1\r\n")
     assert b"Sec-WebSocket-Protocol: fastim.json" in sink.written[0]
     reply = _core.ws_encode(_core.OP_TEXT, b'{"op":"subscribed","ch":"bench","off":0,"id":1}')
-    sub.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+    sub.data_received(_switching(sink.written[0]))
     # the subscribe went out masked, right after the upgrade
     parser = _core.WSParser(1 << 20)
     assert orjson.loads(parser.feed(sink.written[1])[0][1]) == {"op": "sub", "ch": "bench", "id": 1}
@@ -164,3 +169,43 @@ async def test_fastim_ws_subscriber_waits_for_the_reply_then_counts() -> None:
     sub.data_received(reply + msg)
     await asyncio.wait_for(sub.ready, 1)
     assert sub.count == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "answer", "why"),
+    [
+        ("ws", b"HTTP/1.1 404 Not Found\r\n\r\n", "refused"),
+        (
+            "ws",
+            b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",
+            "Sec-WebSocket-Accept",
+        ),
+        ("peer", None, "subprotocol"),  # a peer was offered none
+        ("ws", b"HTTP/1.1 101 OK\r\nX: " + b"a" * 20000, "exceeds"),
+    ],
+)
+async def test_ws_subscriber_checks_the_upgrade_as_the_client_does(
+    kind: str, answer: bytes | None, why: str
+) -> None:
+    out = WorkerResult()
+    sub = _WsSub(Target(kind, "127.0.0.1", 1, "/ws"), "bench", False, False, out)
+    sink = _Sink()
+    sub.connection_made(sink)  # type: ignore[arg-type]
+    sub.data_received(answer if answer is not None else _switching(sink.written[0]))
+    with pytest.raises(ConnectionError, match=why):
+        await asyncio.wait_for(sub.ready, 1)
+    assert len(out.errors) == 1 and why in out.errors[0]
+    assert sub.count == 0 and sub.head is not None
+
+
+async def test_ws_subscriber_of_a_peer_offers_no_subprotocol() -> None:
+    sub = _WsSub(Target("peer", "h", 8765, "/"), "bench", False, False, WorkerResult())
+    sink = _Sink()
+    sub.connection_made(sink)  # type: ignore[arg-type]
+    assert sink.written[0].startswith(b"GET / HTTP/1.1\r\nHost: h:8765\r\n")
+    assert b"Sec-WebSocket-Protocol" not in sink.written[0]
+    assert b"User-Agent: fastim-bench\r\n" in sink.written[0]
+    sub.data_received(_switching(sink.written[0], None) + _core.ws_encode(_core.OP_TEXT, b"{}"))
+    await asyncio.wait_for(sub.ready, 1)
+    assert sub.count == 1 and not sub.out.errors

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -151,3 +152,170 @@ def test_serve_without_its_store_exits_with_a_clear_message() -> None:
     assert r.returncode == 1
     assert "cannot open the store" in r.stderr and "Traceback" not in r.stderr
     assert "pw" not in r.stderr.replace("pwd", "")
+
+
+# --------------------------------------------------------------------------- P8: operator
+
+
+def test_unknown_environment_variable_is_a_warning_at_start(
+    monkeypatch: pytest.MonkeyPatch, node_process: Any
+) -> None:
+    """Wrappers and images set FASTIM_* variables of their own: a node starts anyway,
+    and says which setting a typo was probably meant to be."""
+    monkeypatch.setenv("FASTIM_BIN", "/usr/bin/x")
+    monkeypatch.setenv("FASTIM_PING_INTERVALL", "3")
+    p = node_process()
+    log = "".join(p.log)
+    assert "FASTIM_BIN: no such setting, ignored" in log
+    assert (
+        "FASTIM_PING_INTERVALL: no such setting, ignored (did you mean FASTIM_PING_INTERVAL?)"
+        in log
+    )
+    assert p.terminate() == 0
+
+
+def test_unknown_environment_variable_fails_config_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("tcp_port = 7070\n")
+    monkeypatch.setenv("FASTIM_TCP_PROT", "1")
+    assert main(["config", "check", str(good)]) == 2
+    err = capsys.readouterr().err
+    assert "FASTIM_TCP_PROT: no such setting (did you mean FASTIM_TCP_PORT?)" in err
+
+
+def test_known_environment_variable_with_a_bad_value_still_stops_the_node(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FASTIM_BIN", "/usr/bin/x")  # only a warning...
+    monkeypatch.setenv("FASTIM_TCP_PORT", "seventy")  # ...but this is an error
+    assert main(["serve"]) == 2
+    assert "FASTIM_TCP_PORT: expected int, got 'seventy'" in capsys.readouterr().err
+
+
+def _fastim_without(module: str, *argv: str, timeout: float = 30) -> Any:
+    """Run ``fastim ARGV`` in a real process in which ``module`` cannot be imported (as
+    when an extra was not installed): returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "from fastim.cli import main\n"
+        f"raise SystemExit(main({list(argv)!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=timeout,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "setting", "extra"),
+    [
+        ("redis", ["--store", "redis"], "store", "fastim[redis]"),
+        ("aetcd", ["--etcd-endpoints", "127.0.0.1:1"], "etcd_endpoints", "fastim[cluster]"),
+    ],
+)
+def test_a_missing_extra_is_one_line_at_start(
+    module: str, args: list[str], setting: str, extra: str
+) -> None:
+    import time
+
+    from server._support import free_port
+
+    t0 = time.monotonic()
+    r = _fastim_without(
+        module, "serve", "--tcp-port", str(free_port()), "--ws-port", "0", *args
+    )
+    assert time.monotonic() - t0 < 8  # at once, not after an etcd timeout
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr  # no traceback
+    assert f"{setting}:" in lines[0] and f"pip install '{extra}'" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("module", "text", "setting", "extra"),
+    [
+        ("redis", 'store = "redis"\n', "store", "fastim[redis]"),
+        ("aetcd", 'etcd_endpoints = "10.0.0.1:2379"\n', "etcd_endpoints", "fastim[cluster]"),
+    ],
+)
+def test_config_check_refuses_a_missing_extra(
+    tmp_path: Path, module: str, text: str, setting: str, extra: str
+) -> None:
+    p = tmp_path / "f.toml"
+    p.write_text(text)
+    r = _fastim_without(module, "config", "check", "-q", str(p))
+    assert r.returncode == 2, r.stderr
+    assert f"{setting}:" in r.stderr and f"pip install '{extra}'" in r.stderr
+    assert "Traceback" not in r.stderr
+    # and with the module there, the same file passes
+    ok = _fastim_without("no_such_module_anyway", "config", "check", "-q", str(p))
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_missing_tls_file_names_the_setting_and_the_path(tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("not used")
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not used")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"tls_cert": "/nonexistent/cert.pem", "tls_key": str(key)},
+         "tls_cert: no such file: '/nonexistent/cert.pem'"),
+        ({"tls_cert": str(cert), "tls_key": "/nonexistent/key.pem"},
+         "tls_key: no such file: '/nonexistent/key.pem'"),
+    ]  # fmt: skip
+    for settings, needle in cases:
+        with pytest.raises(ConfigError) as e:
+            Config(**settings).validate()
+        assert needle in str(e.value)
+        assert "None" not in str(e.value)
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "10.0.0", "no-such-host.invalid", "a b"])
+def test_config_check_refuses_a_host_that_is_no_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    p = tmp_path / "f.toml"
+    p.write_text("")
+    monkeypatch.setenv("FASTIM_HOST", host)
+    assert main(["config", "check", "-q", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"host: {host!r}" in err
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "0.0.0.0", "::", "", "localhost"])
+def test_hosts_that_are_addresses_pass(host: str) -> None:
+    assert Config(host=host).validate().host == host
+
+
+def test_a_listen_failure_names_the_setting_and_the_address(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        # in a directory of its own: the default store is a sqlite file in the cwd
+        return subprocess.run(
+            [sys.executable, "-m", "fastim", "serve", *args],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = serve("--tcp-port", "0", "--ws-port", str(port))
+        assert r.returncode == 1, r.stderr
+        assert f"ws_port {port}" in r.stderr and f"127.0.0.1:{port}" in r.stderr
+        assert "in use" in r.stderr and "Traceback" not in r.stderr
+        r = serve("--tcp-port", str(port), "--ws-port", "0")
+        assert r.returncode == 1 and f"tcp_port {port}" in r.stderr, r.stderr
+    # 192.0.2.1 (TEST-NET-1) is an address, but no interface of this machine has it
+    r = serve("--host", "192.0.2.1", "--tcp-port", "0", "--ws-port", str(port))
+    assert r.returncode == 1, r.stderr
+    assert "host '192.0.2.1'" in r.stderr and "Traceback" not in r.stderr

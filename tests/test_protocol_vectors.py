@@ -87,6 +87,29 @@ def test_vector(vector: tuple[str, int, dict[str, Any], bytes], impl: Any) -> No
     assert got == [(ftype, payload)]
 
 
+MSG_VECTORS = [v for v in VECTORS if v[1] == F.MSG]
+
+
+@pytest.mark.parametrize("impl", [compiled, pyref], ids=["compiled", "pyref"])
+@pytest.mark.parametrize("vector", MSG_VECTORS, ids=[v[0] for v in MSG_VECTORS])
+def test_msg_vector_from_the_channel_encoder(
+    vector: tuple[str, int, dict[str, Any], bytes], impl: Any
+) -> None:
+    """The hub's encoder (encode_msg) builds the same MSG frame, and wraps it unchanged."""
+    _name, _ftype, f, frame = vector
+    ch, off, data = f["ch"].encode(), f["off"], f["data"].encode()
+    head = b'{"op":"msg","ch":' + json.dumps(f["ch"], ensure_ascii=False).encode() + b',"off":'
+    subs = impl.SubscriberSet()
+    for fmt in (impl.FMT_TCP, impl.FMT_WS_BINARY, impl.FMT_WS_JSON):
+        subs.add(impl.OutRing(None, None, fmt=fmt))
+    tcp, wsb, js = impl.encode_msg(subs, off, ch, head, data)
+    assert tcp == frame == impl.encode_msg_one(impl.FMT_TCP, off, ch, head, data)
+    assert wsb == bytes((0x82, len(frame))) + frame
+    text = head + b"%d" % off + b',"data":' + data + b"}"
+    assert js == bytes((0x81, len(text))) + text
+    assert json.loads(text) == {"op": "msg", "ch": f["ch"], "off": off, "data": json.loads(data)}
+
+
 @pytest.mark.parametrize("vector", VECTORS, ids=[v[0] for v in VECTORS])
 def test_vector_unpacks_to_its_fields(vector: tuple[str, int, dict[str, Any], bytes]) -> None:
     _name, ftype, f, frame = vector

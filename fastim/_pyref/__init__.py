@@ -5,6 +5,7 @@ a fallback: ``import fastim._pyref as ref`` gives the same public names as
 ``fastim._core``.
 """
 
+from .encode import MSG_FRAME_TYPE, encode_msg, encode_msg_one
 from .fanout import (
     FMT_TCP,
     FMT_WS_BINARY,
@@ -41,6 +42,7 @@ __all__ = [
     "FMT_WS_JSON",
     "FMT_WS_JSON_DEFLATE",
     "HEADER_SIZE",
+    "MSG_FRAME_TYPE",
     "N_FORMATS",
     "OP_BINARY",
     "OP_CLOSE",
@@ -57,6 +59,8 @@ __all__ = [
     "WSParser",
     "crc32",
     "encode_frame",
+    "encode_msg",
+    "encode_msg_one",
     "utf8_valid",
     "ws_close_payload",
     "ws_encode",

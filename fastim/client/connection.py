@@ -51,10 +51,13 @@ __all__ = [
     "HandshakeError",
     "TCPConnection",
     "WSConnection",
+    "check_ws_upgrade",
     "deadline",
     "open_connection",
     "parse_url",
     "ws_accept",
+    "ws_response_head_end",
+    "ws_upgrade_request",
 ]
 
 #: Largest fastim frame (payload bytes) the client accepts from a server. The client
@@ -66,9 +69,11 @@ MAX_WS_MESSAGE = 64 << 20
 #: Cap on the size of the HTTP response head of a WebSocket upgrade.
 MAX_HTTP_HEAD = 16 * 1024
 #: RFC 6455 §1.3: appended to Sec-WebSocket-Key before hashing.
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_GUID = protocol.WS_GUID.decode("ascii")  # RFC 6455 §1.3 (one constant: the protocol's)
 #: The WebSocket subprotocol of binary fastim frames.
 WS_SUBPROTOCOL = "fastim.binary"
+#: The ``User-Agent`` of the SDK's upgrade requests.
+USER_AGENT = "fastim-py/0.1"
 
 _READ_CHUNK = 64 * 1024
 _SERVER_TYPES = protocol.type_mask(protocol.SERVER_FRAME_TYPES)
@@ -139,12 +144,13 @@ class Endpoint:
         return host if self.port == default else f"{host}:{self.port}"
 
 
-def parse_url(url: str) -> Endpoint:
+def parse_url(url: str, default_path: str = "/") -> Endpoint:
     """Parse a server URL.
 
     Args:
         url: ``tcp://host:port``, ``tls://host:port`` (fastim frames over TLS),
             ``ws://host[:port]/path`` or ``wss://host[:port]/path``.
+        default_path: the path of a ``ws://`` or ``wss://`` URL that has none.
 
     Returns:
         The :class:`Endpoint`.
@@ -164,7 +170,7 @@ def parse_url(url: str) -> Endpoint:
         if scheme in ("tcp", "tls"):
             raise ValueError(f"URL {url!r} needs a port")
         port = 443 if scheme == "wss" else 80
-    path = parts.path or "/"
+    path = parts.path or default_path
     if parts.query:
         path += "?" + parts.query
     return Endpoint(scheme, host, port, path if scheme in ("ws", "wss") else "/")
@@ -174,6 +180,86 @@ def ws_accept(key: str) -> str:
     """The ``Sec-WebSocket-Accept`` value a server must answer to ``key`` (RFC 6455 §4.2.2)."""
     digest = hashlib.sha1((key + WS_GUID).encode("ascii")).digest()
     return base64.b64encode(digest).decode("ascii")
+
+
+def ws_upgrade_request(
+    ep: Endpoint, subprotocol: str | None = WS_SUBPROTOCOL, user_agent: str = USER_AGENT
+) -> tuple[bytes, str]:
+    """The client's HTTP/1.1 upgrade request to ``ep`` (RFC 6455 §4.1), with a fresh key.
+
+    Args:
+        ep: the server (its ``path`` is the request target).
+        subprotocol: the ``Sec-WebSocket-Protocol`` offered; None offers none.
+        user_agent: the ``User-Agent`` header.
+
+    Returns:
+        (the request bytes, the ``Sec-WebSocket-Key`` sent: for :func:`check_ws_upgrade`).
+    """
+    key = base64.b64encode(os.urandom(16)).decode("ascii")
+    proto = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
+    request = (
+        f"GET {ep.path} HTTP/1.1\r\n"
+        f"Host: {ep.host_header}\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        f"{proto}"
+        f"User-Agent: {user_agent}\r\n"
+        "\r\n"
+    )
+    return request.encode("ascii"), key
+
+
+def ws_response_head_end(buf: bytes | bytearray) -> int:
+    """Where the upgrade response's head ends in ``buf`` (the blank line's index), or -1.
+
+    Raises:
+        HandshakeError: the head is (or already would be) longer than MAX_HTTP_HEAD.
+    """
+    end = buf.find(b"\r\n\r\n")
+    if end > MAX_HTTP_HEAD or (end < 0 and len(buf) > MAX_HTTP_HEAD):
+        raise HandshakeError(f"upgrade response head exceeds {MAX_HTTP_HEAD} bytes")
+    return end
+
+
+def check_ws_upgrade(head: bytes, key: str, subprotocol: str | None = WS_SUBPROTOCOL) -> None:
+    """Check the server's response to an upgrade request (RFC 6455 §4.2.2, §4.1).
+
+    Args:
+        head: the response head, up to (without) the blank line.
+        key: the ``Sec-WebSocket-Key`` the request sent.
+        subprotocol: the subprotocol the request offered (None: none).
+
+    Raises:
+        HandshakeError: not a 101, a missing ``Upgrade``/``Connection`` header, a wrong
+            ``Sec-WebSocket-Accept``, a subprotocol or extension that was not offered.
+    """
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise HandshakeError(f"malformed upgrade response status line {status_line!r}")
+    if parts[1] != "101":
+        raise HandshakeError(f"WebSocket upgrade refused: {status_line!r}")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise HandshakeError(f"malformed header line in upgrade response: {line!r}")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("upgrade", "").lower() != "websocket":
+        raise HandshakeError("upgrade response lacks 'Upgrade: websocket'")
+    if "upgrade" not in (t.strip().lower() for t in headers.get("connection", "").split(",")):
+        raise HandshakeError("upgrade response lacks 'Connection: Upgrade'")
+    if headers.get("sec-websocket-accept") != ws_accept(key):
+        raise HandshakeError("upgrade response has a wrong Sec-WebSocket-Accept")
+    proto = headers.get("sec-websocket-protocol")
+    if proto is not None and proto != subprotocol:
+        raise HandshakeError(
+            f"server chose subprotocol {proto!r}, we asked for {subprotocol or 'none'}"
+        )
+    if headers.get("sec-websocket-extensions"):
+        raise HandshakeError("server enabled WebSocket extensions we did not offer")
 
 
 class Connection:
@@ -375,61 +461,18 @@ async def _ws_upgrade(
     ep: Endpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> bytes:
     """Do the client side of the upgrade; return the bytes that followed the response head."""
-    key = base64.b64encode(os.urandom(16)).decode("ascii")
-    request = (
-        f"GET {ep.path} HTTP/1.1\r\n"
-        f"Host: {ep.host_header}\r\n"
-        "Upgrade: websocket\r\n"
-        "Connection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n"
-        f"Sec-WebSocket-Protocol: {WS_SUBPROTOCOL}\r\n"
-        "User-Agent: fastim-py/0.1\r\n"
-        "\r\n"
-    )
-    writer.write(request.encode("ascii"))
+    request, key = ws_upgrade_request(ep)
+    writer.write(request)
     await writer.drain()
 
     buf = bytearray()
-    while True:
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            break
-        if len(buf) > MAX_HTTP_HEAD:
-            raise HandshakeError(f"upgrade response head exceeds {MAX_HTTP_HEAD} bytes")
+    while (end := ws_response_head_end(buf)) < 0:
         chunk = await reader.read(4096)
         if not chunk:
             raise HandshakeError("server closed the connection during the WebSocket upgrade")
         buf += chunk
-    if end > MAX_HTTP_HEAD:
-        raise HandshakeError(f"upgrade response head exceeds {MAX_HTTP_HEAD} bytes")
-    head = bytes(buf[:end]).decode("latin-1")
-    leftover = bytes(buf[end + 4 :])
-
-    status_line, *header_lines = head.split("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
-        raise HandshakeError(f"malformed upgrade response status line {status_line!r}")
-    if parts[1] != "101":
-        raise HandshakeError(f"WebSocket upgrade refused: {status_line!r}")
-    headers: dict[str, str] = {}
-    for line in header_lines:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise HandshakeError(f"malformed header line in upgrade response: {line!r}")
-        headers[name.strip().lower()] = value.strip()
-    if headers.get("upgrade", "").lower() != "websocket":
-        raise HandshakeError("upgrade response lacks 'Upgrade: websocket'")
-    if "upgrade" not in (t.strip().lower() for t in headers.get("connection", "").split(",")):
-        raise HandshakeError("upgrade response lacks 'Connection: Upgrade'")
-    if headers.get("sec-websocket-accept") != ws_accept(key):
-        raise HandshakeError("upgrade response has a wrong Sec-WebSocket-Accept")
-    proto = headers.get("sec-websocket-protocol")
-    if proto is not None and proto != WS_SUBPROTOCOL:
-        raise HandshakeError(f"server chose subprotocol {proto!r}, we asked for {WS_SUBPROTOCOL}")
-    if headers.get("sec-websocket-extensions"):
-        raise HandshakeError("server enabled WebSocket extensions we did not offer")
-    return leftover
+    check_ws_upgrade(bytes(buf[:end]), key)
+    return bytes(buf[end + 4 :])
 
 
 async def open_connection(url: str, ssl: _ssl.SSLContext | None = None) -> Connection:

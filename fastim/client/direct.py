@@ -31,14 +31,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple, Protocol
 
 from ..errors import ConnectionClosed, RequestError
 from ..protocol import ErrorCode
-
-if TYPE_CHECKING:
-    from .client import Client
 
 __all__ = [
     "DirectGap",
@@ -46,8 +43,10 @@ __all__ = [
     "DirectInbox",
     "DirectMessage",
     "DirectMessages",
+    "InboxOwner",
     "InboxState",
     "Sent",
+    "inbox_state",
 ]
 
 log = logging.getLogger("fastim.client")
@@ -99,10 +98,42 @@ class InboxState(NamedTuple):
     epoch: str = ""  # the inbox's epoch ("" before its first message)
 
 
+def inbox_state(reply: dict[str, Any]) -> InboxState:
+    """The :class:`InboxState` in the reply to an ``inbox`` command."""
+    return InboxState(int(reply["acked"]), int(reply["top"]), str(reply.get("epoch") or ""))
+
+
+class InboxOwner(Protocol):
+    """What a :class:`DirectInbox` needs of its client (:class:`~fastim.client.Client`
+    is one): its state, a command round trip, and a place to run background work."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether requests can go out right now."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """Whether the client is closed or gave up."""
+        ...
+
+    async def _cmd(self, cmd: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """A JSON command; its JSON reply, or RequestError."""
+        ...
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background (cancelled when the client closes)."""
+        ...
+
+    def _inbox_ok(self) -> None:
+        """The node serves the inbox (the client's connect-again delays start over)."""
+        ...
+
+
 class DirectInbox:
     """Receiving side of one client's direct messages (one per :class:`Client`)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: InboxOwner) -> None:
         self._client = client
         #: every seq up to this one has been queued for the application or skipped
         #: (None until the first message tells where the inbox starts)
@@ -224,7 +255,7 @@ class DirectInbox:
         try:
             while self._held and not client.closed:
                 try:
-                    state = await client.inbox_state()
+                    state = inbox_state(await client._cmd({"op": "inbox"}))
                 except (ConnectionClosed, RequestError, asyncio.TimeoutError) as e:
                     if client.closed:
                         return
@@ -287,6 +318,10 @@ class DirectInbox:
             acked = reply.get("seq")
             if epoch == self.epoch and reply.get("epoch", epoch) == epoch:
                 self.acked = max(self.acked, acked if isinstance(acked, int) else seq)
+            else:
+                # the inbox is in another numbering now (the store lost it): this ack is
+                # moot, and sending it again would loop until a new message comes
+                again = False
         except RequestError as e:
             log.info("fastim client: ack %d refused: %s", seq, e)
             if e.code == ErrorCode.STORE_UNAVAILABLE:

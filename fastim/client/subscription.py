@@ -16,14 +16,11 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from ..errors import ConnectionClosed, RequestError
 
-if TYPE_CHECKING:
-    from .client import Client
-
-__all__ = ["Gap", "GapCallback", "Message", "Since", "Subscription"]
+__all__ = ["Gap", "GapCallback", "Message", "Since", "Subscription", "SubscriptionOwner"]
 
 log = logging.getLogger("fastim.client")
 
@@ -77,6 +74,15 @@ class Gap(NamedTuple):
 GapCallback = Callable[[Gap], object]
 
 
+class SubscriptionOwner(Protocol):
+    """What a :class:`Subscription` needs of its client (:class:`~fastim.client.Client`
+    is one): to end it."""
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        """End ``sub`` here at once, and on the node if connected."""
+        ...
+
+
 class Subscription:
     """A channel subscription: an async iterator of :class:`Message`.
 
@@ -101,7 +107,7 @@ class Subscription:
 
     def __init__(
         self,
-        client: Client,
+        client: SubscriptionOwner,
         channel: str,
         max_queue: int = 0,
         on_gap: GapCallback | None = None,

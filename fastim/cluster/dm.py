@@ -1,6 +1,6 @@
 """Direct messages across nodes: the glue between the Postman, user routes and links.
 
-On one node the :class:`~fastim.postman.Postman` stores a direct message in the
+On one node the :class:`~fastim.delivery.Postman` stores a direct message in the
 recipient's inbox, answers the sender and delivers it to the recipient's connections
 there. In a cluster the store is shared (Redis: sequences are assigned atomically there,
 whichever node stores), so the only missing piece is reaching the recipient's
@@ -17,21 +17,18 @@ connections on the *other* nodes. :class:`DmRouter` is that piece:
 
 What makes it reliable is not the link (links are at most once) but the inbox: a node
 re-reads the inbox state before each retry and when a sequence seems to be missing, and
-reads the inbox of a user whose route is not in etcd yet (see ``fastim/postman.py``).
+reads the inbox of a user whose route is not in etcd yet (see ``fastim/delivery/postman.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..delivery import Postman
 from .frames import DmEntry
+from .link import Links
 from .users import UserRoutes
-
-if TYPE_CHECKING:
-    from ..postman import Postman
-    from .link import Links
-    from .runtime import Cluster
 
 __all__ = ["DmRouter"]
 
@@ -60,26 +57,6 @@ class DmRouter:
         self.resyncs = 0
         postman.relay = self
         routes.on_registered = postman.routed
-
-    @classmethod
-    async def attach(cls, cluster: Cluster, postman: Postman) -> DmRouter:
-        """Wire direct messages into a started cluster runtime: user routes under its
-        membership's lease, DM frames out through its links and in through its
-        ``dm_handler``. Does not wait for etcd (see :meth:`start`)."""
-        membership, links = cluster.membership, cluster.links
-        if membership is None or links is None:
-            raise RuntimeError("the cluster runtime is not started")
-        router = cls(cluster.me, postman, UserRoutes(membership), links)
-        cluster.dm_handler = router.on_dm
-        try:
-            # routes are soft state: a slow first listing must not fail a node that has
-            # joined; until it is done every DM goes to every peer
-            await router.start(wait=False)
-        except BaseException:
-            cluster.dm_handler = None
-            await router.stop()
-            raise
-        return router
 
     async def start(self, timeout: float = 10.0, wait: bool = True) -> None:
         """Start the user routes (after the membership started: they use its lease).

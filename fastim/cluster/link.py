@@ -23,7 +23,8 @@ the connection and reconnects; an acceptor that hears nothing (no frames, no pin
 ``timeout`` seconds, which TCP itself would take minutes to do.
 
 **Reconnect.** A link that is down redials with exponential backoff and jitter
-(``backoff`` = first delay, cap). The handshake checks both ends: HELLO names the
+(``backoff`` = first delay, cap; :func:`fastim.tasks.backoff_delay`), so a restarted node
+is not dialed by everyone at once. The handshake checks both ends: HELLO names the
 cluster and the node the dialer expects, WELCOME names the node that answered, and a
 mismatch (another cluster, or another node now on that address) is refused with GOAWAY.
 
@@ -34,33 +35,31 @@ sees a gap in a channel's offsets recovers it from history), not from the transp
 
 **TLS.** Pass an ``ssl.SSLContext`` to both ends (:func:`server_context`,
 :func:`client_context`; with a CA on the server side, both ends present certificates).
+
+**Modules.** This one has the dialing end (:class:`Link`, :class:`Links`) and the helpers;
+the accepting end (:class:`LinkServer`, :class:`LinkHandler`) is in
+:mod:`fastim.cluster.link_server` and the connection both ends use in
+:mod:`fastim.cluster.link_conn`; import them all from here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl as _ssl
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import orjson
 
 from .. import _core
-from ..errors import FastimError
-from ..tasks import Background
+from ..tasks import Background, backoff_delay
 from .frames import (
-    ACCEPTOR_ACCEPTS,
     BATCH_BYTES,
     DIALER_ACCEPTS,
     LINK_MAX_FRAME,
     LINK_VERSION,
-    Deliver,
-    DmEntry,
-    Forward,
-    ForwardAck,
     GoawayCode,
     LinkDecodeError,
     LinkFrame,
@@ -70,14 +69,13 @@ from .frames import (
     pack_forward,
     pack_forward_ack,
     pack_goaway,
-    unpack_deliver,
-    unpack_dm,
-    unpack_forward,
-    unpack_forward_ack,
     unpack_goaway,
 )
+from .link_conn import LINK_CAP, LinkConn
+from .link_server import LinkHandler, LinkServer
 
 __all__ = [
+    "LINK_CAP",
     "Link",
     "LinkHandler",
     "LinkRefused",
@@ -94,39 +92,10 @@ log = logging.getLogger("fastim.cluster")
 _PING = int(LinkFrame.PING)
 _PONG = int(LinkFrame.PONG)
 _T = struct.Struct(">d")
-#: bytes one link may queue before it is cut as too slow (then it reconnects)
-LINK_CAP = 64 << 20
 
 
 class LinkRefused(ConnectionError):
     """The other end refused the handshake (GOAWAY) or answered as another node."""
-
-
-class LinkHandler:
-    """What a node does with what its peers send. Subclass and override what you need.
-
-    Every method runs in the event loop, synchronously, once per received frame (a batch
-    arrives as one list, in the order sent). ``peer`` is the sender's node id, checked at
-    the handshake. An exception is logged and the link stays up.
-    """
-
-    def on_forward(self, peer: str, items: list[Forward]) -> None:
-        """Publishes to channels this node owns (answer each with ``forward_ack``)."""
-
-    def on_forward_ack(self, peer: str, items: list[ForwardAck]) -> None:
-        """The owner's answers to publishes this node forwarded."""
-
-    def on_deliver(self, peer: str, items: list[Deliver]) -> None:
-        """Numbered messages coming down a channel's broadcast tree."""
-
-    def on_control(self, peer: str, message: dict[str, Any]) -> None:
-        """A CONTROL frame's JSON object."""
-
-    def on_dm(self, peer: str, items: list[DmEntry]) -> None:
-        """Stored direct messages for users with connections on this node (a DM frame)."""
-
-    def on_peer(self, peer: str, connected: bool) -> None:
-        """A peer's link into this node came up (handshake done) or went away."""
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -175,115 +144,11 @@ def client_context(
     return ctx
 
 
-class _End(Protocol):
-    """The owner of a connection: a dialing Link or the LinkServer."""
-
-    def conn_made(self, conn: _Conn) -> None: ...
-    def frame(self, conn: _Conn, ftype: int, payload: bytes) -> None: ...
-    def conn_lost(self, conn: _Conn, exc: Exception | None) -> None: ...
-
-
-class _Conn(asyncio.Protocol):
-    """One link connection, either end: frames in through the compiled decoder, frames out
-    through an OutRing that the flusher writes once per tick."""
-
-    def __init__(
-        self, end: _End, flusher: _core.Flusher, cap: int, max_frame: int, accepts: bytes
-    ) -> None:
-        self.end = end
-        self.flusher = flusher
-        self.cap = cap
-        self.decoder = _core.FrameDecoder(max_frame, accepts)
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.ring: _core.OutRing | None = None
-        self.last_rx = self.loop.time()
-        self.peer: str | None = None
-        self.lost = asyncio.Event()
-        self.closing = False
-        self.bytes_in = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it
-        self.transport = cast(asyncio.Transport, transport)
-        self.ring = _core.OutRing(
-            self.flusher, self.transport, _core.FMT_TCP, self.cap, self._overflow
-        )
-        self.last_rx = self.loop.time()
-        self.end.conn_made(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.last_rx = self.loop.time()
-        self.bytes_in += len(data)
-        try:
-            frames = self.decoder.feed(data)
-        except FastimError as e:
-            self.fail(GoawayCode.PROTOCOL, f"bad link frame: {e}")
-            return
-        for ftype, payload in frames:
-            if self.closing:
-                return
-            self.end.frame(self, ftype, payload)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        if self.ring is not None:
-            self.ring.close()
-        self.lost.set()
-        self.end.conn_lost(self, exc)
-
-    def pause_writing(self) -> None:
-        if self.ring is not None:
-            self.ring.pause()
-
-    def resume_writing(self) -> None:
-        if self.ring is not None:
-            self.ring.resume()
-
-    def _overflow(self) -> None:
-        log.warning("link %s: over %d bytes queued, closing it (too slow)", self.peer, self.cap)
-        self.abort()
-
-    def send(self, ftype: int, payload: bytes) -> bool:
-        ring = self.ring
-        if ring is None or self.closing:
-            return False
-        return bool(ring.append(_core.encode_frame(ftype, payload)))
-
-    def close(self) -> None:
-        """Close after writing what is queued."""
-        if self.closing:
-            return
-        self.closing = True
-        t = self.transport
-        if t is not None:
-            if self.ring is not None and len(self.ring):
-                t.write(self.ring.take())
-            t.close()
-
-    def fail(self, code: int, reason: str) -> None:
-        """Tell the other end why (GOAWAY), then close."""
-        if not self.closing:
-            log.warning("link %s: closing: %s", self.peer or "(handshake)", reason)
-            self.send(LinkFrame.GOAWAY, pack_goaway(code, reason))
-        self.close()
-
-    def abort(self) -> None:
-        self.closing = True
-        if self.transport is not None:
-            self.transport.abort()
-
-
 def _code_name(code: int) -> str:
     try:
         return GoawayCode(code).name
     except ValueError:
         return str(code)
-
-
-def _backoff(attempt: int, first: float, cap: float) -> float:
-    """Exponential backoff with jitter: a restarted node is not dialed by everyone at once."""
-    return min(cap, first * (1 << min(attempt, 30))) * random.uniform(0.5, 1.0)
 
 
 class Link:
@@ -300,7 +165,7 @@ class Link:
         self.host, self.port = split_address(address)
         self.state = "down"
         self.loop = links.loop
-        self._conn: _Conn | None = None
+        self._conn: LinkConn | None = None
         self._hs: asyncio.Future[None] | None = None
         self._closed = False
         # the open batch: its frame type, packed entries, count and bytes
@@ -327,23 +192,23 @@ class Link:
 
     def deliver(self, channel: str, epoch: str, offset: int, data: bytes) -> bool:
         """Queue a channel message for the peer (a DELIVER entry). False if the link is down."""
-        return self._append(LinkFrame.DELIVER, pack_deliver(channel, epoch, offset, data))
+        return self.append_entry(LinkFrame.DELIVER, pack_deliver(channel, epoch, offset, data))
 
     def forward(self, ref: int, channel: str, data: bytes) -> bool:
         """Queue a publish for the channel's owner (a FORWARD entry)."""
-        return self._append(LinkFrame.FORWARD, pack_forward(ref, channel, data))
+        return self.append_entry(LinkFrame.FORWARD, pack_forward(ref, channel, data))
 
     def forward_ack(
         self, ref: int, offset: int, epoch: str = "", code: int = 0, reason: str = ""
     ) -> bool:
         """Queue the answer to a forwarded publish (a FORWARD_ACK entry)."""
-        return self._append(
+        return self.append_entry(
             LinkFrame.FORWARD_ACK, pack_forward_ack(ref, offset, epoch, code, reason)
         )
 
     def dm(self, user: str, seq: int, event: bytes) -> bool:
         """Queue a stored direct message for the peer's connections of ``user`` (a DM entry)."""
-        return self._append(LinkFrame.DM, pack_dm(user, seq, event))
+        return self.append_entry(LinkFrame.DM, pack_dm(user, seq, event))
 
     def control(self, message: Mapping[str, Any]) -> bool:
         """Send one JSON object (a CONTROL frame), after anything queued before it."""
@@ -355,7 +220,9 @@ class Link:
         self.frames_out += 1
         return conn.send(LinkFrame.CONTROL, orjson.dumps(message))
 
-    def _append(self, ftype: int, entry: bytes) -> bool:
+    def append_entry(self, ftype: int, entry: bytes) -> bool:
+        """Queue one packed entry of a batched frame type (DELIVER, FORWARD, FORWARD_ACK,
+        DM): for a caller that packs an entry once for several links. False if down."""
         if self._conn is None:
             self.dropped += 1
             return False
@@ -425,7 +292,7 @@ class Link:
             if self._closed:
                 break
             attempt = 0 if was_up else attempt + 1
-            await asyncio.sleep(_backoff(attempt, *links.backoff))
+            await asyncio.sleep(backoff_delay(attempt, *links.backoff))
 
     async def _session(self) -> bool:
         """Connect, handshake, then heartbeat until the connection ends; True if it was up."""
@@ -435,7 +302,7 @@ class Link:
         self._hs = hs
         _, conn = await asyncio.wait_for(
             self.loop.create_connection(
-                lambda: _Conn(self, links.flusher, links.cap, LINK_MAX_FRAME, DIALER_ACCEPTS),
+                lambda: LinkConn(self, links.flusher, links.cap, LINK_MAX_FRAME, DIALER_ACCEPTS),
                 self.host,
                 self.port,
                 ssl=links.ssl,
@@ -487,11 +354,11 @@ class Link:
                 log.info("link to %s down", self.peer)
                 links._changed(self.peer, False)
 
-    # the _End protocol, for this link's connection
-    def conn_made(self, conn: _Conn) -> None:
+    # the ConnOwner protocol, for this link's connection
+    def conn_made(self, conn: LinkConn) -> None:
         pass
 
-    def frame(self, conn: _Conn, ftype: int, payload: bytes) -> None:
+    def frame(self, conn: LinkConn, ftype: int, payload: bytes) -> None:
         hs = self._hs
         if ftype == _PONG:
             if len(payload) == 8:
@@ -529,7 +396,7 @@ class Link:
                 log.info("link to %s: %s", self.peer, msg)
             conn.close()
 
-    def conn_lost(self, conn: _Conn, exc: Exception | None) -> None:
+    def conn_lost(self, conn: LinkConn, exc: Exception | None) -> None:
         hs = self._hs
         if hs is not None and not hs.done():
             hs.set_exception(ConnectionResetError(f"closed during handshake: {exc or 'EOF'}"))
@@ -663,188 +530,3 @@ class Links:
         if links:
             await asyncio.gather(*(link.close() for link in links))
         await self._tasks.wait(5.0)
-
-
-class LinkServer:
-    """Accepts the links peers dial into this node and hands their frames to ``handler``.
-
-    Checks each HELLO (cluster name, the node id the dialer expects), answers PINGs,
-    closes connections silent for ``timeout`` seconds, and keeps one connection per peer
-    node (a newer one replaces an older: the peer reconnected before this end noticed).
-    """
-
-    def __init__(
-        self,
-        node_id: str,
-        cluster: str,
-        handler: LinkHandler,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        ssl: _ssl.SSLContext | None = None,
-        timeout: float = 3.0,
-        max_frame: int = LINK_MAX_FRAME,
-        flusher: _core.Flusher | None = None,
-    ) -> None:
-        self.node_id = node_id
-        self.cluster = cluster
-        self.handler = handler
-        self.host = host
-        self.port = port
-        self.ssl = ssl
-        self.timeout = timeout
-        self.max_frame = max_frame
-        self._flusher = flusher
-        self.flusher: _core.Flusher
-        self._server: asyncio.Server | None = None
-        self._conns: set[_Conn] = set()
-        #: connected peers: node id → connection (handshake done)
-        self.peers: dict[str, _Conn] = {}
-        self._watchdog: asyncio.Task[None] | None = None
-        #: frames received per type, and handler failures
-        self.frames_in: dict[int, int] = {}
-        self.handler_errors = 0
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.flusher = self._flusher or _core.Flusher(loop.call_soon)
-        self._server = await loop.create_server(
-            lambda: _Conn(self, self.flusher, LINK_CAP, self.max_frame, ACCEPTOR_ACCEPTS),
-            self.host,
-            self.port,
-            ssl=self.ssl,
-            reuse_address=True,
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
-        self._watchdog = asyncio.ensure_future(self._watch())
-
-    @property
-    def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.timeout / 3)
-            now = loop.time()
-            for conn in list(self._conns):
-                if now - conn.last_rx > self.timeout:
-                    what = "no HELLO" if conn.peer is None else "silent"
-                    log.warning(
-                        "link from %s: %s for %.1fs, closing",
-                        conn.peer or "(unknown)",
-                        what,
-                        now - conn.last_rx,
-                    )
-                    conn.abort()
-
-    # the _End protocol, for accepted connections
-    def conn_made(self, conn: _Conn) -> None:
-        self._conns.add(conn)
-
-    def conn_lost(self, conn: _Conn, exc: Exception | None) -> None:
-        self._conns.discard(conn)
-        peer = conn.peer
-        if peer is not None and self.peers.get(peer) is conn:
-            del self.peers[peer]
-            self._call(self.handler.on_peer, peer, False)
-
-    def frame(self, conn: _Conn, ftype: int, payload: bytes) -> None:
-        self.frames_in[ftype] = self.frames_in.get(ftype, 0) + 1
-        peer = conn.peer
-        if peer is None:
-            self._hello(conn, ftype, payload)
-            return
-        h = self.handler
-        try:
-            if ftype == LinkFrame.DELIVER:
-                self._call(h.on_deliver, peer, unpack_deliver(payload))
-            elif ftype == LinkFrame.FORWARD:
-                self._call(h.on_forward, peer, unpack_forward(payload))
-            elif ftype == LinkFrame.FORWARD_ACK:
-                self._call(h.on_forward_ack, peer, unpack_forward_ack(payload))
-            elif ftype == LinkFrame.DM:
-                self._call(h.on_dm, peer, unpack_dm(payload))
-            elif ftype == _PING:
-                conn.send(_PONG, payload)
-            elif ftype == LinkFrame.CONTROL:
-                msg = orjson.loads(payload)
-                if not isinstance(msg, dict):
-                    raise LinkDecodeError("CONTROL is not a JSON object")
-                self._call(h.on_control, peer, msg)
-            elif ftype == LinkFrame.GOAWAY:
-                code, reason = unpack_goaway(payload)
-                log.info("link from %s: goodbye (%d): %s", peer, code, reason)
-                conn.close()
-            else:
-                conn.fail(GoawayCode.PROTOCOL, f"unexpected frame type 0x{ftype:02x}")
-        except (LinkDecodeError, orjson.JSONDecodeError) as e:
-            conn.fail(GoawayCode.PROTOCOL, f"malformed frame 0x{ftype:02x}: {e}")
-
-    def _hello(self, conn: _Conn, ftype: int, payload: bytes) -> None:
-        if ftype != LinkFrame.HELLO:
-            conn.fail(GoawayCode.BAD_HANDSHAKE, "the first frame must be HELLO")
-            return
-        try:
-            hello = orjson.loads(payload)
-            node, cluster, version = hello["node"], hello["cluster"], hello["version"]
-            expect = hello.get("expect")
-            if not isinstance(node, str) or not node:
-                raise TypeError("node")
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            conn.fail(GoawayCode.BAD_HANDSHAKE, "malformed HELLO")
-            return
-        if version != LINK_VERSION:
-            conn.fail(
-                GoawayCode.BAD_HANDSHAKE, f"link version {version!r} (this node: {LINK_VERSION})"
-            )
-            return
-        if cluster != self.cluster:
-            conn.fail(
-                GoawayCode.WRONG_CLUSTER,
-                f"this node is in cluster {self.cluster!r}, not {cluster!r}",
-            )
-            return
-        if expect is not None and expect != self.node_id:
-            conn.fail(GoawayCode.WRONG_NODE, f"this is node {self.node_id!r}, not {expect!r}")
-            return
-        if node == self.node_id:
-            conn.fail(GoawayCode.WRONG_NODE, f"node {node!r} dialed itself")
-            return
-        old = self.peers.get(node)
-        if old is not None:
-            old.peer = None  # its loss must not report the new link's peer as gone
-            old.fail(GoawayCode.REPLACED, "replaced by a newer link from the same node")
-        conn.peer = node
-        self.peers[node] = conn
-        conn.send(
-            LinkFrame.WELCOME,
-            orjson.dumps({"node": self.node_id, "cluster": self.cluster, "version": LINK_VERSION}),
-        )
-        if old is None:
-            self._call(self.handler.on_peer, node, True)
-
-    def _call(self, fn: Callable[..., None], *args: Any) -> None:
-        try:
-            fn(*args)
-        except Exception:
-            self.handler_errors += 1
-            log.exception("link handler %s failed", getattr(fn, "__name__", fn))
-
-    async def close(self) -> None:
-        """Stop accepting; tell connected peers (GOAWAY) and close their links."""
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        if self._server is not None:
-            self._server.close()
-        for conn in list(self._conns):
-            if conn.peer is not None:
-                conn.fail(GoawayCode.SHUTDOWN, "node shutting down")
-            else:
-                conn.abort()
-        if self._server is not None:
-            try:
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
-            except asyncio.TimeoutError:
-                pass

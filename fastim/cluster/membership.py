@@ -25,8 +25,11 @@ A registration is created with a transaction ("create if absent"), so two live p
 cannot share a node id: the second waits (the key of a crashed predecessor disappears
 within its TTL) and fails with :class:`~fastim.cluster.NodeIdTaken` if the holder stays.
 
-The etcd client is ``aetcd`` (asyncio, gRPC), imported only when a membership starts, so
-the rest of fastim does not need it.
+The session with etcd (connect, list, watch, resume, reconnect with backoff, the state)
+is :class:`~fastim.cluster.etcd.EtcdSession`'s; this module gives it the registration
+(``prepare``), the lease keep-alive (``alongside``) and the table (``listed``,
+``changed``). The etcd client is ``aetcd`` (asyncio, gRPC), imported only when a
+membership starts, so the rest of fastim does not need it.
 """
 
 from __future__ import annotations
@@ -34,19 +37,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 
-from ..tasks import until_one_ends
+from .. import __version__
+from ..config import Config
+from ..config.endpoints import parse_endpoints
 from . import ClusterError, NodeIdTaken
-
-if TYPE_CHECKING:
-    from ..config import Config
+from .etcd import DEGRADED, HEALTHY, EtcdSession
 
 __all__ = [
     "DEGRADED",
@@ -58,37 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("fastim.cluster")
-
-STARTING = "starting"
-HEALTHY = "healthy"
-DEGRADED = "degraded"
-STOPPED = "stopped"
-
-
-def parse_endpoints(spec: str | Sequence[str]) -> list[tuple[str, int]]:
-    """``"http://10.0.0.1:2379,10.0.0.2:2379"`` → [(host, port), ...]; ValueError if bad.
-
-    ``http://`` is optional; ``https://`` is refused (the aetcd client speaks plaintext
-    gRPC only): keep etcd on a private network or a local proxy.
-    """
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = []
-    for raw in parts:
-        ep = raw.strip()
-        if not ep:
-            continue
-        if ep.startswith("https://"):
-            raise ValueError(f"{ep!r}: TLS to etcd is not supported (aetcd speaks plain gRPC)")
-        if ep.startswith("http://"):
-            ep = ep[len("http://") :]
-        ep = ep.rstrip("/")
-        host, sep, port = ep.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{raw.strip()!r}: expected host:port (e.g. 127.0.0.1:2379)")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        out.append((host, int(port)))
-    return out
 
 
 def nodes_prefix(prefix: str, cluster: str) -> str:
@@ -157,20 +128,6 @@ class MemberEvent(NamedTuple):
     info: NodeInfo
 
 
-def _aetcd() -> Any:
-    try:
-        import aetcd  # type: ignore[import-untyped]
-    except ImportError:  # pragma: no cover - the extra is part of `test`
-        raise ClusterError(
-            "clustering needs the etcd client: pip install 'fastim[cluster]' (aetcd)"
-        ) from None
-    return aetcd
-
-
-def _backoff(attempt: int, first: float, cap: float) -> float:
-    return min(cap, first * (1 << min(attempt, 30))) * random.uniform(0.5, 1.0)
-
-
 class Membership:
     """This node's membership of one cluster, and its view of the others.
 
@@ -215,28 +172,27 @@ class Membership:
         self._epoch_key = f"{prefix.rstrip('/')}/{cluster}/epoch".encode()
         self._epoch = b""
         self._nodes: dict[str, NodeInfo] = {node_id: self.info}
-        #: the etcd revision the table reflects (the watch resumes after it)
-        self.revision = 0
         self.lease_id = 0
         self._own_rev = 0
-        self._relist_needed = False
         self._lost_self = False
         self._taken = False
-        self.state = STARTING
-        self.last_error = ""
-        #: counters: registrations written, full re-listings, watches resumed, sessions
+        self._was_degraded = False
+        #: registrations written (the other counters are the session's: see status())
         self.registrations = 0
-        self.relists = 0
-        self.resumes = 0
-        self.sessions = 0
-        self._ep = 0
-        self._client: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._started: asyncio.Future[None] | None = None
-        self._stopping = False
         self._reg_lock = asyncio.Lock()
         self._change_cbs: list[Callable[[MemberEvent], None]] = []
-        self._state_cbs: list[Callable[[str], None]] = []
+        self._etcd = EtcdSession(
+            f"cluster {cluster}",
+            self.endpoints,
+            self._prefix_b,
+            prepare=self._prepare,
+            listed=self._listed,
+            changed=self._changed,
+            alongside=self._keepalive,
+            request_timeout=self.request_timeout,
+            backoff=backoff,
+        )
+        self._etcd.on_state(self._log_state)
 
     @classmethod
     def from_config(cls, config: Config, addresses: Mapping[str, str], **kw: Any) -> Membership:
@@ -259,8 +215,43 @@ class Membership:
         return self._nodes
 
     @property
+    def state(self) -> str:
+        """``starting``, ``healthy``, ``degraded`` (etcd out of reach) or ``stopped``."""
+        return self._etcd.state
+
+    @property
     def healthy(self) -> bool:
-        return self.state == HEALTHY
+        return self._etcd.state == HEALTHY
+
+    @property
+    def revision(self) -> int:
+        """The etcd revision the table reflects (the watch resumes after it)."""
+        return self._etcd.revision
+
+    @property
+    def epoch(self) -> bytes:
+        """The value of the cluster's epoch key when this node last registered (b"" before
+        that): another value later means etcd lost its data (restored or rebuilt)."""
+        return self._epoch
+
+    @property
+    def last_error(self) -> str:
+        return self._etcd.last_error
+
+    @property
+    def relists(self) -> int:
+        """Full listings of the table."""
+        return self._etcd.relists
+
+    @property
+    def resumes(self) -> int:
+        """Watches resumed after a break."""
+        return self._etcd.resumes
+
+    @property
+    def sessions(self) -> int:
+        """Sessions with etcd opened."""
+        return self._etcd.sessions
 
     def status(self) -> dict[str, Any]:
         """For /ready and metrics."""
@@ -284,8 +275,7 @@ class Membership:
 
     def on_state(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call ``callback(state)`` when the state changes (healthy, degraded, stopped)."""
-        self._state_cbs.append(callback)
-        return lambda: self._state_cbs.remove(callback)
+        return self._etcd.on_state(callback)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -293,15 +283,9 @@ class Membership:
         """Register and list the cluster; ClusterError if not done within ``timeout``
         (default: the lease TTL + 5 s, long enough for a crashed predecessor's key with
         the same node id to expire)."""
-        if self._task is not None:
-            raise RuntimeError("already started")
-        loop = asyncio.get_running_loop()
-        self._started = loop.create_future()
-        self._task = asyncio.ensure_future(self._run())
+        self._etcd.start()
         wait = timeout if timeout is not None else self.ttl + 5.0
-        try:
-            await asyncio.wait_for(asyncio.shield(self._started), wait)
-        except asyncio.TimeoutError:
+        if not await self._etcd.started(wait):
             err = self.last_error or "no answer"
             await self.stop(deregister=False)
             eps = ",".join(f"{h}:{p}" for h, p in self.endpoints)
@@ -317,8 +301,8 @@ class Membership:
         ``deregister=False`` just stops, as a crash would look to the others: the key
         stays until its lease expires.
         """
-        self._stopping = True
-        client = self._client
+        self._etcd.stopping = True
+        client = self._etcd.client
         if deregister and client is not None and self.lease_id and self.state == HEALTHY:
             # in a task of its own: if the session's client closes under it, gRPC cancels
             # the call, and that CancelledError must not pass for a cancellation of stop()
@@ -331,26 +315,24 @@ class Membership:
                 err = str(revoke.exception())
             if err is not None:
                 log.info("cluster %s: could not revoke the lease on stop: %s", self.cluster, err)
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        self._set_state(STOPPED)
+        await self._etcd.stop()
 
     # ------------------------------------------------------------------ internals
 
-    def _set_state(self, state: str) -> None:
-        if state == self.state:
-            return
-        self.state = state
-        for cb in list(self._state_cbs):
-            try:
-                cb(state)
-            except Exception:
-                log.exception("cluster: state callback failed")
+    def _log_state(self, state: str) -> None:
+        if state == DEGRADED:
+            log.warning(
+                "cluster %s: etcd unreachable: degraded (serving %d known nodes)",
+                self.cluster,
+                len(self._nodes),
+            )
+        elif state == HEALTHY and self._was_degraded:
+            log.info(
+                "cluster %s: etcd reachable again: healthy at revision %d",
+                self.cluster,
+                self.revision,
+            )
+        self._was_degraded = state == DEGRADED
 
     def _emit(self, kind: str, node_id: str, info: NodeInfo) -> None:
         if node_id == self.node_id:
@@ -362,78 +344,15 @@ class Membership:
             except Exception:
                 log.exception("cluster: change callback failed")
 
-    async def _run(self) -> None:
-        attempt = 0
-        while not self._stopping:
-            was_healthy = False
-            try:
-                was_healthy = await self._session()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                err = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                if err != self.last_error:
-                    log.warning("cluster %s: etcd: %s", self.cluster, err)
-                self.last_error = err
-                self._ep += 1  # next endpoint, if there are several
-            if self._stopping:
-                break
-            if self.state == HEALTHY:
-                log.warning(
-                    "cluster %s: etcd unreachable: degraded (serving %d known nodes)",
-                    self.cluster,
-                    len(self._nodes),
-                )
-                self._set_state(DEGRADED)
-            attempt = 0 if was_healthy else attempt + 1
-            await asyncio.sleep(_backoff(attempt, *self.backoff))
-
-    async def _session(self) -> bool:
-        """One connection to etcd: register, catch up, then keepalive + watch until either
-        fails. Returns True when a session that got healthy ends (reconnect at once);
-        raises when it never got that far (reconnect after a growing backoff)."""
-        aetcd = _aetcd()
-        host, port = self.endpoints[self._ep % len(self.endpoints)]
-        client = aetcd.Client(host=host, port=port, timeout=self.request_timeout)
-        self._client = client
-        self.sessions += 1
-        healthy = False
-        try:
-            async with self._reg_lock:
-                await self._register(client)
-            watch = await self._open_watch(client, aetcd)
-            healthy = True
-            recovered = self.state == DEGRADED
-            self._set_state(HEALTHY)
-            self.last_error = ""
-            if recovered:
-                log.info(
-                    "cluster %s: etcd reachable again: healthy at revision %d",
-                    self.cluster,
-                    self.revision,
-                )
-            if self._started is not None and not self._started.done():
-                self._started.set_result(None)
-            await until_one_ends(self._keepalive(client), self._follow(client, watch, aetcd))
-            raise ClusterError("etcd session ended")
-        except Exception as e:
-            if healthy:
-                # tell _run that this session was up: reconnect without a long backoff
-                self.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                log.warning("cluster %s: etcd session lost: %s", self.cluster, self.last_error)
-                self._ep += 1
-                return True
-            raise
-        finally:
-            self._client = None
-            try:
-                await asyncio.wait_for(client.close(), 2.0)
-            except Exception:
-                pass
+    async def _prepare(self, client: Any) -> None:
+        """Register, or check the registration (each session's first step, and again when
+        our key was deleted behind our back)."""
+        async with self._reg_lock:
+            await self._register(client)
 
     async def _register(self, client: Any) -> None:
         """Make sure our key exists, bound to a live lease of ours (called under _reg_lock)."""
-        if self._stopping:
+        if self._etcd.stopping:
             return
         if self.lease_id:
             r = await client.refresh_lease(self.lease_id)
@@ -488,7 +407,7 @@ class Membership:
                 "cluster %s: etcd lost its data (restored or rebuilt): listing again",
                 self.cluster,
             )
-            self._relist_needed = True
+            self._etcd.relist_needed = True
         elif rev < self.revision:
             log.warning(
                 "cluster %s: etcd is at revision %d, behind the %d seen before: listing again",
@@ -496,7 +415,7 @@ class Membership:
                 rev,
                 self.revision,
             )
-            self._relist_needed = True
+            self._etcd.relist_needed = True
         self._epoch = epoch
         self._lost_self = False
         self._taken = False
@@ -515,26 +434,8 @@ class Membership:
             return fresh
         return bytes(resp[0][0][0])
 
-    async def _open_watch(self, client: Any, aetcd: Any) -> Any:
-        """Resume the watch after the last revision seen; list again if it cannot."""
-        if self.revision and not self._relist_needed:
-            try:
-                watch = await client.watch_prefix(self._prefix_b, start_revision=self.revision + 1)
-            except aetcd.RevisionCompactedError as e:
-                log.info(
-                    "cluster %s: revision %d compacted (now %s): listing again",
-                    self.cluster,
-                    self.revision + 1,
-                    e.compacted_revision,
-                )
-            else:
-                self.resumes += 1
-                return watch
-        await self._relist(client)
-        return await client.watch_prefix(self._prefix_b, start_revision=self.revision + 1)
-
-    async def _relist(self, client: Any) -> None:
-        r = await client.get_prefix(self._prefix_b)
+    def _listed(self, r: Any) -> None:
+        """A full listing (the session sets the revision after): report the difference."""
         seen: dict[str, NodeInfo] = {}
         for kv in r:
             info = self._parse(kv)
@@ -550,9 +451,6 @@ class Membership:
                 self._emit("update", node_id, info)
         for node_id in [n for n in old if n not in seen and n != self.node_id]:
             self._emit("leave", node_id, old.pop(node_id))
-        self.revision = int(r.header.revision)
-        self._relist_needed = False
-        self.relists += 1
 
     def _parse(self, kv: Any) -> NodeInfo | None:
         node_id = bytes(kv.key[len(self._prefix_b) :]).decode("utf-8", "replace")
@@ -562,31 +460,17 @@ class Membership:
             log.warning("cluster %s: ignoring bad registration of %r: %s", self.cluster, node_id, e)
             return None
 
-    async def _follow(self, client: Any, watch: Any, aetcd: Any) -> None:
-        while True:
-            try:
-                async for ev in watch:
-                    self._apply(ev)
-                    if self._lost_self and not self._stopping:
-                        async with self._reg_lock:
-                            await self._register(client)
-            except aetcd.RevisionCompactedError as e:
-                # etcd accepts a watch from a compacted revision, then cancels it
-                log.info(
-                    "cluster %s: revision %d compacted (now %s): listing again",
-                    self.cluster,
-                    self.revision + 1,
-                    e.compacted_revision,
-                )
-                await self._relist(client)
-                watch = await client.watch_prefix(self._prefix_b, start_revision=self.revision + 1)
-                continue
-            raise ClusterError("etcd watch ended")
+    def _changed(self, ev: Any) -> Awaitable[None] | None:
+        """A watch event; our own key deleted behind our back: register again (awaited by
+        the session before the next event)."""
+        self._apply(ev)
+        if self._lost_self and not self._etcd.stopping:
+            return self._prepare(self._etcd.client)
+        return None
 
     def _apply(self, ev: Any) -> None:
         kv = ev.kv
         rev = int(kv.mod_revision)
-        self.revision = max(self.revision, rev)
         node_id = bytes(kv.key[len(self._prefix_b) :]).decode("utf-8", "replace")
         if ev.kind == "PUT":
             info = self._parse(kv)
@@ -600,7 +484,7 @@ class Membership:
                 self._emit("update", node_id, info)
         else:
             if node_id == self.node_id:
-                if rev > self._own_rev and not self._stopping:
+                if rev > self._own_rev and not self._etcd.stopping:
                     log.warning(
                         "cluster %s: this node's key was deleted (lease expired?): "
                         "registering again",
@@ -613,16 +497,16 @@ class Membership:
                 self._emit("leave", node_id, gone)
 
     async def _keepalive(self, client: Any) -> None:
+        """Next to the watch for the whole session: refresh the lease every TTL/3."""
         interval = self.ttl / 3
         while True:
             await asyncio.sleep(interval)
             r = await client.refresh_lease(self.lease_id)
-            if (r is None or r.TTL <= 0) and not self._stopping:
+            if (r is None or r.TTL <= 0) and not self._etcd.stopping:
                 async with self._reg_lock:
                     await self._register(client)
 
 
 def _version() -> str:
-    from .. import __version__
 
     return __version__

@@ -8,7 +8,7 @@ hub's ``router``: the hub asks it two things on its hot path and nothing else.
   publish to :meth:`Cluster.forward`, which sends it to the owner over a link under a
   fresh ``ref`` with a deadline (:data:`FORWARD_TIMEOUT`, checked on the node's timer
   tick); the client's ``done`` runs when the owner's FORWARD_ACK comes back (with the
-  owner's offset), or with :class:`Refusal` (``NOT_ROUTED``, 119) when the link is down,
+  owner's offset), or refused (``NOT_ROUTED``, 119) when the link is down,
   goes down, or no ack came in time. Never a silent loss: every forwarded publish is
   answered once.
 - ``down(channel, offset, data)``: after a message was delivered locally, send it to this
@@ -35,9 +35,14 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from .. import _core
+from ..config import Config
+from ..delivery import Postman
+from ..hub import Channel, Done, Hub, HubError, Published, Since
 from ..protocol import ErrorCode
+from ..store import StoreError
 from ..tasks import Background
 from . import ClusterError
 from .dm import DmRouter
@@ -45,12 +50,21 @@ from .frames import Deliver, Forward, ForwardAck, LinkFrame, pack_deliver
 from .link import LinkHandler, Links, LinkServer, client_context, link_peers, server_context
 from .membership import MemberEvent, Membership
 from .placement import Placement, moved
-
-if TYPE_CHECKING:
-    from ..hub import Channel, Done, Since
-    from ..node import Node
+from .users import UserRoutes
 
 log = logging.getLogger("fastim.cluster")
+
+
+class ClusterHost(Protocol):
+    """The node, as its cluster runtime sees it (the node implements it; the cluster
+    never imports the node): its settings, its hub (the cluster is the hub's
+    :class:`~fastim.hub.Router`), its flusher (links write through it) and its postman
+    (direct messages cross nodes through it)."""
+
+    config: Config
+    hub: Hub
+    flusher: _core.Flusher
+    postman: Postman | None
 
 _DELIVER = int(LinkFrame.DELIVER)
 
@@ -64,26 +78,6 @@ STATE_TIMEOUT = 3.0
 HOLD_MAX = 10_000
 #: seconds they are kept: past the store's timeout, nobody is loading the channel
 HOLD_SECONDS = 10.0
-
-
-class Refusal(str):
-    """An error reason that carries its ErrorCode (``done(0, Refusal(code, reason))``).
-
-    A ``str``, so every existing ``Done`` callback still works; the transports read
-    ``code`` (default STORE_UNAVAILABLE) to answer with the right one.
-    """
-
-    code: int
-
-    def __new__(cls, code: int, reason: str) -> Refusal:
-        self = super().__new__(cls, reason)
-        self.code = int(code)
-        return self
-
-
-def error_code(err: str) -> int:
-    """The ErrorCode of a ``done`` error: its own if a :class:`Refusal`, else 114."""
-    return int(getattr(err, "code", ErrorCode.STORE_UNAVAILABLE))
 
 
 def link_tls(config: Any) -> tuple[Any, Any]:
@@ -103,7 +97,7 @@ class Cluster(LinkHandler):
     (:class:`LinkServer`, inbound), ``me`` (this node id).
     """
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ClusterHost) -> None:
         cfg = node.config
         self.node = node
         self.hub = node.hub
@@ -201,7 +195,7 @@ class Cluster(LinkHandler):
         self.hub.router = self
         if node.postman is not None:
             try:  # user routes under this node's lease, DM frames through the links
-                self.dm = await DmRouter.attach(self, node.postman)
+                self.dm = await self._attach_dm(node.postman)
             except BaseException:
                 await self.close()
                 raise
@@ -288,6 +282,25 @@ class Cluster(LinkHandler):
     def _membership_state(self, state: str) -> None:
         log.info("cluster membership %s", state)
 
+    async def _attach_dm(self, postman: Postman) -> DmRouter:
+        """Wire direct messages into this started runtime: user routes under its
+        membership's lease, DM frames out through its links and in through its
+        ``dm_handler``. Does not wait for etcd (see :meth:`DmRouter.start`)."""
+        membership, links = self.membership, self.links
+        if membership is None or links is None:
+            raise RuntimeError("the cluster runtime is not started")
+        router = DmRouter(self.me, postman, UserRoutes(membership), links)
+        self.dm_handler = router.on_dm
+        try:
+            # routes are soft state: a slow first listing must not fail a node that has
+            # joined; until it is done every DM goes to every peer
+            await router.start(wait=False)
+        except BaseException:
+            self.dm_handler = None
+            await router.stop()
+            raise
+        return router
+
     # ------------------------------------------------------------------ router (hub hooks)
 
     def owns(self, channel: str) -> bool:
@@ -301,12 +314,11 @@ class Cluster(LinkHandler):
         if owner is None or links is None or not links.forward(owner, ref, channel, data):
             self.forwards_failed += 1
             done(
-                0,
-                Refusal(
+                Published.refused(
                     ErrorCode.NOT_ROUTED,
                     f"not published: the owner of {channel!r} ({owner}) is not reachable "
                     "from this node, retry",
-                ),
+                )
             )
             return
         self.forwards_sent += 1
@@ -329,7 +341,7 @@ class Cluster(LinkHandler):
         get = links.links.get
         for kid in kids:
             link = get(kid)
-            if link is not None and link._append(_DELIVER, entry):
+            if link is not None and link.append_entry(_DELIVER, entry):
                 self.tree_out += 1
             else:
                 self.tree_dropped += 1  # link down: the child fills the gap later
@@ -339,8 +351,6 @@ class Cluster(LinkHandler):
 
         Raises HubError (NOT_ROUTED) when the owner cannot be asked or does not answer.
         """
-        from ..hub import HubError
-
         owner = self.placement.owner(channel)
         links = self.links
         ref = next(self._refs)
@@ -386,7 +396,7 @@ class Cluster(LinkHandler):
         entry = self._forwards.pop(ref, None)
         if entry is not None:
             self.forwards_failed += 1
-            entry[0](0, Refusal(ErrorCode.NOT_ROUTED, reason))
+            entry[0](Published.refused(ErrorCode.NOT_ROUTED, reason))
 
     def _fail_state(self, ref: int, reason: str) -> None:
         entry = self._states.pop(ref, None)
@@ -408,8 +418,6 @@ class Cluster(LinkHandler):
 
     def on_forward(self, peer: str, items: list[Forward]) -> None:
         """Publishes forwarded to this node as the owner: publish, ack after the store."""
-        from ..hub import HubError
-
         hub = self.hub
         links = self.links
         if links is None:
@@ -437,7 +445,6 @@ class Cluster(LinkHandler):
                 links.forward_ack(peer, ref, off, ch.epoch)
 
     def on_forward_ack(self, peer: str, items: list[ForwardAck]) -> None:
-        hub = self.hub
         for ref, off, epoch, code, reason in items:
             entry = self._forwards.pop(ref, None)
             if entry is None:
@@ -445,14 +452,10 @@ class Cluster(LinkHandler):
             done = entry[0]
             if code:
                 self.forwards_failed += 1
-                done(0, Refusal(code, reason))
+                done(Published.refused(code, reason))
                 continue
             self.forwards_acked += 1
-            hub.ack_epoch = epoch
-            try:
-                done(off, None)
-            finally:
-                hub.ack_epoch = None
+            done(Published(off, epoch))  # the owner's offset, in the owner's epoch
 
     def on_deliver(self, peer: str, items: list[Deliver]) -> None:
         filling = self._filling
@@ -554,8 +557,6 @@ class Cluster(LinkHandler):
             self._run(self._resync(names))
 
     async def _resync(self, names: list[str]) -> None:
-        from ..store import StoreError
-
         hub, store = self.hub, self.hub.store
         assert store is not None
         for name in names:
@@ -601,8 +602,6 @@ class Cluster(LinkHandler):
 
     def _answer_state(self, peer: str, msg: dict[str, Any]) -> None:
         """The owner's side of :meth:`state`: epoch, offset, messages after ``since``."""
-        from ..hub import HubError, Since
-
         links = self.links
         ref, name = msg.get("ref"), msg.get("ch")
         if links is None or not isinstance(name, str):
@@ -678,11 +677,12 @@ class _Ack:
         self.ref = ref
         self.ch = ch
 
-    def __call__(self, off: int, err: str | None) -> None:
-        if err is None:
-            self.links.forward_ack(self.peer, self.ref, off, self.ch.epoch)
+    def __call__(self, result: Published) -> None:
+        refusal = result.refusal
+        if refusal is None:
+            self.links.forward_ack(self.peer, self.ref, result.offset, result.epoch)
         else:
-            self.links.forward_ack(self.peer, self.ref, 0, "", error_code(err), err)
+            self.links.forward_ack(self.peer, self.ref, 0, "", refusal.code, refusal.reason)
 
 
 def advertised_host(config: Any) -> str:

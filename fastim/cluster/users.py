@@ -20,7 +20,9 @@ leaves and comes back within one batch window costs nothing.
 **The cluster's routes** (:meth:`UserRoutes.nodes_of`) are a listing of ``users/`` then a
 watch from the listing's revision + 1, resumed after any break at the last revision seen
 (as membership does: no change lost, none seen twice), listed again when that revision
-was compacted or etcd's revision went backwards (restored or rebuilt).
+was compacted or etcd's revision went backwards (restored or rebuilt). The session
+(connect, list, watch, reconnect with backoff) is an
+:class:`~fastim.cluster.etcd.EtcdSession` of its own, over the membership's endpoints.
 
 **Lease changes.** When membership loses its lease (etcd out of reach for over the TTL)
 it registers again under a new one; the old lease's keys are gone. UserRoutes notices
@@ -38,15 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..tasks import until_one_ends
 from . import ClusterError
-
-if TYPE_CHECKING:
-    from .membership import Membership
+from .etcd import EtcdSession
+from .membership import Membership
 
 __all__ = ["UserRoutes", "users_prefix"]
 
@@ -59,10 +58,6 @@ MAX_OPS = 64
 def users_prefix(prefix: str, cluster: str) -> str:
     """The etcd key prefix of a cluster's user routes."""
     return f"{prefix.rstrip('/')}/{cluster}/users/"
-
-
-def _backoff(attempt: int, first: float, cap: float) -> float:
-    return min(cap, first * (1 << min(attempt, 30))) * random.uniform(0.5, 1.0)
 
 
 class UserRoutes:
@@ -101,25 +96,26 @@ class UserRoutes:
         self._lease = 0
         # cluster side: user -> node ids, from the listing + watch
         self._routes: dict[str, set[str]] = {}
-        #: etcd revision the route map reflects (the watch resumes after it)
-        self.revision = 0
-        self._relist_needed = False
         self._epoch = b""
         self._kick = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._started: asyncio.Future[None] | None = None
-        self._stopping = False
-        self._ep = 0
-        self.last_error = ""
-        self.healthy = False
-        #: counters: transactions sent, puts and deletes in them, listings, resumes,
-        #: re-registrations after a lease change
+        #: counters: transactions sent, puts and deletes in them, re-registrations after
+        #: a lease change (listings and resumes: see status())
         self.txns = 0
         self.puts = 0
         self.deletes = 0
-        self.relists = 0
-        self.resumes = 0
         self.reregistrations = 0
+        self._etcd = EtcdSession(
+            "user routes",
+            membership.endpoints,
+            self._prefix_b,
+            prepare=self._prepare,
+            listed=self._listed,
+            changed=self._apply,
+            alongside=self._writer,
+            request_timeout=membership.request_timeout,
+            backoff=backoff,
+            keys_only=True,
+        )
 
     # ------------------------------------------------------------------ local users
 
@@ -164,6 +160,30 @@ class UserRoutes:
         """The whole map user → node ids (read-only use)."""
         return self._routes
 
+    @property
+    def healthy(self) -> bool:
+        """The map is current: a session with etcd is up (and we are not stopping)."""
+        return self._etcd.up
+
+    @property
+    def revision(self) -> int:
+        """The etcd revision the route map reflects (the watch resumes after it)."""
+        return self._etcd.revision
+
+    @property
+    def last_error(self) -> str:
+        return self._etcd.last_error
+
+    @property
+    def relists(self) -> int:
+        """Full listings of the routes."""
+        return self._etcd.relists
+
+    @property
+    def resumes(self) -> int:
+        """Watches resumed after a break."""
+        return self._etcd.resumes
+
     def status(self) -> dict[str, Any]:
         return {
             "healthy": self.healthy,
@@ -187,15 +207,10 @@ class UserRoutes:
         """List the routes and start following them; ClusterError if etcd does not answer
         within ``timeout``. With ``wait=False`` return at once: the listing is made in the
         background (``healthy`` tells when the map is current)."""
-        if self._task is not None:
-            raise RuntimeError("already started")
-        self._started = asyncio.get_running_loop().create_future()
-        self._task = asyncio.ensure_future(self._run())
+        self._etcd.start()
         if not wait:
             return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._started), timeout)
-        except asyncio.TimeoutError:
+        if not await self._etcd.started(timeout):
             await self.stop()
             raise ClusterError(
                 f"user routes: no answer from etcd in {timeout:g}s: "
@@ -205,97 +220,30 @@ class UserRoutes:
     async def stop(self) -> None:
         """Stop writing and following. The keys stay until the node's lease goes (the
         membership revokes it on a graceful stop: then they go at once)."""
-        self._stopping = True
-        self.healthy = False
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await self._etcd.stop()
 
     # ------------------------------------------------------------------ internals
 
-    async def _run(self) -> None:
-        attempt = 0
-        while not self._stopping:
-            was_up = False
-            try:
-                was_up = await self._session()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                err = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                if err != self.last_error:
-                    log.warning("user routes: etcd: %s", err)
-                self.last_error = err
-                self._ep += 1
-            self.healthy = False
-            if self._stopping:
-                break
-            attempt = 0 if was_up else attempt + 1
-            await asyncio.sleep(_backoff(attempt, *self.backoff))
-
-    async def _session(self) -> bool:
-        from .membership import _aetcd
-
-        aetcd = _aetcd()
-        eps = self.membership.endpoints
-        host, port = eps[self._ep % len(eps)]
-        client = aetcd.Client(host=host, port=port, timeout=self.membership.request_timeout)
-        up = False
-        try:
-            watch = await self._open_watch(client, aetcd)
-            up = True
-            self.healthy = True
-            self.last_error = ""
-            if self._started is not None and not self._started.done():
-                self._started.set_result(None)
-            await until_one_ends(self._writer(client), self._follow(client, watch, aetcd))
-            raise ClusterError("etcd session ended")
-        except Exception as e:
-            if up:
-                self.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                log.warning("user routes: etcd session lost: %s", self.last_error)
-                self._ep += 1
-                return True
-            raise
-        finally:
-            try:
-                await asyncio.wait_for(client.close(), 2.0)
-            except Exception:
-                pass
-
-    async def _open_watch(self, client: Any, aetcd: Any) -> Any:
-        # etcd restored or rebuilt: its revision is behind ours (a resumed watch would
-        # wait for revisions that already mean something else), or membership saw the
-        # cluster's epoch key change
-        epoch = getattr(self.membership, "_epoch", b"")
+    async def _prepare(self, client: Any) -> None:
+        """Before each session's watch: was etcd restored or rebuilt meanwhile? Then its
+        revision is behind ours (a resumed watch would wait for revisions that already
+        mean something else), or membership saw the cluster's epoch key change: list again."""
+        etcd = self._etcd
+        epoch = self.membership.epoch
         if self._epoch and epoch != self._epoch:
-            self._relist_needed = True
+            etcd.relist_needed = True
         self._epoch = epoch
-        if self.revision and not self._relist_needed:
+        if etcd.revision and not etcd.relist_needed:
             # an empty range (no user starts with 0xff in UTF-8): just the header
             probe = await client.get_prefix(self._prefix_b + b"\xff", keys_only=True)
             now = int(probe.header.revision)
-            if now < self.revision:
+            if now < etcd.revision:
                 log.warning(
                     "user routes: etcd is at revision %d, behind the %d seen: listing again",
                     now,
-                    self.revision,
+                    etcd.revision,
                 )
-                self._relist_needed = True
-        if self.revision and not self._relist_needed:
-            try:
-                watch = await client.watch_prefix(self._prefix_b, start_revision=self.revision + 1)
-            except aetcd.RevisionCompactedError:
-                log.info("user routes: revision %d compacted: listing again", self.revision + 1)
-            else:
-                self.resumes += 1
-                return watch
-        await self._relist(client)
-        return await client.watch_prefix(self._prefix_b, start_revision=self.revision + 1)
+                etcd.relist_needed = True
 
     def _split(self, key: bytes) -> tuple[str, str] | None:
         rest = bytes(key[len(self._prefix_b) :]).decode("utf-8", "replace")
@@ -304,8 +252,9 @@ class UserRoutes:
             return None
         return user, node
 
-    async def _relist(self, client: Any) -> None:
-        r = await client.get_prefix(self._prefix_b, keys_only=True)
+    def _listed(self, r: Any) -> None:
+        """A full listing (the session sets the revision after): the map, and what of
+        ours etcd has."""
         routes: dict[str, set[str]] = {}
         mine: set[str] = set()
         for kv in r:
@@ -317,9 +266,6 @@ class UserRoutes:
             if node == self.node_id and int(kv.lease) == self._lease:
                 mine.add(user)
         self._routes = routes
-        self.revision = int(r.header.revision)
-        self._relist_needed = False
-        self.relists += 1
         # what etcd has of ours is what is written; anything else must be written again
         lost = set(self._written) - mine
         for user in lost:
@@ -332,21 +278,8 @@ class UserRoutes:
         if self._dirty:
             self._kick.set()
 
-    async def _follow(self, client: Any, watch: Any, aetcd: Any) -> None:
-        while True:
-            try:
-                async for ev in watch:
-                    self._apply(ev)
-            except aetcd.RevisionCompactedError:
-                log.info("user routes: revision %d compacted: listing again", self.revision + 1)
-                await self._relist(client)
-                watch = await client.watch_prefix(self._prefix_b, start_revision=self.revision + 1)
-                continue
-            raise ClusterError("etcd watch ended")
-
     def _apply(self, ev: Any) -> None:
         kv = ev.kv
-        self.revision = max(self.revision, int(kv.mod_revision))
         parts = self._split(kv.key)
         if parts is None:
             return

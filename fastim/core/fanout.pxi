@@ -1,10 +1,5 @@
 # Batch fan-out: the subscribers of a channel in a C array, one append per member in C.
-
-cdef enum:
-    _N_FMT = 5   # N_FORMATS: the size of SubscriberSet.counts in _core.pxd too
-
-if N_FORMATS != _N_FMT:  # fanout indexes C arrays by ring format: the two must agree
-    raise ImportError(f"fastim._core: N_FORMATS {N_FORMATS} != _N_FMT {_N_FMT}")
+# C arrays indexed by a ring's format are N_FMT long (_core.pxd).
 
 
 cdef class SubscriberSet:
@@ -29,7 +24,7 @@ cdef class SubscriberSet:
         return ring in self.index
 
     def count(self, int fmt):
-        if fmt < 0 or fmt >= N_FORMATS:
+        if fmt < 0 or fmt >= N_FMT:
             return 0
         return self.counts[fmt]
 
@@ -87,13 +82,13 @@ cdef class SubscriberSet:
         return [<object>self.arr[i] for i in range(self.n)]
 
     def fanout(self, tuple frames not None):
-        cdef const char* ptr[_N_FMT]
-        cdef Py_ssize_t lens[_N_FMT]
+        cdef const char* ptr[N_FMT]
+        cdef Py_ssize_t lens[N_FMT]
         cdef Py_ssize_t i, delivered = 0
         cdef int f
         cdef object fr
         cdef OutRing ring
-        for f in range(_N_FMT):
+        for f in range(N_FMT):
             ptr[f] = NULL
             lens[f] = 0
             if f < len(frames):

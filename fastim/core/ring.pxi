@@ -1,19 +1,19 @@
 # The outbound ring of a connection and the flusher that drains dirty rings once per tick.
 
-FMT_TCP = 0
-FMT_WS_BINARY = 1
-FMT_WS_JSON = 2
-FMT_WS_BINARY_DEFLATE = 3   # FMT_WS_BINARY, compressed (permessage-deflate) when it pays
-FMT_WS_JSON_DEFLATE = 4     # FMT_WS_JSON, compressed when it pays
-N_FORMATS = 5
+# The wire formats, for Python: the C constants (and their number) are in _core.pxd
+FMT_TCP = WF_TCP
+FMT_WS_BINARY = WF_WS_BINARY
+FMT_WS_JSON = WF_WS_JSON
+FMT_WS_BINARY_DEFLATE = WF_WS_BINARY_DEFLATE
+FMT_WS_JSON_DEFLATE = WF_WS_JSON_DEFLATE
+N_FORMATS = N_FMT
 
 DEFAULT_RING_CAP = 4 * 1024 * 1024
 
 # Ring buffers are powers of two; emptied ones wait in the flusher's pool for the next
 # tick instead of going back to malloc (free + malloc of every ring's buffer every tick
-# were ~10% of a saturated node's CPU: docs/performance.md).
-DEF POOL_MIN_SHIFT = 9       # 512 bytes
-DEF POOL_CLASSES = 8         # .. 64 KiB; bigger buffers are malloc'd and freed
+# were ~10% of a saturated node's CPU: docs/performance.md). The size classes,
+# POOL_MIN_SHIFT and POOL_CLASSES, are C constants in _core.pxd.
 DEFAULT_POOL_LIMIT = 32 * 1024 * 1024
 
 
@@ -137,6 +137,7 @@ cdef class Flusher:
         cdef bytes data
         cdef Py_ssize_t writes = 0
         cdef Py_ssize_t sent
+        cdef bint direct
         self.dirty = []
         self.scheduled = False
         for ring in batch:
@@ -152,13 +153,14 @@ cdef class Flusher:
                 continue
             if ring._paused or ring.size == 0:
                 continue
-            sent = -1
-            if ring.fd >= 0 and not ring.transport.is_closing():
-                # straight to the socket: no bytes object, no transport bookkeeping;
-                # whatever the kernel does not take goes to the transport, which then
-                # pauses the ring until its buffer is empty (set_fd). The fd is ours
-                # only while the transport is not closing: once it is, the fd may be
-                # closed and its number reused by a new connection.
+            direct = ring.fd >= 0
+            if direct:
+                # straight to the socket: no bytes object, no transport bookkeeping, no
+                # Python call; whatever the kernel does not take goes to the transport,
+                # which then pauses the ring until its buffer is empty (set_fd). The fd
+                # is ours only while the transport is not closing: whoever closes it
+                # sets the fd to -1 first (the session, close() here, the check below),
+                # since once closed its number may belong to a new connection.
                 sent = ring._send_direct()
                 writes += 1
                 if sent > 0:
@@ -171,9 +173,15 @@ cdef class Flusher:
                 ring.transport.write(data)
             except BaseException:
                 _log.exception("fastim: transport.write failed")
+                if direct and ring.transport.is_closing():
+                    ring.fd = -1
                 continue
-            if ring.fd < 0 or sent < 0:
+            if not direct:
                 writes += 1
+            elif ring.transport.is_closing():
+                # the write failed and the transport closes itself: no more direct writes
+                # (a Python call only here, where transport.write was one already)
+                ring.fd = -1
             self.bytes_written += len(data)
         self.writes += writes
         return writes
@@ -184,8 +192,8 @@ cdef class OutRing:
 
     def __init__(self, Flusher flusher, transport, int fmt=FMT_TCP,
                  Py_ssize_t cap=DEFAULT_RING_CAP, on_overflow=None):
-        if fmt < 0 or fmt >= N_FORMATS:
-            raise ValueError(f"fmt must be 0..{N_FORMATS - 1}")
+        if fmt < 0 or fmt >= N_FMT:
+            raise ValueError(f"fmt must be 0..{N_FMT - 1}")
         if cap < 0:
             raise ValueError("cap must be >= 0")
         self.flusher = flusher
@@ -217,8 +225,8 @@ cdef class OutRing:
 
     @fmt.setter
     def fmt(self, int fmt):
-        if fmt < 0 or fmt >= N_FORMATS:
-            raise ValueError(f"fmt must be 0..{N_FORMATS - 1}, got {fmt}")
+        if fmt < 0 or fmt >= N_FMT:
+            raise ValueError(f"fmt must be 0..{N_FMT - 1}, got {fmt}")
         if fmt != self._fmt and self.nsets:
             # a SubscriberSet counts its members per format: they would go stale
             raise ValueError("cannot change fmt while the ring is in a SubscriberSet")
@@ -393,6 +401,7 @@ cdef class OutRing:
 
     def close(self):
         self._closed = True
+        self.fd = -1   # the connection's socket is no longer ours to write to
         self._release()
         self.head = 0
         self.size = 0

@@ -95,6 +95,33 @@ def ws_close_payload(int code, str reason=""):
     return bytes(((code >> 8) & 0xFF, code & 0xFF)) + r
 
 
+cdef inline Py_ssize_t _ws_head_len(Py_ssize_t n) noexcept nogil:
+    """Bytes of an unmasked frame header for an ``n``-byte payload."""
+    if n < 126:
+        return 2
+    if n < 65536:
+        return 4
+    return 10
+
+
+cdef inline Py_ssize_t _ws_put_head(uint8_t* o, uint8_t b0, Py_ssize_t n) noexcept nogil:
+    """An unmasked frame header (first byte ``b0``) at ``o``; returns its length."""
+    cdef int i
+    o[0] = b0
+    if n < 126:
+        o[1] = <uint8_t>n
+        return 2
+    if n < 65536:
+        o[1] = 126
+        o[2] = (n >> 8) & 0xFF
+        o[3] = n & 0xFF
+        return 4
+    o[1] = 127
+    for i in range(8):
+        o[2 + i] = (<uint64_t>n >> (56 - 8 * i)) & 0xFF
+    return 10
+
+
 def ws_encode(int opcode, payload, bint fin=True, mask=None, bint rsv1=False):
     cdef Py_buffer view
     cdef bytes out
@@ -112,25 +139,12 @@ def ws_encode(int opcode, payload, bint fin=True, mask=None, bint rsv1=False):
     PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
     try:
         n = view.len
-        hl = 2 if n < 126 else (4 if n < 65536 else 10)
+        hl = _ws_head_len(n)
         if m != NULL:
             hl += 4
         out = PyBytes_FromStringAndSize(NULL, hl + n)
         o = <uint8_t*>PyBytes_AS_STRING(out)
-        o[0] = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
-        if n < 126:
-            o[1] = <uint8_t>n
-            i = 2
-        elif n < 65536:
-            o[1] = 126
-            o[2] = (n >> 8) & 0xFF
-            o[3] = n & 0xFF
-            i = 4
-        else:
-            o[1] = 127
-            for i in range(8):
-                o[2 + i] = (<uint64_t>n >> (56 - 8 * i)) & 0xFF
-            i = 10
+        i = _ws_put_head(o, (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode, n)
         if m != NULL:
             o[1] |= 0x80
             memcpy(o + i, m, 4)

@@ -1229,8 +1229,15 @@ export class Client {
       const cmd = { op: "ack", seq };
       if (epoch) cmd.epoch = epoch;
       const r = await this._request(cmd);
-      if (epoch === inbox.epoch && (r.epoch ?? epoch) === epoch) {
-        inbox.acked = Math.max(inbox.acked, Number.isInteger(r.seq) ? r.seq : seq);
+      if (epoch === inbox.epoch) {
+        if ((r.epoch ?? epoch) === epoch) {
+          inbox.acked = Math.max(inbox.acked, Number.isInteger(r.seq) ? r.seq : seq);
+        } else {
+          // the node's inbox numbers in another epoch (or has none: a memory store
+          // restarted): this ack changes nothing there, and neither would the same one
+          // again. Not repeated (at network speed) until more is taken or a reconnect.
+          again = false;
+        }
       }
     } catch (e) {
       if (e instanceof RequestError) {

@@ -1,13 +1,15 @@
 """Where channel history and user inboxes live: ``memory``, ``sqlite`` or ``redis``.
 
-``await open_store(config)`` returns the store the ``store`` setting names, with the
-history and inbox limits of the config as defaults; everything else talks to the
-:class:`Store` interface (``docs/stores.md``).
+``await open_store(settings)`` returns the store a :class:`StoreSettings` names, with
+its history and inbox limits as defaults (a node makes its settings with
+:meth:`fastim.config.Config.store_settings`); everything else talks to the
+:class:`Store` interface (``docs/stores.md``). The stores know nothing of the node's
+configuration: they take their own settings.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from .base import (
     AckOutOfRange,
@@ -25,9 +27,7 @@ from .base import (
     StoreUnavailable,
 )
 from .memory import MemoryStore
-
-if TYPE_CHECKING:
-    from ..config import Config
+from .sqlite import SqliteStore
 
 __all__ = [
     "AckOutOfRange",
@@ -41,8 +41,10 @@ __all__ = [
     "InboxMessage",
     "InboxState",
     "MemoryStore",
+    "SqliteStore",
     "Store",
     "StoreError",
+    "StoreSettings",
     "StoreUnavailable",
     "open_store",
 ]
@@ -50,28 +52,40 @@ __all__ = [
 STORES = ("memory", "sqlite", "redis")
 
 
-async def open_store(config: Config) -> Store:
-    """Open the store named by ``config.store``; raise :class:`StoreUnavailable` if it
-    cannot be opened (sqlite: the file cannot be created or is locked by another
-    process; redis: no answer at ``redis_url``), so a node fails at start, not later."""
-    limits = HistoryLimits.from_config(config)
-    inbox = InboxLimits(config.inbox_max, config.inbox_dedup_window)
-    if config.store == "memory":
-        return MemoryStore(limits, inbox)
-    if config.store == "sqlite":
-        from .sqlite import SqliteStore
+@dataclass(frozen=True)
+class StoreSettings:
+    """What :func:`open_store` needs: which store, where, and its default limits.
 
+    ``kind``: memory, sqlite or redis; ``path`` and ``synchronous`` for sqlite; ``url``,
+    ``prefix`` and ``timeout`` (seconds) for redis.
+    """
+
+    kind: str = "sqlite"
+    path: str = "fastim.db"
+    synchronous: str = "normal"
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "fastim"
+    timeout: float = 2.0
+    limits: HistoryLimits = field(default_factory=HistoryLimits)
+    inbox: InboxLimits = field(default_factory=InboxLimits)
+
+
+async def open_store(settings: StoreSettings) -> Store:
+    """Open the store ``settings`` names; raise :class:`StoreUnavailable` if it cannot be
+    opened (sqlite: the file cannot be created or is locked by another process; redis:
+    no answer at its URL), so a node fails at start, not later."""
+    limits, inbox = settings.limits, settings.inbox
+    if settings.kind == "memory":
+        return MemoryStore(limits, inbox)
+    if settings.kind == "sqlite":
         return await SqliteStore.open(
-            config.store_path, limits, inbox, synchronous=config.sqlite_synchronous
+            settings.path, limits, inbox, synchronous=settings.synchronous
         )
-    if config.store == "redis":
+    if settings.kind == "redis":
+        # imported here: redis-py is the optional extra fastim[redis]
         from .redis import RedisStore
 
         return await RedisStore.open(
-            config.redis_url,
-            limits,
-            inbox,
-            prefix=config.redis_prefix,
-            timeout=config.redis_timeout,
+            settings.url, limits, inbox, prefix=settings.prefix, timeout=settings.timeout
         )
-    raise ValueError(f"store: must be one of {', '.join(STORES)}, got {config.store!r}")
+    raise ValueError(f"store: must be one of {', '.join(STORES)}, got {settings.kind!r}")

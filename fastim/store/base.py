@@ -10,7 +10,7 @@ Why this shape:
   (``offset, epoch = await store.append(...)``) and still read well in logs and tests.
 * **Limits travel with each call** (:class:`HistoryLimits`), because they are a property
   of the channel's namespace, which the hub knows and the store does not. A store made
-  by :func:`~fastim.store.open_store` has defaults from the config for calls that pass none.
+  by :func:`~fastim.store.open_store` has defaults from its settings for calls that pass none.
 * **Reads apply the limits exactly; trimming is lazy.** A read never returns a message
   that the count or age limit has pushed out, whether or not it has been physically
   deleted yet. The stores may then delete in batches (sqlite), approximately (Redis
@@ -32,13 +32,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 from ..errors import FastimError
-
-if TYPE_CHECKING:
-    from ..config import Config
-
 
 # ---------------------------------------------------------------------------------- errors
 
@@ -105,10 +101,6 @@ class HistoryLimits:
         if self.meta_ttl is not None and self.ttl is not None and self.meta_ttl < self.ttl:
             object.__setattr__(self, "meta_ttl", self.ttl)
 
-    @classmethod
-    def from_config(cls, config: Config) -> HistoryLimits:
-        """``history_size``, ``history_ttl`` and ``history_meta_ttl`` (0 = no limit)."""
-        return cls(config.history_size, config.history_ttl or None, config.history_meta_ttl or None)
 
 
 class Appended(NamedTuple):
@@ -234,6 +226,17 @@ class Store(abc.ABC):
         or ends before ``top``, page on from the last offset returned. A channel never
         seen before gets its epoch here (so a subscriber learns an epoch that its first
         message will keep).
+        """
+
+    @abc.abstractmethod
+    async def peek(
+        self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None
+    ) -> History | None:
+        """What :meth:`read` returns, for a channel that exists; else None, creating nothing.
+
+        For readers from outside (the server HTTP API's history): looking at a channel
+        that was never published to, or was forgotten after ``meta_ttl``, must not give
+        it an epoch (nor keep it in the store).
         """
 
     @abc.abstractmethod

@@ -157,6 +157,17 @@ class MemoryStore(Store):
                     break
         return History(ch.epoch, ch.top, out)
 
+    async def peek(
+        self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None
+    ) -> History | None:
+        check_read_args(since, limit)
+        self._check_open()
+        lim = self._limits(limits)
+        ch = self._channels.get(channel)
+        if ch is None or (lim.meta_ttl is not None and self._clock() - ch.touched >= lim.meta_ttl):
+            return None  # never seen, or forgotten: read would give it a new epoch
+        return await self.read(channel, since, limit, limits)
+
     async def state(self, channel: str, limits: HistoryLimits | None = None) -> ChannelState:
         self._check_open()
         ch = self._channel(channel, self._limits(limits), self._clock())

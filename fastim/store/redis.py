@@ -78,9 +78,9 @@ except ImportError as e:  # pragma: no cover - exercised without the extra only
 T = TypeVar("T")
 
 # The channel scripts share this prelude: read the meta hash, detect a lost stream, create
-# the channel (new epoch) when needed. KEYS[1] meta, KEYS[2] stream; ARGV[1] a fresh epoch,
-# ARGV[2] meta_ttl ms (0 = none). Sets `epoch`, `top`, `last` (time of the last append),
-# `created`, `now` (ms).
+# the channel (new epoch) when needed. KEYS[1] meta, KEYS[2] stream; ARGV[1] a fresh epoch
+# ('': do not create, return {'', 0} instead), ARGV[2] meta_ttl ms (0 = none). Sets
+# `epoch`, `top`, `last` (time of the last append), `created`, `now` (ms).
 _CHANNEL_PRELUDE = """
 local meta, stream = KEYS[1], KEYS[2]
 local mttl = tonumber(ARGV[2])
@@ -92,6 +92,7 @@ if epoch then
   if top > 0 and redis.call('EXISTS', stream) == 0 then epoch = false end
 end
 if not epoch then
+  if ARGV[1] == '' then return {'', 0} end  -- a peek: a read that creates nothing
   epoch = ARGV[1]
   top = 0
   created = true
@@ -512,6 +513,14 @@ class RedisStore(Store):
         args = [new_epoch(), self._ms(lim.meta_ttl), since, limit, lim.size, self._ms(lim.ttl)]
         return await self._call("read", self._ch(channel), args, _parse_history)
 
+    async def peek(
+        self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None
+    ) -> History | None:
+        check_read_args(since, limit)
+        lim = self._limits(limits)
+        args = ["", self._ms(lim.meta_ttl), since, limit, lim.size, self._ms(lim.ttl)]
+        return await self._call("read", self._ch(channel), args, _parse_peek)
+
     async def state(self, channel: str, limits: HistoryLimits | None = None) -> ChannelState:
         h = await self.read(channel, 0, 0, limits)
         return ChannelState(h.epoch, h.top)
@@ -608,6 +617,10 @@ def _parse_history(reply: Any) -> History:
     return History(
         _s(reply[0]), int(reply[1]), [(int(off), data) for off, data in zip(it, it, strict=True)]
     )
+
+
+def _parse_peek(reply: Any) -> History | None:
+    return None if not reply[0] else _parse_history(reply)
 
 
 def _parse_inbox_messages(reply: Any) -> list[InboxMessage]:

@@ -625,6 +625,26 @@ class SqliteStore(Store):
     ) -> History:
         check_read_args(since, limit)
         lim = self._limits(limits)
+        for _ in range(3):
+            h = await self._peek(channel, since, limit, lim)
+            if h is not None:
+                return h
+            # never seen (or forgotten): the writer gives it an epoch
+            st = await self._write(lambda w: w.state(channel, lim))
+            if st.top == 0:
+                return History(st.epoch, 0, [])
+        raise StoreUnavailable(f"sqlite store {self.path}: channel {channel!r} keeps expiring")
+
+    async def peek(
+        self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None
+    ) -> History | None:
+        check_read_args(since, limit)
+        return await self._peek(channel, since, limit, self._limits(limits))
+
+    async def _peek(
+        self, channel: str, since: int, limit: int, lim: HistoryLimits
+    ) -> History | None:
+        """The reader's snapshot of an existing channel; None for one never seen or forgotten."""
 
         def run(conn: sqlite3.Connection) -> History | None:
             now = self._clock()
@@ -644,15 +664,7 @@ class SqliteStore(Store):
             ).fetchall()
             return History(epoch, top, msgs)
 
-        for _ in range(3):
-            h = await self._read(run)
-            if h is not None:
-                return h
-            # never seen (or forgotten): the writer gives it an epoch
-            st = await self._write(lambda w: w.state(channel, lim))
-            if st.top == 0:
-                return History(st.epoch, 0, [])
-        raise StoreUnavailable(f"sqlite store {self.path}: channel {channel!r} keeps expiring")
+        return await self._read(run)
 
     async def state(self, channel: str, limits: HistoryLimits | None = None) -> ChannelState:
         h = await self.read(channel, 0, 0, limits)

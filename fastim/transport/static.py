@@ -25,10 +25,33 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
-if TYPE_CHECKING:
-    from .ws import WsSession
+from ..config import Config
+from .origin import Origins
+
+
+class HttpSession(Protocol):
+    """The plain HTTP request being answered (a :class:`~fastim.transport.ws.WsSession`
+    before any upgrade): its headers, the node's settings and origin policy, and the
+    two ways to answer."""
+
+    headers: dict[bytes, bytes]
+    config: Config
+
+    @property
+    def node(self) -> Any: ...
+
+    def http_reply(self, status: int, body: str, extra: bytes = b"") -> None: ...
+
+    def http_send(
+        self, status: int, body: bytes, content_type: bytes, extra: bytes = b""
+    ) -> None: ...
+
+
+def _origins(session: HttpSession) -> Origins:
+    origins: Origins = session.node.origins
+    return origins
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
@@ -108,7 +131,7 @@ class StaticFiles:
 FILES = StaticFiles()
 
 
-def serve(session: WsSession, method: bytes, path: bytes) -> bool:
+def serve(session: HttpSession, method: bytes, path: bytes) -> bool:
     """Answer a GET for one of the files; False when ``path`` is not one of them.
 
     ``/demo`` redirects to ``/demo/`` (a relative ``Location``) so the page's relative
@@ -125,7 +148,7 @@ def serve(session: WsSession, method: bytes, path: bytes) -> bool:
     f = FILES.find(path, demo)
     if f is None:
         return False
-    cors = session.node.origins.static_headers(session.headers.get(b"origin")) if f.cors else b""
+    cors = _origins(session).static_headers(session.headers.get(b"origin")) if f.cors else b""
     if method == b"OPTIONS" and f.cors:
         # a CORS preflight (a fetch() with headers of its own; an import needs none)
         session.http_send(204, b"", f.content_type, cors + _PREFLIGHT)

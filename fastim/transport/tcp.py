@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .. import _core
 from ..errors import ProtocolError
 from ..session import CLIENT_TYPES_MASK, CLOSING, Session
-
-if TYPE_CHECKING:
-    from ..node import Node
+from .host import TransportHost
 
 
 class TcpSession(Session):
@@ -17,8 +13,11 @@ class TcpSession(Session):
 
     __slots__ = ()
 
-    def __init__(self, node: Node) -> None:
+    node: TransportHost  # narrower than Session's Host: the HTTP side too
+
+    def __init__(self, node: TransportHost) -> None:
         super().__init__(node)
+        self.node = node
         self.decoder = _core.FrameDecoder(node.config.max_frame, CLIENT_TYPES_MASK)
 
     def data_received(self, data: bytes) -> None:
@@ -42,6 +41,3 @@ class TcpSession(Session):
             error = e
         if error is not None:
             self.fail(error)
-
-    def eof_received(self) -> bool | None:
-        return None  # close our side too

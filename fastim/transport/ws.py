@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import re
-from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl
 
 import httptools
 import orjson
@@ -36,15 +32,22 @@ from ..session import (
     Session,
 )
 from . import static
+from .handshake import DeflateParams, accept_key, negotiate_deflate, upgrade_token
+from .host import TransportHost
 from .origin import refuse_cross_origin
 
-if TYPE_CHECKING:
-    from ..node import Node
-
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_REQUEST_HEAD = 16 * 1024
 MAX_HEADERS = 64
 _SERVER = f"fastim/{__version__}".encode()
+
+#: the plain HTTP endpoints of probes and scrapers (``GET`` only): the per-address client
+#: limits never refuse them (docs/operations.md, "Probes and the per-address limits")
+PROBE_PATHS = frozenset({b"/health", b"/ready", b"/metrics"})
+#: connections an address over its per-address limits may keep open while they send
+#: their request head (which tells a probe from a client); more are refused unread
+PROBE_HOLD = 16
+#: probes per second (burst twice that) an address over its per-address limits may make
+PROBE_RATE = 10.0
 
 _STATUS = {
     400: b"Bad Request",
@@ -74,189 +77,6 @@ _NO_HEADERS: dict[bytes, bytes] = {}
 _OP_COMPRESSED = _core.OP_COMPRESSED
 
 
-def accept_key(key: bytes) -> bytes:
-    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-
-
-# ---------------------------------------------------------------------- extensions
-
-#: one lexical item of a Sec-WebSocket-Extensions header (RFC 6455 §9.1, RFC 7230 §3.2.6):
-#: a token, a quoted string, a separator, or anything else (which spoils the header)
-_EXT_ITEM = re.compile(
-    rb"""[ \t]*(?:(?P<tok>[!#$%&'*+\-.^_`|~0-9A-Za-z]+)"""
-    rb"""|"(?P<qs>(?:[^"\\]|\\.)*)"|(?P<sep>[,;=])|(?P<bad>.))"""
-)
-_UNESCAPE = re.compile(rb"\\(.)")
-_WINDOW_BITS = {b"%d" % n: n for n in range(8, 16)}  # "8".."15", no leading zeros (§7.1.2)
-
-#: an offer as parsed: the extension name and its parameters in order (value None if absent)
-ExtensionOffer = tuple[bytes, list[tuple[bytes, bytes | None]]]
-
-
-def parse_extensions(header: bytes) -> list[ExtensionOffer | None]:
-    """The offers in a Sec-WebSocket-Extensions value, in order (RFC 6455 §9.1).
-
-    ``extension *( ";" param [ "=" (token | quoted-string) ] )``, comma-separated;
-    several headers arrive joined with commas. Names are lowercased; a quoted value
-    is unescaped (RFC 7692 §7.1: then read as if it had not been quoted). An offer
-    that breaks the grammar is None (declined, the others still count); empty list
-    elements are skipped. Lexically broken input (a stray byte or
-    an unterminated quote) makes the whole header unusable: an empty list.
-    """
-    items: list[tuple[str, bytes]] = []
-    for m in _EXT_ITEM.finditer(header.strip(b" \t")):
-        if m.group("bad") is not None:
-            return []
-        for kind in ("tok", "qs", "sep"):
-            v = m.group(kind)
-            if v is not None:
-                items.append((kind, v))
-                break
-    offers: list[ExtensionOffer | None] = []
-    element: list[tuple[str, bytes]] = []
-    for item in [*items, ("sep", b",")]:
-        if item != ("sep", b","):
-            element.append(item)
-            continue
-        if element:
-            offers.append(_parse_offer(element))
-        element = []
-    return offers
-
-
-def _parse_offer(items: list[tuple[str, bytes]]) -> ExtensionOffer | None:
-    if items[0][0] != "tok":
-        return None
-    name = items[0][1].lower()
-    params: list[tuple[bytes, bytes | None]] = []
-    i = 1
-    while i < len(items):
-        if items[i] != ("sep", b";") or i + 1 >= len(items) or items[i + 1][0] != "tok":
-            return None
-        key = items[i + 1][1].lower()
-        i += 2
-        value: bytes | None = None
-        if i < len(items) and items[i] == ("sep", b"="):
-            if i + 1 >= len(items) or items[i + 1][0] == "sep":
-                return None
-            kind, value = items[i + 1]
-            if kind == "qs":
-                value = _UNESCAPE.sub(rb"\1", value)
-            i += 2
-        params.append((key, value))
-    return name, params
-
-
-class DeflateParams:
-    """What was agreed for permessage-deflate on one connection."""
-
-    __slots__ = ("response", "server_max_window_bits")
-
-    def __init__(self, response: bytes, server_max_window_bits: int) -> None:
-        #: the value of the response's Sec-WebSocket-Extensions header
-        self.response = response
-        #: the window the client allows our compressor; below 15 we send uncompressed
-        self.server_max_window_bits = server_max_window_bits
-
-    @property
-    def compress_outbound(self) -> bool:
-        """Whether messages to this client may be compressed by the node's compressor.
-
-        The shared compressor uses a 32 KiB window (15 bits). A client that asked for
-        a smaller one (``server_max_window_bits`` < 15) is accepted, but gets every
-        message uncompressed: RSV1 is per message (RFC 7692 §6), so that is allowed,
-        and it keeps one compressed frame for every other subscriber.
-        """
-        return self.server_max_window_bits == 15
-
-
-def _deflate_offer(params: list[tuple[bytes, bytes | None]]) -> int | None:
-    """The server_max_window_bits to answer for a valid permessage-deflate offer; else None.
-
-    RFC 7692 §7.1: an unknown parameter, a repeated one, or an invalid value
-    declines the offer (the server then looks at the next one).
-    """
-    seen: set[bytes] = set()
-    window = 15
-    for key, value in params:
-        if key in seen:
-            return None
-        seen.add(key)
-        if key in (b"server_no_context_takeover", b"client_no_context_takeover"):
-            if value is not None:
-                return None
-        elif key == b"server_max_window_bits":
-            if value not in _WINDOW_BITS:
-                return None
-            window = _WINDOW_BITS[value]
-        elif key == b"client_max_window_bits":
-            # we inflate with the largest window, so any window the client uses is fine
-            if value is not None and value not in _WINDOW_BITS:
-                return None
-        else:
-            return None
-    return window
-
-
-def negotiate_deflate(header: bytes) -> DeflateParams | None:
-    """Accept the first valid permessage-deflate offer of a Sec-WebSocket-Extensions value.
-
-    The response always holds ``server_no_context_takeover`` (§7.1.1.1: the server may
-    add it when not offered) and ``client_no_context_takeover`` (§7.1.1.2: likewise),
-    plus ``server_max_window_bits=N`` when the client sent it (§7.1.2.1: accepting
-    it means echoing a value no larger). ``client_max_window_bits`` is left out: the
-    client may then use any window, which inflating with 15 bits accepts.
-    """
-    for offer in parse_extensions(header):
-        if offer is None or offer[0] != b"permessage-deflate":
-            continue
-        window = _deflate_offer(offer[1])
-        if window is None:
-            continue
-        response = b"permessage-deflate; server_no_context_takeover; client_no_context_takeover"
-        if any(key == b"server_max_window_bits" for key, _ in offer[1]):
-            response += b"; server_max_window_bits=%d" % window
-        return DeflateParams(response, window)
-    return None
-
-
-#: what a fastim client offers: no context takeover either way, so neither side keeps
-#: compression state between messages (negotiate_deflate accepts it as it is)
-CLIENT_DEFLATE_OFFER = b"permessage-deflate; server_no_context_takeover; client_no_context_takeover"
-
-
-def deflate_response_ok(header: bytes) -> bool:
-    """Client side: whether a server's Sec-WebSocket-Extensions value accepts permessage-deflate.
-
-    It must name exactly one extension, permessage-deflate, with valid parameters
-    (§7.1); a client that sent :data:`CLIENT_DEFLATE_OFFER` may then compress what it
-    sends without context takeover, and passes ``deflate=True`` to its WSParser.
-    """
-    offers = parse_extensions(header)
-    if len(offers) != 1 or offers[0] is None or offers[0][0] != b"permessage-deflate":
-        return False
-    return _deflate_offer(offers[0][1]) is not None
-
-
-def upgrade_token(url: bytes) -> str | None:
-    """The connect token of a WebSocket upgrade's ``?token=`` query parameter, or None.
-
-    A query parameter because browsers cannot set headers on a WebSocket; the URL must
-    therefore never be logged (nothing in the node logs it).
-    """
-    try:
-        query = httptools.parse_url(url).query
-    except httptools.HttpParserInvalidURLError:
-        return None
-    if not query:
-        return None
-    for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
-        if key == "token":
-            return value
-    return None
-
-
 class WsSession(Session):
     """One client on the WebSocket port, from its first HTTP byte to its close."""
 
@@ -267,6 +87,7 @@ class WsSession(Session):
         "head_bytes",
         "headers",
         "http",
+        "limited",
         "mode",
         "n_headers",
         "parser",
@@ -277,14 +98,19 @@ class WsSession(Session):
 
     hello_required = False
 
-    def __init__(self, node: Node) -> None:
+    node: TransportHost  # narrower than Session's Host: the HTTP side too
+
+    def __init__(self, node: TransportHost) -> None:
         super().__init__(node)
+        self.node = node
         self.http: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.head_bytes = 0
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
         self.n_headers = 0
-        self.reject: tuple[int, str] | None = None
+        #: an answer decided while parsing (status, reason, extra header lines), sent once
+        #: the parser stops: 431, 413, and under /api/ a 401 or 404 from the head alone
+        self.reject: tuple[int, str, bytes] | None = None
         self.request_done = False
         #: None until the request head is complete; then the body (plain requests: /api/)
         self.body: bytes | bytearray | None = None
@@ -293,6 +119,9 @@ class WsSession(Session):
         self.close_sent = False
         #: messages to this client are compressed (permessage-deflate, full window)
         self.deflate = False
+        #: refused by a per-address limit (status, reason, address), answered once the
+        #: request head shows it is not a probe (PROBE_PATHS)
+        self.limited: tuple[int, str, str] | None = None
 
     # ------------------------------------------------------------------ httptools callbacks
 
@@ -302,7 +131,7 @@ class WsSession(Session):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.n_headers += 1
         if self.n_headers > MAX_HEADERS:
-            self.reject = (431, f"more than {MAX_HEADERS} headers")
+            self.reject = (431, f"more than {MAX_HEADERS} headers", b"")
             return
         key = name.lower()
         if key in self.headers:
@@ -313,19 +142,60 @@ class WsSession(Session):
     def on_headers_complete(self) -> None:
         # from here on bytes are body: limited by max_message (413), not the head limit
         self.body = b""
+        path = self._path()
+        assert self.http is not None
+        if self.reject is None and self._limits_refuse(self.http.get_method(), path):
+            return
+        if self.reject is None and path.startswith(b"/api/"):
+            # the API key before anything about the body: a caller without it learns
+            # nothing, not even the size limit (docs/api.md: 401 first, whatever the path)
+            assert self.http is not None
+            self.reject = self.node.api.gate(self.headers, self.http.get_method(), path)
+            if self.reject is not None:
+                return
         cl = self.headers.get(b"content-length", b"").strip()
         if cl.isdigit() and int(cl) > self.config.max_message:
-            self.reject = (413, f"request body over max_message ({self.config.max_message} bytes)")
+            self.reject = (
+                413,
+                f"request body over max_message ({self.config.max_message} bytes)",
+                b"",
+            )
         elif self.reject is None and self.headers.get(b"expect", b"").lower() == b"100-continue":
             assert self.transport is not None
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _limits_refuse(self, method: bytes, path: bytes) -> bool:
+        """The per-address limits, now that the request head is in: a probe (GET /health,
+        /ready, /metrics) is never refused by the client limits (an address over them has
+        PROBE_RATE probes a second); anything else over them gets its 503 / 429 (True)."""
+        probe = method == b"GET" and path in PROBE_PATHS
+        limited = self.limited
+        if limited is None:
+            if probe:
+                self.node.probe_admitted(self)  # does not count among the clients
+            return False
+        self.limited = None
+        status, reason, ip = limited
+        node = self.node
+        node.unhold(ip)
+        if probe:
+            if node.probe_allowed(ip):
+                return False
+            status, reason = 429, f"over {PROBE_RATE:g} probes per second from {ip}"
+        node.limit_refusals += 1
+        self.reject = (status, reason, b"Retry-After: 1\r\n")
+        return True
 
     def on_body(self, body: bytes) -> None:
         buf = self.body
         if self.reject is not None or buf is None:
             return
         if len(buf) + len(body) > self.config.max_message:
-            self.reject = (413, f"request body over max_message ({self.config.max_message} bytes)")
+            self.reject = (
+                413,
+                f"request body over max_message ({self.config.max_message} bytes)",
+                b"",
+            )
             return
         if not isinstance(buf, bytearray):
             buf = self.body = bytearray()
@@ -360,7 +230,7 @@ class WsSession(Session):
             self.http.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             if self.reject is not None:
-                self.http_reply(*self.reject)
+                self._send_reject()
                 return
             offset = e.args[0] if e.args else len(data)
             self._upgrade(data[offset:])
@@ -369,11 +239,20 @@ class WsSession(Session):
             self.http_reply(400, f"malformed HTTP request: {e}")
             return
         if self.reject is not None:
-            self.http_reply(*self.reject)
+            self._send_reject()
         elif self.request_done:
             self._plain_request()
         elif self.body is None and self.head_bytes > MAX_REQUEST_HEAD:
             self.http_reply(431, f"request head over {MAX_REQUEST_HEAD} bytes")
+
+    def _send_reject(self) -> None:
+        assert self.reject is not None
+        status, reason, extra = self.reject
+        path = self._path()
+        if path.startswith(b"/api/"):
+            self.node.api.refuse(self, path, status, reason, extra)  # counted per route
+        else:
+            self.http_reply(status, reason, extra)
 
     def http_reply(self, status: int, body: str, extra: bytes = b"") -> None:
         """Answer a plain HTTP request and close the connection: text, JSON under /api/."""
@@ -403,7 +282,7 @@ class WsSession(Session):
         else:
             tail = b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload
         self.transport.write(head + extra + tail)
-        self.transport.close()
+        self.close_transport()
         self.node.wheel.schedule(self, self.node.wheel.now + self.config.close_timeout)
 
     def _path(self) -> bytes:
@@ -484,7 +363,7 @@ class WsSession(Session):
         if not ok:
             self.http_reply(400, 'header "Sec-WebSocket-Key" must be 16 bytes in base64')
             return
-        if refuse_cross_origin(self):
+        if refuse_cross_origin(self.node.origins, self.headers, self.http_reply):
             return  # a browser page of another origin, not allowed (403: origin.py)
         ext_line = b""
         deflate: DeflateParams | None = None
@@ -548,6 +427,13 @@ class WsSession(Session):
             self.ring.fmt = _core.FMT_WS_JSON_DEFLATE if self.deflate else _core.FMT_WS_JSON
 
     def on_handshake_timeout(self) -> None:
+        limited = self.limited
+        if limited is not None:  # over a per-address limit, and no request head in time
+            self.limited = None
+            self.node.unhold(limited[2])
+            self.node.limit_refusals += 1
+            self.http_reply(limited[0], limited[1], b"Retry-After: 1\r\n")
+            return
         if self.request_done:  # an API request still working (a store that does not answer)
             self.http_reply(503, f"not answered within {self.config.handshake_timeout:g}s")
             return
@@ -555,9 +441,20 @@ class WsSession(Session):
             400, f"no complete WebSocket upgrade within {self.config.handshake_timeout:g}s"
         )
 
-    def refuse_limit(self, status: int, reason: str) -> None:
+    def refuse_limit(self, status: int, reason: str, ip: str) -> None:
+        if self.http is not None and self.node.hold(ip):
+            # it may be a probe, which the client limits must not refuse: decided when
+            # its request head is in (_limits_refuse), within handshake_timeout
+            self.limited = (status, reason, ip)
+            return
         self.node.limit_refusals += 1
         self.http_reply(status, reason, b"Retry-After: 1\r\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.limited is not None:
+            self.node.unhold(self.limited[2])
+            self.limited = None
+        super().connection_lost(exc)
 
     def refuse_overload(self) -> None:
         self.http_reply(503, "node at its connection limit, try another", b"Retry-After: 1\r\n")
@@ -643,7 +540,7 @@ class WsSession(Session):
             if self.state >= CLOSING:
                 # the answer to our close: the handshake is done
                 assert self.transport is not None
-                self.transport.close()
+                self.close_transport()
             else:
                 self.close(1000 if code == 1005 else code, "")
         # OP_PONG: liveness was recorded when the bytes arrived
@@ -667,18 +564,27 @@ class WsSession(Session):
         # peer's close already came (parser closed), drop now; else wait close_timeout.
         assert self.transport is not None
         if self.parser is None or self.parser.closed:
-            self.transport.close()
+            self.close_transport()
         self.node.wheel.schedule(self, self.node.wheel.now + self.config.close_timeout)
 
     def fail(self, err: ProtocolError, req_id: object = None) -> None:
         if isinstance(err, WebSocketError):
-            # framing is broken: no error message, just the close code RFC 6455 asks for
+            # framing is broken: just the close code RFC 6455 asks for...
             self.node.protocol_errors += 1
             if self.state >= CLOSING:
                 # broken framing while we wait for the peer's close: stop waiting (§7.1.7)
                 assert self.transport is not None
-                self.transport.close()
+                self.close_transport()
                 return
+            if err.ws_close_code == CloseCode.MESSAGE_TOO_BIG and self.mode != MODE_ECHO:
+                # ...but a message over max_message left the framing intact: error 103
+                # first, in the connection's format, as over TCP (docs/configuration.md).
+                # Not on the echo endpoint: conformance suites expect the close alone
+                error = self.replies.error(req_id, err.code, err.reason)
+                if self.inflight:  # after the answers to its publishes still in flight
+                    self._close_after(error, err.ws_close_code, err.reason[:100])
+                    return
+                self.send(error)
             self.close(err.ws_close_code, err.reason[:100])
             return
         super().fail(err, req_id)

@@ -268,7 +268,8 @@ def test_fastim_js_exactly_once_across_a_node_restart(
     assert d.execute_script("return client.reconnects") >= 1
     assert d.execute_script("return window.dms") == [[s, "sam", s] for s in range(1, 6)]
     sent = wait_js(d, "window.sent", "the send made while disconnected")
-    assert sent == {"mid": sent["mid"], "seq": 1, "dup": False}, sent
+    assert sent == {"mid": sent["mid"], "seq": 1, "dup": False, "epoch": sent["epoch"]}, sent
+    assert sent["epoch"], "a send names the recipient inbox's epoch"
 
     # pat's inbox holds that message once: a client of pat's in the page gets seq 1 only
     pat = d.execute_async_script(
@@ -283,7 +284,7 @@ def test_fastim_js_exactly_once_across_a_node_restart(
         }, e => done('error: ' + e));
         """
     )
-    assert pat == {"state": {"acked": 1, "top": 1}, "seqs": [1]}, pat
+    assert pat == {"state": {"acked": 1, "top": 1, "epoch": sent["epoch"]}, "seqs": [1]}, pat
     # live after all that, still once
     publish(first.ws_port, 20, 21)  # (back listens on the first node's ports)
     wait_js(d, "window.got.length === 21", "live after recovery")

@@ -311,6 +311,9 @@ def test_parse_url() -> None:
     assert parse_url("ws://example.com").host_header == "example.com"
     assert parse_url("wss://example.com").port == 443
     assert parse_url("tcp://h:1").path == "/"
+    assert parse_url("ws://h:1", default_path="/ws").path == "/ws"
+    assert parse_url("ws://h:1/x", default_path="/ws").path == "/x"
+    assert parse_url("tcp://h:1", default_path="/ws").path == "/"
 
 
 # --------------------------------------------------------------------------- backoff

@@ -35,7 +35,7 @@ def channel_owned_by_a() -> str:
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
     n = Node(Config(node_id="b", store="sqlite", store_path=str(tmp_path / "s.db")))
-    n.store = await open_store(n.config)
+    n.store = await open_store(n.config.store_settings())
     n.hub.store = n.store
     yield n
     await n.hub.close()

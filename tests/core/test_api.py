@@ -26,7 +26,7 @@ def test_pyref_exports_what_the_stub_declares() -> None:
         "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG", "OP_COMPRESSED", "crc32",
         "encode_frame", "FrameDecoder", "utf8_valid", "ws_encode", "ws_inflate",
         "ws_close_payload", "ws_parse_close", "WSParser", "OutRing", "Flusher",
-        "SubscriberSet", "HistoryRing",
+        "SubscriberSet", "HistoryRing", "MSG_FRAME_TYPE", "encode_msg", "encode_msg_one",
     }  # fmt: skip
     assert declared <= set(fastim._pyref.__all__)
     assert all(hasattr(fastim._pyref, name) for name in fastim._pyref.__all__)

@@ -97,19 +97,73 @@ def test_a_wrapped_ring_goes_out_in_one_sendmsg_in_order() -> None:
         assert tr.chunks == []
 
 
-def test_a_closing_transport_gets_the_bytes_not_the_fd() -> None:
-    # once the transport closes, its fd number may belong to another connection
+class Unasked(Recorder):
+    """A transport the flusher must not ask whether it is closing (no Python call)."""
+
+    def is_closing(self) -> bool:
+        raise AssertionError("the flusher asked the transport")
+
+
+def test_a_direct_flush_makes_no_python_call() -> None:
     a, b = _pair()
     with a, b:
         flusher = _core.Flusher(None)
-        tr = Recorder()
+        tr = Unasked()
         ring = _core.OutRing(flusher, tr)
         ring.set_fd(a.fileno())
-        tr.closing = True
+        ring.append(b"fast")
+        assert flusher.flush() == 1
+        assert _drain(b) == b"fast" and tr.chunks == []
+
+
+def test_a_closing_transport_gets_the_bytes_not_the_fd() -> None:
+    # once the transport closes, its fd number may belong to another connection: whoever
+    # closes it sets the fd to -1 first (the session), and flushes go to the transport
+    a, b = _pair()
+    with a, b:
+        flusher = _core.Flusher(None)
+        tr = Unasked()
+        ring = _core.OutRing(flusher, tr)
+        ring.set_fd(a.fileno())
+        ring.set_fd(-1)
         ring.append(b"late")
         flusher.flush()
         assert tr.chunks == [b"late"]
         assert _drain(b) == b""
+
+
+def test_a_closed_ring_gives_up_its_fd() -> None:
+    a, b = _pair()
+    with a, b:
+        ring = _core.OutRing(_core.Flusher(None), Recorder())
+        ring.set_fd(a.fileno())
+        ring.close()
+        assert ring.direct_fd == -1
+
+
+class ClosesOnWrite(Recorder):
+    """A transport whose write fails and closes it (asyncio's _fatal_error)."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.closing = True
+
+
+def test_a_transport_that_closes_on_write_stops_direct_writes() -> None:
+    a, b = _pair()
+    with a:
+        b.close()
+        flusher = _core.Flusher(None)
+        tr = ClosesOnWrite()
+        ring = _core.OutRing(flusher, tr)
+        ring.set_fd(a.fileno())
+        ring.append(b"to nobody")
+        flusher.flush()  # EPIPE: the rest goes to the transport, which closes
+        assert tr.chunks == [b"to nobody"]
+        assert ring.direct_fd == -1  # the next flushes do not touch the fd
+        ring.append(b"later")
+        flusher.flush()
+        assert tr.chunks == [b"to nobody", b"later"]
 
 
 def test_a_dead_peer_hands_the_bytes_to_the_transport() -> None:

@@ -133,6 +133,45 @@ async def test_a_direct_message_after_a_restart_is_not_dropped_as_a_copy(
         node.stop()
 
 
+async def test_an_ack_of_a_lost_numbering_is_not_repeated(
+    nodes: Callable[..., NodeProc],
+) -> None:
+    """An ack made after the node lost the inbox (memory store restarted) names the old
+    epoch: the node changes nothing and says so, and the SDK does not send it again
+    and again until a message of the new numbering comes."""
+    node = nodes("--store", "memory")
+    await node.astart()
+    alice = await client(node.tcp_url, user="alice")
+    bob = await client(node.ws_url, user="bob")
+    try:
+        dms = bob.direct_messages(auto_ack=False)
+        for n in (1, 2, 3):
+            await alice.send("bob", {"n": n})
+        got = [await within(dms.get()) for _ in range(3)]
+        await node.akill()
+        await node.astart()
+        await eventually(lambda: bob.connected, what="bob reconnected")
+        sent: list[dict[str, Any]] = []
+        real = bob._cmd
+
+        async def counting(cmd: dict[str, Any], *a: Any, **kw: Any) -> Any:
+            sent.append(cmd)
+            return await real(cmd, *a, **kw)
+
+        bob._cmd = counting  # type: ignore[method-assign]
+        bob.ack(got[-1].seq)  # taken in the old numbering
+        await eventually(lambda: len(sent) >= 1, what="the ack")
+        await within(bob.ping())  # a round trip after the ack's answer
+        await within(bob.ping())
+        acks = [c for c in sent if c.get("op") == "ack"]
+        assert acks == [{"op": "ack", "seq": 3, "epoch": got[0].epoch}], acks
+        assert bob.inbox.acked == 0
+    finally:
+        await alice.aclose()
+        await bob.aclose()
+        node.stop()
+
+
 async def test_a_channel_message_after_a_restart_is_not_skipped(
     nodes: Callable[..., NodeProc],
 ) -> None:
@@ -240,8 +279,11 @@ async def test_streams_across_a_restart_on_every_store(
         async def send(i: int) -> None:
             sent[i] = await alice.send("bob", {"i": i})  # retried until acknowledged
 
+        steps: list[str] = []
+
         async def bounce() -> None:
             await eventually(lambda: len(acked) >= n // 3 and len(sent) >= ndm // 3)
+            steps.append(f"stop at {len(acked)} acked, {len(sent)} sent")
             if how == "kill9":
                 await node.akill()
             else:
@@ -250,12 +292,16 @@ async def test_streams_across_a_restart_on_every_store(
                 epoch_of.append("new")  # publishes acked from now on are the new epoch's
             await asyncio.sleep(0.2)
             await node.astart()
-
-        steps: list[str] = []
+            steps.append(f"up at {len(acked)} acked, {len(sent)} sent")
         await within(
             asyncio.gather(windowed(n, 8, publish), windowed(ndm, 4, send), bounce()),
             90,
-            lambda: progress(node, steps, f"{len(acked)} acked, {len(sent)} sent"),
+            lambda: progress(
+                node,
+                steps,
+                f"{len(acked)} acked, {len(failed)} failed, {len(sent)} sent, "
+                f"{len(received)} received, {len(got)} dms got",
+            ),
         )
         # settle: everything the node holds has had time to arrive
         last = max(off for _, off, e in acked if e == epoch_of[-1])

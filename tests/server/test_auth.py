@@ -24,7 +24,6 @@ from fastim import _core
 from fastim.auth import Auth, AuthFailed
 from fastim.client import connect
 from fastim.config import Config, ConfigError, redact
-from fastim.namespaces import Namespaces
 from fastim.protocol import CloseCode, ErrorCode, FrameType, pack_hello, unpack_error
 
 from ._support import TcpClient, WsClient, deadline
@@ -619,7 +618,7 @@ def test_patterns_are_fnmatch_globs() -> None:
 
 def test_refusal_rules() -> None:
     auth = _auth(jwt_secret=SECRET, anonymous="on", namespaces=NAMESPACES)
-    hub_ns = Namespaces(Config(jwt_secret=SECRET, namespaces=NAMESPACES).validate())
+    hub_ns = Config(jwt_secret=SECRET, namespaces=NAMESPACES).validate().namespace_table()
     members = hub_ns.of("members:1")
     user = auth.verify(token("u"))
     scoped = auth.verify(token("s", channels=["members:1"]))
@@ -687,3 +686,32 @@ def test_auth_failed_closes_with_4501() -> None:
     assert e.code == ErrorCode.AUTH_FAILED and e.close_code == CloseCode.AUTH_FAILED
     assert ErrorCode.AUTH_FAILED.fatal and not ErrorCode.PERMISSION_DENIED.fatal
     assert not CloseCode.should_reconnect(CloseCode.AUTH_FAILED)
+
+
+async def test_refreshed_exp_is_an_integer(node_factory: Any) -> None:
+    """docs/security.md shows ``{"op":"refreshed","exp":<the new exp>}`` with the token's
+    exp as an integer (Unix seconds), whatever the token held (a NumericDate may have a
+    fraction): never 1767225600.0."""
+    node = await node_factory(jwt_secret=SECRET)
+    async with deadline(10):
+        ws = await WsClient.connect(node.ws_port, f"/ws?token={token(ttl=60)}")
+        exp = int(time.time()) + 120
+        for claim in (exp, exp + 0.75):
+            fresh = jwt.encode({"sub": "alice", "exp": claim}, SECRET, algorithm="HS256")
+            reply = await ws.request({"op": "refresh", "token": fresh}, "refreshed")
+            assert isinstance(reply["exp"], int) and reply["exp"] == exp, reply
+        c, _info = await tcp_login(node.tcp_port, token=token(ttl=60))
+        c.send(F.CMD, orjson.dumps({"op": "refresh", "token": token(ttl=60), "id": 5}))
+        raw = await c.expect(F.EVENT)
+        assert b'"exp":' in raw and isinstance(orjson.loads(raw)["exp"], int), raw
+        await c.close()
+        await ws.close()
+
+
+def test_security_doc_does_not_list_refresh_as_missing() -> None:
+    """Token refresh on an open connection exists (the tests above): docs/security.md
+    describes it and must not also list it under "Not there (yet)"."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    assert '{"op":"refresh","token":' in doc
+    missing = doc.split("## Not there (yet)", 1)[1].split("\n## ", 1)[0]
+    assert "refresh" not in missing.lower(), missing

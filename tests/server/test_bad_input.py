@@ -442,6 +442,49 @@ async def test_ws_invalid_utf8_split_across_fragments(node: Node, control: Contr
     await still_serving(node, control, errors=1)
 
 
+def json_error_103(before: list[tuple[int, bytes]]) -> bool:
+    """What came before a 1009 close: exactly the JSON error 103 naming max_message."""
+    assert len(before) == 1 and before[0][0] == _core.OP_TEXT, before
+    err = orjson.loads(before[0][1])
+    assert err["op"] == "error" and err["code"] == ErrorCode.FRAME_TOO_LARGE, err
+    assert "maximum of" in err["reason"], err
+    return True
+
+
+async def test_ws_message_over_max_message_gets_error_103_then_1009(node_factory: Any) -> None:
+    """docs/configuration.md: a WebSocket message over max_message closes the connection
+    with error 103 then close 1009, as a frame over max_frame does over TCP: the error in
+    the connection's format (JSON for text clients, an ERROR frame for fastim.binary)."""
+    node = await node_factory(max_message=1024)
+    control = await Control(node).start()
+    too_big = b'{"op":"pub","ch":"big","data":"' + b"x" * 1100 + b'"}'
+    # a text client (the first message fixes JSON mode; here it is the oversize one)
+    for first in (b"", b'{"op":"ping","id":1}'):
+        ws = await WsClient.connect(node.ws_port)
+        if first:
+            ws.send_text(first)
+            assert await ws.recv_json() == {"op": "pong", "id": 1}
+        ws.send_text(too_big)
+        code, _reason, before = await ws.recv_close()
+        assert code == CloseCode.MESSAGE_TOO_BIG
+        assert json_error_103(before)
+        await ws.wait_eof()
+    # a binary client: the error is a fastim ERROR frame in a binary message
+    ws = await WsClient.connect(node.ws_port, protocols="fastim.binary")
+    assert ws.protocol == "fastim.binary"
+    ws.send_frame(_core.OP_BINARY, b"\x00" * 1100)
+    code, _reason, before = await ws.recv_close()
+    assert code == CloseCode.MESSAGE_TOO_BIG
+    assert len(before) == 1 and before[0][0] == _core.OP_BINARY
+    frames = _core.FrameDecoder(1 << 20).feed(before[0][1])
+    assert [t for t, _ in frames] == [F.ERROR]
+    assert unpack_error(frames[0][1])[1] == ErrorCode.FRAME_TOO_LARGE
+    await ws.wait_eof()
+    assert node.hub.published == 0
+    await still_serving(node, control, errors=3)
+    await control.close()
+
+
 async def test_ws_oversize_message(node: Node, control: Control) -> None:
     bad = await WsClient.connect(node.ws_port)
     await control.roundtrip()
@@ -449,7 +492,7 @@ async def test_ws_oversize_message(node: Node, control: Control) -> None:
     n = node.config.max_message + 1
     bad.writer.write(bytes((0x81, 0x80 | 127)) + struct.pack("!Q", n) + b"\x00\x00\x00\x00")
     code, _, before = await bad.recv_close()
-    assert code == CloseCode.MESSAGE_TOO_BIG and before == []
+    assert code == CloseCode.MESSAGE_TOO_BIG and json_error_103(before)
     await bad.wait_eof()
     await still_serving(node, control, errors=1)
 
@@ -478,7 +521,7 @@ async def test_ws_message_size_limit_is_exact(node_factory: Any) -> None:
     assert await bad.recv_json() == {"op": "pong", "id": 1}
     bad.send_text(ping + b" " * (1025 - len(ping)))
     code, _, before = await bad.recv_close()
-    assert code == CloseCode.MESSAGE_TOO_BIG and before == []
+    assert code == CloseCode.MESSAGE_TOO_BIG and json_error_103(before)
     await bad.wait_eof()
     await still_serving(node, control, errors=1)
     await control.close()
@@ -780,3 +823,23 @@ async def test_control_sees_nothing_of_a_bad_clients_close(node: Node, control: 
     assert not control.tcp.frames and not control.ws.events
     with pytest.raises((asyncio.TimeoutError, Closed)):
         await control.tcp.recv(0.1)
+
+
+async def test_ws_oversize_message_after_a_durable_publish(node_factory: Any) -> None:
+    """The error 103 of an oversize message comes after the answer to a publish that
+    came before it and waited for the store (sqlite), then close 1009."""
+    node = await node_factory(store="sqlite", max_message=1024)
+    ws = await WsClient.connect(node.ws_port)
+    async with deadline(10):
+        assert await ws.request({"op": "ping"}, "pong")
+        pub = _core.ws_encode(
+            _core.OP_TEXT, b'{"op":"pub","ch":"d","data":1,"id":7}', mask=os.urandom(4)
+        )
+        big = _core.ws_encode(_core.OP_TEXT, b" " * 1100, mask=os.urandom(4))
+        ws.writer.write(pub + big)  # one write: read and parsed together
+        code, _reason, before = await ws.recv_close()
+        assert code == CloseCode.MESSAGE_TOO_BIG
+        replies = [orjson.loads(p) for op, p in before]
+        assert [r["op"] for r in replies] == ["puback", "error"], replies
+        assert replies[0]["id"] == 7 and replies[1]["code"] == ErrorCode.FRAME_TOO_LARGE
+        await ws.wait_eof()

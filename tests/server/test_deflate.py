@@ -24,7 +24,7 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 from fastim import _core
 from fastim.node import Node
 from fastim.protocol import FrameType, unpack_msg
-from fastim.transport.ws import (
+from fastim.transport.handshake import (
     CLIENT_DEFLATE_OFFER,
     deflate_response_ok,
     negotiate_deflate,

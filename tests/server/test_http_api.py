@@ -1,4 +1,4 @@
-"""The server HTTP API (fastim/http_api.py, docs/api.md) over real sockets.
+"""The server HTTP API (fastim/api/http.py, docs/api.md) over real sockets.
 
 Requests are written by hand (raw HTTP/1.1 on the WebSocket port), so what is tested is
 what any HTTP client sees: status, headers and JSON bodies. Publishes and sends made
@@ -17,7 +17,7 @@ import orjson
 import pytest
 from store._redis import RedisServer  # type: ignore[import-not-found]
 
-from fastim.http_api import OPENAPI, ROUTES
+from fastim.api import OPENAPI, ROUTES
 from fastim.node import Node
 from fastim.protocol import CloseCode, ErrorCode, FrameType, pack_hello, unpack_goaway
 from fastim.store import StoreUnavailable
@@ -577,3 +577,70 @@ async def test_openapi_document_describes_every_route(api_node: Node) -> None:
         props = doc["components"]["schemas"][schema]["properties"]
         status, _h, body = await call(api_node, "POST", path, {**dict.fromkeys(props), "zz": 1})
         assert (status, body["field"]) == (400, "zz"), path
+
+
+# --------------------------------------------------------------------------- P8
+
+
+async def test_history_of_a_channel_that_never_existed_creates_nothing(
+    store_api_node: Node,
+) -> None:
+    """A read creates nothing: no channel in node memory (the channel gauge), no epoch
+    in the store; the first publish then starts the channel as if nobody had looked."""
+    node = store_api_node
+    before = len(node.hub.channels)
+    for _ in range(2):
+        status, _h, hist = await call(node, "GET", "/api/history?channel=ghost&since=3")
+        assert status == 200
+        assert hist == {"channel": "ghost", "epoch": "", "top": 0, "messages": []}
+    assert len(node.hub.channels) == before and "ghost" not in node.hub.channels
+    assert node.store is not None and await node.store.peek("ghost", 0) is None
+    status, _h, pub = await call(node, "POST", "/api/publish", {"channel": "ghost", "data": 1})
+    assert status == 200 and pub["offset"] == 1 and pub["epoch"]
+    status, _h, hist = await call(node, "GET", "/api/history?channel=ghost")
+    assert (hist["epoch"], hist["top"]) == (pub["epoch"], 1)
+
+
+async def test_the_key_is_checked_before_the_body_size(node_factory: Any) -> None:
+    """docs/api.md: 401 first, whatever the path: a body over max_message from a caller
+    without the key is a 401 (not a 413 that tells the limit), answered from the head
+    alone; with the key it is a 413, also before the body is read. Every one counted."""
+    node = await node_factory(api_key=KEY, max_message=1024)
+    big = {"channel": "a", "data": "x" * 2000}
+    # the head only: both answers come without a byte of the body
+    for key, want in [(None, 401), ("wrong-key-0123456789abcdef", 401), (KEY, 413)]:
+        head = raw_request("POST", "/api/publish", big, key=key).split(b"\r\n\r\n")[0]
+        status, headers, raw = await http_exchange(node.ws_port, head + b"\r\n\r\n")
+        assert status == want, raw
+        if want == 401:
+            assert headers["www-authenticate"].startswith("Bearer")
+            assert b"max_message" not in raw
+    # chunked, without the key: 401 too
+    data = orjson.dumps(big)
+    req = (
+        b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (data[:900], data[900:]))
+        + b"0\r\n\r\n"
+    )
+    status, _h, _raw = await http_exchange(node.ws_port, req)
+    assert status == 401
+    # an unknown path without the key: 401, not 404 or 413
+    status, _h, _b = await call(node, "POST", "/api/nope", big, key=None)
+    assert status == 401
+    # 413 for a data field over max_message, with the key, counted as well
+    status, _h, _b = await call(node, "POST", "/api/publish", big)
+    assert status == 413
+    assert node.api.requests[("/api/publish", 401)] == 3
+    assert node.api.requests[("/api/publish", 413)] == 2
+    assert node.api.requests[("other", 401)] == 1
+    status, _h, text = await http_exchange(node.ws_port, b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert b'fastim_api_requests_total{route="/api/publish",status="413"} 2.0' in text
+    assert node.hub.published == 0
+
+
+async def test_a_big_body_to_an_api_that_is_off_is_404(node_factory: Any) -> None:
+    node = await node_factory(max_message=1024)
+    big = {"channel": "a", "data": "x" * 2000}
+    status, _h, body = await call(node, "POST", "/api/publish", big)
+    assert status == 404 and "api_key" in body["error"]

@@ -18,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastim import cli
+from fastim.api.metrics import LatencyHistogram
 from fastim.config import Config, ConfigError
-from fastim.metrics import LatencyHistogram
 from fastim.node import Node
 from fastim.protocol import CloseCode, ErrorCode, FrameType, unpack_error
 from fastim.store import StoreUnavailable

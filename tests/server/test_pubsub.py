@@ -577,3 +577,31 @@ async def test_both_write_paths_deliver_everything_in_order(node_factory: Any, d
     finally:
         await close_all(subs)
     await wait_for_sessions(node, 0, timeout=20)
+
+
+async def test_a_closing_session_gives_up_its_socket_before_its_transport(
+    node_factory: Any,
+) -> None:
+    """The flusher does not ask a transport whether it is closing: every way a session's
+    transport starts closing sets its ring's fd to -1 first (OutRing.set_fd)."""
+    node = await node_factory(direct_write=1)
+    clients = [await TcpClient.connect(node.tcp_port) for _ in range(3)]
+    ws = await WsClient.connect(node.ws_port)
+    try:
+        async with deadline(10):
+            await ws.sub("fd")
+            sessions = [s for s in node.sessions if s.ring is not None]
+            assert len(sessions) == 4 and all(s.ring.direct_fd >= 0 for s in sessions)
+            eof, closed, aborted, ws_s = sorted(
+                sessions, key=lambda s: (s.hello_required is False, id(s))
+            )
+            assert eof.eof_received() is None  # the transport closes our side too
+            closed.close(CloseCode.GOING_AWAY, "bye")
+            aborted.close_transport(abort=True)
+            ws_s.close(CloseCode.GOING_AWAY, "bye")
+            for s in (eof, closed, aborted, ws_s):
+                assert s.ring is not None and s.ring.direct_fd == -1
+    finally:
+        await close_all(clients)
+        await ws.close()
+    await wait_for_sessions(node, 0, timeout=10)

@@ -97,6 +97,8 @@ async def test_websockets_client_message_too_big_gets_1009(node_factory) -> None
     async with deadline(10):
         async with connect(url(node)) as ws:
             await ws.send(json.dumps({"op": "pub", "ch": "big", "data": "x" * 2000}))
+            err = await recv_json(ws)  # error 103 first (docs/configuration.md), then 1009
+            assert err["op"] == "error" and err["code"] == ErrorCode.FRAME_TOO_LARGE
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), T)
         assert ws.close_code == CloseCode.MESSAGE_TOO_BIG

@@ -61,6 +61,27 @@ async def test_restart_epoch_is_a_compare_and_set_that_keeps_history(store: Stor
     assert fresh.top == 0 and await store.state("never") == fresh
 
 
+async def test_peek_reads_without_creating(store: Store) -> None:
+    """A read for an outside reader (the HTTP API's history) must not create a channel:
+    None for a channel never seen, however often; once it exists, what read returns."""
+    assert await store.peek("ghost", 0) is None
+    assert await store.peek("ghost", 0) is None  # the first peek created nothing
+    st = await store.state("ghost")  # state and read create the epoch
+    assert await store.peek("ghost", 0) == (st.epoch, 0, [])
+    await store.append_many("p", [b"1", b"2", b"3"])
+    assert await store.peek("p", 1, 1) == await store.read("p", 1, 1)
+    assert await store.peek("p", 0) == await store.read("p", 0)
+
+
+async def test_peek_of_a_forgotten_channel_is_none(make_store: StoreFactory) -> None:
+    store = await make_store(HistoryLimits(size=10, ttl=0.2, meta_ttl=0.3))
+    await store.append("q", b"1")
+    assert (await store.peek("q", 0)) is not None
+    await asyncio.sleep(0.45)  # past meta_ttl since the append: the channel is forgotten
+    assert await store.peek("q", 0) is None
+    assert await store.peek("q", 0) is None
+
+
 async def test_read_returns_messages_after_since_in_order(store: Store) -> None:
     for i in range(1, 21):
         await store.append("c", b"m%d" % i)

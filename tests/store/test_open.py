@@ -1,4 +1,5 @@
-"""``open_store(config)``: the setting picks the store, the config gives its limits."""
+"""``open_store(config.store_settings())``: the setting picks the store, the config gives
+its limits."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ._redis import RedisServer
 async def test_open_each_store(tmp_path: Path, redis_server: RedisServer) -> None:
     base: dict[str, Any] = {"history_size": 7, "history_ttl": 0.0, "inbox_max": 3}
     assert Config().store == "sqlite"  # the default keeps what it acknowledged (issue P7)
-    m = await open_store(Config(**base, store="memory").validate())
+    m = await open_store(Config(**base, store="memory").validate().store_settings())
     assert isinstance(m, MemoryStore)
     assert m.limits == HistoryLimits(7, None, 86400.0)
     assert m.inbox_limits.max_unacked == 3
@@ -26,7 +27,9 @@ async def test_open_each_store(tmp_path: Path, redis_server: RedisServer) -> Non
 
     path = tmp_path / "x.db"
     sq = await open_store(
-        Config(**base, store="sqlite", store_path=str(path), sqlite_synchronous="full")
+        Config(
+            **base, store="sqlite", store_path=str(path), sqlite_synchronous="full"
+        ).store_settings()
     )
     assert isinstance(sq, SqliteStore) and sq.synchronous == "FULL"
     assert (await sq.append("c", b"1")).offset == 1
@@ -34,16 +37,16 @@ async def test_open_each_store(tmp_path: Path, redis_server: RedisServer) -> Non
     assert path.exists()
 
     cfg = Config(**base, store="redis", redis_url=redis_server.url, redis_prefix="openx")
-    r = await open_store(cfg)
+    r = await open_store(cfg.store_settings())
     assert isinstance(r, RedisStore) and r.prefix == "openx"
     assert r.limits.size == 7
     await r.close()
 
 
 def test_limits_from_config() -> None:
-    assert HistoryLimits.from_config(Config()) == HistoryLimits(128, 300.0, 86400.0)
+    assert Config().history_limits() == HistoryLimits(128, 300.0, 86400.0)
     cfg = Config(history_ttl=0.0, history_meta_ttl=0.0)
-    assert HistoryLimits.from_config(cfg) == HistoryLimits(128, None, None)
+    assert cfg.history_limits() == HistoryLimits(128, None, None)
     # a meta_ttl shorter than the ttl would forget channels that still have messages
     assert HistoryLimits(1, 100.0, 10.0).meta_ttl == 100.0
     with pytest.raises(ValueError):

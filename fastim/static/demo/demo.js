@@ -16,10 +16,11 @@ const $ = (/** @type {string} */ sel) => /** @type {HTMLElement} */ (document.qu
 
 /** @typedef {{who: string, text: string, ts: number, off?: number, mine?: boolean,
  *             pending?: boolean, failed?: string, notice?: boolean, cid?: string,
- *             mid?: string}} Line
+ *             mid?: string, gap?: string}} Line
  *  pending: sent, not yet confirmed by the node; failed: not sent (why); cid: the id a
  *  room message of this page carries, to put the node's copy in its place; mid: a
- *  direct message's id (the node may hand one over again after a reload) */
+ *  direct message's id (the node may hand one over again after a reload); gap: a notice
+ *  that history was lost there (the Gap's reason) */
 
 const state = {
   /** @type {string} */ user: "",
@@ -70,6 +71,7 @@ function start(user) {
     },
     onEvent: onEvent,
     onDirect: onDirect,
+    onDirectGap: onDirectGap,
     onError: (e) => console.warn("fastim:", e),
   });
   let rooms = [];
@@ -110,14 +112,30 @@ function joinRoom(name) {
       addLine(room, { who: String(d.user ?? "?"), text: String(d.text ?? ""),
         ts: Number(d.ts) || Date.now(), off: m.offset, mine }, { kind: "room", name }); // prettier-ignore
     },
-    onGap: (g) => addLine(room, { who: "", text: g.reason === "epoch"
-      ? "the room's history was lost (server restarted)" : "some messages are no longer available",
-      ts: Date.now(), notice: true }, { kind: "room", name }), // prettier-ignore
+    // where the stream has a hole, a line says so; the messages that follow come after it
+    onGap: (g) => addLine(room, { who: "", text: gapText(g), ts: Date.now(), notice: true,
+      gap: g.reason }, { kind: "room", name }), // prettier-ignore
     onError: (e) => addLine(room, { who: "", text: `left: ${e.message}`, ts: Date.now(),
       notice: true }, { kind: "room", name }), // prettier-ignore
   });
   room.sub.ready.then(() => name === state.room && refreshPresence()).catch(() => {});
   renderSide();
+}
+
+/**
+ * The line shown where a room's messages have a hole (fastim.js reports a Gap).
+ * @param {import("../fastim.js").Gap} g
+ */
+function gapText(g) {
+  const after = g.lastOffset > 0 ? `messages after #${g.lastOffset}` : "earlier messages";
+  if (g.reason === "epoch") {
+    // a new epoch: the node lost the room's history; the new one follows from its start
+    return `history was lost here: ${after} are gone (the node restarted without its store)`;
+  }
+  if (g.reason === "rewound") {
+    return `history was lost here: ${after} may be gone (the node's store went back)`;
+  }
+  return "history was cut here: some older messages are no longer kept"; // "trimmed"
 }
 
 // The form is novalidate: a name refused once must not block the next submit (the
@@ -229,6 +247,23 @@ function onDirect(dm) {
   renderSide();
 }
 
+/**
+ * The inbox's numbering started again (the node lost it: a restart without its store):
+ * messages sent to this user before and not received are gone. Said in every direct
+ * conversation (the inbox is one for all of them), before what comes next.
+ * @param {import("../fastim.js").DirectGap} _g
+ */
+function onDirectGap(_g) {
+  for (const [peer, conv] of state.dms) {
+    const last = conv.lines.at(-1);
+    if (!last || last.gap) continue; // nothing before to speak of, or said already
+    addLine(conv, { who: "", text: "history was lost here: messages sent to you before this " +
+      "line and not shown are gone (the node restarted without its store)", ts: Date.now(),
+      notice: true, gap: "epoch" }, { kind: "dm", name: peer }); // prettier-ignore
+  }
+  saveDms();
+}
+
 // ---------------------------------------------------------------- sending
 
 $("#composer").addEventListener("submit", async (ev) => {
@@ -320,8 +355,13 @@ function appendLine(line) {
   const list = $("#messages");
   const stick = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
   const li = document.createElement("li");
-  if (line.notice) li.className = "notice";
-  else {
+  if (line.notice) {
+    li.className = "notice";
+    if (line.gap) {
+      li.classList.add("gap");
+      li.dataset.gap = line.gap;
+    }
+  } else {
     if (line.mine) li.classList.add("mine");
     if (line.pending) li.classList.add("pending");
     if (line.failed) li.classList.add("failed");
@@ -337,7 +377,8 @@ function appendLine(line) {
   text.textContent = line.text;
   const time = document.createElement("time");
   time.textContent = new Date(line.ts).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-  li.append(text, time);
+  li.append(text);
+  if (!line.gap) li.append(time); // a gap line marks a place in the stream, not a time
   if (line.pending || line.failed) {
     const mark = document.createElement("span");
     mark.className = "mark";

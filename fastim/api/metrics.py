@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,36 +36,16 @@ from prometheus_client.core import (
 )
 from prometheus_client.metrics_core import Metric
 
-from . import __version__
-
-if TYPE_CHECKING:
-    from .cluster.runtime import Cluster
-    from .node import Node
-    from .store import Store
+from .. import __version__
+from ..cluster.runtime import Cluster
+from ..hub.stats import LATENCY_BUCKETS as LATENCY_BUCKETS
+from ..hub.stats import LatencyHistogram as LatencyHistogram
+from ..store import Store, StoreError
+from ..transport import TcpSession, WsSession
+from .host import ApiHost
 
 log = logging.getLogger("fastim")
 
-#: upper bounds (seconds) of the publish latency buckets: a publish kept in memory takes
-#: microseconds to its last subscriber's ring, one that waits for sqlite or Redis takes
-#: a store round trip (sub-millisecond to seconds when the store struggles)
-LATENCY_BUCKETS: tuple[float, ...] = (
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
 
 #: seconds between two store probes (``/ready``)
 PROBE_EVERY = 2.0
@@ -74,44 +53,6 @@ PROBE_EVERY = 2.0
 PROBE_TIMEOUT = 5.0
 #: the inbox the probe reads (read-only, in every store): any user id would do
 PROBE_USER = "fastim:ready-probe"
-
-
-class LatencyHistogram:
-    """A Prometheus-style histogram cheap enough to observe once per published message.
-
-    prometheus-client's ``Histogram.observe`` takes a lock and walks the buckets; here the
-    event loop is the only writer, so a bucket is found by bisection and bumped without a
-    lock. The collector turns the counts into cumulative ``le`` buckets at scrape time.
-    """
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        self.bounds = bounds
-        #: per bucket, not cumulative; the last one is +Inf
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        # bisect_left: a value equal to a bound belongs to that bucket (le = "<=")
-        self.counts[bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def buckets(self) -> list[tuple[str, float]]:
-        """Cumulative (le, count) pairs ending with +Inf, as the exposition format wants."""
-        out: list[tuple[str, float]] = []
-        total = 0
-        counts = self.counts
-        for i, bound in enumerate(self.bounds):
-            total += counts[i]
-            out.append((repr(bound), total))
-        total += self.counts[-1]
-        out.append(("+Inf", total))
-        return out
 
 
 class StoreProbe:
@@ -148,8 +89,6 @@ class StoreProbe:
             self._task = self._spawn(self._probe())
 
     async def _probe(self) -> None:
-        from .store import StoreError
-
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(self.store.inbox_state(PROBE_USER), self.timeout)
@@ -199,7 +138,7 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 class NodeCollector:
     """Reads a node's counters when Prometheus scrapes (see the module docstring)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ApiHost) -> None:
         self.node = node
 
     def collect(self) -> Iterator[Metric]:
@@ -470,10 +409,8 @@ def cluster_metrics(cluster: Cluster) -> Iterator[Metric]:
         )
 
 
-def connections_by_transport(node: Node) -> dict[str, int]:
+def connections_by_transport(node: ApiHost) -> dict[str, int]:
     """Open connections per transport: one pass over the node's sessions."""
-    from .transport import TcpSession, WsSession
-
     out = {"tcp": 0, "websocket": 0, "http": 0}
     for s in node.sessions:
         if isinstance(s, WsSession):
@@ -492,7 +429,7 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ApiHost) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(node))
         ProcessCollector(registry=self.registry)

@@ -2,228 +2,46 @@
 
 A publish is encoded once per wire format that has subscribers (a fastim MSG frame, that
 frame inside a WebSocket binary frame, a JSON text frame, and each WebSocket frame
-compressed with permessage-deflate), and then :meth:`SubscriberSet.fanout` appends the
-right one to every subscriber's out-ring in C. Nothing here runs per subscriber in Python:
-a message is compressed once, however many subscribers negotiated compression.
+compressed with permessage-deflate), in one compiled pass (:func:`_core.encode_msg`), and
+then :meth:`SubscriberSet.fanout` appends the right one to every subscriber's out-ring in
+C. Nothing here runs per subscriber in Python: a message is compressed once, however many
+subscribers negotiated compression.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import zlib
-from collections.abc import Callable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import Any, cast
 
 import orjson
 
-from . import _core
-from .metrics import LatencyHistogram
-from .namespaces import Namespace, Namespaces
-from .protocol import ErrorCode, FrameType, pack_msg
-from .store import Store, StoreError
-from .tasks import Background
-
-if TYPE_CHECKING:
-    from .cluster.runtime import Cluster
-    from .config import Config
-    from .session import Replies, Session
+from .. import _core
+from ..config import Config
+from ..protocol import ErrorCode
+from ..store import Store, StoreError
+from ..store.base import new_epoch
+from ..tasks import Background
+from .channel import Channel, encode_event
+from .deflate import Deflater
+from .interfaces import (
+    Done,
+    HubError,
+    PresenceGate,
+    Published,
+    Replies,
+    Router,
+    Since,
+    Subscriber,
+    store_refusal,
+)
+from .stats import LatencyHistogram
 
 log = logging.getLogger("fastim")
 
-#: called when a durable publish is settled: (offset, None) or (0, reason)
-Done = Callable[[int, "str | None"], None]
-
 #: publishes one channel may have waiting for the store before new ones are refused
 MAX_PENDING = 10_000
-_EVENT = int(FrameType.EVENT)
-
-_MSG = int(FrameType.MSG)
-_OP_BINARY = _core.OP_BINARY
-_OP_TEXT = _core.OP_TEXT
-_FMT_TCP = _core.FMT_TCP
-_FMT_WS_BINARY = _core.FMT_WS_BINARY
-_FMT_WS_JSON = _core.FMT_WS_JSON
-_FMT_WS_BINARY_DEFLATE = _core.FMT_WS_BINARY_DEFLATE
-_FMT_WS_JSON_DEFLATE = _core.FMT_WS_JSON_DEFLATE
-
-
-class HubError(Exception):
-    """A hub refusal a client can act on (limit reached); carries an ErrorCode."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        self.code = code
-        self.reason = reason
-        super().__init__(reason)
-
-
-def new_epoch() -> str:
-    """A short random string that names one continuous history of a channel."""
-    return os.urandom(6).hex()
-
-
-class Deflater:
-    """The node's one permessage-deflate compressor (RFC 7692), shared by every channel.
-
-    The WebSocket transport accepts compression only with ``server_no_context_takeover``:
-    each message is compressed as if it were the first, so the compressed frame does not
-    depend on what a connection received before, and one frame serves every subscriber
-    of a message. ``flush(Z_FULL_FLUSH)`` ends a message *and* resets the compressor's
-    history, so one reused compressobj gives that independence: the node holds one
-    deflate state (~260 KiB) for its life, no connection holds any, and nothing is
-    allocated per message (the reset clears the hash table, as a fresh compressobj
-    would: about the same CPU, benchmarks/test_deflate.py). Created on first use.
-    """
-
-    __slots__ = ("_z", "bytes_in", "bytes_out", "level", "messages", "min_size")
-
-    def __init__(self, level: int = 6, min_size: int = 256) -> None:
-        self.level = level
-        #: messages shorter than this go uncompressed (RSV1 is per message, RFC 7692 §6)
-        self.min_size = min_size
-        self._z: zlib._Compress | None = None
-        #: messages compressed, and their bytes before and after (the 4-byte tail dropped)
-        self.messages = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-
-    def compress(self, payload: bytes) -> memoryview:
-        """``payload`` compressed on its own, without the trailing ``00 00 ff ff`` (§7.2.1)."""
-        z = self._z
-        if z is None:
-            z = self._z = zlib.compressobj(self.level, zlib.DEFLATED, -15)
-        out = z.compress(payload) + z.flush(zlib.Z_FULL_FLUSH)
-        self.messages += 1
-        self.bytes_in += len(payload)
-        self.bytes_out += len(out) - 4
-        return memoryview(out)[:-4]
-
-    def frame(self, opcode: int, payload: bytes, plain: bytes | None = None) -> bytes:
-        """The message as one frame for a deflate connection.
-
-        Compressed with RSV1 set if it is at least ``min_size`` bytes and compressing
-        makes it smaller; otherwise the plain frame (``plain`` if already built).
-        """
-        if len(payload) >= self.min_size:
-            body = self.compress(payload)
-            if len(body) < len(payload):
-                return _core.ws_encode(opcode, body, rsv1=True)
-        return plain if plain is not None else _core.ws_encode(opcode, payload)
-
-
-class Channel:
-    """One channel: subscribers, the offset sequence, recent history, presence."""
-
-    __slots__ = (
-        "_json_prefix",
-        "durable",
-        "epoch",
-        "history",
-        "idle_since",
-        "inflight",
-        "loaded",
-        "name",
-        "name_b",
-        "ns",
-        "offset",
-        "pending",
-        "subs",
-        "users",
-    )
-
-    def __init__(self, name: str, ns: Namespace, durable: bool = False) -> None:
-        self.name = name
-        self.name_b = name.encode("utf-8")
-        self.ns = ns
-        #: history lives in the store (publishes acked after it took them), the ring below
-        #: is a cache of its newest messages; else the ring *is* the history
-        self.durable = durable
-        self.subs = _core.SubscriberSet()
-        #: (offset, (data, time)) of the newest messages
-        self.history = _core.HistoryRing(ns.history_size)
-        #: the last offset delivered to subscribers
-        self.offset = 0
-        self.epoch = new_epoch()
-        #: epoch and offset known (a durable channel learns them from the store first)
-        self.loaded = not durable
-        self.idle_since = 0.0
-        #: publishes waiting for the store: (data, done callback, arrival time for the
-        #: latency histogram); one append in flight
-        self.pending: list[tuple[bytes, Done, float]] = []
-        self.inflight = False
-        #: user id → subscribed connections of that user (presence, join/leave)
-        self.users: dict[str, int] = {}
-        self._json_prefix = b'{"op":"msg","ch":' + orjson.dumps(name) + b',"off":'
-
-    def encode(
-        self, offset: int, data: bytes, deflater: Deflater | None = None
-    ) -> tuple[bytes | None, ...]:
-        """The message in each wire format some subscriber uses (None for the others).
-
-        Indexed by ``FMT_*``; three entries when no subscriber uses a deflate format (the
-        fan-out reads a short tuple as None for the rest). The deflate formats are
-        compressed once here, whatever their number of subscribers; without a
-        ``deflater`` they get the plain frames.
-        """
-        count = self.subs.count
-        n_tcp = count(_FMT_TCP)
-        n_wsb = count(_FMT_WS_BINARY)
-        n_wsbz = count(_FMT_WS_BINARY_DEFLATE)
-        n_js = count(_FMT_WS_JSON)
-        n_jsz = count(_FMT_WS_JSON_DEFLATE)
-        tcp = wsb = wsbz = js = jsz = None
-        if n_tcp or n_wsb or n_wsbz:
-            frame = _core.encode_frame(_MSG, pack_msg(offset, self.name_b, data))
-            if n_tcp:
-                tcp = frame
-            if n_wsb or (n_wsbz and deflater is None):
-                wsb = _core.ws_encode(_OP_BINARY, frame)
-            if n_wsbz:
-                wsbz = wsb if deflater is None else deflater.frame(_OP_BINARY, frame, wsb)
-        if n_js or n_jsz:
-            text = b"".join((self._json_prefix, str(offset).encode(), b',"data":', data, b"}"))
-            if n_js or deflater is None:
-                js = _core.ws_encode(_OP_TEXT, text)
-            if n_jsz:
-                jsz = js if deflater is None else deflater.frame(_OP_TEXT, text, js)
-        if n_wsbz or n_jsz:
-            return tcp, wsb if n_wsb else None, js if n_js else None, wsbz, jsz
-        return tcp, wsb, js
-
-    def encode_one(self, fmt: int, offset: int, data: bytes) -> bytes:
-        """The message for one connection of wire format ``fmt`` (recovery; uncompressed)."""
-        if fmt == _FMT_TCP:
-            return _core.encode_frame(_MSG, pack_msg(offset, self.name_b, data))
-        if fmt in (_FMT_WS_BINARY, _FMT_WS_BINARY_DEFLATE):
-            return _core.ws_encode(
-                _OP_BINARY, _core.encode_frame(_MSG, pack_msg(offset, self.name_b, data))
-            )
-        text = b"".join((self._json_prefix, str(offset).encode(), b',"data":', data, b"}"))
-        return _core.ws_encode(_OP_TEXT, text)
-
-
-def encode_event(body: bytes) -> tuple[bytes, ...]:
-    """A JSON event (join, leave, resubscribe) in every wire format, indexed by ``FMT_*``."""
-    frame = _core.encode_frame(_EVENT, body)
-    wsb = _core.ws_encode(_OP_BINARY, frame)
-    js = _core.ws_encode(_OP_TEXT, body)
-    return frame, wsb, js, wsb, js
-
-
-class Since(NamedTuple):
-    """Where a subscriber's history ends: its last offset, in an epoch.
-
-    With ``last`` it is instead a new subscriber's request for the channel's newest
-    ``off`` messages in whatever epoch is current (``{"op":"sub","history":N}``): such a
-    client knows no epoch yet. :meth:`Hub._resolve` turns it into a plain Since once the
-    channel's epoch and offset are known, so the rest of recovery is the same code.
-    """
-
-    off: int
-    epoch: str
-    last: bool = False
 
 
 class Hub:
@@ -240,7 +58,7 @@ class Hub:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.store = store
-        self.namespaces = Namespaces(config)
+        self.namespaces = config.namespace_table()
         self.channels: dict[str, Channel] = {}
         #: channels with no subscribers, kept for their history until ``history_ttl``
         self.idle: dict[str, Channel] = {}
@@ -259,9 +77,10 @@ class Hub:
         self._tasks = Background("hub")
         #: the cluster runtime when this node is in a cluster (fastim/cluster/runtime.py):
         #: publishes of channels owned elsewhere go to it, deliveries go down the tree
-        self.router: Cluster | None = None
-        #: during a forwarded publish's ``done`` callback: the owner's epoch (HTTP API)
-        self.ack_epoch: str | None = None
+        self.router: Router | None = None
+        #: who may see a channel's presence when its namespace restricts it (the node
+        #: sets it from its auth); None: everyone
+        self.presence_gate: PresenceGate | None = None
 
     @property
     def durable_store(self) -> bool:
@@ -300,8 +119,8 @@ class Hub:
         """Publish ``data`` (a JSON document, validated by the caller).
 
         In memory: assign the next offset, keep it, deliver, return the offset.
-        Durable: queue it for the store and return None; ``done(offset, None)`` runs
-        after the store took it and it was delivered, ``done(0, reason)`` if the store
+        Durable: queue it for the store and return None; ``done(Published(offset,
+        epoch))`` runs after the store took it and it was delivered, a refusal if the store
         failed (then it was neither stored nor delivered).
 
         In a cluster, a channel owned by another node is forwarded to its owner and
@@ -391,8 +210,9 @@ class Hub:
                 self.store_errors += 1
                 log.warning("publish to %r not stored: %s", ch.name, e)
                 reason = f"not stored (not delivered, not acknowledged): {e}"
+                refused = store_refusal(reason)
                 for _d, done, _t in batch:
-                    done(0, reason)
+                    done(refused)
                 return
             if ch.loaded and epoch == ch.epoch and first - 1 > ch.offset:
                 await self._fill(ch, first - 1)
@@ -403,7 +223,7 @@ class Hub:
                 off = first + i
                 self._deliver(ch, off, data)
                 self.latency.observe(perf_counter() - t0)
-                done(off, None)
+                done(Published(off, epoch))
         finally:
             ch.inflight = False
             if ch.pending:
@@ -483,7 +303,7 @@ class Hub:
             )
         for ring in rings:
             ch.subs.remove(ring)
-            owner = ring.on_overflow  # the session (see Session.__call__)
+            owner = ring.on_overflow  # the subscriber (see interfaces.Subscriber)
             subs = getattr(owner, "subs", None)
             if subs and ch.name in subs:
                 subs.remove(ch.name)
@@ -492,7 +312,7 @@ class Hub:
     # ------------------------------------------------------------------ subscribe
 
     def subscribe(
-        self, session: Session, replies: Replies, req_id: Any, name: str, since: Since | None
+        self, session: Subscriber, replies: Replies, req_id: Any, name: str, since: Since | None
     ) -> None:
         """Subscribe ``session``: reply, recovered messages, then live ones, in order.
 
@@ -548,7 +368,7 @@ class Hub:
 
     async def _subscribe_async(
         self,
-        session: Session,
+        session: Subscriber,
         replies: Replies,
         req_id: Any,
         ch: Channel,
@@ -622,7 +442,7 @@ class Hub:
 
     def _finish_subscribe(
         self,
-        session: Session,
+        session: Subscriber,
         replies: Replies,
         req_id: Any,
         ch: Channel,
@@ -657,7 +477,7 @@ class Hub:
             n = ch.users.get(user, 0)
             ch.users[user] = n + 1
             if n == 0 and ch.ns.join_leave:
-                self._announce(ch, "join", user)  # to the others: before adding this one
+                self.announce(ch, "join", user)  # to the others: before adding this one
         ch.subs.add(ring)
         self.idle.pop(name, None)
         return ch
@@ -701,7 +521,7 @@ class Hub:
             complete = False
         return complete, out
 
-    def unsubscribe(self, name: str, session: Session) -> bool:
+    def unsubscribe(self, name: str, session: Subscriber) -> bool:
         ring = session.ring
         return ring is not None and self.leave(name, ring, session.user)
 
@@ -717,7 +537,7 @@ class Hub:
             else:
                 del ch.users[user]
                 if ch.ns.join_leave:
-                    self._announce(ch, "leave", user)
+                    self.announce(ch, "leave", user)
         if len(ch.subs) == 0:
             if ch.ns.history_size == 0 or ch.offset == 0:
                 self._drop(name)
@@ -728,7 +548,7 @@ class Hub:
 
     # ------------------------------------------------------------------ presence
 
-    def _announce(self, ch: Channel, op: str, user: str) -> None:
+    def announce(self, ch: Channel, op: str, user: str) -> None:
         """A join/leave event to the channel's subscribers that may see its presence.
 
         Under ``allow_presence = any`` (the default) that is every subscriber: one
@@ -741,13 +561,14 @@ class Hub:
         if ch.ns.allow_presence == "any":
             self.delivered += ch.subs.fanout(encode_event(body))
             return
+        gate = self.presence_gate
         for ring in ch.subs.rings():
-            session = ring.on_overflow  # the session (see Session.__call__)
-            if not isinstance(session, _session_type()):
+            sub = ring.on_overflow  # the subscriber (see interfaces.Subscriber)
+            if not isinstance(sub, Subscriber):
                 continue
-            if session.node.auth.refusal(ch.ns, "presence", ch.name, session.identity):
+            if gate is not None and not gate(sub, ch.ns, ch.name):
                 continue
-            session.send(session.replies.event(body))
+            sub.send(sub.replies.event(body))
             self.delivered += 1
 
     def presence(self, name: str) -> dict[str, Any]:
@@ -790,12 +611,5 @@ class Hub:
         await self._tasks.cancel()
 
 
-def _session_type() -> type[Session]:
-    """fastim.session.Session (imported late: the session module imports this one)."""
-    from .session import Session
-
-    return Session
-
-
-def _ignore(off: int, err: str | None) -> None:
+def _ignore(result: Published) -> None:
     pass

@@ -8,6 +8,8 @@ key and value, so a typo in a config file fails loudly instead of being ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
 import ipaddress
 import os
 import re
@@ -17,6 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from ..store import HistoryLimits, InboxLimits, StoreSettings
+from .endpoints import parse_endpoints
+from .namespaces import RULE_KEYS, RULE_VALUES, Namespace, Namespaces, check_namespaces
+from .origins import OriginPolicy
+from .security import ANONYMOUS_VALUES, MIN_SECRET_BYTES, load_public_key, tls_server_context
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -316,6 +324,7 @@ class Config:
                 raise ConfigError(
                     f"{f.name}: expected {f.type}, got {type(value).__name__} {value!r}"
                 )
+        _check_host(self.host)
         for name in ("tcp_port", "ws_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
@@ -380,8 +389,6 @@ class Config:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.dm_retry > 0:
             raise ConfigError(f"dm_retry: must be > 0 seconds, got {self.dm_retry}")
-        from .namespaces import check_namespaces
-
         try:
             self.namespaces = check_namespaces(self.namespaces)
         except ValueError as e:
@@ -402,8 +409,6 @@ class Config:
 
     def _validate_origins(self) -> None:
         """Origin patterns (fastim/transport/origin.py): the entry that does not parse."""
-        from .transport.origin import OriginPolicy
-
         for name in ("allowed_origins", "static_allowed_origins"):
             try:
                 OriginPolicy(getattr(self, name))
@@ -424,6 +429,8 @@ class Config:
     def _validate_store(self) -> None:
         if self.store not in ("memory", "sqlite", "redis"):
             raise ConfigError(f"store: must be memory, sqlite or redis, got {self.store!r}")
+        if self.store == "redis":
+            _need_extra("redis", "store", "the redis store", "redis")
         if not self.store_path:
             raise ConfigError("store_path: must not be empty")
         if self.sqlite_synchronous not in ("normal", "full"):
@@ -447,22 +454,60 @@ class Config:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
     def _validate_security(self) -> None:
-        """Tokens, rules and TLS (fastim.auth): reads the key and certificate files."""
-        from .auth import check_settings
-
+        """Tokens, rules and TLS: reads the key and certificate files, so that
+        ``fastim config check`` and the start fail on a wrong path, not the first client."""
+        if self.anonymous not in ANONYMOUS_VALUES:
+            raise ConfigError(f"anonymous: must be auto, on or off, got {self.anonymous!r}")
+        if self.jwt_secret and len(self.jwt_secret.encode()) < MIN_SECRET_BYTES:
+            # the value itself is never repeated: it is a secret
+            raise ConfigError(
+                f"jwt_secret: at least {MIN_SECRET_BYTES} bytes (RFC 7518 §3.2), "
+                f"got {len(self.jwt_secret.encode())}"
+            )
+        if self.jwt_public_key:
+            try:
+                load_public_key(self.jwt_public_key)
+            except ValueError as e:
+                raise ConfigError(f"jwt_public_key: {e}") from None
+        if not self.jwt_leeway >= 0:
+            raise ConfigError(f"jwt_leeway: must be >= 0 seconds, got {self.jwt_leeway}")
+        configured = bool(self.jwt_secret or self.jwt_public_key)
+        if self.anonymous == "off" and not configured:
+            raise ConfigError(
+                "anonymous: 'off' needs jwt_secret or jwt_public_key (else no one can connect)"
+            )
+        for name in RULE_KEYS:
+            rule = getattr(self, name)
+            if rule not in RULE_VALUES:
+                raise ConfigError(
+                    f"{name}: must be one of {', '.join(RULE_VALUES)}, got {rule!r}"
+                )
+            if rule in ("user", "token") and not configured:
+                raise ConfigError(f"{name}: {rule!r} needs jwt_secret or jwt_public_key")
+        if not configured:
+            for ns, table in self.namespaces.items():
+                for key, value in table.items():
+                    if key.startswith("allow_") and value in ("user", "token"):
+                        raise ConfigError(
+                            f"namespaces.{ns}.{key}: {value!r} needs jwt_secret or jwt_public_key"
+                        )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key: set both (PEM files) or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca: needs tls_cert and tls_key")
         try:
-            check_settings(self)
+            tls_server_context(self.tls_cert, self.tls_key, self.tls_client_ca)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
     def _validate_cluster(self) -> None:
         """Cluster settings (fastim.cluster): checked even while etcd_endpoints is empty."""
-        from .cluster.membership import parse_endpoints
-
         try:
             parse_endpoints(self.etcd_endpoints)
         except ValueError as e:
             raise ConfigError(f"etcd_endpoints: {e}") from None
+        if self.etcd_endpoints:
+            _need_extra("aetcd", "etcd_endpoints", "a cluster (etcd)", "cluster")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.cluster_name):
             raise ConfigError(
                 "cluster_name: 1-64 letters, digits, '.', '_' or '-', starting with a letter "
@@ -511,6 +556,37 @@ class Config:
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{name}: no such file {path!r}")
 
+    def history_limits(self) -> HistoryLimits:
+        """``history_size``, ``history_ttl`` and ``history_meta_ttl`` (0 = no limit)."""
+        return HistoryLimits(
+            self.history_size, self.history_ttl or None, self.history_meta_ttl or None
+        )
+
+    def store_settings(self) -> StoreSettings:
+        """What the store of this node is opened with (:func:`fastim.store.open_store`)."""
+        return StoreSettings(
+            kind=self.store,
+            path=self.store_path,
+            synchronous=self.sqlite_synchronous,
+            url=self.redis_url,
+            prefix=self.redis_prefix,
+            timeout=self.redis_timeout,
+            limits=self.history_limits(),
+            inbox=InboxLimits(self.inbox_max, self.inbox_dedup_window),
+        )
+
+    def namespace_table(self) -> Namespaces:
+        """The channel namespaces: the top-level settings, and each ``[namespaces.NAME]``
+        table completed from them."""
+        default = Namespace(
+            "",
+            history_size=self.history_size,
+            history_ttl=self.history_ttl,
+            meta_ttl=self.history_meta_ttl,
+            **{key: getattr(self, key) for key in RULE_KEYS},
+        )
+        return Namespaces(default, self.namespaces)
+
     def exempt_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [
             ipaddress.ip_network(part.strip(), strict=False)
@@ -520,6 +596,44 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+
+def _check_host(host: str) -> None:
+    """``host`` must be an IP address, '' (every address), or a name this machine resolves:
+    else ConfigError naming it (``fastim config check`` must catch what bind would refuse)."""
+    if host == "":
+        return
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+", host) or ":" in host:
+        # 999.1.1.1, 10.0.0 (which getaddrinfo would read as 10.0.0.0), a bad IPv6 address
+        raise ConfigError(f"host: {host!r} is not a valid IP address")
+    if len(host) > 253 or any(c.isspace() or not c.isprintable() for c in host):
+        raise ConfigError(f"host: {host!r} is neither an IP address nor a host name")
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise ConfigError(
+            f"host: {host!r} is neither an IP address nor a name this machine resolves ({e})"
+        ) from None
+
+
+def _need_extra(module: str, setting: str, what: str, extra: str) -> None:
+    """ConfigError naming ``setting`` and the pip command when an optional dependency
+    (an extra of the fastim package) is not installed: found by name, not imported, so
+    ``fastim config check`` catches it as fast as a start does."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(
+            f"{setting}: {what} needs the {module} package, which is not installed: "
+            f"pip install 'fastim[{extra}]'"
+        )
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -548,9 +662,12 @@ def env_name(setting: str) -> str:
     return "FASTIM_" + setting.upper()
 
 
-def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
+def load_env(environ: Mapping[str, str], unknown: list[str] | None = None) -> dict[str, Any]:
     """Settings from ``FASTIM_<SETTING>`` variables, typed; raise ConfigError naming the
-    variable for a bad value or an unknown ``FASTIM_*`` name (a typo must not pass)."""
+    variable for a bad value. An unknown ``FASTIM_*`` name is an error too (a typo must
+    not pass ``fastim config check``), unless ``unknown`` is a list: then it is noted
+    there and skipped (``fastim serve``: wrappers and images set variables of their own,
+    ``FASTIM_BIN``, ``FASTIM_HOME``, which must not stop the node)."""
     by_env = {env_name(f.name): f for f in fields(Config) if not f.metadata.get("file_only")}
     out: dict[str, Any] = {}
     for key, raw in environ.items():
@@ -558,9 +675,12 @@ def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         f = by_env.get(key)
         if f is None:
-            raise ConfigError(
-                f"{key}: no such setting (settings are FASTIM_<NAME>, e.g. FASTIM_TCP_PORT)"
-            )
+            close = difflib.get_close_matches(key, by_env, n=1)
+            hint = f"did you mean {close[0]}?" if close else "settings are FASTIM_<NAME>"
+            if unknown is None:
+                raise ConfigError(f"{key}: no such setting ({hint})")
+            unknown.append(f"{key}: no such setting, ignored ({hint})")
+            continue
         typ = str(f.type)
         try:
             out[f.name] = int(raw) if typ == "int" else float(raw) if typ == "float" else raw
@@ -575,15 +695,20 @@ def build(path: str | Path | None = None, **overrides: Any) -> Config:
 
 
 def load(
-    path: str | Path | None, environ: Mapping[str, str] | None, overrides: Mapping[str, Any]
+    path: str | Path | None,
+    environ: Mapping[str, str] | None,
+    overrides: Mapping[str, Any],
+    unknown_env: list[str] | None = None,
 ) -> Config:
     """Defaults, then the file at ``path``, then ``FASTIM_*`` variables of ``environ``
-    (when given), then ``overrides`` (None values ignored): later wins. Validated."""
+    (when given), then ``overrides`` (None values ignored): later wins. Validated.
+    ``unknown_env``: see :func:`load_env` (a list collects unknown variables instead of
+    refusing them)."""
     values: dict[str, Any] = {}
     if path is not None:
         values.update(load_file(path))
     if environ is not None:
-        values.update(load_env(environ))
+        values.update(load_env(environ, unknown_env))
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = Config(**values)

@@ -2,7 +2,7 @@
 
 Routes under ``/api/`` on the WebSocket/HTTP port (docs/api.md): publish, broadcast,
 send to a user, presence, history, disconnect a user, and the OpenAPI document that
-describes them (:data:`OPENAPI`). JSON in, JSON out; every error is
+describes them (:data:`OPENAPI`, in ``openapi.json``). JSON in, JSON out; every error is
 ``{"error": "...", "field": "..."}`` (``field`` when one field is to blame, ``code``
 when a fastim error code applies) with a 4xx/5xx status.
 
@@ -26,22 +26,23 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, cast
+from importlib import resources
+from typing import Any, cast
 from urllib.parse import parse_qs
 
 import httptools
 import orjson
 
-from .errors import ProtocolError
-from .hub import HubError
-from .protocol import CloseCode, ErrorCode, validate_channel
-from .store import InboxFull, InboxMessage, StoreError
-
-if TYPE_CHECKING:
-    from .node import Node
-    from .transport.ws import WsSession
+from ..errors import ProtocolError
+from ..hub import HubError, Published
+from ..protocol import CloseCode, ErrorCode, validate_channel
+from ..session.commands import CID_MAX
+from ..store import InboxFull, InboxMessage, StoreError
+from ..transport.ws import WsSession
+from .host import ApiHost
 
 log = logging.getLogger("fastim.api")
 
@@ -52,7 +53,6 @@ MAX_BROADCAST = 1000
 #: messages one history request may return
 MAX_HISTORY = 1000
 DEFAULT_HISTORY = 100
-_CID_MAX = 128
 _REASON_MAX = 120  # a WebSocket close reason holds at most 123 bytes
 
 
@@ -122,7 +122,7 @@ def _status_of(code: int) -> int:
 class HttpApi:
     """The ``/api/`` routes of one node."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ApiHost) -> None:
         self.node = node
         key = node.config.api_key
         self._key = key.encode() if key else b""
@@ -140,25 +140,15 @@ class HttpApi:
     def handle(self, session: WsSession, method: bytes, path: bytes) -> None:
         """Answer one complete request to an ``/api/`` path (now, or when its work is done)."""
         route = path.decode("latin-1")
-        label = route if route in _ROUTES else "other"
-        if not self.enabled:
-            self._reply(session, "other", ApiError(404, "the HTTP API is off (no api_key)"))
+        label = self._label(route)
+        refusal = self._gate(session.headers, method, route)
+        if refusal is not None:
+            self._reply(session, label, refusal)
             return
         spec = _ROUTES.get(route)
         if spec is not None and spec[1] == "openapi" and method == b"GET":
             self._count(label, 200)
             session.http_send(200, self._openapi, JSON)
-            return
-        if not self._authorized(session.headers):
-            self._reply(
-                session,
-                label,
-                ApiError(
-                    401,
-                    "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
-                    headers=b'WWW-Authenticate: Bearer realm="fastim"\r\n',
-                ),
-            )
             return
         try:
             if spec is None:
@@ -172,13 +162,48 @@ class HttpApi:
                 )
             query = _query(session.url, params)
             body = _json_body(session, fields) if want == "POST" else {}
-            handler = cast(Handler, getattr(HttpApi, "_" + name))
+            handler = _HANDLERS[name]
         except ApiError as e:
             self._reply(session, label, e)
             return
         task = asyncio.ensure_future(self._run(session, label, handler, Request(query, body)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _label(self, route: str) -> str:
+        """The ``route`` label of fastim_api_requests_total: a known route, or "other"."""
+        return route if self.enabled and route in _ROUTES else "other"
+
+    def _gate(self, headers: dict[bytes, bytes], method: bytes, route: str) -> ApiError | None:
+        """What the head alone decides, before any body: 404 with the API off, 401
+        without the right key (every path but the OpenAPI document's)."""
+        if not self.enabled:
+            return ApiError(404, "the HTTP API is off (no api_key)")
+        if route == "/api/openapi.json" and method == b"GET":
+            return None
+        if not self._authorized(headers):
+            return ApiError(
+                401,
+                "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
+                headers=b'WWW-Authenticate: Bearer realm="fastim"\r\n',
+            )
+        return None
+
+    def gate(
+        self, headers: dict[bytes, bytes], method: bytes, path: bytes
+    ) -> tuple[int, str, bytes] | None:
+        """For the transport, once a request's head is complete: None to go on (read the
+        body, then :meth:`handle`), or the answer to give at once (:meth:`refuse`)."""
+        e = self._gate(headers, method, path.decode("latin-1"))
+        return None if e is None else (e.status, e.message, e.headers)
+
+    def refuse(
+        self, session: WsSession, path: bytes, status: int, message: str, headers: bytes = b""
+    ) -> None:
+        """Answer an ``/api/`` request the transport refused (401 or 404 from
+        :meth:`gate`, 413 for a body over max_message, 431): JSON, and counted."""
+        label = self._label(path.decode("latin-1"))
+        self._reply(session, label, ApiError(status, message, headers=headers))
 
     async def _run(self, session: WsSession, label: str, handler: Handler, req: Request) -> None:
         try:
@@ -231,15 +256,11 @@ class HttpApi:
     async def _publish_one(self, name: str, data: bytes) -> dict[str, Any]:
         hub = self.node.hub
         loop = asyncio.get_running_loop()
-        settled: asyncio.Future[tuple[int, str | None]] = loop.create_future()
+        settled: asyncio.Future[Published] = loop.create_future()
 
-        epoch: list[str] = []
-
-        def done(off: int, err: str | None) -> None:
-            if hub.ack_epoch is not None:
-                epoch.append(hub.ack_epoch)  # forwarded to the owner: its epoch
+        def done(result: Published) -> None:
             if not settled.done():
-                settled.set_result((off, err))
+                settled.set_result(result)
 
         try:
             router = hub.router
@@ -249,13 +270,11 @@ class HttpApi:
             off = hub.publish(name, data, done)
         except HubError as e:
             raise ApiError(_status_of(e.code), e.reason, code=e.code) from None
-        if off is None:  # durable: answered after the store took it (or failed)
-            off, err = await settled
-            if err is not None:
-                code = getattr(err, "code", ErrorCode.STORE_UNAVAILABLE)
-                raise ApiError(503, err, code=code)
-        if epoch:
-            return {"offset": off, "epoch": epoch[0]}
+        if off is None:  # durable or forwarded: answered once the store or owner took it
+            result = await settled
+            if result.refusal is not None:
+                raise ApiError(503, result.refusal.reason, code=result.refusal.code)
+            return {"offset": result.offset, "epoch": result.epoch}
         assert ch is not None
         return {"offset": off, "epoch": ch.epoch}
 
@@ -289,8 +308,8 @@ class HttpApi:
         to = _user(body.get("to"), "to")
         sender = _user(body["from"], "from") if body.get("from") is not None else None
         cid = body.get("cid")
-        if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= _CID_MAX):
-            raise ApiError(400, f'field "cid" must be a string of 1..{_CID_MAX} characters', "cid")
+        if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= CID_MAX):
+            raise ApiError(400, f'field "cid" must be a string of 1..{CID_MAX} characters', "cid")
         data = self._data(body)
         node = self.node
         store, postman = node.store, node.postman
@@ -328,17 +347,19 @@ class HttpApi:
             store = self.node.store
             assert store is not None
             try:
-                hist = await store.read(name, since, limit, ns.limits)
+                # peek, not read: a read must not give a channel that never existed an
+                # epoch (nor keep it in the store)
+                hist = await store.peek(name, since, limit, ns.limits)
             except StoreError as e:
                 hub.store_errors += 1
                 raise ApiError(503, str(e), code=ErrorCode.STORE_UNAVAILABLE) from None
+            if hist is None:
+                return _no_history(name)
             epoch, top, msgs = hist.epoch, hist.top, hist.messages
         else:
-            try:
-                ch = hub.channel(name)  # as a subscribe would: its epoch then stays
-            except HubError as e:
-                raise ApiError(_status_of(e.code), e.reason, code=e.code) from None
-            assert ch is not None
+            ch = hub.channel(name, create=False)  # a read creates no channel
+            if ch is None:
+                return _no_history(name)
             epoch, top = ch.epoch, ch.offset
             msgs = []
             h = ch.history
@@ -389,6 +410,23 @@ class HttpApi:
         if len(data) > limit:
             raise ApiError(413, f'field "data" is {len(data)} bytes, over max_message', "data")
         return data
+
+
+#: route name (``_ROUTES``) → its handler
+_HANDLERS: dict[str, Handler] = {
+    "publish": HttpApi._publish,
+    "broadcast": HttpApi._broadcast,
+    "send": HttpApi._send,
+    "presence": HttpApi._presence,
+    "history": HttpApi._history,
+    "disconnect": HttpApi._disconnect,
+}
+
+
+def _no_history(name: str) -> dict[str, Any]:
+    """The history of a channel that does not exist (never published to, or forgotten):
+    empty, and no epoch, since none was made; its first publish will make one."""
+    return {"channel": name, "epoch": "", "top": 0, "messages": []}
 
 
 def _channel(value: object, field: str) -> str:
@@ -454,309 +492,8 @@ def _json_body(session: WsSession, allowed: frozenset[str]) -> dict[str, Any]:
     return obj
 
 
-# --------------------------------------------------------------------------- OpenAPI
-
-_ERR = {"$ref": "#/components/responses/Error"}
-_CHANNEL = {
-    "type": "string",
-    "minLength": 1,
-    "description": "a channel: 1..255 bytes of UTF-8, no control characters",
-}
-_USER = {
-    "type": "string",
-    "minLength": 1,
-    "description": "a user id: 1..255 bytes of UTF-8, no control characters",
-}
-_S = "#/components/schemas/"
-
-
-def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
-
-
-def _ok(description: str, ref: str) -> dict[str, Any]:
-    return {"description": description, "content": _json_content({"$ref": ref})}
-
-
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(s): _ERR for s in statuses}
-
-
-#: the OpenAPI 3.1 document served at ``/api/openapi.json`` (tests check it covers ROUTES)
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {
-        "title": "fastim server HTTP API",
-        "version": "1",
-        "description": "Publish, broadcast, send to users, presence, history and disconnect "
-        "on a fastim node. Served on the WebSocket/HTTP port under /api/, when the node has "
-        "an api_key. See docs/api.md.",
-    },
-    "security": [{"bearer": []}, {"apiKey": []}],
-    "paths": {
-        "/api/publish": {
-            "post": {
-                "operationId": "publish",
-                "summary": "Publish one message to a channel",
-                "description": "Answered when a client's publish would be acknowledged: "
-                "durable channels after the store accepted the message.",
-                "requestBody": {
-                    "required": True,
-                    "content": _json_content({"$ref": _S + "PublishRequest"}),
-                },
-                "responses": {
-                    "200": _ok("the message's offset and its channel's epoch", _S + "Published"),
-                    **_errors(400, 401, 413, 415, 429, 503),
-                },
-            }
-        },
-        "/api/broadcast": {
-            "post": {
-                "operationId": "broadcast",
-                "summary": "Publish one message to many channels",
-                "requestBody": {
-                    "required": True,
-                    "content": _json_content({"$ref": _S + "BroadcastRequest"}),
-                },
-                "responses": {
-                    "200": _ok("one result per channel, in order", _S + "BroadcastResult"),
-                    **_errors(400, 401, 413, 415),
-                },
-            }
-        },
-        "/api/send": {
-            "post": {
-                "operationId": "send",
-                "summary": "Send a direct message to a user (stored in the user's inbox)",
-                "requestBody": {
-                    "required": True,
-                    "content": _json_content({"$ref": _S + "SendRequest"}),
-                },
-                "responses": {
-                    "200": _ok("stored; delivered to the user's connections", _S + "Sent"),
-                    **_errors(400, 401, 413, 415, 429, 503),
-                },
-            }
-        },
-        "/api/presence": {
-            "get": {
-                "operationId": "presence",
-                "summary": "Who is subscribed to a channel on this node",
-                "parameters": [
-                    {"name": "channel", "in": "query", "required": True, "schema": _CHANNEL}
-                ],
-                "responses": {
-                    "200": _ok("connection count and user ids", _S + "Presence"),
-                    **_errors(400, 401),
-                },
-            }
-        },
-        "/api/history": {
-            "get": {
-                "operationId": "history",
-                "summary": "A channel's kept messages after an offset",
-                "parameters": [
-                    {"name": "channel", "in": "query", "required": True, "schema": _CHANNEL},
-                    {
-                        "name": "since",
-                        "in": "query",
-                        "required": False,
-                        "description": "return messages with offset > since",
-                        "schema": {"type": "integer", "minimum": 0, "default": 0},
-                    },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "required": False,
-                        "schema": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": MAX_HISTORY,
-                            "default": DEFAULT_HISTORY,
-                        },
-                    },
-                ],
-                "responses": {
-                    "200": _ok("epoch, latest offset and messages, oldest first", _S + "History"),
-                    **_errors(400, 401, 429, 503),
-                },
-            }
-        },
-        "/api/disconnect": {
-            "post": {
-                "operationId": "disconnect",
-                "summary": "Close every connection of a user on this node (close code 4510)",
-                "requestBody": {
-                    "required": True,
-                    "content": _json_content({"$ref": _S + "DisconnectRequest"}),
-                },
-                "responses": {
-                    "200": _ok("how many connections were closed", _S + "Disconnected"),
-                    **_errors(400, 401, 413, 415),
-                },
-            }
-        },
-        "/api/openapi.json": {
-            "get": {
-                "operationId": "openapi",
-                "summary": "This document (no API key needed)",
-                "security": [],
-                "responses": {
-                    "200": {
-                        "description": "the OpenAPI document",
-                        "content": _json_content({"type": "object"}),
-                    }
-                },
-            }
-        },
-    },
-    "components": {
-        "securitySchemes": {
-            "bearer": {
-                "type": "http",
-                "scheme": "bearer",
-                "description": "Authorization: Bearer <api_key>",
-            },
-            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-        },
-        "responses": {
-            "Error": {
-                "description": "an error; field names the bad field or parameter",
-                "content": _json_content({"$ref": _S + "Error"}),
-            }
-        },
-        "schemas": {
-            "Error": {
-                "type": "object",
-                "required": ["error"],
-                "properties": {
-                    "error": {"type": "string"},
-                    "field": {"type": "string", "description": "the field or parameter at fault"},
-                    "code": {
-                        "type": "integer",
-                        "description": "fastim error code (docs/protocol.md)",
-                    },
-                },
-            },
-            "PublishRequest": {
-                "type": "object",
-                "required": ["channel", "data"],
-                "additionalProperties": False,
-                "properties": {"channel": _CHANNEL, "data": {"description": "any JSON value"}},
-            },
-            "Published": {
-                "type": "object",
-                "required": ["offset", "epoch"],
-                "properties": {
-                    "offset": {"type": "integer", "minimum": 1},
-                    "epoch": {"type": "string"},
-                },
-            },
-            "BroadcastRequest": {
-                "type": "object",
-                "required": ["channels", "data"],
-                "additionalProperties": False,
-                "properties": {
-                    "channels": {
-                        "type": "array",
-                        "items": _CHANNEL,
-                        "minItems": 1,
-                        "maxItems": MAX_BROADCAST,
-                    },
-                    "data": {"description": "any JSON value"},
-                },
-            },
-            "BroadcastResult": {
-                "type": "object",
-                "required": ["results"],
-                "properties": {
-                    "results": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["channel"],
-                            "description": "offset and epoch, or error (and code)",
-                            "properties": {
-                                "channel": {"type": "string"},
-                                "offset": {"type": "integer"},
-                                "epoch": {"type": "string"},
-                                "error": {"type": "string"},
-                                "code": {"type": "integer"},
-                            },
-                        },
-                    }
-                },
-            },
-            "SendRequest": {
-                "type": "object",
-                "required": ["to", "data"],
-                "additionalProperties": False,
-                "properties": {
-                    "to": _USER,
-                    "data": {"description": "any JSON value"},
-                    "from": {**_USER, "description": "the sender user id shown to the recipient"},
-                    "cid": {
-                        "type": "string",
-                        "minLength": 1,
-                        "maxLength": _CID_MAX,
-                        "description": "client message id: a retry with the same from and cid "
-                        "is stored once",
-                    },
-                },
-            },
-            "Sent": {
-                "type": "object",
-                "required": ["mid", "seq", "epoch", "dup"],
-                "properties": {
-                    "mid": {"type": "string"},
-                    "seq": {"type": "integer", "minimum": 1},
-                    "epoch": {
-                        "type": "string",
-                        "description": "the recipient inbox's epoch: seq counts within it",
-                    },
-                    "dup": {"type": "boolean"},
-                },
-            },
-            "Presence": {
-                "type": "object",
-                "required": ["channel", "count"],
-                "properties": {
-                    "channel": {"type": "string"},
-                    "count": {"type": "integer"},
-                    "users": {"type": "array", "items": {"type": "string"}},
-                },
-            },
-            "History": {
-                "type": "object",
-                "required": ["channel", "epoch", "top", "messages"],
-                "properties": {
-                    "channel": {"type": "string"},
-                    "epoch": {"type": "string"},
-                    "top": {"type": "integer", "description": "the channel's latest offset"},
-                    "messages": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["offset", "data"],
-                            "properties": {"offset": {"type": "integer"}, "data": {}},
-                        },
-                    },
-                },
-            },
-            "DisconnectRequest": {
-                "type": "object",
-                "required": ["user"],
-                "additionalProperties": False,
-                "properties": {
-                    "user": _USER,
-                    "reason": {"type": "string", "maxLength": _REASON_MAX},
-                },
-            },
-            "Disconnected": {
-                "type": "object",
-                "required": ["disconnected"],
-                "properties": {"disconnected": {"type": "integer"}},
-            },
-        },
-    },
-}
+#: the OpenAPI 3.1 document served at ``/api/openapi.json`` (tests check it covers ROUTES):
+#: data, in ``openapi.json`` beside this module
+OPENAPI: dict[str, Any] = json.loads(
+    resources.files(__package__).joinpath("openapi.json").read_text("utf-8")
+)

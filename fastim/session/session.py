@@ -12,282 +12,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import orjson
 
-from . import _core
-from .auth import AuthFailed, Identity
-from .errors import BadRequest, ProtocolError
-from .hub import HubError, Since
-from .protocol import (
-    CLIENT_FRAME_TYPES,
+from .. import _core
+from ..auth import AuthFailed, Identity
+from ..errors import BadRequest, ProtocolError
+from ..hub import HubError, Published, Since
+from ..protocol import (
     CloseCode,
     ErrorCode,
     FrameType,
     Request,
     negotiate,
-    pack_error,
     pack_goaway,
-    pack_puback,
-    pack_subscribed,
-    pack_unsubscribed,
-    type_mask,
     unpack_request,
     validate_channel,
 )
-
-if TYPE_CHECKING:
-    from .node import Node
+from .commands import CID_MAX, history_field, json_data, since_field, user_id, welcome_tail
+from .expiry import TokenExpiry
+from .host import Host
+from .replies import TCP_REPLIES, Replies
 
 log = logging.getLogger("fastim")
-
-CLIENT_TYPES_MASK = type_mask(CLIENT_FRAME_TYPES)
 
 HANDSHAKE, OPEN, CLOSING, CLOSED = range(4)
 
 _F = FrameType
-
-
-class Replies:
-    """How a session encodes what it sends: fastim frames (TCP)."""
-
-    json = False
-    #: the replies to JSON commands (CMD frames) on this kind of connection
-    cmd: JsonReplies
-
-    def frame(self, ftype: int, payload: bytes) -> bytes:
-        return _core.encode_frame(ftype, payload)
-
-    def event(self, body: bytes) -> bytes:
-        """A JSON event or reply (dm, presence, join...): an EVENT frame here."""
-        return self.frame(_F.EVENT, body)
-
-    def subscribed(
-        self, req_id: Any, ch: str, off: int, epoch: str = "", recovered: bool = False
-    ) -> bytes:
-        return self.frame(
-            _F.SUBSCRIBED, pack_subscribed(_bin_id(req_id), off, ch.encode(), epoch, recovered)
-        )
-
-    def unsubscribed(self, req_id: Any, ch: str) -> bytes:
-        return self.frame(_F.UNSUBSCRIBED, pack_unsubscribed(_bin_id(req_id), ch.encode()))
-
-    def puback(self, req_id: Any, ch: str, off: int) -> bytes:
-        return self.frame(_F.PUBACK, pack_puback(_bin_id(req_id), off, ch.encode()))
-
-    def pong(self, req_id: Any, payload: bytes = b"") -> bytes:
-        return self.frame(_F.PONG, payload)
-
-    def ping(self) -> bytes:
-        return self.frame(_F.PING, b"")
-
-    def error(self, req_id: Any, code: int, reason: str) -> bytes:
-        return self.frame(_F.ERROR, pack_error(_bin_id(req_id), code, reason))
-
-    def obj(self, obj: dict[str, Any], req_id: Any) -> bytes:
-        """A JSON reply object (with the request's id) as an event."""
-        if req_id is not None:
-            obj["id"] = req_id
-        return self.event(orjson.dumps(obj))
-
-
-class WsBinaryReplies(Replies):
-    """fastim frames, each in a WebSocket binary message."""
-
-    def frame(self, ftype: int, payload: bytes) -> bytes:
-        return _core.ws_encode(_core.OP_BINARY, _core.encode_frame(ftype, payload))
-
-    def ping(self) -> bytes:
-        return _core.ws_encode(_core.OP_PING, b"")
-
-
-class JsonReplies(Replies):
-    """JSON objects: WebSocket text messages (browsers), or EVENT frames answering CMD."""
-
-    json = True
-
-    def __init__(self, wrap: Callable[[bytes], bytes], ping: bytes = b"") -> None:
-        self._wrap = wrap
-        self._ping = ping
-
-    def event(self, body: bytes) -> bytes:
-        return self._wrap(body)
-
-    def _text(self, obj: dict[str, Any], req_id: Any) -> bytes:
-        if req_id is not None:
-            obj["id"] = req_id
-        return self._wrap(orjson.dumps(obj))
-
-    def subscribed(
-        self, req_id: Any, ch: str, off: int, epoch: str = "", recovered: bool = False
-    ) -> bytes:
-        return self._text(
-            {"op": "subscribed", "ch": ch, "off": off, "epoch": epoch, "recovered": recovered},
-            req_id,
-        )
-
-    def unsubscribed(self, req_id: Any, ch: str) -> bytes:
-        return self._text({"op": "unsubscribed", "ch": ch}, req_id)
-
-    def puback(self, req_id: Any, ch: str, off: int) -> bytes:
-        return self._text({"op": "puback", "ch": ch, "off": off}, req_id)
-
-    def pong(self, req_id: Any, payload: bytes = b"") -> bytes:
-        return self._text({"op": "pong"}, req_id)
-
-    def ping(self) -> bytes:
-        return self._ping
-
-    def error(self, req_id: Any, code: int, reason: str) -> bytes:
-        return self._text({"op": "error", "code": code, "reason": reason}, req_id)
-
-
-TCP_REPLIES = Replies()
-WS_BINARY_REPLIES = WsBinaryReplies()
-JSON_REPLIES = JsonReplies(
-    lambda body: _core.ws_encode(_core.OP_TEXT, body), _core.ws_encode(_core.OP_PING, b"")
-)
-TCP_REPLIES.cmd = JsonReplies(lambda body: _core.encode_frame(_F.EVENT, body))
-WS_BINARY_REPLIES.cmd = JsonReplies(
-    lambda body: _core.ws_encode(_core.OP_BINARY, _core.encode_frame(_F.EVENT, body))
-)
-JSON_REPLIES.cmd = JSON_REPLIES
-
-_CID_MAX = 128
-
-
-def _user_id(value: object, field: str) -> str:
-    """A user id: 1..255 bytes of UTF-8 without control characters (like a channel)."""
-    if not isinstance(value, str):
-        raise BadRequest(f'field "{field}" must be a string, got {type(value).__name__}')
-    try:
-        return validate_channel(value)
-    except ProtocolError as e:
-        raise BadRequest(e.reason.replace('field "ch"', f'field "{field}"')) from None
-
-
-def _since(value: object) -> Since | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise BadRequest('field "since" must be an object {"off": N, "epoch": "..."}')
-    off = value.get("off")
-    epoch = value.get("epoch")
-    if isinstance(off, bool) or not isinstance(off, int) or off < 0:
-        raise BadRequest('field "since.off" must be an integer >= 0')
-    if not isinstance(epoch, str) or len(epoch) > 64:
-        raise BadRequest('field "since.epoch" must be a string of at most 64 characters')
-    return Since(off, epoch)
-
-
-def _history(msg: dict[str, Any], since: Since | None) -> Since | None:
-    """A sub's ``since``, or its ``"history": N`` (the newest N messages: a new reader)."""
-    n = msg.get("history")
-    if n is None:
-        return since
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise BadRequest('field "history" must be an integer >= 0')
-    if since is not None:
-        raise BadRequest('a sub takes "since" or "history", not both')
-    return Since(n, "", last=True) if n else None
-
-
-class TokenExpiry:
-    """Ends a connection when its token expires, unless a refresh replaced the token.
-
-    A timer of its own on the node's wheel: the session's one deadline belongs to the
-    heartbeat, which a token's ``exp`` must not disturb. Created only for connections
-    that presented a token; one per token: a refresh starts a new one and the old one
-    finds itself superseded when it fires.
-    """
-
-    __slots__ = ("identity", "session", "wheel_tick")
-
-    def __init__(self, session: Session, identity: Identity) -> None:
-        self.session = session
-        self.identity = identity
-        self.wheel_tick = -1
-        wheel = session.node.wheel
-        wheel.schedule(self, wheel.now + max(0.0, identity.expires - time.time()))
-
-    def on_deadline(self, now: float) -> float | None:
-        s = self.session
-        if s.identity is not self.identity or s.state >= CLOSING:
-            return None  # refreshed (a newer timer watches), or the connection is gone
-        left = self.identity.expires - time.time()
-        if left > 0:
-            return now + left  # the wheel fired early (its resolution)
-        s.node.auth.expired += 1
-        s.fail(
-            AuthFailed(
-                'token expired: refresh it before "exp" ({"op":"refresh","token":...}) '
-                "or reconnect with a new one"
-            )
-        )
-        return None
-
-
-class SessionList:
-    """The node's live sessions: an intrusive doubly linked list.
-
-    A ``set`` of sessions costs ~105 bytes per connection (its table runs at most 60%
-    full, 16 bytes a slot); two slots on the session cost 16. Add, discard and len are
-    O(1); iteration walks a snapshot, so closing sessions while iterating is safe.
-    """
-
-    __slots__ = ("_head", "_n")
-
-    def __init__(self) -> None:
-        self._head: Session | None = None
-        self._n = 0
-
-    def add(self, s: Session) -> None:
-        if s._linked:
-            return
-        s._linked = True
-        s._prev = None
-        s._next = self._head
-        if self._head is not None:
-            self._head._prev = s
-        self._head = s
-        self._n += 1
-
-    def discard(self, s: Session) -> None:
-        if not s._linked:
-            return
-        s._linked = False
-        if s._prev is not None:
-            s._prev._next = s._next
-        else:
-            self._head = s._next
-        if s._next is not None:
-            s._next._prev = s._prev
-        s._prev = s._next = None
-        self._n -= 1
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __bool__(self) -> bool:
-        return self._n > 0
-
-    def __contains__(self, s: object) -> bool:
-        return isinstance(s, Session) and s._linked and any(x is s for x in self)
-
-    def __iter__(self) -> Iterator[Session]:
-        out = []
-        s = self._head
-        while s is not None:
-            out.append(s)
-            s = s._next
-        return iter(out)
-
-
-def _bin_id(req_id: Any) -> int:
-    return req_id if isinstance(req_id, int) else 0
 
 
 class Session(asyncio.Protocol):
@@ -324,7 +76,7 @@ class Session(asyncio.Protocol):
     #: the TCP protocol requires HELLO first; over WebSocket the upgrade is the handshake
     hello_required = True
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Host) -> None:
         self.node = node
         self.config = node.config
         self.transport: asyncio.Transport | None = None
@@ -377,7 +129,9 @@ class Session(asyncio.Protocol):
         refusal = node.admit(self)
         if refusal is not None:
             self.refuse_limit(*refusal)
-            return
+            if self.state >= CLOSING:
+                return
+            # not refused yet (WebSocket/HTTP: it may be a probe): handshake_timeout as usual
         node.wheel.schedule(self, node.wheel.now + self.config.handshake_timeout)
 
     def _enable_direct_write(self) -> None:
@@ -408,6 +162,29 @@ class Session(asyncio.Protocol):
         transport.set_write_buffer_limits(high=0)
         self.ring.set_fd(fd)
 
+    def close_transport(self, abort: bool = False) -> None:
+        """Close the transport (``abort``: dropping what it holds). Every close of a
+        session's transport goes through here (or follows ``ring.close()``).
+
+        The ring's socket stops being written to from C first: once the transport is
+        closing, its fd may be closed and its number given to a new connection, and
+        the flusher does not ask the transport (OutRing.set_fd)."""
+        if self.ring is not None:
+            self.ring.set_fd(-1)
+        if self.transport is None:
+            return
+        if abort:
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        """The peer closed its side: the transport closes ours too (None), so the ring
+        stops writing to the socket now, as for :meth:`close_transport`."""
+        if self.ring is not None:
+            self.ring.set_fd(-1)
+        return None
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.ip is not None:
             self.node.release(self.ip)
@@ -432,8 +209,9 @@ class Session(asyncio.Protocol):
         """Called when the node is at max_connections; the transport closes."""
         self.close(CloseCode.GOING_AWAY, "node at its connection limit, try another")
 
-    def refuse_limit(self, status: int, reason: str) -> None:
-        """A per-address limit refused this connection (``status``: the HTTP answer)."""
+    def refuse_limit(self, status: int, reason: str, ip: str) -> None:
+        """A per-address limit refused this connection from ``ip`` (``status``: the HTTP
+        answer)."""
         self.node.limit_refusals += 1
         self.close(CloseCode.RATE_LIMITED, reason)
 
@@ -501,8 +279,7 @@ class Session(asyncio.Protocol):
         cfg = self.config
         if self.state == CLOSING:
             # the peer never finished the close: drop it
-            if self.transport is not None:
-                self.transport.abort()
+            self.close_transport(abort=True)
             return None
         if self.state == HANDSHAKE:
             self.on_handshake_timeout()
@@ -569,7 +346,7 @@ class Session(asyncio.Protocol):
     def finish_close(self) -> None:
         """TCP closes at once (after the write buffer drains); WebSocket overrides."""
         assert self.transport is not None
-        self.transport.close()
+        self.close_transport()
         self.node.wheel.schedule(self, self.node.wheel.now + self.config.close_timeout)
 
     def fail(self, err: ProtocolError, req_id: Any = None) -> None:
@@ -698,7 +475,7 @@ class Session(asyncio.Protocol):
                 n = channel.users.get(user, 0)
                 channel.users[user] = n + 1
                 if n == 0 and channel.ns.join_leave:
-                    hub._announce(channel, "join", user)
+                    hub.announce(channel, "join", user)
         postman = self.node.postman
         assert postman is not None
         postman.attach(self, user)
@@ -714,7 +491,7 @@ class Session(asyncio.Protocol):
         name anyone can type must not open someone's inbox). Raises AuthFailed (fatal,
         close 4501) or BadRequest.
         """
-        user = None if declared is None else _user_id(declared, "user")
+        user = None if declared is None else user_id(declared, "user")
         if token is not None:
             if self.identity is not None:
                 raise BadRequest("this connection is already authenticated")
@@ -758,7 +535,7 @@ class Session(asyncio.Protocol):
             )
         self.identity = identity
         TokenExpiry(self, identity)
-        self.send(replies.obj({"op": "refreshed", "exp": identity.expires}, req_id))
+        self.send(replies.obj({"op": "refreshed", "exp": int(identity.expires)}, req_id))
 
     def login(self, token: str) -> bool:
         """Authenticate with a token given at the WebSocket upgrade (``?token=``).
@@ -819,16 +596,16 @@ class Session(asyncio.Protocol):
             if op == "pub":
                 if "data" not in msg:
                     raise BadRequest("missing field \"data\" in 'pub'")
-                data = _json_data(msg["data"])
-            since = _history(msg, _since(msg.get("since"))) if op == "sub" else None
+                data = json_data(msg["data"])
+            since = history_field(msg, since_field(msg.get("since"))) if op == "sub" else None
             self.handle_request(Request(op, req_id, msg["ch"], data), replies, since)
             return
         if op == "hello":
             declared, token = msg.get("user"), msg.get("token")
             if declared is None and token is None and self.identity is None:
-                _user_id(declared, "user")  # BAD_REQUEST: a hello names a user or a token
+                user_id(declared, "user")  # BAD_REQUEST: a hello names a user or a token
             user = self._identify(declared, token)
-            self.send(replies.event(self._welcome(user or self.user)[:-1] + _tail(req_id)))
+            self.send(replies.event(self._welcome(user or self.user)[:-1] + welcome_tail(req_id)))
             if user is not None:
                 self._declare(user)
             return
@@ -853,17 +630,17 @@ class Session(asyncio.Protocol):
                 )
                 return
             if op == "send":
-                to = _user_id(msg.get("to"), "to")
+                to = user_id(msg.get("to"), "to")
                 if "data" not in msg:
                     raise BadRequest("missing field \"data\" in 'send'")
-                data = _json_data(msg["data"])
+                data = json_data(msg["data"])
                 if len(data) > self.config.max_message:
                     raise ProtocolError(
                         f"data of {len(data)} bytes exceeds max_message", ErrorCode.FRAME_TOO_LARGE
                     )
                 cid = msg.get("cid")
-                if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= _CID_MAX):
-                    raise BadRequest(f'field "cid" must be a string of 1..{_CID_MAX} characters')
+                if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= CID_MAX):
+                    raise BadRequest(f'field "cid" must be a string of 1..{CID_MAX} characters')
                 if self.rate_ok(req_id, replies):
                     postman.send(self, req_id, to, data, cid)
             elif op == "ack":
@@ -894,12 +671,12 @@ class Session(asyncio.Protocol):
                 return
             req_id = req.id
 
-            def done(off: int, err: str | None) -> None:
-                if err is None:
-                    self.send(replies.puback(req_id, ch, off))
-                else:  # a Refusal carries its code (cluster: NOT_ROUTED)
-                    code = getattr(err, "code", ErrorCode.STORE_UNAVAILABLE)
-                    self.send(replies.error(req_id, code, err))
+            def done(result: Published) -> None:
+                refusal = result.refusal
+                if refusal is None:
+                    self.send(replies.puback(req_id, ch, result.offset))
+                else:  # the store failed, or (cluster) the owner was not reachable
+                    self.send(replies.error(req_id, refusal.code, refusal.reason))
                 self.published()
 
             try:
@@ -958,16 +735,3 @@ class Session(asyncio.Protocol):
             self.send(replies.unsubscribed(req.id, ch))
 
 
-def _json_data(value: object) -> bytes:
-    try:
-        return orjson.dumps(value)
-    except TypeError as e:
-        raise BadRequest(f'field "data" cannot be encoded: {e}') from None
-
-
-def _tail(req_id: Any) -> bytes:
-    """Closes a JSON object begun elsewhere, with the op and the request id."""
-    out = b',"op":"welcome"'
-    if req_id is not None:
-        out += b',"id":' + orjson.dumps(req_id)
-    return out + b"}"

@@ -26,12 +26,9 @@ setting of the same name (default ``any``: what a node without auth always did).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .store import HistoryLimits
-
-if TYPE_CHECKING:
-    from .config import Config
+from ..store import HistoryLimits
 
 #: settings a ``[namespaces.NAME]`` table may hold, and their types
 NAMESPACE_KEYS: dict[str, type] = {
@@ -126,16 +123,13 @@ class Namespaces:
 
     __slots__ = ("_by_name", "default")
 
-    def __init__(self, config: Config) -> None:
-        self.default = Namespace(
-            "",
-            history_size=config.history_size,
-            history_ttl=config.history_ttl,
-            meta_ttl=config.history_meta_ttl,
-            **{key: getattr(config, key) for key in RULE_KEYS},
-        )
+    def __init__(self, default: Namespace, tables: dict[str, dict[str, Any]]) -> None:
+        """``default``: the top-level settings; ``tables``: the ``[namespaces.NAME]``
+        tables (checked here), each completed from ``default``. A node gets its own from
+        :meth:`fastim.config.Config.namespace_table`."""
+        self.default = default
         self._by_name: dict[str, Namespace] = {}
-        for name, table in check_namespaces(config.namespaces).items():
+        for name, table in check_namespaces(tables).items():
             settings: dict[str, Any] = {
                 "history_size": self.default.history_size,
                 "history_ttl": self.default.history_ttl,

@@ -45,17 +45,27 @@ import asyncio
 import heapq
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import orjson
 
-from .errors import BadRequest
-from .protocol import ErrorCode
-from .store import AckOutOfRange, InboxAppended, InboxFull, InboxMessage, Store, StoreError
-from .tasks import Background
+from ..errors import BadRequest, ProtocolError
+from ..protocol import ErrorCode
+from ..store import AckOutOfRange, InboxAppended, InboxFull, InboxMessage, Store, StoreError
+from ..tasks import Background
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class Session(Protocol):
+    """A connection of a user, as the postman sees it (a :class:`fastim.session.Session`
+    to the node): it is sent events, and failed when its command is bad."""
+
+    user: str | None
+
+    def is_open(self) -> bool: ...
+
+    def send_event(self, body: bytes) -> None: ...
+
+    def fail(self, err: ProtocolError, req_id: Any = None) -> None: ...
 
 log = logging.getLogger("fastim")
 

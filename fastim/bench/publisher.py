@@ -1,0 +1,242 @@
+"""The publisher: one connection that sends, and the probe subscriber that paces it.
+
+One publisher connection sends; the publisher's process also holds one of the N
+subscribers, the *probe*, connected last. Saturation keeps published − received by the
+probe ≤ ``--inflight`` (W): the same rule for fastim and for peers, which have no acks.
+``--rate`` publishes at a fixed rate instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+import orjson
+
+from .. import _core
+from ..client.connection import HandshakeError
+from ..protocol import FrameType, pack_hello, pack_sub
+from .counting import WorkerResult
+from .serverstats import cpu_pids, cpu_sum
+from .target import Target, upgrade_request, upgrade_response
+from .wire import MAX_MESSAGE, SERVER_TYPES, make_payload, mask, ws_text
+from .workers import open_subs
+
+_OP_TEXT = _core.OP_TEXT
+_OP_PING = _core.OP_PING
+_OP_CLOSE = _core.OP_CLOSE
+
+
+class _Pub(asyncio.Protocol):
+    """The publisher's connection: sends, counts fastim's acks, answers pings."""
+
+    def __init__(self, target: Target, channel: str) -> None:
+        self.target = target
+        self.channel = channel
+        self.acked = 0
+        self.errors: list[str] = []
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.head: bytes | None = b"" if target.kind != "tcp" else None
+        self.key = ""  # the upgrade request's Sec-WebSocket-Key
+        self.dec = _core.FrameDecoder(MAX_MESSAGE, SERVER_TYPES)
+        self.parser = _core.WSParser(MAX_MESSAGE, client=True)
+        self.ch_json = orjson.dumps(channel)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.target.kind == "tcp":
+            transport.write(_core.encode_frame(FrameType.HELLO, pack_hello(1, 1)))  # type: ignore[attr-defined]
+        else:
+            request, self.key = upgrade_request(self.target)
+            transport.write(request)  # type: ignore[attr-defined]
+
+    def publish(self, seq: int, payload: bytes) -> None:
+        assert self.transport is not None
+        k = self.target.kind
+        if k == "tcp":
+            frame = _core.encode_frame(
+                FrameType.PUB, pack_sub(FrameType.PUB, seq & 0xFFFFFFFF, self.channel, payload)
+            )
+        elif k == "ws":
+            frame = ws_text(
+                b'{"op":"pub","ch":%s,"data":%s,"id":%d}' % (self.ch_json, payload, seq)
+            )
+        else:
+            frame = ws_text(payload)
+        self.transport.write(frame)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.target.kind == "tcp":
+                self._frames(data)
+                return
+            if self.head is not None:
+                head = self.head + data
+                try:
+                    start = upgrade_response(self.target, head, self.key)
+                except HandshakeError as e:
+                    self._error(f"publisher: {e}")
+                    return
+                if start < 0:
+                    self.head = head
+                    return
+                self.head = None
+                if not self.ready.done():
+                    self.ready.set_result(None)
+                data = head[start:]
+            for op, p in self.parser.feed(data):
+                if op == _OP_TEXT:
+                    if b'"puback"' in p:
+                        self.acked += 1
+                    else:
+                        self._error(f"publisher got {p[:120]!r}")
+                elif op == _OP_PING and self.transport is not None:
+                    self.transport.write(_core.ws_encode(_core.OP_PONG, p, mask=mask()))
+                elif op == _OP_CLOSE:
+                    self._error(f"publisher: server closed {_core.ws_parse_close(p)}")
+        except Exception as e:
+            self._error(f"publisher: {e!r}")
+
+    def _frames(self, data: bytes) -> None:
+        for t, p in self.dec.feed(data):
+            if t == FrameType.PUBACK:
+                self.acked += 1
+            elif t == FrameType.WELCOME and not self.ready.done():
+                self.ready.set_result(None)
+            elif t == FrameType.PING and self.transport is not None:
+                self.transport.write(_core.encode_frame(FrameType.PONG, p))
+            elif t in (FrameType.ERROR, FrameType.GOAWAY):
+                self._error(f"publisher got frame 0x{t:02x}: {p[:100]!r}")
+
+    def _error(self, why: str) -> None:
+        if len(self.errors) < 20:
+            self.errors.append(why)
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(why))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"publisher closed ({exc})"))
+
+
+@dataclass
+class PubResult:
+    published: int = 0
+    acked: int = 0
+    probe_received: int = 0
+    probe_last_rx: float = 0.0
+    elapsed_s: float = 0.0
+    publish_s: float = 0.0
+    server_cpu_s: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+async def drive(
+    target: Target,
+    args: argparse.Namespace,
+    pipes: list[Connection],
+    server_pid: int | None,
+    progress: bool,
+) -> PubResult:
+    """Connect publisher and probe, start the workers' clocks, publish, wait for the probe."""
+    loop = asyncio.get_running_loop()
+    res = PubResult()
+    probe_out = WorkerResult(connections=1)
+    _t, pub = await loop.create_connection(
+        lambda: _Pub(target, args.channel), target.host, target.port
+    )
+    await asyncio.wait_for(pub.ready, 30)
+    # the probe connects last, so in a server that fans out in subscription order it is
+    # the last to be served: when it has message k, every subscriber's write of k is done
+    probe = (await open_subs(target, args.channel, 1, set(), True, probe_out))[0]
+    wake = probe.wake = asyncio.Event()
+    await asyncio.sleep(0.1)  # let the last subscription settle before the clock starts
+    for a in pipes:
+        a.send(("go",))
+    pids = cpu_pids(args, server_pid)
+    cpu0 = cpu_sum(pids)
+    window = args.inflight
+    size = args.size
+    duration = args.duration
+    interval = 1.0 / args.rate if args.rate > 0 else 0.0
+    sent = 0
+    t0 = time.monotonic()
+    end = t0 + duration
+    next_report = t0 + 1.0
+    stalled = False
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        if sent - probe.count >= window:
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), 10)
+            except asyncio.TimeoutError:
+                stalled = True
+                break
+            continue
+        if interval:
+            delay = t0 + sent * interval - now
+            if delay > 0:
+                await asyncio.sleep(min(delay, end - now))
+                continue
+        sent += 1
+        pub.publish(sent, make_payload(sent, size))
+        if sent % 16 == 0:
+            await asyncio.sleep(0)  # let the probe's reads in between writes
+        if progress and now >= next_report:
+            next_report += 1.0
+            el = now - t0
+            print(
+                f"\r  running {el:4.1f}s  published {sent:,} ({sent / el:,.0f} msg/s)"
+                f"  probe {probe.count:,}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+    res.publish_s = time.monotonic() - t0
+    # the last messages: the probe, served last, has them when the server is done
+    wait_until = time.monotonic() + args.drain
+    while probe.count < sent and time.monotonic() < wait_until and not probe.closed:
+        wake.clear()
+        try:
+            await asyncio.wait_for(wake.wait(), max(0.01, wait_until - time.monotonic()))
+        except asyncio.TimeoutError:
+            break
+    res.elapsed_s = time.monotonic() - t0
+    cpu1 = cpu_sum(pids)
+    if cpu0 is not None and cpu1 is not None:
+        res.server_cpu_s = cpu1 - cpu0
+    if target.fastim:
+        ack_until = time.monotonic() + 5
+        while pub.acked < sent and time.monotonic() < ack_until:  # noqa: ASYNC110 - bounded poll
+            await asyncio.sleep(0.01)
+    res.published = sent
+    res.acked = pub.acked
+    res.probe_received = probe.count
+    res.probe_last_rx = probe.last_rx
+    res.errors = pub.errors + probe_out.errors
+    if stalled:
+        res.errors.append(f"the probe received nothing for 10 s (at {probe.count} of {sent})")
+    if progress:
+        print(file=sys.stderr)
+    probe.close()
+    if pub.transport is not None:
+        pub.transport.close()
+    await asyncio.sleep(0.05)
+    return res
+
+
+async def warm_up(target: Target, channel: str, n: int, subscribe: bool) -> None:
+    """Open and close a few connections: first-use allocations out of the RSS baseline."""
+    out = WorkerResult()
+    subs = await open_subs(target, channel, n, set(), subscribe, out)
+    for s in subs:
+        s.close()
+    await asyncio.sleep(0.3)

@@ -1,0 +1,346 @@
+"""One run of the bench: the target, the worker processes, the publisher, the result.
+
+``run(args)`` spawns a node when no URL is given, starts the subscriber workers, waits
+until all are connected, drives the publisher (or, with ``--idle``, waits for the
+server's memory to settle), collects the workers' counts and returns the result as a
+dict: deliveries/s, latency percentiles, loss and reordering, the server's CPU and the
+generator's (see report.render).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from .counting import WorkerResult
+from .publisher import drive, warm_up
+from .report import percentile
+from .serverstats import cpu_pids, server_rss_kib
+from .spawn import spawn_node
+from .target import Target, parse_target, sub_targets
+from .workers import CONNS_PER_IP, CONNS_PER_PROCESS, WorkerSpec, run_loop, worker
+
+
+def _affinity(spec: str | None) -> set[int] | None:
+    if spec is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    return {int(c) for c in spec.split(",")}
+
+
+def _default_sample(args: argparse.Namespace) -> int:
+    """Sampled subscribers: a few at saturation (their decoding costs generator CPU);
+    up to 1,000 at a fixed rate, where the per-message cost is small and p99 needs
+    samples from all along the fan-out order."""
+    if args.sample is not None:
+        return int(args.sample)
+    n = int(args.subscribers)
+    if args.rate:
+        return min(n, 1000)
+    # at most 1% of the deliveries: with 50 subscribers and ~60k publishes/s, 10 decoding
+    # subscribers alone saturated the generator's core (measured)
+    return max(1, min(10, n // 100))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one benchmark; return the result as a dict."""
+    node = None
+    server_pid: int | None = getattr(args, "server_pid", None)
+    if args.url is not None and args.peer is not None:
+        raise SystemExit("fastim bench: give --url or --peer, not both")
+    if args.url is not None:
+        target = parse_target(args.url)
+    elif args.peer is not None:
+        target = parse_target(args.peer, peer=True)
+    else:
+        workdir = tempfile.mkdtemp(prefix="fastim-bench-")
+        node, target = spawn_node(args.transport, args.server_cpu, args.store, workdir)
+        server_pid = node.pid
+    try:
+        result = _run(target, args, server_pid)
+        if node is not None:
+            result["store"] = args.store
+        return result
+    finally:
+        if node is not None:
+            node.terminate()
+            try:
+                node.wait(10)
+            except subprocess.TimeoutExpired:
+                node.kill()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(target: Target, args: argparse.Namespace, server_pid: int | None) -> dict[str, Any]:
+    idle = bool(args.idle)
+    progress = not args.json and not args.quiet
+    n_total = args.subscribers
+    # the probe, in the publisher's process, is one of the N subscribers
+    n_workers_conns = n_total if idle else n_total - 1
+    procs = max(1, args.processes, math.ceil(n_workers_conns / CONNS_PER_PROCESS))
+    spread = args.spread_ips or n_total > CONNS_PER_IP
+    share = [
+        n_workers_conns // procs + (1 if i < n_workers_conns % procs else 0) for i in range(procs)
+    ]
+    n_sample = 0 if idle else _default_sample(args)
+    subscribe = not (idle and args.no_subscribe) and target.fastim
+    sub_nodes = sub_targets(args, target)
+    cpus = _affinity(args.client_cpu)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    if progress:
+        what = (
+            "idle connections"
+            if idle
+            else (
+                f"{args.rate:g} msg/s" if args.rate else f"saturation (≤{args.inflight} in flight)"
+            )
+        )
+        print(
+            f"fastim bench → {target.url} ({target.kind}): {n_total:,} connections in "
+            f"{procs} process(es), {args.size}-byte messages, {what}"
+            + ("" if idle else f", {args.duration:g}s"),
+            file=sys.stderr,
+        )
+    rss_before = None
+    if idle and server_pid is not None:
+        run_loop(warm_up(target, args.channel, min(20, n_total), subscribe))
+        rss_before = server_rss_kib(server_pid)
+    ctx = _mp_context()
+    pipes: list[Connection] = []
+    workers = []
+    samples_left = n_sample
+    for i, n in enumerate(share):
+        a, b = ctx.Pipe()
+        k = min(n, math.ceil(samples_left / (procs - i))) if n_sample else 0
+        samples_left -= k
+        spec = WorkerSpec(
+            target, args.channel, n, k, subscribe, (1 + i * 8) if spread else 0, sub_nodes
+        )
+        p = ctx.Process(target=worker, args=(spec, b), daemon=True)
+        p.start()
+        if cpus and p.pid:
+            os.sched_setaffinity(p.pid, cpus)
+        pipes.append(a)
+        workers.append(p)
+    try:
+        return _measure(
+            target, args, server_pid, pipes, share, progress, idle, rss_before, n_sample, procs
+        )
+    finally:
+        for p in workers:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+
+
+def _mp_context() -> Any:
+    """forkserver with the bench preloaded (the workers' module, and so the package): a
+    worker starts in ~10 ms instead of ~200 ms (peers_e2e.py starts dozens); spawn where
+    forkserver does not exist."""
+    try:
+        ctx = mp.get_context("forkserver")
+    except ValueError:  # pragma: no cover - not on Linux
+        return mp.get_context("spawn")
+    ctx.set_forkserver_preload([worker.__module__])
+    return ctx
+
+
+def _collect(pipes: list[Connection], timeout: float) -> list[WorkerResult]:
+    out: list[WorkerResult] = []
+    for a in pipes:
+        if not a.poll(timeout):
+            raise SystemExit("fastim bench: a worker did not report its result")
+        msg = a.recv()
+        while msg[0] == "progress":
+            msg = a.recv()
+        if msg[0] != "result":
+            raise SystemExit(f"fastim bench: worker failed: {msg[1]}")
+        out.append(WorkerResult(**msg[1]))
+    return out
+
+
+def _measure(
+    target: Target,
+    args: argparse.Namespace,
+    server_pid: int | None,
+    pipes: list[Connection],
+    share: list[int],
+    progress: bool,
+    idle: bool,
+    rss_before: int | None,
+    n_sample: int,
+    procs: int,
+) -> dict[str, Any]:
+    n_total = args.subscribers
+    counts = [0] * len(pipes)
+    waiting = {id(a): i for i, a in enumerate(pipes)}
+    t_conn = time.monotonic()
+    while waiting:
+        for a in wait([pipes[i] for i in waiting.values()], timeout=60):
+            i = waiting[id(a)]
+            msg = pipes[i].recv()
+            if msg[0] == "progress":
+                counts[i] = msg[1]
+            elif msg[0] == "ready":
+                counts[i] = msg[1]
+                del waiting[id(a)]
+            else:
+                raise SystemExit(f"fastim bench: worker failed: {msg[1]}")
+        if time.monotonic() - t_conn > 600:
+            raise SystemExit("fastim bench: connecting took more than 10 minutes")
+        if progress:
+            print(
+                f"\r  connected {sum(counts):,}/{sum(share):,}", end="", file=sys.stderr, flush=True
+            )
+    connect_s = time.monotonic() - t_conn
+    if progress:
+        print(f"  ({connect_s:.1f}s)", file=sys.stderr)
+    out: dict[str, Any] = {
+        "target": target.kind,
+        "url": target.url,
+        "sub_urls": [t.url for t in sub_targets(args, target)] or None,
+        "subscribers": n_total,
+        "connect_s": round(connect_s, 2),
+    }
+    gen_cpu0 = time.process_time()
+    if idle:
+        return _idle(out, args, server_pid, pipes, rss_before, progress)
+    pub = run_loop(drive(target, args, pipes, server_pid, progress))
+    pub_cpu = time.process_time() - gen_cpu0
+    for a in pipes:
+        a.send(("expect", pub.published, args.drain))
+    results = _collect(pipes, args.drain + 30)
+    sent = pub.published
+    received = sum(r.received for r in results) + pub.probe_received
+    expected = sent * n_total
+    lat = [x for r in results for x in r.latencies_us]
+    elapsed = max(pub.elapsed_s, 1e-9)
+    per_proc = [round(100 * r.cpu_s / r.wall_s, 1) if r.wall_s else 0.0 for r in results]
+    per_proc_sys = [round(100 * r.sys_s / r.wall_s, 1) if r.wall_s else 0.0 for r in results]
+    pub_pct = round(100 * pub_cpu / elapsed, 1)
+    n_cores = len(_affinity(args.client_cpu) or os.sched_getaffinity(0))
+    total_pct = round(sum(per_proc) + pub_pct, 1)
+    closed = sum(r.closed for r in results)
+    errors = [e for r in results for e in r.errors] + pub.errors
+    if closed:
+        errors.insert(0, f"the server closed {closed} subscriber connections during the run")
+    out.update(
+        {
+            "size": args.size,
+            "mode": "rate" if args.rate else "saturation",
+            "rate": args.rate,
+            "inflight": args.inflight,
+            "duration_s": round(elapsed, 3),
+            # the last message any subscriber received, after the probe's last: near 0
+            # (or below) when the generator kept up, large when its own sockets queued
+            "subscribers_lag_s": round(
+                max([r.last_rx for r in results] or [pub.probe_last_rx]) - pub.probe_last_rx, 3
+            ),
+            "published": sent,
+            "acked": pub.acked if target.fastim else None,
+            "publish_per_s": round(sent / elapsed, 1),
+            "deliveries": received,
+            "deliveries_expected": expected,
+            "deliveries_per_s": round(received / elapsed, 1),
+            "lost": max(0, expected - received),
+            "per_conn_min": min([r.per_conn_min for r in results if r.connections] or [0]),
+            "reordered": sum(r.reordered for r in results),
+            "duplicates": sum(r.duplicates for r in results),
+            "latency_us": {
+                "samples": len(lat),
+                "sampled_subscribers": sum(r.sampled for r in results),
+                "p50": round(percentile(lat, 50), 1),
+                "p90": round(percentile(lat, 90), 1),
+                "p99": round(percentile(lat, 99), 1),
+                "max": round(max(lat), 1) if lat else None,
+            },
+            "server": {
+                "pid": server_pid,
+                "cpu_pids": cpu_pids(args, server_pid),
+                "cpu_pct": round(100 * pub.server_cpu_s / elapsed, 1)
+                if pub.server_cpu_s is not None
+                else None,
+                "rss_kib": server_rss_kib(server_pid),
+            },
+            "generator": {
+                "processes": procs,
+                "cores": n_cores,
+                "worker_cpu_pct": per_proc,
+                "worker_sys_pct": per_proc_sys,
+                "worker_cpu_max_pct": max(per_proc) if per_proc else 0.0,
+                "publisher_cpu_pct": pub_pct,
+                "total_cpu_pct": total_pct,
+                "load_pct_of_cores": round(total_pct / n_cores, 1),
+            },
+            "errors": errors[:20],
+        }
+    )
+    return out
+
+
+def _idle(
+    out: dict[str, Any],
+    args: argparse.Namespace,
+    server_pid: int | None,
+    pipes: list[Connection],
+    rss_before: int | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Hold the connections until the server's RSS is steady; report its growth."""
+    t0 = time.monotonic()
+    prev = server_rss_kib(server_pid)
+    steady = 0
+    while server_pid is not None and time.monotonic() - t0 < args.settle:
+        time.sleep(0.25)
+        cur = server_rss_kib(server_pid)
+        if cur is None or prev is None:
+            break
+        # steady: three readings in a row within 0.2% (or 64 KiB) of each other
+        steady = steady + 1 if abs(cur - prev) <= max(64, prev // 500) else 0
+        prev = cur
+        if progress:
+            print(f"\r  settling: server RSS {cur:,} KiB", end="", file=sys.stderr, flush=True)
+        if steady >= 3:
+            break
+    if progress:
+        print(file=sys.stderr)
+    rss_after = server_rss_kib(server_pid)
+    settle_s = time.monotonic() - t0
+    for a in pipes:
+        a.send(("stop",))
+    results = _collect(pipes, 60)
+    n = sum(r.connections for r in results)
+    errors = [e for r in results for e in r.errors]
+    closed = sum(r.closed for r in results)
+    if closed:
+        errors.insert(0, f"the server closed {closed} idle connections")
+    per_conn = None
+    if rss_before is not None and rss_after is not None and n:
+        per_conn = round((rss_after - rss_before) * 1024 / n, 1)
+    out.update(
+        {
+            "mode": "idle",
+            "subscribed": not args.no_subscribe and out["target"] != "peer",
+            "connections": n,
+            "server": {
+                "pid": server_pid,
+                "rss_before_kib": rss_before,
+                "rss_after_kib": rss_after,
+                "rss_growth_bytes_per_conn": per_conn,
+            },
+            "settle_s": round(settle_s, 2),
+            "errors": errors[:20],
+        }
+    )
+    if server_pid is None:
+        out["errors"].append("server pid unknown (--server-pid): RSS not measured")
+    return out

@@ -1,0 +1,197 @@
+"""The subscriber worker processes: each opens its share of the N connections and counts.
+
+N subscribers spread over several worker processes, each under the 20,000-fd limit. A
+worker opens its connections (spread over the nodes of ``--sub-urls``, bound to
+127.0.0.x source addresses above 20,000), reports when they are ready, restarts its CPU
+clock when publishing starts, waits until every connection has all the messages, and
+reports what they counted and the CPU time it used, so the generator can be shown not to
+be the bottleneck. The parent talks to a worker over a pipe (see _worker_main).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .counting import WorkerResult, _Sub, sub_class
+from .target import Target
+
+#: connections one worker process holds at most: the hard fd limit here is 20,000
+CONNS_PER_PROCESS = 18_000
+#: connections per 127.0.0.x source address with --spread-ips (ephemeral range ≈ 28k)
+CONNS_PER_IP = 20_000
+#: concurrent connection attempts per worker (keeps the server's backlog from overflowing)
+CONNECT_CONCURRENCY = 200
+
+
+async def open_subs(
+    target: Target,
+    channel: str,
+    n: int,
+    sampled: set[int],
+    subscribe: bool,
+    out: WorkerResult,
+    ip_base: int = 0,
+    on_progress: Callable[[int], None] | None = None,
+) -> list[_Sub]:
+    """Open ``n`` ready subscriber connections (``sampled``: indices that check messages)."""
+    loop = asyncio.get_running_loop()
+    subs: list[_Sub] = []
+    sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    cls = sub_class(target)
+    done = 0
+
+    async def one(i: int) -> None:
+        nonlocal done
+        async with sem:
+            local = (f"127.0.0.{ip_base + i // CONNS_PER_IP}", 0) if ip_base else None
+            _t, proto = await loop.create_connection(
+                lambda: cls(target, channel, i in sampled, subscribe, out),
+                target.host,
+                target.port,
+                local_addr=local,
+            )
+            subs.append(proto)
+            await asyncio.wait_for(proto.ready, 30)
+            done += 1
+            if on_progress is not None and done % 250 == 0:
+                on_progress(done)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return subs
+
+
+def spread_sample(n: int, k: int) -> set[int]:
+    """``k`` indices evenly spread over ``range(n)``: early and late connections alike.
+
+    Where a subscriber sits in the server's fan-out order decides its latency; sampling
+    only the first connections would measure only the head of the fan-out.
+    """
+    k = max(0, min(n, k))
+    if k == 0:
+        return set()
+    return {int(i * n / k) for i in range(k)}
+
+
+@dataclass
+class WorkerSpec:
+    target: Target
+    channel: str
+    n: int
+    n_sample: int
+    subscribe: bool
+    ip_base: int
+    #: with --sub-urls: the nodes the worker's subscribers are spread over (round robin)
+    targets: tuple[Target, ...] = ()
+
+
+def _progress_from(progress: Callable[[int], None], base: int, k: int) -> None:
+    progress(base + k)
+
+
+async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
+    res = WorkerResult(connections=spec.n)
+    loop = asyncio.get_running_loop()
+    last_progress = [0.0]
+
+    def progress(k: int) -> None:
+        now = time.monotonic()
+        if now - last_progress[0] > 0.2:
+            last_progress[0] = now
+            pipe.send(("progress", k))
+
+    try:
+        subs: list[_Sub] = []
+        targets = spec.targets or (spec.target,)
+        m = len(targets)
+        for j, t in enumerate(targets):  # an even share of connections and samples each
+            n_j = spec.n // m + (1 if j < spec.n % m else 0)
+            k_j = spec.n_sample // m + (1 if j < spec.n_sample % m else 0)
+            subs += await open_subs(
+                t,
+                spec.channel,
+                n_j,
+                spread_sample(n_j, k_j),
+                spec.subscribe,
+                res,
+                spec.ip_base,
+                functools.partial(_progress_from, progress, len(subs)),
+            )
+    except Exception as e:
+        pipe.send(("error", f"connect: {e!r}; " + "; ".join(res.errors[:3])))
+        return
+    pipe.send(("ready", len(subs)))
+    t0 = time.monotonic()
+    c0 = time.process_time()
+    s0 = os.times().system
+    expected: int | None = None
+    deadline = 0.0
+    while True:
+        # commands: ("go",) restarts the CPU clock at the start of publishing,
+        # ("expect", total, drain) waits for every connection to have ``total`` messages,
+        # ("stop",) reports now (idle mode)
+        cmd = await loop.run_in_executor(None, pipe.recv) if expected is None else None
+        if cmd is not None:
+            if cmd[0] == "go":
+                t0 = time.monotonic()
+                c0 = time.process_time()
+                s0 = os.times().system
+                continue
+            if cmd[0] == "stop":
+                break
+            if cmd[0] == "expect":
+                expected = int(cmd[1])
+                deadline = time.monotonic() + float(cmd[2])
+        if expected is not None:
+            if all(s.count >= expected or s.closed for s in subs):
+                break
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+    res.cpu_s = time.process_time() - c0
+    res.sys_s = os.times().system - s0
+    res.wall_s = time.monotonic() - t0
+    counts = [s.count for s in subs]
+    res.received = sum(counts)
+    res.per_conn_min = min(counts) if counts else 0
+    res.per_conn_max = max(counts) if counts else 0
+    res.sampled = sum(1 for s in subs if s.sample)
+    res.last_rx = max([s.last_rx for s in subs] or [0.0])
+    for s in subs:
+        s.close()
+    await asyncio.sleep(0.05)  # let the close frames leave
+    pipe.send(("result", asdict(res)))
+
+
+def _raise_fd_limit() -> None:
+    try:
+        import resource
+
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - platform dependent
+        pass
+
+
+def worker(spec: WorkerSpec, pipe: Connection) -> None:
+    _raise_fd_limit()
+    try:
+        run_loop(_worker_main(spec, pipe))
+    except Exception as e:  # report, don't hang the parent
+        pipe.send(("error", repr(e)))
+
+
+def run_loop(coro: Any) -> Any:
+    """Run ``coro`` to completion on uvloop (asyncio where uvloop is missing)."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
