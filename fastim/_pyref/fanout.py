@@ -5,18 +5,13 @@ Reference twin of the fan-out part of ``fastim._core``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .ring import OutRing
-
-# Wire formats of a subscriber: which pre-encoded frame its ring takes.
-FMT_TCP = 0  # fastim frame
-FMT_WS_BINARY = 1  # fastim frame inside a WebSocket binary frame
-FMT_WS_JSON = 2  # JSON message inside a WebSocket text frame
-FMT_WS_BINARY_DEFLATE = 3  # FMT_WS_BINARY, compressed (permessage-deflate) when it pays
-FMT_WS_JSON_DEFLATE = 4  # FMT_WS_JSON, compressed when it pays
-N_FORMATS = 5
+from .formats import FMT_TCP as FMT_TCP
+from .formats import FMT_WS_BINARY as FMT_WS_BINARY
+from .formats import FMT_WS_BINARY_DEFLATE as FMT_WS_BINARY_DEFLATE
+from .formats import FMT_WS_JSON as FMT_WS_JSON
+from .formats import FMT_WS_JSON_DEFLATE as FMT_WS_JSON_DEFLATE
+from .formats import N_FORMATS as N_FORMATS
+from .ring import OutRing
 
 
 class SubscriberSet:

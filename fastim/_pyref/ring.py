@@ -14,7 +14,7 @@ from typing import Any
 
 from typing_extensions import Buffer
 
-from .fanout import FMT_TCP, N_FORMATS
+from .formats import FMT_TCP, N_FORMATS
 
 DEFAULT_RING_CAP = 4 * 1024 * 1024
 

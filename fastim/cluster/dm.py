@@ -17,7 +17,7 @@ connections on the *other* nodes. :class:`DmRouter` is that piece:
 
 What makes it reliable is not the link (links are at most once) but the inbox: a node
 re-reads the inbox state before each retry and when a sequence seems to be missing, and
-reads the inbox of a user whose route is not in etcd yet (see ``fastim/delivery/postman.py``).
+reads the inbox of a user whose route is not in etcd yet (see ``fastim/delivery/rechecks.py``).
 """
 
 from __future__ import annotations

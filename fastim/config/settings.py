@@ -1,35 +1,27 @@
-"""Node configuration: defaults, a TOML file, then command-line flags (later wins).
+"""Node configuration: every setting, its default, and the validation of them all.
 
 Every setting is a field of :class:`Config` with its default and a one-line meaning;
 ``docs/configuration.md`` lists them. Validation happens at start and names the bad
 key and value, so a typo in a config file fails loudly instead of being ignored.
+Reading them from a TOML file, ``FASTIM_*`` variables and flags is :mod:`.loading`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib.util
 import ipaddress
 import os
 import re
 import socket
-import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from ..store import HistoryLimits, InboxLimits, StoreSettings
 from .endpoints import parse_endpoints
+from .machine import check_host, need_extra
 from .namespaces import RULE_KEYS, RULE_VALUES, Namespace, Namespaces, check_namespaces
 from .origins import OriginPolicy
 from .security import ANONYMOUS_VALUES, MIN_SECRET_BYTES, load_public_key, tls_server_context
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 
 class ConfigError(ValueError):
@@ -324,7 +316,10 @@ class Config:
                 raise ConfigError(
                     f"{f.name}: expected {f.type}, got {type(value).__name__} {value!r}"
                 )
-        _check_host(self.host)
+        try:
+            check_host(self.host)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         for name in ("tcp_port", "ws_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
@@ -430,7 +425,7 @@ class Config:
         if self.store not in ("memory", "sqlite", "redis"):
             raise ConfigError(f"store: must be memory, sqlite or redis, got {self.store!r}")
         if self.store == "redis":
-            _need_extra("redis", "store", "the redis store", "redis")
+            self._need_extra("redis", "store", "the redis store", "redis")
         if not self.store_path:
             raise ConfigError("store_path: must not be empty")
         if self.sqlite_synchronous not in ("normal", "full"):
@@ -507,7 +502,7 @@ class Config:
         except ValueError as e:
             raise ConfigError(f"etcd_endpoints: {e}") from None
         if self.etcd_endpoints:
-            _need_extra("aetcd", "etcd_endpoints", "a cluster (etcd)", "cluster")
+            self._need_extra("aetcd", "etcd_endpoints", "a cluster (etcd)", "cluster")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.cluster_name):
             raise ConfigError(
                 "cluster_name: 1-64 letters, digits, '.', '_' or '-', starting with a letter "
@@ -594,136 +589,12 @@ class Config:
             if part.strip()
         ]
 
+    @staticmethod
+    def _need_extra(module: str, setting: str, what: str, extra: str) -> None:
+        try:
+            need_extra(module, setting, what, extra)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
-
-
-def _check_host(host: str) -> None:
-    """``host`` must be an IP address, '' (every address), or a name this machine resolves:
-    else ConfigError naming it (``fastim config check`` must catch what bind would refuse)."""
-    if host == "":
-        return
-    try:
-        ipaddress.ip_address(host)
-        return
-    except ValueError:
-        pass
-    if re.fullmatch(r"[0-9.]+", host) or ":" in host:
-        # 999.1.1.1, 10.0.0 (which getaddrinfo would read as 10.0.0.0), a bad IPv6 address
-        raise ConfigError(f"host: {host!r} is not a valid IP address")
-    if len(host) > 253 or any(c.isspace() or not c.isprintable() for c in host):
-        raise ConfigError(f"host: {host!r} is neither an IP address nor a host name")
-    try:
-        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as e:
-        raise ConfigError(
-            f"host: {host!r} is neither an IP address nor a name this machine resolves ({e})"
-        ) from None
-
-
-def _need_extra(module: str, setting: str, what: str, extra: str) -> None:
-    """ConfigError naming ``setting`` and the pip command when an optional dependency
-    (an extra of the fastim package) is not installed: found by name, not imported, so
-    ``fastim config check`` catches it as fast as a start does."""
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise ConfigError(
-            f"{setting}: {what} needs the {module} package, which is not installed: "
-            f"pip install 'fastim[{extra}]'"
-        )
-
-
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file into a dict of known settings, or raise ConfigError."""
-    try:
-        with open(path, "rb") as fh:
-            data: dict[str, Any] = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    known = {f.name for f in fields(Config)}
-    for key in data:
-        if key not in known:
-            raise ConfigError(
-                f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})"
-            )
-    return data
-
-
-#: FASTIM_* variables that are not settings (build switches of setup.py)
-_ENV_NOT_SETTINGS = frozenset({"FASTIM_DEBUG", "FASTIM_ANNOTATE"})
-
-
-def env_name(setting: str) -> str:
-    return "FASTIM_" + setting.upper()
-
-
-def load_env(environ: Mapping[str, str], unknown: list[str] | None = None) -> dict[str, Any]:
-    """Settings from ``FASTIM_<SETTING>`` variables, typed; raise ConfigError naming the
-    variable for a bad value. An unknown ``FASTIM_*`` name is an error too (a typo must
-    not pass ``fastim config check``), unless ``unknown`` is a list: then it is noted
-    there and skipped (``fastim serve``: wrappers and images set variables of their own,
-    ``FASTIM_BIN``, ``FASTIM_HOME``, which must not stop the node)."""
-    by_env = {env_name(f.name): f for f in fields(Config) if not f.metadata.get("file_only")}
-    out: dict[str, Any] = {}
-    for key, raw in environ.items():
-        if not key.startswith("FASTIM_") or key in _ENV_NOT_SETTINGS:
-            continue
-        f = by_env.get(key)
-        if f is None:
-            close = difflib.get_close_matches(key, by_env, n=1)
-            hint = f"did you mean {close[0]}?" if close else "settings are FASTIM_<NAME>"
-            if unknown is None:
-                raise ConfigError(f"{key}: no such setting ({hint})")
-            unknown.append(f"{key}: no such setting, ignored ({hint})")
-            continue
-        typ = str(f.type)
-        try:
-            out[f.name] = int(raw) if typ == "int" else float(raw) if typ == "float" else raw
-        except ValueError:
-            raise ConfigError(f"{key}: expected {typ}, got {raw!r}") from None
-    return out
-
-
-def build(path: str | Path | None = None, **overrides: Any) -> Config:
-    """Defaults, then the file at ``path``, then ``overrides`` (None values ignored)."""
-    return load(path, None, overrides)
-
-
-def load(
-    path: str | Path | None,
-    environ: Mapping[str, str] | None,
-    overrides: Mapping[str, Any],
-    unknown_env: list[str] | None = None,
-) -> Config:
-    """Defaults, then the file at ``path``, then ``FASTIM_*`` variables of ``environ``
-    (when given), then ``overrides`` (None values ignored): later wins. Validated.
-    ``unknown_env``: see :func:`load_env` (a list collects unknown variables instead of
-    refusing them)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        values.update(load_file(path))
-    if environ is not None:
-        values.update(load_env(environ, unknown_env))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        cfg = Config(**values)
-    except TypeError as e:
-        raise ConfigError(str(e)) from None
-    return cfg.validate()
-
-
-def redact(name: str, value: Any) -> Any:
-    """A setting's value fit for logs: passwords in URLs and secret settings masked."""
-    if isinstance(value, str) and "://" in value and "@" in value:
-        scheme, rest = value.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0] if ":" in creds else ""
-        return f"{scheme}://{user}:***@{host}"
-    if any(word in name for word in ("secret", "password", "api_key", "token")) and value:
-        return "***"
-    return value

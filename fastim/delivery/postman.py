@@ -34,9 +34,13 @@ stored a message delivers it here and hands it to ``relay``, which sends it to t
 nodes holding connections of the recipient; they deliver it with :meth:`deliver_remote`
 and retry it for their own connections. Acks are written to the store by whichever node
 received them, so before a retry (and when a message seems missing) a node re-reads the
-inbox state from the store (:meth:`Postman._recheck`): the store is the truth, no ack
-notice has to travel between nodes, and a message that no DM frame brought (the sender's
-node did not know the route yet, a link was down) is read from the inbox and delivered.
+inbox state from the store (:mod:`.rechecks`, a mixin of :class:`Postman`): the store is
+the truth, no ack notice has to travel between nodes, and a message that no DM frame
+brought (the sender's node did not know the route yet, a link was down) is read from
+the inbox and delivered.
+
+The protocols the postman talks to (:class:`Session`, :class:`Relay`), the ``dm`` event
+(:func:`dm_event`) and the per-user state are in :mod:`.interfaces`.
 """
 
 from __future__ import annotations
@@ -45,120 +49,34 @@ import asyncio
 import heapq
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-from ..errors import BadRequest, ProtocolError
+from ..errors import BadRequest
 from ..protocol import ErrorCode
 from ..store import AckOutOfRange, InboxAppended, InboxFull, InboxMessage, Store, StoreError
 from ..tasks import Background
 
-
-class Session(Protocol):
-    """A connection of a user, as the postman sees it (a :class:`fastim.session.Session`
-    to the node): it is sent events, and failed when its command is bad."""
-
-    user: str | None
-
-    def is_open(self) -> bool: ...
-
-    def send_event(self, body: bytes) -> None: ...
-
-    def fail(self, err: ProtocolError, req_id: Any = None) -> None: ...
+# `name as name`: defined here before, still importable from here
+from .interfaces import READ_PAGE as READ_PAGE
+from .interfaces import Relay as Relay
+from .interfaces import Session as Session
+from .interfaces import UserState
+from .interfaces import dm_event as dm_event
+from .interfaces import event_epoch as event_epoch
+from .interfaces import event_mid as event_mid
+from .rechecks import SETTLE_CHECKS as SETTLE_CHECKS
+from .rechecks import InboxRechecks
 
 log = logging.getLogger("fastim")
 
 MAX_RETRY = 60.0
-#: cluster: after a user's route is written, inbox checks at route_poll and at this many
-#: times route_poll (a sender's node whose watch lags stored without sending a frame)
-SETTLE_CHECKS = 6
-READ_PAGE = 1000
 
 
-_DM_EPOCH = b'{"op":"dm","epoch":"'
-
-
-def dm_event(msg: InboxMessage) -> bytes:
-    """The ``dm`` event's JSON text; ``data`` is spliced in as stored (already JSON).
-
-    The epoch comes first, so :func:`event_epoch` finds it without parsing."""
-    return b"".join(
-        (
-            _DM_EPOCH,
-            msg.epoch.encode(),
-            b'","from":',
-            orjson.dumps(msg.sender),
-            b',"mid":"',
-            msg.msg_id.encode(),
-            b'","seq":',
-            str(msg.seq).encode(),
-            b',"data":',
-            msg.data,
-            b"}",
-        )
-    )
-
-
-def event_epoch(ev: bytes) -> str:
-    """The inbox epoch of a ``dm`` event made by :func:`dm_event` ("" if none)."""
-    if not ev.startswith(_DM_EPOCH):
-        return ""
-    n = len(_DM_EPOCH)
-    return ev[n : ev.find(b'"', n)].decode()
-
-
-def event_mid(ev: bytes) -> str:
-    """The message id of a ``dm`` event made by :func:`dm_event`."""
-    i = ev.find(b'"mid":"')
-    if i < 0:
-        return ""
-    i += 7
-    return ev[i : ev.find(b'"', i)].decode()
-
-
-class Relay(Protocol):
-    """The cluster side of direct messages (:class:`fastim.cluster.dm.DmRouter`)."""
-
-    def present(self, user: str) -> None:
-        """``user``'s first connection here: publish the route user → this node."""
-
-    def absent(self, user: str) -> None:
-        """``user``'s last connection here closed: withdraw the route."""
-
-    def registered(self, user: str) -> bool:
-        """Whether the other nodes can find ``user`` here (its route is in etcd)."""
-
-    def relay(self, user: str, seq: int, event: bytes) -> None:
-        """A message stored here for ``user``: send it to the other nodes holding it."""
-
-
-class _User:
-    """What the node knows of one user with connections here."""
-
-    __slots__ = ("acked", "checking", "due", "epoch", "pending", "seen", "sessions", "syncing")
-
-    def __init__(self) -> None:
-        self.sessions: list[Session] = []
-        #: the inbox's epoch as last seen in the store ("" until known): ``acked``,
-        #: ``pending`` and ``seen`` count sequences of this epoch
-        self.epoch = ""
-        #: connections still reading their backlog → live events queued for them
-        self.syncing: dict[Session, list[tuple[int, bytes]]] = {}
-        self.acked = 0
-        #: seq → (event bytes, current retry interval), delivered and not yet acked
-        self.pending: dict[int, tuple[bytes, float]] = {}
-        #: the highest seq delivered here or acknowledged (a higher one arriving first
-        #: means a gap); -1 until the first delivery or the backlog read tells
-        self.seen = -1
-        #: cluster: seqs whose retry is due, resent after a look at the store's ack
-        self.due: set[int] = set()
-        #: cluster: a store re-check is in flight
-        self.checking = False
-
-
-class Postman:
-    """The node's direct-message router (one per node)."""
+class Postman(InboxRechecks):
+    """The node's direct-message router (one per node); in a cluster, with the inbox
+    re-checks of :class:`~fastim.delivery.rechecks.InboxRechecks`."""
 
     def __init__(
         self,
@@ -166,25 +84,13 @@ class Postman:
         retry: float = 2.0,
         spawn: Callable[[Any], Any] | None = None,
     ) -> None:
+        super().__init__()
         self.store = store
         self.retry = retry
         #: cluster only (None on a single node): where messages for users with
         #: connections on other nodes go, and where routes are published
         self.relay: Relay | None = None
-        #: cluster: seconds a suspected gap (a seq past the next one) is given to close
-        #: by itself (DM frames from two nodes may cross) before the inbox is read
-        self.gap_wait = 0.25
-        #: cluster: seconds between inbox checks for users whose route is not in etcd
-        #: yet (other nodes cannot send to them), and after it is, before the last one
-        self.route_poll = 0.5
-        self._users: dict[str, _User] = {}
-        # cluster: user -> when to re-check its inbox (the earliest asked), and a heap of
-        # (when, user) to find the due ones without a scan (stale entries are skipped)
-        self._checks: dict[str, float] = {}
-        self._check_heap: list[tuple[float, str]] = []
-        self._unrouted: set[str] = set()  # cluster: local users whose route is not written
-        self._settling: list[tuple[float, str]] = []  # cluster: heap of late checks after routed
-        self._next_poll = 0.0
+        self._users: dict[str, UserState] = {}
         self._due: list[tuple[float, int, str, int]] = []  # (due, tiebreak, user, seq)
         self._tiebreak = 0
         self._tasks = Background("direct-message", spawn)
@@ -195,8 +101,6 @@ class Postman:
         self.store_errors = 0
         self.remote_in = 0  # cluster: messages received from other nodes
         self.remote_dups = 0  # ... of which already delivered here or acknowledged
-        self.rechecks = 0  # cluster: store re-checks
-        self.filled = 0  # cluster: messages found in the inbox by a re-check
         self.epoch_changes = 0  # inboxes seen to start a new numbering
         self.restarts = 0  # inbox epochs restarted here (the store went back)
 
@@ -206,10 +110,10 @@ class Postman:
         """``session`` declared ``user``: replay its unacknowledged messages, then live."""
         u = self._users.get(user)
         if u is None:
-            u = self._users[user] = _User()
+            u = self._users[user] = UserState()
             if self.relay is not None:
                 self.relay.present(user)
-                self._unrouted.add(user)
+                self._arrived(user)
         u.sessions.append(session)
         u.syncing[session] = []
         self._run(self._sync(session, user, u))
@@ -226,10 +130,9 @@ class Postman:
             del self._users[user]
             if self.relay is not None:
                 self.relay.absent(user)
-                self._unrouted.discard(user)
-                self._checks.pop(user, None)
+                self._left(user)
 
-    async def _sync(self, session: Session, user: str, u: _User) -> None:
+    async def _sync(self, session: Session, user: str, u: UserState) -> None:
         try:
             state = await self.store.inbox_state(user)
             self._align(user, u, state.epoch)
@@ -354,7 +257,7 @@ class Postman:
         if self.relay is not None:
             self.relay.relay(user, msg.seq, ev)
 
-    def _align(self, user: str, u: _User, epoch: str) -> None:
+    def _align(self, user: str, u: UserState, epoch: str) -> None:
         """The store says ``user``'s inbox is in ``epoch``: a new one ends the old
         numbering here (its pending retries and acked sequence mean nothing now)."""
         if not epoch or epoch == u.epoch:
@@ -391,7 +294,7 @@ class Postman:
         self._deliver(user, u, seq, ev)
         return True
 
-    def _deliver(self, user: str, u: _User, seq: int, ev: bytes) -> None:
+    def _deliver(self, user: str, u: UserState, seq: int, ev: bytes) -> None:
         if self.relay is not None and u.seen >= 0 and seq > u.seen + 1:
             # an earlier seq has not come (yet): another node's frame may be behind
             # this one, or it never knew our route; look at the inbox if it stays open
@@ -463,7 +366,7 @@ class Postman:
 
     # ------------------------------------------------------------------ retries
 
-    def _track(self, user: str, u: _User, seq: int, ev: bytes) -> None:
+    def _track(self, user: str, u: UserState, seq: int, ev: bytes) -> None:
         u.pending[seq] = (ev, self.retry)
         self._schedule(user, seq, self.retry)
 
@@ -482,148 +385,35 @@ class Postman:
             u = self._users.get(user)
             if u is None or seq <= u.acked:
                 continue
-            entry = u.pending.get(seq)
-            if entry is None:
+            if seq not in u.pending:
                 continue
             if cluster:
                 # another node may have taken the ack: look at the store first
                 u.due.add(seq)
                 self._check_at(user, now)
                 continue
-            ev, interval = entry
-            for s in u.sessions:
-                if s not in u.syncing:
-                    s.send_event(ev)
-            resent += 1
-            interval = min(interval * 2, MAX_RETRY)
-            u.pending[seq] = (ev, interval)
-            self._schedule(user, seq, interval)
-        self.retried += resent
+            if self._resend(user, u, seq):
+                resent += 1
         if cluster:
             self._cluster_tick(now)
         return resent
 
-    # ------------------------------------------------------------------ cluster
-
-    def routed(self, users: list[str]) -> None:
-        """Cluster: these local users' routes are now in etcd. A message stored before
-        the other nodes saw the route reached no connection here: inbox checks
-        ``route_poll`` seconds later (time for their watches to catch up) and, for a
-        watch that lags, ``SETTLE_CHECKS`` times that, find it."""
-        later = asyncio.get_running_loop().time() + self.route_poll * SETTLE_CHECKS
-        for user in users:
-            if user in self._users:
-                self._unrouted.discard(user)
-                self._check(user, self.route_poll)
-                heapq.heappush(self._settling, (later, user))
-
-    def recheck_all(self, delay: float = 0.0) -> int:
-        """Cluster: re-check the inbox of every user with connections here in ``delay``
-        seconds (a link from another node came up: what it sent while it was down, or
-        queued when it broke, is lost). Returns how many users."""
-        for user in self._users:
-            self._check(user, delay)
-        return len(self._users)
-
-    def _check(self, user: str, delay: float) -> None:
-        """Re-check ``user``'s inbox in ``delay`` seconds (sooner if already asked)."""
-        self._check_at(user, asyncio.get_running_loop().time() + delay)
-
-    def _check_at(self, user: str, when: float) -> None:
-        if when < self._checks.get(user, when + 1):
-            self._checks[user] = when
-            heapq.heappush(self._check_heap, (when, user))
-
-    def _cluster_tick(self, now: float) -> None:
-        if self._unrouted and now >= self._next_poll:
-            # routes not written (etcd slow or away): other nodes cannot send here
-            self._next_poll = now + self.route_poll
-            relay = self.relay
-            assert relay is not None
-            for user in list(self._unrouted):
-                if relay.registered(user):
-                    self.routed([user])
-                else:
-                    self._check_at(user, now)
-        settling = self._settling
-        while settling and settling[0][0] <= now:
-            user = heapq.heappop(settling)[1]
-            if user in self._users:
-                self._check_at(user, now)
-        heap = self._check_heap
-        while heap and heap[0][0] <= now:
-            when, user = heapq.heappop(heap)
-            if self._checks.get(user) != when:
-                continue  # superseded by an earlier request, or done
-            u = self._users.get(user)
-            if u is None:
-                del self._checks[user]
-            elif u.checking:
-                # one check per user at a time: this one follows the running one
-                del self._checks[user]
-                self._check_at(user, now + 0.05)
-            else:
-                del self._checks[user]
-                u.checking = True
-                self._run(self._recheck(user, u))
-
-    async def _recheck(self, user: str, u: _User) -> None:
-        """Cluster: bring ``user``'s connections here in line with the inbox in the store.
-
-        Takes the acked sequence (acks other nodes wrote), delivers what is stored and
-        was never delivered here, and resends the messages whose retry is due and that
-        are still unacknowledged. Without the store, the due ones are resent anyway (as
-        on one node: a duplicate is better than a stall).
-        """
-        self.rechecks += 1
-        due, u.due = u.due, set()  # seqs falling due meanwhile wait for the next check
-        try:
-            try:
-                state = await self.store.inbox_state(user)
-                missing: list[InboxMessage] = []
-                if state.top - state.acked > sum(1 for q in u.pending if q > state.acked):
-                    after = max(state.acked, u.acked)
-                    while True:
-                        page = await self.store.inbox_read(user, after, READ_PAGE)
-                        missing.extend(m for m in page if m.seq not in u.pending)
-                        if len(page) < READ_PAGE:
-                            break
-                        after = page[-1].seq
-            except StoreError as e:
-                self.store_errors += 1
-                log.info("inbox of %r could not be re-checked: %s", user, e)
-                state = None
-                missing = []
-            if self._users.get(user) is not u:
-                return  # every connection left meanwhile
-            if state is not None:
-                self._align(user, u, state.epoch)
-                missing = [m for m in missing if m.epoch == u.epoch]
-                u.seen = max(u.seen, state.acked)
-            if state is not None and state.acked > u.acked:
-                u.acked = state.acked
-                for seq in [seq for seq in u.pending if seq <= u.acked]:
-                    del u.pending[seq]
-            for msg in missing:
-                if msg.seq > u.acked and msg.seq not in u.pending:
-                    self.filled += 1
-                    self._deliver(user, u, msg.seq, dm_event(msg))
-            resent = 0
-            for seq in sorted(due):
-                entry = u.pending.get(seq)
-                if entry is None:
-                    continue
-                ev, interval = entry
-                for session in u.sessions:
-                    if session not in u.syncing:
-                        session.send_event(ev)
-                resent += 1
-                interval = min(interval * 2, MAX_RETRY)
-                u.pending[seq] = (ev, interval)
-                self._schedule(user, seq, interval)
-            self.retried += resent
-        finally:
-            u.checking = False
+    def _resend(self, user: str, u: UserState, seq: int) -> bool:
+        """Send ``seq`` again to every connection of ``user`` not reading its backlog and
+        retry it in twice the interval (up to :data:`MAX_RETRY`); False if it is no longer
+        pending (acknowledged meanwhile)."""
+        entry = u.pending.get(seq)
+        if entry is None:
+            return False
+        ev, interval = entry
+        for s in u.sessions:
+            if s not in u.syncing:
+                s.send_event(ev)
+        self.retried += 1
+        interval = min(interval * 2, MAX_RETRY)
+        u.pending[seq] = (ev, interval)
+        self._schedule(user, seq, interval)
+        return True
 
     # ------------------------------------------------------------------ tasks
 

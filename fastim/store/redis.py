@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -65,6 +64,16 @@ from .base import (
     new_msg_id,
 )
 
+# `name as name`: defined here before, still importable from here
+from .redis_scripts import APPEND as APPEND
+from .redis_scripts import INBOX_ACK as INBOX_ACK
+from .redis_scripts import INBOX_APPEND as INBOX_APPEND
+from .redis_scripts import INBOX_READ as INBOX_READ
+from .redis_scripts import INBOX_RESTART_EPOCH as INBOX_RESTART_EPOCH
+from .redis_scripts import READ as READ
+from .redis_scripts import RESTART_EPOCH as RESTART_EPOCH
+from .redis_scripts import SCRIPTS, Script
+
 try:
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
@@ -76,244 +85,6 @@ except ImportError as e:  # pragma: no cover - exercised without the extra only
     ) from e
 
 T = TypeVar("T")
-
-# The channel scripts share this prelude: read the meta hash, detect a lost stream, create
-# the channel (new epoch) when needed. KEYS[1] meta, KEYS[2] stream; ARGV[1] a fresh epoch
-# ('': do not create, return {'', 0} instead), ARGV[2] meta_ttl ms (0 = none). Sets
-# `epoch`, `top`, `last` (time of the last append), `created`, `now` (ms).
-_CHANNEL_PRELUDE = """
-local meta, stream = KEYS[1], KEYS[2]
-local mttl = tonumber(ARGV[2])
-local m = redis.call('HMGET', meta, 'epoch', 'top', 'ts')
-local epoch, top, last = m[1], 0, tonumber(m[3] or '0')
-local created = false
-if epoch then
-  top = tonumber(m[2])
-  if top > 0 and redis.call('EXISTS', stream) == 0 then epoch = false end
-end
-if not epoch then
-  if ARGV[1] == '' then return {'', 0} end  -- a peek: a read that creates nothing
-  epoch = ARGV[1]
-  top = 0
-  created = true
-  redis.call('DEL', stream)
-  redis.call('DEL', meta)
-  redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
-  if mttl > 0 then redis.call('PEXPIRE', meta, mttl) end
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# ARGV[3] size, ARGV[4] ttl ms (0 = none), ARGV[5..] the messages. Returns {first, epoch}.
-APPEND = (
-    _CHANNEL_PRELUDE
-    + """
-local size, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
-local n = #ARGV - 4
-local first = top + 1
-if n > 0 then
-  if not created and last > now then now = last end  -- time never goes back in a channel
-  for i = 1, n do
-    redis.call('XADD', stream, (top + i) .. '-0', 't', now, 'd', ARGV[4 + i])
-  end
-  top = top + n
-  redis.call('HSET', meta, 'top', top, 'ts', now)
-  redis.call('XTRIM', stream, 'MINID', '~', math.max(0, top - size + 1))
-  if ttl > 0 then
-    -- expired entries are a prefix: find the first live one, drop what is before it
-    local cutoff = now - ttl
-    local from = '-'
-    for _ = 1, 16 do
-      local es = redis.call('XRANGE', stream, from, '+', 'COUNT', 64)
-      local live = nil
-      for _, e in ipairs(es) do
-        if tonumber(e[2][2]) > cutoff then live = e[1] break end
-      end
-      if live then
-        redis.call('XTRIM', stream, 'MINID', live)
-        break
-      end
-      if #es == 0 then break end
-      from = '(' .. es[#es][1]
-      redis.call('XTRIM', stream, 'MINID', from:sub(2))
-    end
-  end
-  if mttl > 0 then
-    redis.call('PEXPIRE', meta, mttl)
-    redis.call('PEXPIRE', stream, mttl)
-  else
-    redis.call('PERSIST', meta)
-    redis.call('PERSIST', stream)
-  end
-end
-return {first, epoch}
-"""
-)
-
-# ARGV[3] the epoch the caller saw, ARGV[4] another fresh epoch. Returns {epoch, top}: a new
-# epoch when the channel was still in the one seen (compare-and-set: one restart wins).
-RESTART_EPOCH = (
-    _CHANNEL_PRELUDE
-    + """
-if not created and epoch == ARGV[3] then
-  epoch = ARGV[4]
-  redis.call('HSET', meta, 'epoch', epoch)
-end
-return {epoch, top}
-"""
-)
-
-# ARGV[3] since, ARGV[4] limit, ARGV[5] size, ARGV[6] ttl ms. Returns {epoch, top, off, data, ...}.
-READ = (
-    _CHANNEL_PRELUDE
-    + """
-local out = {epoch, top}
-local limit = tonumber(ARGV[4])
-if created or limit == 0 or top == 0 then return out end
-local since, size, ttl = tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local cutoff = -1
-if ttl > 0 then cutoff = now - ttl end
-local from = tostring(math.max(since, top - size) + 1)
-local got = 0
-while got < limit do
-  local es = redis.call('XRANGE', stream, from, '+', 'COUNT', limit - got)
-  if #es == 0 then break end
-  for _, e in ipairs(es) do
-    if tonumber(e[2][2]) > cutoff then
-      out[#out + 1] = tonumber(string.match(e[1], '^%d+'))
-      out[#out + 1] = e[2][4]
-      got = got + 1
-    end
-  end
-  from = '(' .. es[#es][1]
-end
-return out
-"""
-)
-
-# KEYS meta, stream, dedup, times. ARGV: data, dedup key ('' = none), has sender ('0'/'1'),
-# sender, msg id, max unacked, dedup window ms, a fresh epoch. Returns {seq, msg_id,
-# duplicate, epoch} or {-1, '', 0, epoch} when full. An inbox without its meta hash (never
-# written, or lost: a flushed or evicted Redis) starts again at 1 in the fresh epoch.
-INBOX_APPEND = """
-local meta, stream, dedup, times = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local key, window = ARGV[2], tonumber(ARGV[7])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('EXISTS', meta) == 0 then
-  redis.call('DEL', stream, dedup, times)  -- leftovers of a lost inbox would clash
-end
-local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch then
-  epoch = ARGV[8]
-  redis.call('HSET', meta, 'epoch', epoch)
-end
-if key ~= '' then
-  local old = redis.call('ZRANGEBYSCORE', times, '-inf', now - window, 'LIMIT', 0, 100)
-  if #old > 0 then
-    redis.call('HDEL', dedup, unpack(old))
-    redis.call('ZREM', times, unpack(old))
-  end
-  local hit = redis.call('HGET', dedup, key)
-  if hit then
-    local seq, mid, ts = string.match(hit, '^(%d+) (%S+) (%d+)$')
-    if now - tonumber(ts) < window then return {tonumber(seq), mid, 1, epoch} end
-  end
-end
-local top = tonumber(redis.call('HGET', meta, 'top') or '0')
-local acked = tonumber(redis.call('HGET', meta, 'acked') or '0')
-if top - acked >= tonumber(ARGV[6]) then return {-1, '', 0, epoch} end
-top = top + 1
-redis.call('HSET', meta, 'top', top, 'acked', acked)
-if ARGV[3] == '1' then
-  redis.call('XADD', stream, top .. '-0', 'i', ARGV[5], 's', ARGV[4], 'd', ARGV[1])
-else
-  redis.call('XADD', stream, top .. '-0', 'i', ARGV[5], 'd', ARGV[1])
-end
-if key ~= '' and window > 0 then
-  redis.call('HSET', dedup, key, top .. ' ' .. ARGV[5] .. ' ' .. now)
-  redis.call('ZADD', times, now, key)
-end
-return {top, ARGV[5], 0, epoch}
-"""
-
-# KEYS meta, stream. ARGV seq, has epoch ('0'/'1'), epoch. Returns {acked, top, refused
-# (0/1), epoch}; an ack naming another epoch than the inbox's changes nothing.
-INBOX_ACK = """
-local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
-local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
-local epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
-local seq = tonumber(ARGV[1])
-if ARGV[2] == '1' and ARGV[3] ~= epoch then return {acked, top, 0, epoch} end
-if seq > top then return {acked, top, 1, epoch} end
-if seq > acked then
-  acked = seq
-  redis.call('HSET', KEYS[1], 'acked', acked)
-  redis.call('XTRIM', KEYS[2], 'MINID', acked + 1)
-end
-return {acked, top, 0, epoch}
-"""
-
-# KEYS meta. ARGV the epoch seen, a fresh one. Returns {acked, top, epoch}.
-INBOX_RESTART_EPOCH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, ''} end
-local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
-local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
-local epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
-if epoch == ARGV[1] then
-  epoch = ARGV[2]
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
-end
-return {acked, top, epoch}
-"""
-
-# KEYS meta, stream. ARGV after, limit. Returns {acked, top, epoch, seq, id, sender|false,
-# data, ...}.
-INBOX_READ = """
-local acked = tonumber(redis.call('HGET', KEYS[1], 'acked') or '0')
-local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
-local out = {acked, top, redis.call('HGET', KEYS[1], 'epoch') or ''}
-local limit = tonumber(ARGV[2])
-if limit == 0 or top == 0 then return out end
-local from = math.max(tonumber(ARGV[1]), acked) + 1
-local es = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', limit)
-for _, e in ipairs(es) do
-  local f = e[2]
-  local id, sender, data = nil, false, nil
-  for j = 1, #f, 2 do
-    if f[j] == 'i' then id = f[j + 1] elseif f[j] == 's' then sender = f[j + 1]
-    elseif f[j] == 'd' then data = f[j + 1] end
-  end
-  out[#out + 1] = tonumber(string.match(e[1], '^%d+'))
-  out[#out + 1] = id
-  out[#out + 1] = sender
-  out[#out + 1] = data
-end
-return out
-"""
-
-
-class _Script:
-    __slots__ = ("sha", "source")
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-
-_SCRIPTS = {
-    name: _Script(src)
-    for name, src in (
-        ("append", APPEND),
-        ("read", READ),
-        ("restart_epoch", RESTART_EPOCH),
-        ("inbox_append", INBOX_APPEND),
-        ("inbox_ack", INBOX_ACK),
-        ("inbox_read", INBOX_READ),
-        ("inbox_restart_epoch", INBOX_RESTART_EPOCH),
-    )
-}
 
 
 def redact(url: str) -> str:
@@ -333,7 +104,7 @@ def _s(value: Any) -> str:
 
 
 # one queued call: the script, keys, args, how to turn the reply into a result, its future
-_Call = tuple[_Script, list[str], list[Any], Callable[[Any], Any], "asyncio.Future[Any]"]
+_Call = tuple[Script, list[str], list[Any], Callable[[Any], Any], "asyncio.Future[Any]"]
 
 
 class RedisStore(Store):
@@ -392,7 +163,7 @@ class RedisStore(Store):
         return store
 
     async def _load_scripts(self) -> None:
-        for script in _SCRIPTS.values():
+        for script in SCRIPTS.values():
             await self._redis.script_load(script.source)
         self._loaded = True
 
@@ -408,7 +179,7 @@ class RedisStore(Store):
         fut: asyncio.Future[T] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
-        self._pending.append((_SCRIPTS[script], keys, args, parse, fut))
+        self._pending.append((SCRIPTS[script], keys, args, parse, fut))
         return await fut
 
     def _flush(self) -> None:
@@ -466,14 +237,14 @@ class RedisStore(Store):
         load = evalsha and not self._loaded
         async with self._redis.pipeline(transaction=False) as pipe:
             if load:
-                for script in _SCRIPTS.values():
+                for script in SCRIPTS.values():
                     pipe.execute_command("SCRIPT", "LOAD", script.source)
             for script, keys, args, _, _ in batch:
                 head = ("EVALSHA", script.sha) if evalsha else ("EVAL", script.source)
                 pipe.execute_command(*head, len(keys), *keys, *args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         if load:
-            loads, replies = replies[: len(_SCRIPTS)], replies[len(_SCRIPTS) :]
+            loads, replies = replies[: len(SCRIPTS)], replies[len(SCRIPTS) :]
             self._loaded = not any(isinstance(r, Exception) for r in loads)
         return replies
 
