@@ -10,6 +10,10 @@ What a deadline means is up to the session (``on_deadline``): ping an idle clien
 close one that missed its pong, drop one that never finished its handshake or its
 close handshake. Liveness is cheap to record: ``session.last_rx = wheel.now`` (a float
 the wheel refreshes once per tick).
+
+Time is the loop's (``loop.time()``) unless a ``clock`` is given: a test passes a fake
+one, leaves the wheel unstarted and calls :meth:`TimerWheel.advance` itself after moving
+the clock, so deadlines fire deterministically without sleeping.
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ class TimerWheel:
         resolution: float = 0.25,
         slots: int = 512,
         on_tick: Callable[[float], object] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._loop = loop
+        self._clock = loop.time if clock is None else clock
         self.resolution = resolution
         self._slots: list[set[Timed]] = [set() for _ in range(slots)]
         self._nslots = slots
-        self._start = loop.time()
+        self._start = self._clock()
         self._tick = 0
         self.now = self._start
         self._handle: asyncio.TimerHandle | None = None
@@ -90,7 +96,16 @@ class TimerWheel:
 
     def _run(self) -> None:
         self._handle = None
-        now = self._loop.time()
+        self.advance()
+        self._handle = self._loop.call_later(self.resolution, self._run)
+
+    def advance(self) -> float:
+        """One tick: fire what is due by the clock's time, run ``on_tick``; return the time.
+
+        The started wheel calls it every ``resolution`` seconds; with a fake clock (and the
+        wheel not started) the caller does, after moving the clock.
+        """
+        now = self._clock()
         self.now = now
         target = int((now - self._start) / self.resolution)
         # catch up every tick up to now (the loop may have been busy), at most one lap
@@ -103,7 +118,7 @@ class TimerWheel:
                 self._on_tick(now)
             except Exception:
                 log.exception("fastim: periodic task failed")
-        self._handle = self._loop.call_later(self.resolution, self._run)
+        return now
 
     def _fire(self, tick: int, now: float) -> None:
         slot = self._slots[tick % self._nslots]

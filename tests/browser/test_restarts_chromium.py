@@ -353,8 +353,18 @@ def test_streams_across_a_restart_on_every_store(
     wait_js(
         d, "client.inbox.acked > 0 && client.inbox.acked === client.inbox.delivered", "dm acks"
     )
-    time.sleep(0.5)  # a late copy would come meanwhile
+    # a late copy would come before a marker published and sent last (both -1)
+    _, mark_off, _ = publish(node, "stream", -1)
+    _, mark_seq, _ = send(node, "dora", -1)
+    wait_js(
+        d,
+        "chan.length > 0 && chan[chan.length - 1][0] === 'msg' && chan[chan.length - 1][2] === -1"
+        " && direct.length > 0 && direct[direct.length - 1][0] === 'dm'"
+        " && direct[direct.length - 1][3] === -1",
+        "the markers, last",
+    )
     chan, direct = js(d, "chan"), js(d, "direct")
+    assert chan.pop()[:3] == ["msg", mark_off, -1] and direct.pop()[:2] == ["dm", mark_seq]
     numbers = [x[2] for x in chan if x[0] == "msg"]
     assert len(numbers) == len(set(numbers)), f"a message came twice: {chan}"
     dm_numbers = [x[3] for x in direct if x[0] == "dm"]

@@ -511,6 +511,7 @@ async def test_publish_in_flight_fails_and_is_not_resent() -> None:
         if n == 1:
             pubs.append(await peer.expect(FrameType.PUB))
             return  # drop the connection without a PUBACK
+        await peer.accept_sub(0)  # the marker
         await hold(peer)
 
     async with ScriptedServer(script) as srv, await fast_connect(srv.url) as client:
@@ -518,9 +519,10 @@ async def test_publish_in_flight_fails_and_is_not_resent() -> None:
             await within(client.publish("p", {"once": True}))
         assert err.value.temporary
         await eventually(lambda: client.connected and srv.connections == 2)
-        await asyncio.sleep(0.1)
+        # a request sent now, the marker: a resend would have come before it
+        await within(client.subscribe("marker"))
         # the second connection got a HELLO and nothing else: no resend
-        assert [t for t, _ in srv.peers[1].seen] == [FrameType.HELLO]
+        assert [t for t, _ in srv.peers[1].seen] == [FrameType.HELLO, FrameType.SUB]
         assert len(pubs) == 1
 
 

@@ -126,8 +126,12 @@ async def test_every_message_once_in_order_across_dropped_connections(
         await eventually(lambda: subc.reconnects == 5 and subc.connected)
         assert sub.gaps == 0 and gaps == []
         assert node.hub.recovered > 0  # messages were missed and recovered, not just live
-        await asyncio.sleep(0.1)
-        assert sub.qsize() == 0  # and nothing came twice
+        # and nothing came twice: a marker published last comes next (anything extra on
+        # its way would come before it)
+        mark = await within(pub.publish("feed", {"i": n}))
+        assert mark == n + 1
+        assert await within(sub.get()) == Message("feed", mark, {"i": n})
+        assert sub.qsize() == 0
 
 
 async def test_gap_is_surfaced_when_history_is_too_short(
@@ -271,7 +275,11 @@ async def test_idempotent_send_same_cid_same_message(
         dms = bob.direct_messages()
         got = [await within(dms.get()) for _ in range(2)]
         assert [m.data for m in got] == [{"n": 1}, {"n": 2}]
-        await asyncio.sleep(0.2)
+        # nothing else: a marker sent last comes next (a copy on its way would come first)
+        mark = await within(alice.send("bob", {"n": 3}))
+        assert mark.seq == other.seq + 1
+        nxt = await within(dms.get())
+        assert (nxt.seq, nxt.mid, nxt.data) == (mark.seq, mark.mid, {"n": 3})
         assert dms.qsize() == 0
 
 
@@ -286,11 +294,19 @@ async def test_ack_stops_the_nodes_retries(store_node: Callable[..., Awaitable[N
         assert manual.qsize() == 0
         dave.ack(msg.seq)
         await eventually(lambda: dave.inbox.acked == msg.seq)
-        retried = node.postman.retried if node.postman else 0
+        pm = node.postman
+        assert pm is not None
+        retried = pm.retried
         dups = dave.inbox.duplicates
-        await asyncio.sleep(0.8)  # several retry intervals
-        assert node.postman is not None and node.postman.retried == retried
-        assert dave.inbox.duplicates == dups
+        # the retry that was scheduled comes due and is dropped, not sent: then none is
+        # left (a message sent again is scheduled again)
+        await eventually(lambda: all(user != "dave" for _, _, user, _ in pm._due), 5)
+        assert pm.retried == retried
+        # and no copy is on its way: a marker sent last comes next
+        mark = await within(alice.send("dave", "two"))
+        nxt = await within(manual.get())
+        assert (nxt.seq, nxt.mid) == (mark.seq, mark.mid) == (msg.seq + 1, mark.mid)
+        assert dave.inbox.duplicates == dups and pm.retried == retried
 
 
 async def test_replay_after_reconnect_is_deduplicated(
@@ -522,12 +538,12 @@ async def test_direct_messages_are_held_back_until_the_hole_is_filled() -> None:
         dm(7)  # 6 is missing, and not acknowledged: wait for it
         cmd = await peer.cmd("inbox")
         peer.event({"op": "inbox", "acked": 4, "top": 7, "id": cmd["id"]})
-        await asyncio.sleep(0.1)
+        # the client took that answer and asks again (a while later): still waiting for 6
+        cmd = await peer.cmd("inbox")
         dm(6)
         dm(5)
         dm(7)  # copies
         dm(9)  # 8 was acknowledged by another connection of the user: skipped
-        cmd = await peer.cmd("inbox")
         peer.event({"op": "inbox", "acked": 8, "top": 9, "id": cmd["id"]})
         await hold(peer)
 
@@ -551,8 +567,11 @@ async def test_acks_are_cumulative_and_one_at_a_time() -> None:
             peer.event({"op": "dm", "from": "x", "mid": "a", "seq": seq, "data": seq})
         first = await peer.cmd("ack")
         acks.append(first["seq"])
-        await asyncio.sleep(0.2)  # while this ack is in flight, no other goes out
-        assert not peer.frames
+        # while this ack is in flight, no other goes out: nothing comes before the
+        # marker the client sends once it has taken all five
+        marker = orjson.loads(await peer.expect(FrameType.CMD))
+        assert marker["op"] == "inbox", marker
+        peer.event({"op": "inbox", "acked": 0, "top": 5, "id": marker["id"]})
         peer.event({"op": "acked", "seq": first["seq"], "id": first["id"]})
         second = await peer.cmd("ack")
         acks.append(second["seq"])
@@ -562,6 +581,10 @@ async def test_acks_are_cumulative_and_one_at_a_time() -> None:
     async with Scripted(script) as srv, await fast(srv.url, user="u") as client:
         dms = client.direct_messages()
         assert [(await within(dms.get())).seq for _ in range(5)] == [1, 2, 3, 4, 5]
+        # the marker: a request on the same connection, written after any ack taking
+        # them started (those tasks are ready: one turn of the loop and they have written)
+        await asyncio.sleep(0)
+        await within(client.inbox_state())
         await eventually(lambda: client.inbox.acked == 5)
         assert acks[-1] == 5 and len(acks) == 2  # 1 (or more), then the highest taken
 
@@ -679,14 +702,15 @@ async def test_an_epoch_left_before_is_resumed_where_it_was_left() -> None:
             )  # fmt: skip
         for off in (1, 2, 3, 4):  # a replay from the start of e1 would bring 1..3 again
             peer.send(FrameType.MSG, protocol.pack_msg(off, ch.encode(), b'"e1"'))
+        peer.send(FrameType.MSG, protocol.pack_msg(5, ch.encode(), b'"marker"'))  # last
         await hold(peer)
 
     async with Scripted(script) as srv, await fast(srv.url) as client:
         sub = await within(client.subscribe("f"))
-        got = await take(sub, 4)
-        assert [m.offset for m in got] == [1, 2, 3, 4]
+        got = await take(sub, 5)
+        # 1..4, and nothing before the marker the server sent last
+        assert [m.offset for m in got] == [1, 2, 3, 4, 5] and got[4].data == "marker"
         assert subs == [{"off": 0, "epoch": "bad"}, {"off": 3, "epoch": "e1"}]
-        await asyncio.sleep(0.05)
         assert sub.qsize() == 0
 
 

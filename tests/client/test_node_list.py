@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 from cluster._nodes import ClusterNode, Nodes  # type: ignore[import-not-found]
+from faults._markers import channel_marker, dm_marker  # type: ignore[import-not-found]
 from faults._node import NodeProc, free_port  # type: ignore[import-not-found]
 from store._redis import RedisServer  # type: ignore[import-not-found]
 
@@ -213,7 +214,7 @@ async def test_kill9_subscriber_moves_to_the_next_node(standalone: Standalone) -
             lambda: len(got) >= len(acked),
             lambda: f"{len(got)} of {len(acked)}; client on {sub_client.url}",
         )
-        await asyncio.sleep(0.1)  # a duplicate would arrive now
+        await channel_marker(pub2, "news", got)  # a duplicate would arrive before it
         assert [(m.offset, m.data) for m in got] == acked
         assert sub.gaps == 0
         assert sub_client.url == n2.tcp_url  # the address after the lost one,
@@ -253,7 +254,7 @@ async def test_kill9_inbox_replayed_on_the_next_node(standalone: Standalone) -> 
         assert kill is not None
         await within(kill)
         await eventually(lambda: len(dms) >= 60, lambda: f"{len(dms)} of 60; bob on {bob.url}")
-        await asyncio.sleep(0.1)
+        await dm_marker(alice2, "bob", dms)  # a duplicate would arrive before it
         assert [d.data["i"] for d in dms] == list(range(60))
         assert [d.seq for d in dms] == seqs == sorted(set(seqs))
         assert bob.url == n2.tcp_url and bob.reconnects == 1
@@ -293,7 +294,7 @@ async def test_graceful_stop_moves_on_at_once(standalone: Standalone) -> None:
             lambda: {m.offset for m in got} >= {o for o, _ in acked},
             lambda: f"{len(got)} delivered, {len(acked)} acked; sub on {sub_client.url}",
         )
-        await asyncio.sleep(0.1)
+        await channel_marker(pub, "room", got)  # a duplicate would arrive before it
         offsets = [m.offset for m in got]
         assert offsets == sorted(set(offsets)), "a message twice or out of order"
         assert all(0 <= m.data < attempted for m in got)
@@ -370,7 +371,7 @@ async def test_cluster_kill9_subscriber_node(cluster3: Nodes) -> None:
             lambda: {m.offset for m in got} >= {off for off, _ in acked},
             lambda: f"{len(got)} delivered, {len(acked)} acked; client on {sub_client.url}",
         )
-        await asyncio.sleep(0.1)
+        await channel_marker(pub, "feed", got)  # a duplicate would arrive before it
         offsets = [m.offset for m in got]
         assert offsets == sorted(set(offsets)), "a message twice or out of order"
         delivered = {m.offset: m.data for m in got}
@@ -415,7 +416,7 @@ async def test_cluster_owner_killed(cluster3: Nodes) -> None:
             lambda: {m.offset for m in got} >= {off for off, _ in acked},
             lambda: f"{len(got)} delivered, {len(acked)} acked",
         )
-        await asyncio.sleep(0.2)
+        await channel_marker(pub, "feed", got)  # a duplicate would arrive before it
         offsets = [m.offset for m in got]
         assert offsets == sorted(set(offsets)), "a message twice or out of order"
         delivered = {m.offset: m.data for m in got}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faults._markers import dm_marker  # type: ignore[import-not-found]
 from faults._node import NodeProc, free_port  # type: ignore[import-not-found]
 from store._redis import RedisServer  # type: ignore[import-not-found]
 
@@ -159,7 +160,9 @@ async def test_every_connection_on_every_node_gets_every_dm(three: Cluster) -> N
             what=f"every DM on both connections (b {len(got_b)}, c {len(got_c)})",
         )
         took = loop.time() - t0
-        await asyncio.sleep(0.5)  # a duplicate would arrive meanwhile
+        # a duplicate would arrive before a marker sent last
+        mark = await dm_marker(alice, "bob", got_b, got_c)
+        assert mark.seq == n + 1  # and nothing else was stored
         for got in (got_b, got_c):
             assert [d.seq for d in got] == list(range(1, n + 1))  # in order, each once
             assert sorted(d.data["i"] for d in got) == list(range(n))
@@ -167,9 +170,11 @@ async def test_every_connection_on_every_node_gets_every_dm(three: Cluster) -> N
             assert {d.seq: d.mid for d in got} == {s.seq: s.mid for s in sent}
             assert all(d.sender == "alice" for d in got)
         assert len({s.mid for s in sent}) == n and not any(s.dup for s in sent)
-        await eventually(lambda: bob_b.inbox.acked == n or bob_c.inbox.acked == n, 5, "acks")
+        await eventually(
+            lambda: bob_b.inbox.acked == n + 1 or bob_c.inbox.acked == n + 1, 5, "acks"
+        )
         state = await bob_c.inbox_state()
-        assert tuple(state)[:2] == (n, n)
+        assert tuple(state)[:2] == (n + 1, n + 1)  # every one acked, the marker last
         # /metrics on the sender's node counts the relays to b and c
         metrics = await asyncio.to_thread(_metrics, a)
         relayed = re.search(r"^fastim_cluster_dm_relayed_total (\S+)$", metrics, re.M)
@@ -197,10 +202,10 @@ async def test_a_send_retried_through_another_node_is_stored_once(three: Cluster
         assert not first.dup and again.dup
         assert (again.mid, again.seq) == (first.mid, first.seq)
         await eventually(lambda: len(got) == 1, what="the DM")
-        await asyncio.sleep(0.5)
+        mark = await dm_marker(alice_a, "dave", got)  # a copy would arrive before it
         assert [(d.seq, d.mid, d.data) for d in got] == [(first.seq, first.mid, {"hello": 1})]
         state = await dave.inbox_state()
-        assert state.top == 1
+        assert state.top == mark.seq == 2  # stored once, then the marker
     finally:
         task.cancel()
         for cl in (dave, alice_a, alice_c):
@@ -220,7 +225,7 @@ async def test_offline_backlog_arrives_on_any_node(three: Cluster) -> None:
         sender_b = await client(b.tcp_url, user="frank")
         sent += [await sender_b.send("grace", {"i": i}) for i in range(30, 40)]
         await eventually(lambda: len(got) == 40, what="the live ones from b")
-        await asyncio.sleep(0.3)
+        await dm_marker(sender_b, "grace", got)  # a duplicate would arrive before it
         assert [d.seq for d in got] == list(range(1, 41))
         assert [d.mid for d in got] == [s.mid for s in sent]
         task.cancel()
@@ -258,15 +263,17 @@ async def test_kill9_of_the_recipients_node_loses_nothing(
         await asyncio.wait_for(asyncio.gather(*sends), 40)
         await eventually(lambda: len(got) >= n, 20, f"all {n} after the kill (have {len(got)})")
         await eventually(lambda: heidi.inbox.acked == n, 10, "heidi's acks")
-        await asyncio.sleep(0.5)
+        mark = await dm_marker(alice, "heidi", got)  # a duplicate would arrive before it
+        assert mark.seq == n + 1  # and nothing else was stored
         task.cancel()
         # each exactly once, in seq order, as the sender was told
         assert [d.seq for d in got] == list(range(1, n + 1))
         assert sorted(d.data["i"] for d in got) == list(range(n))
         assert {s.seq: s.mid for s in sent.values()} == {d.seq: d.mid for d in got}
         assert heidi.reconnects >= 1
+        await eventually(lambda: heidi.inbox.acked == n + 1, 10, "the marker's ack")
         state = await heidi.inbox_state()
-        assert tuple(state)[:2] == (n, n)
+        assert tuple(state)[:2] == (n + 1, n + 1)  # every one acked, the marker last
         await routed(cluster, "heidi", {"c"})  # b's route went with its lease
         await alice.aclose()
         await heidi.aclose()
@@ -312,7 +319,9 @@ async def test_dms_keep_flowing_while_etcd_is_down(tmp_path: Path, cdm_redis: Re
         await routed(cluster, "kate", {"c"})
         await alice.send("kate", {"i": 10})
         await eventually(lambda: len(got_k) == 11, what="the one after etcd is back")
-        await asyncio.sleep(0.3)
+        # a duplicate would arrive before a marker sent last
+        await dm_marker(alice, "kate", got_k)
+        await dm_marker(alice, "judy", got_j)
         assert [d.seq for d in got_k] == list(range(1, 12))
         assert [d.seq for d in got_j] == list(range(1, 11))
         for t in tasks:

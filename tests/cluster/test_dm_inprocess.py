@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from faults._markers import dm_marker  # type: ignore[import-not-found]
 from store._redis import RedisServer  # type: ignore[import-not-found]
 
 from fastim.client import Backoff, Client, DirectMessage, connect
@@ -147,7 +148,8 @@ async def test_every_connection_on_every_node_gets_every_dm(cluster: Any) -> Non
         n = 100
         sent += await asyncio.gather(*(alice.send("bob", {"i": i}) for i in range(1, n)))
         await until(lambda: min(len(got_b), len(got_c)) >= n, 10, "bob's connections get all")
-        await asyncio.sleep(0.3)
+        # a duplicate would arrive before a marker sent last
+        assert (await dm_marker(alice, "bob", got_b, got_c)).seq == n + 1
         for got in (got_b, got_c):
             assert [d.seq for d in got] == list(range(1, n + 1))  # in order, each once
             assert {d.seq: d.mid for d in got} == {s.seq: s.mid for s in sent}
@@ -159,7 +161,8 @@ async def test_every_connection_on_every_node_gets_every_dm(cluster: Any) -> Non
         again = await alice2.send("bob", {"x": 1}, cid="once")
         assert again.dup and (again.mid, again.seq) == (first.mid, first.seq)
         await until(lambda: len(got_b) == n + 1 and len(got_c) == n + 1, 5, "the one DM")
-        await asyncio.sleep(0.3)
+        # a copy would arrive before a marker sent last
+        assert (await dm_marker(alice, "bob", got_b, got_c)).seq == first.seq + 1
         assert len(got_b) == n + 1 and len(got_c) == n + 1
         await alice2.aclose()
     finally:
@@ -188,7 +191,9 @@ async def test_acks_on_one_node_stop_retries_on_another(cluster: Any) -> None:
         await until(lambda: pm.rechecks >= 1 and not pm._users["bob"].pending, 5,
                     "c learns the ack from the store")  # fmt: skip
         retried = pm.retried
-        await asyncio.sleep(0.8)  # several retry intervals of c
+        # c's retries that were scheduled come due and are dropped, not sent: then none
+        # is left (a message sent again is scheduled again)
+        await until(lambda: all(u != "bob" for _, _, u, _ in pm._due), 5, "c's retries due")
         assert pm.retried == retried
     finally:
         task.cancel()
@@ -216,7 +221,7 @@ async def test_offline_backlog_on_another_node_and_a_crash(cluster: Any) -> None
         await b.stop(crash=True)
         await sends
         await until(lambda: len(got) == 60, 15, "everything after the crash")
-        await asyncio.sleep(0.3)
+        await dm_marker(alice, "carol", got)  # a duplicate would arrive before it
         assert [d.seq for d in got] == list(range(1, 61))
         assert [d.data["i"] for d in got] == list(range(60))
         task.cancel()

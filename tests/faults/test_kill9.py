@@ -20,6 +20,7 @@ import pytest
 from fastim.client import Backoff, Client, DirectMessage, Message, Sent, connect
 from fastim.errors import ConnectionClosed, RequestError
 
+from ._markers import channel_marker, dm_marker
 from ._node import NodeProc
 
 pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
@@ -136,7 +137,8 @@ async def test_channel_stream_survives_kill9(
         )
         last_off = max(off for _, off in acked)
         await eventually(lambda: sub.offset >= last_off, what="the subscriber to catch up")
-        await asyncio.sleep(0.2)  # anything extra (a duplicate) would arrive meanwhile
+        # anything extra (a duplicate) arrives before a marker published last
+        await channel_marker(pub, "stream", received)
         reader.cancel()
 
         numbers = [m.data["i"] for m in received]
@@ -187,7 +189,8 @@ async def test_direct_messages_survive_kill9(
         )
         await eventually(lambda: len(got) >= n, what=f"{n} direct messages (have {len(got)})")
         await eventually(lambda: bob.inbox.acked == n, what="bob's acks")
-        await asyncio.sleep(0.2)
+        marker = await dm_marker(alice, "bob", got)  # anything extra arrives before it
+        assert marker.seq == n + 1  # and nothing else was stored
         reader.cancel()
 
         # each exactly once, in the inbox's order (seq), as the sender was told
@@ -198,8 +201,9 @@ async def test_direct_messages_survive_kill9(
         }
         assert all(d.sender == "alice" for d in got)
         assert alice.reconnects >= 1 and bob.reconnects >= 1
+        await eventually(lambda: bob.inbox.acked == n + 1, what="the marker's ack")
         state = await within(bob.inbox_state())
-        assert tuple(state)[:2] == (n, n)
+        assert tuple(state)[:2] == (n + 1, n + 1)  # every one acked, the marker last
     finally:
         await alice.aclose()
         await bob.aclose()

@@ -22,6 +22,7 @@ from fastim.client import Backoff, Client, DirectMessage, Message, connect
 from fastim.errors import RequestError
 from fastim.protocol import ErrorCode
 
+from ._markers import channel_marker, dm_marker
 from ._node import NodeProc
 
 pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
@@ -139,7 +140,9 @@ async def run_outage(
 
     last = max(acked.values())
     await eventually(lambda: sub.offset >= last, what="the subscriber to catch up")
-    await asyncio.sleep(0.3)  # a duplicate would come meanwhile
+    # a duplicate would come before a marker sent last
+    await channel_marker(pub, "r", received)
+    await dm_marker(pub, "bob", dms)
     for r in readers:
         r.cancel()
     offsets = [m.offset for m in received]

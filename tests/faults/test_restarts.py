@@ -34,6 +34,7 @@ from websockets.asyncio.client import connect as ws_connect
 from fastim.client import Backoff, DirectGap, DirectMessage, Gap, Message, Sent
 from fastim.errors import ConnectionClosed, RequestError
 
+from ._markers import channel_marker, dm_marker
 from ._node import NodeProc
 from .test_kill9 import client, eventually, progress, windowed, within
 
@@ -316,7 +317,9 @@ async def test_streams_across_a_restart_on_every_store(
             30,
             f"direct messages: {len(got)} of {len(sent)}",
         )
-        await asyncio.sleep(0.3)  # anything extra (a duplicate) would arrive meanwhile
+        # anything extra (a duplicate) arrives before a marker sent last
+        await channel_marker(pub, "stream", received)
+        await dm_marker(alice, "bob", got)
         for r in readers:
             r.cancel()
 
@@ -427,7 +430,9 @@ async def test_twenty_kill9_cycles_on_the_default_store(
         await eventually(
             lambda: len(got) >= len(sent), 30, f"{len(got)} of {len(sent)} direct messages"
         )
-        await asyncio.sleep(0.3)
+        # anything extra (a duplicate) arrives before a marker sent last
+        await channel_marker(pub, "cycles", received)
+        await dm_marker(alice, "bob", got)
         for t in tasks[:2]:
             t.cancel()
         assert node.starts == 21

@@ -194,16 +194,40 @@ async def test_quiet_channel_keeps_its_epoch_until_meta_ttl(make_store: StoreFac
     assert (await s.read("c", 0)).messages == [(1, b"b")]
 
 
-async def test_sweep_keeps_what_is_live(make_store: StoreFactory) -> None:
-    s = await make_store(HistoryLimits(size=10, ttl=0.2, meta_ttl=0.3))
-    await s.append("gone", b"x")
-    await s.inbox_append("u", b"m", "cid", "snd")
-    await asyncio.sleep(0.45)
-    live = await s.append("live", b"y")
-    assert isinstance(await s.sweep(), int)
-    assert await s.read("live", 0) == (live.epoch, 1, [(1, b"y")])
-    assert (await s.state("gone")).top == 0
+#: what sweep deletes, by store: memory counts forgotten channels, expired messages of
+#: the channels it keeps and expired dedup entries; sqlite forgotten channels and dedup
+#: rows (reads skip expired messages, appends trim them); Redis nothing (its keys expire
+#: by themselves: PEXPIRE on channels, dedup entries pruned at the user's next send)
+SWEPT = {"memory": 3, "sqlite": 2, "redis": 0}
+
+
+async def test_sweep_deletes_what_expired_and_keeps_what_is_live(
+    make_store: StoreFactory, kind: str
+) -> None:
+    short = HistoryLimits(size=10, ttl=0.2, meta_ttl=0.3)  # the store's default
+    quiet = HistoryLimits(size=10, ttl=0.2, meta_ttl=60)  # messages expire, the epoch stays
+    long = HistoryLimits(size=10)
+    s = await make_store(short, InboxLimits(dedup_window=0.4))
+    gone = await s.append("gone", b"x")
+    still = await s.append("quiet", b"q", limits=quiet)
+    old = await s.inbox_append("u", b"m", "cid", "snd")
+    await asyncio.sleep(0.5)  # past meta_ttl, ttl and the dedup window of all three
+    live = await s.append("live", b"y", limits=long)
+    kept = await s.inbox_append("v", b"m", "cid", "snd")
+    assert await s.sweep() == SWEPT[kind]
+    assert await s.sweep() == 0  # nothing left to delete
+    # the live ones are kept
+    assert await s.read("live", 0, limits=long) == (live.epoch, 1, [(1, b"y")])
+    again = await s.inbox_append("v", b"m", "cid", "snd")
+    assert again[:3] == (kept.seq, kept.msg_id, True)
+    # a quiet channel keeps its epoch and top, its expired message is gone
+    assert await s.read("quiet", 0, limits=quiet) == (still.epoch, 1, [])
+    # the forgotten channel starts again; the expired dedup entry no longer matches
+    st = await s.state("gone")
+    assert st.top == 0 and st.epoch != gone.epoch
     assert (await s.inbox_state("u"))[:2] == (0, 1)
+    resent = await s.inbox_append("u", b"m", "cid", "snd")
+    assert not resent.duplicate and resent.seq == 2 and resent.msg_id != old.msg_id
 
 
 async def test_bad_read_arguments(store: Store) -> None:
