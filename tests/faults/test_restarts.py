@@ -289,9 +289,14 @@ async def test_streams_across_a_restart_on_every_store(
             else:
                 await node.astop()  # SIGTERM: a graceful drain
             if kind == "memory":
-                epoch_of.append("new")  # publishes acked from now on are the new epoch's
+                # an ack the old node sent before it died may still be read after this
+                # point: which epoch an ack belongs to is known only once the new node
+                # is up (nothing of the old one is left to read by then)
+                epoch_of.append("either")
             await asyncio.sleep(0.2)
             await node.astart()
+            if kind == "memory":
+                epoch_of.append("new")  # publishes acked from now on are the new epoch's
             steps.append(f"up at {len(acked)} acked, {len(sent)} sent")
         await within(
             asyncio.gather(windowed(n, 8, publish), windowed(ndm, 4, send), bounce()),
@@ -349,7 +354,7 @@ async def test_streams_across_a_restart_on_every_store(
         assert [m.offset for m in new] == list(range(1, len(new) + 1))
         by_new = {m.offset: m.data["i"] for m in new}
         assert all(by_new.get(off) == i for i, off, e in acked if e == "new"), "new one lost"
-        lost = {i for i, off, e in acked if e != "new" and off > gap.last_offset}
+        lost = {i for i, off, e in acked if e == epoch_of[0] and off > gap.last_offset}
         assert lost.isdisjoint(numbers)
         # direct messages: the same shape (one DirectGap between the two numberings)
         assert len(dgaps) == 1, dgaps
