@@ -70,7 +70,7 @@ class Node:
         self.limit_refusals = 0
         #: which web pages may connect, and the refusals (fastim/transport/origin.py)
         self.origins = Origins(self.config)
-        # observability and the server HTTP API (fastim/metrics.py, fastim/http_api.py)
+        # observability and the server HTTP API (fastim/api/metrics.py, fastim/api/http.py)
         self.metrics = Metrics(self)
         self.api = HttpApi(self)
         self.store_probe: StoreProbe | None = None

@@ -133,7 +133,7 @@ class Cluster(TreeReceiver, LinkHandler):
         #: direct messages across nodes (fastim/cluster/dm.py), set by start()
         self.dm: DmRouter | None = None
         self._tasks = Background("cluster")
-        # counters (fastim/metrics.py)
+        # counters (fastim/api/metrics.py)
         self.forwards_sent = 0
         self.forwards_acked = 0
         self.forwards_failed = 0
