@@ -143,7 +143,7 @@ class Config:
         default=2.0,
         metadata={"help": "seconds before an unacked direct message is sent again (doubling)"},
     )
-    #: ``[namespaces.NAME]`` tables of the config file (see fastim.namespaces); file only
+    #: ``[namespaces.NAME]`` tables of the config file (see fastim.config.namespaces); file only
     namespaces: dict[str, dict[str, Any]] = field(
         default_factory=dict,
         metadata={"help": "per-namespace settings: [namespaces.NAME] tables", "file_only": True},

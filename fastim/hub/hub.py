@@ -68,7 +68,7 @@ class Hub:
         self.delivered = 0
         self.store_errors = 0
         self.recovered = 0
-        #: publish arrival → end of its fan-out, once per message (fastim.metrics)
+        #: publish arrival → end of its fan-out, once per message (fastim.api.metrics)
         self.latency = LatencyHistogram()
         #: compresses each message once for every permessage-deflate subscriber
         self.deflater = Deflater(config.ws_compression or 6, config.ws_compression_min_size)
