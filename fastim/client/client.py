@@ -271,7 +271,12 @@ class Client(BaseClient):
             except ConnectionClosed as e:
                 if self.closed or not e.temporary:
                     raise
-                last = e  # the reader reconnects; the next attempt waits for it
+                last = e
+                # the reader reconnects, and the next attempt waits for it; but until the
+                # reader has run, the client may still hold the dead connection, and an
+                # attempt on it fails without ever yielding: retrying at once would spin
+                # here and starve the very reader that replaces it
+                await asyncio.sleep(min(backoff.next(), max(0.0, end - loop.time())))
                 continue
             except asyncio.TimeoutError as e:
                 last = e

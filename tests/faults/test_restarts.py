@@ -283,7 +283,8 @@ async def test_streams_across_a_restart_on_every_store(
 
         async def bounce() -> None:
             await eventually(lambda: len(acked) >= n // 3 and len(sent) >= ndm // 3)
-            steps.append(f"stop at {len(acked)} acked, {len(sent)} sent")
+            loop = asyncio.get_running_loop()
+            steps.append(f"stop at {len(acked)} acked, {len(sent)} sent, t={loop.time():.2f}")
             if how == "kill9":
                 await node.akill()
             else:
@@ -293,11 +294,13 @@ async def test_streams_across_a_restart_on_every_store(
                 # point: which epoch an ack belongs to is known only once the new node
                 # is up (nothing of the old one is left to read by then)
                 epoch_of.append("either")
+            steps.append(f"stopped t={loop.time():.2f}")
             await asyncio.sleep(0.2)
+            steps.append(f"starting t={loop.time():.2f}")
             await node.astart()
             if kind == "memory":
                 epoch_of.append("new")  # publishes acked from now on are the new epoch's
-            steps.append(f"up at {len(acked)} acked, {len(sent)} sent")
+            steps.append(f"up at {len(acked)} acked, {len(sent)} sent, t={loop.time():.2f}")
         await within(
             asyncio.gather(windowed(n, 8, publish), windowed(ndm, 4, send), bounce()),
             90,
