@@ -201,7 +201,9 @@ async def drive(
 ) -> PubResult:
     """Connect publisher and probe, start the workers' clocks, publish, wait until the
     last publish is received (by every subscriber, or with ``--window probe`` by the
-    probe). ``shares``: the workers' subscribers, one figure per pipe."""
+    probe). ``shares``: the workers' subscribers, one figure per pipe. Without
+    ``args.window`` the rule is the probe's: the workers report only when their
+    WorkerSpec says so (runner.py sets both)."""
     loop = asyncio.get_running_loop()
     res = PubResult()
     probe_out = WorkerResult(connections=1)
