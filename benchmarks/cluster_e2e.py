@@ -308,6 +308,7 @@ def run_bench(
         "--duration", str(args.duration),
         "--size", str(args.size),
         "--inflight", str(args.inflight),
+        "--window", getattr(args, "window", "every"),
         "--processes", "1",
         "--channel", CHANNEL,
         "--json", "--quiet",
@@ -416,7 +417,8 @@ def render(out: dict[str, Any]) -> str:
     a = out["args"]
     lines = [
         f"{a['subscribers']:,} subscribers, {a['size']}-byte messages, {a['duration']:g} s × "
-        f"{a['reps']} reps, W={a['inflight']}, {a['store']} store; nodes on CPU "
+        f"{a['reps']} reps, W={a['inflight']} ({a.get('window', 'probe')}), {a['store']} store; "
+        "nodes on CPU "
         f"{a['node_cpu']}, generator, etcd{' and redis' if a['store'] == 'redis' else ''} "
         f"on CPU {a['client_cpu']}; load average before: {out.get('load_before', '?')}",
         "",
@@ -468,6 +470,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--size", type=int, default=64, help="message bytes")
     p.add_argument("--inflight", "-w", type=int, default=64, help="the bench's W")
+    p.add_argument(
+        "--window",
+        choices=("every", "probe"),
+        default="every",
+        help="the bench's --window: W against every subscriber (default since P10) or the "
+        "probe (the rule of the figures in docs/cluster.md before P10)",
+    )
     p.add_argument(
         "--store",
         choices=("memory", "redis"),

@@ -8,6 +8,7 @@ Each runs as a subprocess: the bench pins the process it runs in to CPUs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -74,8 +75,11 @@ def test_peers_runner_smoke(tmp_path: Path) -> None:
     )
     assert p.returncode == 0, p.stdout + p.stderr
     report = json.loads(out.read_text())
+    servers = {"fastim", "websockets", "picows"} | (
+        {"socketify"} if importlib.util.find_spec("socketify") is not None else set()
+    )
     assert {(r["server"], r["case"]) for r in report["runs"]} == {
-        (s, c) for s in ("fastim", "websockets", "picows") for c in ("idle", "sat", "rate")
+        (s, c) for s in servers for c in ("idle", "sat", "rate")
     }
     for r in report["runs"]:
         res = r["result"]
@@ -84,9 +88,13 @@ def test_peers_runner_smoke(tmp_path: Path) -> None:
             assert res["lost"] == res["reordered"] == res["duplicates"] == 0
             assert res["deliveries"] == res["published"] * res["subscribers"] > 0
     sat = report["summary"]["sat"]
-    assert set(sat["ratio_fastim_over"]) == {"websockets", "picows"}
+    assert set(sat["ratio_fastim_over"]) == servers - {"fastim"}
+    assert report["settings"]["window"] == "every"
+    assert all(r["result"]["window"] == "every" for r in report["runs"] if r["case"] != "idle")
     assert sat["servers"]["fastim"]["deliveries_per_s"] > 0
     assert report["summary"]["idle"]["servers"]["picows"]["bytes_per_conn"] is not None
     # the markdown table for benchmarks/RESULTS.md
-    assert "| case | metric | fastim | websockets | picows |" in p.stdout
+    assert "| case | metric | fastim | websockets | picows |" in p.stdout.replace(
+        " socketify |", ""
+    )
     assert "deliveries/s" in p.stdout and "server RSS per connection" in p.stdout

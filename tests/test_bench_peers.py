@@ -8,6 +8,7 @@ client reach every other client once, and never come back to the sender.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,11 @@ import pytest
 from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ("websockets", "picows")
+# socketify (P10) is on PyPI as a source package with prebuilt libraries, not a wheel, so
+# it is not among the test extras: its peer is checked where it is installed
+PEERS = ("websockets", "picows") + (
+    ("socketify",) if importlib.util.find_spec("socketify") is not None else ()
+)
 
 
 def _start(name: str) -> tuple[subprocess.Popen[str], str]:
@@ -39,7 +44,7 @@ def _start(name: str) -> tuple[subprocess.Popen[str], str]:
 
 @pytest.fixture(scope="module")
 def peers() -> Iterator[dict[str, str]]:
-    """Both peers, started once for the module (side by side: startup costs overlap)."""
+    """The peers, started once for the module (side by side: startup costs overlap)."""
     started = {name: _start(name) for name in PEERS}
     yield {name: url for name, (_p, url) in started.items()}
     for proc, _url in started.values():

@@ -15,10 +15,13 @@ publish-to-delivery latency (the publisher stamps CLOCK_MONOTONIC, shared by eve
 process on the machine).
 
 One publisher connection sends; the publisher's process also holds one of the N
-subscribers, the *probe*, connected last. Saturation keeps published − received by the
-probe ≤ ``--inflight`` (W): the same rule for fastim and for peers, which have no acks.
-``--rate`` publishes at a fixed rate instead. ``--idle`` opens N connections, waits for
-the server's memory to settle and reports its RSS growth per connection.
+subscribers, the *probe*, connected last. Saturation keeps at most ``--inflight`` (W)
+publishes not yet received by every subscriber (``--window every``, the default: each
+worker process reports the fewest messages any of its subscribers has) or by the probe
+alone (``--window probe``, the rule until P10): the same rule for fastim and for peers,
+which have no acks. ``--rate`` publishes at a fixed rate instead. ``--idle`` opens N
+connections, waits for the server's memory to settle and reports its RSS growth per
+connection.
 
 At the end: deliveries/s, latency percentiles, loss and reordering, the server's CPU
 (when its pid is known) and the generator's, as a table or ``--json``.

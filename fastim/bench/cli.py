@@ -15,7 +15,7 @@ from typing import Any
 
 from .report import failed, render
 from .runner import run
-from .workers import CONNS_PER_IP, CONNS_PER_PROCESS
+from .workers import CONNS_PER_IP, CONNS_PER_PROCESS, TRACK_PER_PROCESS
 
 
 def _description() -> str | None:
@@ -69,7 +69,15 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "-w",
         type=int,
         default=64,
-        help="published − received by the probe subscriber, at most (W)",
+        help="publishes not yet received, at most (W; by whom: --window)",
+    )
+    p.add_argument(
+        "--window",
+        choices=("every", "probe"),
+        default="every",
+        help="W counts publishes not yet received by every subscriber (every: the worker "
+        f"processes report their slowest, up to {TRACK_PER_PROCESS:,} subscribers each, "
+        "spread; the default) or by the probe alone (probe: the rule until P10)",
     )
     p.add_argument("--size", "-s", type=int, default=64, help="message size, bytes (≥ 40)")
     p.add_argument(

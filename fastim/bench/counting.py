@@ -12,7 +12,7 @@ import asyncio
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -48,12 +48,20 @@ class WorkerResult:
     errors: list[str] = field(default_factory=list)
 
 
+class Waker(Protocol):
+    """What a subscriber calls after a read that brought messages: the probe's
+    ``asyncio.Event``, or a worker's ``MinReporter`` (``--window every``)."""
+
+    def set(self) -> None: ...
+
+
 class _Sub(asyncio.Protocol):
     """One subscriber connection: counts data messages; a sampled one checks each.
 
     ``ready`` resolves when the connection can receive (fastim: subscribed, or just
-    open with ``subscribe=False``; peer: upgrade done). ``wake``, set on the probe,
-    is set whenever messages arrive, so the publisher can wait on it.
+    open with ``subscribe=False``; peer: upgrade done). ``wake``, set on the probe (and,
+    with ``--window every``, on a worker's tracked subscribers), is set whenever a read
+    brings messages, so the publisher can wait on it.
 
     Counting: a connection starts in *parse* mode (the compiled FrameDecoder/WSParser,
     one Python object per message). Once it has seen a data message and its stream sits
@@ -83,7 +91,7 @@ class _Sub(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.closing = False
-        self.wake: asyncio.Event | None = None
+        self.wake: Waker | None = None
         self.last_rx = 0.0
         # stride mode
         self.stride = False

@@ -1,17 +1,24 @@
 """The publisher: one connection that sends, and the probe subscriber that paces it.
 
 One publisher connection sends; the publisher's process also holds one of the N
-subscribers, the *probe*, connected last. Saturation keeps published − received by the
-probe ≤ ``--inflight`` (W): the same rule for fastim and for peers, which have no acks.
-``--rate`` publishes at a fixed rate instead.
+subscribers, the *probe*, connected last. Saturation keeps at most ``--inflight`` (W)
+publishes not yet received: by every subscriber (``--window every``, the default: the
+worker processes report the fewest messages any of their subscribers has, see
+workers.MinReporter, and the probe counts too) or by the probe alone (``--window probe``,
+the rule until P10). Either is the same rule for fastim and for peers, which have no
+acks. ``--rate`` publishes at a fixed rate instead (the window still caps what is in
+flight).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -20,11 +27,14 @@ import orjson
 from .. import _core
 from ..client.connection import HandshakeError
 from ..protocol import FrameType, pack_hello, pack_sub
-from .counting import WorkerResult
+from .counting import WorkerResult, _Sub
 from .serverstats import cpu_pids, cpu_sum
 from .target import Target, upgrade_request, upgrade_response
 from .wire import MAX_MESSAGE, SERVER_TYPES, make_payload, mask, ws_text
 from .workers import open_subs
+
+#: a full window with nothing received for this long ends the publishing (an error)
+STALL_S = 10.0
 
 _OP_TEXT = _core.OP_TEXT
 _OP_PING = _core.OP_PING
@@ -133,7 +143,52 @@ class PubResult:
     elapsed_s: float = 0.0
     publish_s: float = 0.0
     server_cpu_s: float | None = None
+    #: ``--window every``: the workers' reports received while publishing
+    min_reports: int = 0
     errors: list[str] = field(default_factory=list)
+
+
+class _Floor:
+    """``--window every``: the fewest messages any subscriber has, over the probe and the
+    workers' reports (``("min", m)`` on each worker's pipe, read as they come)."""
+
+    def __init__(
+        self, pipes: list[Connection], shares: list[int], wake: asyncio.Event, probe: _Sub
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.pipes = pipes
+        self.wake = wake
+        self.probe = probe
+        # a worker without subscribers never reports: it holds no one back
+        self.mins: list[float] = [0 if n else math.inf for n in shares]
+        self.reports = 0
+        self.errors: list[str] = []
+        for i, a in enumerate(pipes):
+            self.loop.add_reader(a.fileno(), self._readable(i))
+
+    def _readable(self, i: int) -> Callable[[], None]:
+        a = self.pipes[i]
+
+        def cb() -> None:
+            while a.poll():
+                msg = a.recv()
+                if msg[0] == "min":
+                    self.reports += 1
+                    if msg[1] > self.mins[i]:
+                        self.mins[i] = msg[1]
+                        self.wake.set()
+                elif msg[0] == "error" and len(self.errors) < 5:
+                    self.errors.append(f"worker: {msg[1]}")
+
+        return cb
+
+    def value(self) -> float:
+        return min(self.probe.count, *self.mins) if self.mins else self.probe.count
+
+    def close(self) -> None:
+        for a in self.pipes:
+            self.loop.remove_reader(a.fileno())
+            os.set_blocking(a.fileno(), True)  # the loop made it non-blocking; recv() blocks
 
 
 async def drive(
@@ -142,8 +197,13 @@ async def drive(
     pipes: list[Connection],
     server_pid: int | None,
     progress: bool,
+    shares: list[int] | None = None,
 ) -> PubResult:
-    """Connect publisher and probe, start the workers' clocks, publish, wait for the probe."""
+    """Connect publisher and probe, start the workers' clocks, publish, wait until the
+    last publish is received (by every subscriber, or with ``--window probe`` by the
+    probe). ``shares``: the workers' subscribers, one figure per pipe. Without
+    ``args.window`` the rule is the probe's: the workers report only when their
+    WorkerSpec says so (runner.py sets both)."""
     loop = asyncio.get_running_loop()
     res = PubResult()
     probe_out = WorkerResult(connections=1)
@@ -156,6 +216,16 @@ async def drive(
     probe = (await open_subs(target, args.channel, 1, set(), True, probe_out))[0]
     wake = probe.wake = asyncio.Event()
     await asyncio.sleep(0.1)  # let the last subscription settle before the clock starts
+    every = getattr(args, "window", "probe") == "every"
+    floor: _Floor | None = None
+    if every:
+        floor = _Floor(pipes, shares if shares is not None else [1] * len(pipes), wake, probe)
+        received: Callable[[], float] = floor.value
+    else:
+
+        def received() -> float:
+            return probe.count
+
     for a in pipes:
         a.send(("go",))
     pids = cpu_pids(args, server_pid)
@@ -173,10 +243,10 @@ async def drive(
         now = time.monotonic()
         if now >= end:
             break
-        if sent - probe.count >= window:
+        if sent - received() >= window:
             wake.clear()
             try:
-                await asyncio.wait_for(wake.wait(), 10)
+                await asyncio.wait_for(wake.wait(), STALL_S)
             except asyncio.TimeoutError:
                 stalled = True
                 break
@@ -195,21 +265,27 @@ async def drive(
             el = now - t0
             print(
                 f"\r  running {el:4.1f}s  published {sent:,} ({sent / el:,.0f} msg/s)"
-                f"  probe {probe.count:,}",
+                f"  probe {probe.count:,}"
+                + (f"  slowest {received():,.0f}" if every else ""),
                 end="",
                 file=sys.stderr,
                 flush=True,
             )
     res.publish_s = time.monotonic() - t0
-    # the last messages: the probe, served last, has them when the server is done
+    # the last messages: the probe, served last, has them when the server is done (and
+    # with --window every, the slowest subscriber has them)
     wait_until = time.monotonic() + args.drain
-    while probe.count < sent and time.monotonic() < wait_until and not probe.closed:
+    while received() < sent and time.monotonic() < wait_until and not probe.closed:
         wake.clear()
         try:
             await asyncio.wait_for(wake.wait(), max(0.01, wait_until - time.monotonic()))
         except asyncio.TimeoutError:
             break
     res.elapsed_s = time.monotonic() - t0
+    if floor is not None:
+        floor.close()
+        res.min_reports = floor.reports
+        res.errors += floor.errors
     cpu1 = cpu_sum(pids)
     if cpu0 is not None and cpu1 is not None:
         res.server_cpu_s = cpu1 - cpu0
@@ -221,9 +297,13 @@ async def drive(
     res.acked = pub.acked
     res.probe_received = probe.count
     res.probe_last_rx = probe.last_rx
-    res.errors = pub.errors + probe_out.errors
+    res.errors = res.errors + pub.errors + probe_out.errors
     if stalled:
-        res.errors.append(f"the probe received nothing for 10 s (at {probe.count} of {sent})")
+        res.errors.append(
+            f"the {'slowest subscriber' if every else 'probe'} received nothing for "
+            f"{STALL_S:g} s "
+            f"(at {received():,.0f} of {sent}; the probe at {probe.count})"
+        )
     if progress:
         print(file=sys.stderr)
     probe.close()

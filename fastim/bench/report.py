@@ -57,7 +57,13 @@ def render(r: dict[str, Any]) -> str:
             (
                 "mode",
                 f"{r['mode']}"
-                + (f" {r['rate']:g} msg/s" if r["rate"] else f" (≤{r['inflight']} in flight)"),
+                + (f" {r['rate']:g} msg/s" if r["rate"] else "")
+                + f" (≤{r['inflight']} in flight"
+                + (
+                    ", counted against every subscriber)"
+                    if r.get("window") == "every"
+                    else ", counted against the probe)"
+                ),
             ),
             ("message size", f"{r['size']} B"),
             (

@@ -36,6 +36,11 @@ def _affinity(spec: str | None) -> set[int] | None:
     return {int(c) for c in spec.split(",")}
 
 
+def _window(args: argparse.Namespace) -> str:
+    """``--window``: every (the default) or probe (namespaces built without the flag)."""
+    return str(getattr(args, "window", None) or "every")
+
+
 def _default_sample(args: argparse.Namespace) -> int:
     """Sampled subscribers: a few at saturation (their decoding costs generator CPU);
     up to 1,000 at a fixed rate, where the per-message cost is small and p99 needs
@@ -101,7 +106,9 @@ def _run(target: Target, args: argparse.Namespace, server_pid: int | None) -> di
             "idle connections"
             if idle
             else (
-                f"{args.rate:g} msg/s" if args.rate else f"saturation (≤{args.inflight} in flight)"
+                f"{args.rate:g} msg/s"
+                if args.rate
+                else f"saturation (≤{args.inflight} in flight, window: {_window(args)})"
             )
         )
         print(
@@ -123,7 +130,14 @@ def _run(target: Target, args: argparse.Namespace, server_pid: int | None) -> di
         k = min(n, math.ceil(samples_left / (procs - i))) if n_sample else 0
         samples_left -= k
         spec = WorkerSpec(
-            target, args.channel, n, k, subscribe, (1 + i * 8) if spread else 0, sub_nodes
+            target,
+            args.channel,
+            n,
+            k,
+            subscribe,
+            (1 + i * 8) if spread else 0,
+            sub_nodes,
+            report_min=not idle and _window(args) == "every",
         )
         p = ctx.Process(target=worker, args=(spec, b), daemon=True)
         p.start()
@@ -160,7 +174,7 @@ def _collect(pipes: list[Connection], timeout: float) -> list[WorkerResult]:
         if not a.poll(timeout):
             raise SystemExit("fastim bench: a worker did not report its result")
         msg = a.recv()
-        while msg[0] == "progress":
+        while msg[0] in ("progress", "min"):  # "min": --window every's late reports
             msg = a.recv()
         if msg[0] != "result":
             raise SystemExit(f"fastim bench: worker failed: {msg[1]}")
@@ -214,7 +228,8 @@ def _measure(
     gen_cpu0 = time.process_time()
     if idle:
         return _idle(out, args, server_pid, pipes, rss_before, progress)
-    pub = run_loop(drive(target, args, pipes, server_pid, progress))
+    args.window = _window(args)
+    pub = run_loop(drive(target, args, pipes, server_pid, progress, share))
     pub_cpu = time.process_time() - gen_cpu0
     for a in pipes:
         a.send(("expect", pub.published, args.drain))
@@ -239,6 +254,10 @@ def _measure(
             "mode": "rate" if args.rate else "saturation",
             "rate": args.rate,
             "inflight": args.inflight,
+            # W counted against every subscriber (the workers' reports and the probe) or
+            # against the probe alone; min_reports: the workers' reports read while publishing
+            "window": args.window,
+            "min_reports": pub.min_reports if args.window == "every" else None,
             "duration_s": round(elapsed, 3),
             # the last message any subscriber received, after the probe's last: near 0
             # (or below) when the generator kept up, large when its own sockets queued

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import operator
 import os
 import time
 from collections.abc import Callable
@@ -28,6 +29,14 @@ CONNS_PER_PROCESS = 18_000
 CONNS_PER_IP = 20_000
 #: concurrent connection attempts per worker (keeps the server's backlog from overflowing)
 CONNECT_CONCURRENCY = 200
+#: ``--window every``: subscribers per worker whose progress is reported, at most (all of
+#: them up to this, else an evenly spread sample: the fan-out order decides who lags)
+TRACK_PER_PROCESS = 2_000
+#: the progress report's share of a worker's CPU, at most: after a report that took t
+#: seconds of CPU, the next waits ``t * REPORT_SPACING`` (≈ 1 ms for 1,000 subscribers)
+REPORT_SPACING = 30
+#: ... and never more than this (seconds)
+MAX_SPACING = 0.002
 
 
 async def open_subs(
@@ -89,6 +98,71 @@ class WorkerSpec:
     ip_base: int
     #: with --sub-urls: the nodes the worker's subscribers are spread over (round robin)
     targets: tuple[Target, ...] = ()
+    #: ``--window every``: report the slowest subscriber's count to the publisher
+    report_min: bool = False
+
+
+class MinReporter:
+    """``--window every``: tells the publisher the fewest messages any tracked subscriber has.
+
+    It is the tracked subscribers' ``wake`` (``_Sub.data_received`` calls ``set()`` once
+    per read that brought messages, not per message): the first read of a loop tick
+    schedules one report, which takes the minimum over the tracked subscribers (closed
+    ones aside) and sends ``("min", m)`` down the worker's pipe when it moved. Reports are
+    spaced by ``REPORT_SPACING`` times their own cost, so they stay a few percent of the
+    worker's CPU whatever the number of subscribers.
+    """
+
+    def __init__(self, subs: list[_Sub], pipe: Connection) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.subs = subs
+        self.pipe = pipe
+        self.scheduled = False
+        self.on = True
+        self.last = -1
+        self.next_ok = 0.0
+        self._count = operator.attrgetter("count")
+        for s in subs:
+            s.wake = self
+
+    def set(self) -> None:
+        if not self.scheduled and self.on:
+            self.scheduled = True
+            delay = self.next_ok - time.monotonic()
+            if delay > 0:
+                self.loop.call_later(delay, self.report)
+            else:
+                self.loop.call_soon(self.report)
+
+    def current(self) -> int:
+        live = [s for s in self.subs if not s.closed]
+        return min(map(self._count, live)) if live else -1
+
+    def report(self) -> None:
+        self.scheduled = False
+        if not self.on:
+            return
+        c = time.thread_time()
+        m = self.current()
+        if m != self.last and m >= 0:
+            self.last = m
+            self.pipe.send(("min", m))
+        # spaced by the report's CPU time, not its wall time: on a shared core the send
+        # may hand the core to the publisher, and a wall-clock spacing then grew to 40 ms
+        spacing = min((time.thread_time() - c) * REPORT_SPACING, MAX_SPACING)
+        self.next_ok = time.monotonic() + spacing
+
+    def stop(self) -> None:
+        self.on = False
+        for s in self.subs:
+            s.wake = None
+
+
+def tracked(subs: list[_Sub], k: int = TRACK_PER_PROCESS) -> list[_Sub]:
+    """All of ``subs`` up to ``k``, else ``k`` spread evenly over the connection order."""
+    if len(subs) <= k:
+        return list(subs)
+    return [subs[i] for i in sorted(spread_sample(len(subs), k))]
 
 
 def _progress_from(progress: Callable[[int], None], base: int, k: int) -> None:
@@ -127,25 +201,33 @@ async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
         pipe.send(("error", f"connect: {e!r}; " + "; ".join(res.errors[:3])))
         return
     pipe.send(("ready", len(subs)))
+    reporter: MinReporter | None = None
     t0 = time.monotonic()
     c0 = time.process_time()
     s0 = os.times().system
     expected: int | None = None
     deadline = 0.0
     while True:
-        # commands: ("go",) restarts the CPU clock at the start of publishing,
-        # ("expect", total, drain) waits for every connection to have ``total`` messages,
-        # ("stop",) reports now (idle mode)
+        # commands: ("go",) restarts the CPU clock at the start of publishing (and with
+        # report_min starts the reports of the slowest subscriber's count: the publisher
+        # reads them while it publishes), ("expect", total, drain) ends the reports and
+        # waits for every connection to have ``total`` messages, ("stop",) reports now
+        # (idle mode)
         cmd = await loop.run_in_executor(None, pipe.recv) if expected is None else None
         if cmd is not None:
             if cmd[0] == "go":
                 t0 = time.monotonic()
                 c0 = time.process_time()
                 s0 = os.times().system
+                if spec.report_min and subs and reporter is None:
+                    reporter = MinReporter(tracked(subs), pipe)
+                    reporter.report()  # a first figure, so the publisher knows its floor
                 continue
             if cmd[0] == "stop":
                 break
             if cmd[0] == "expect":
+                if reporter is not None:
+                    reporter.stop()
                 expected = int(cmd[1])
                 deadline = time.monotonic() + float(cmd[2])
         if expected is not None:
