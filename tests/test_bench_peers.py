@@ -8,7 +8,6 @@ client reach every other client once, and never come back to the sender.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,11 +17,9 @@ import pytest
 from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
-# socketify (P10) is on PyPI as a source package with prebuilt libraries, not a wheel, so
-# it is not among the test extras: its peer is checked where it is installed
-PEERS = ("websockets", "picows") + (
-    ("socketify",) if importlib.util.find_spec("socketify") is not None else ()
-)
+# socketify (P10): a source package on PyPI carrying its prebuilt libraries, among the
+# test extras, so its peer is checked like the others (a missing one fails, loudly)
+PEERS = ("websockets", "picows", "socketify")
 
 
 def _start(name: str) -> tuple[subprocess.Popen[str], str]:
