@@ -38,10 +38,9 @@ class TreeReceiver:
     duplicates: int
     gaps: int
     resyncs: int
+    # the runtime's methods these use
     _send_down: Callable[[list[str], str, str, int, bytes], None]
-
-    def _run(self, coro: Any) -> None:
-        raise NotImplementedError
+    _run: Callable[[Any], None]
 
     def on_deliver(self, peer: str, items: list[Deliver]) -> None:
         filling = self._filling

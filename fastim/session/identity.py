@@ -5,6 +5,7 @@ is the one place where a connection's identity changes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -29,23 +30,15 @@ class Identified:
     identity: Identity | None
     auth_wait: bool
 
-    # the session's fields these read (in its __slots__)
+    # the session's fields and methods these use (Session defines them)
     config: Config
     node: Host
     subs: list[str] | None
     state: int
-
-    def send(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def send_event(self, body: bytes) -> None:
-        raise NotImplementedError
-
-    def is_open(self) -> bool:
-        raise NotImplementedError
-
-    def fail(self, err: ProtocolError, req_id: Any = None) -> None:
-        raise NotImplementedError
+    send: Callable[[bytes], None]
+    send_event: Callable[[bytes], None]
+    is_open: Callable[[], bool]
+    fail: Callable[..., None]
 
     def _welcome(self, user: str | None) -> bytes:
         cfg = self.config
