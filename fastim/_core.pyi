@@ -315,7 +315,6 @@ class HistoryRing:
     def last_offset(self) -> int:
         """Offset of the newest message appended (0 when nothing ever was)."""
 
-
 class TokenBucket:
     """A token bucket: ``rate`` tokens per second, at most ``burst`` saved, full at start.
 

@@ -9,6 +9,7 @@ bounded time, drop the rest).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -30,6 +31,8 @@ from .store import Store, StoreError, open_store
 from .transport import TcpSession, WsSession
 from .transport.origin import Origins
 from .transport.ws import PROBE_HOLD, PROBE_RATE
+from .workers.mesh import WorkerMesh
+from .workers.role import WorkerRole
 
 log = logging.getLogger("fastim")
 
@@ -39,13 +42,15 @@ SWEEP_EVERY = 5.0  # seconds between sweeps of idle channels
 class Node:
     """One fastim server process's worth of state."""
 
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, role: WorkerRole | None = None) -> None:
         self.config = (config or Config()).validate()
+        #: one worker of a node started with ``--workers N`` (fastim/workers/), or None
+        self.role: WorkerRole | None = role
         self.auth = Auth(self.config)  # tokens and channel rules (fastim/auth.py)
         self.hub = Hub(self.config)
         # presence under namespace rules: the hub asks, the auth decides
-        self.hub.presence_gate = lambda sub, ns, name: not self.auth.refusal(
-            ns, "presence", name, getattr(sub, "identity", None)
+        self.hub.presence_gate = lambda sub, ns, name: (
+            not self.auth.refusal(ns, "presence", name, getattr(sub, "identity", None))
         )
         self.store: Store | None = None
         self.postman: Postman | None = None
@@ -90,7 +95,12 @@ class Node:
         loop = asyncio.get_running_loop()
         cfg = self.config
         # the store first: a node that cannot reach it must fail at start, not later
-        self.store = await open_store(cfg.store_settings())
+        role = self.role
+        settings = cfg.store_settings()
+        if role is not None:
+            # the workers share the file; their supervisor holds its lock
+            settings = dataclasses.replace(settings, shared=True)
+        self.store = await open_store(settings)
         self.hub.store = self.store
         self.postman = Postman(self.store, cfg.dm_retry)
         self.flusher = _core.Flusher(loop.call_soon)
@@ -126,7 +136,11 @@ class Node:
                 srv = await self._listen("ws_port", lambda: WsSession(self), tls_args)
                 self._servers.append(srv)
                 self.ws_port = srv.sockets[0].getsockname()[1]
-            if cfg.etcd_endpoints:
+            if role is not None and role.count > 1:
+                mesh = WorkerMesh(self, role)
+                self.cluster = mesh  # the hub's router, as a cluster's runtime is
+                await mesh.start({})
+            elif cfg.etcd_endpoints:
                 host = advertised_host(cfg)
                 addresses = {}
                 if self.tcp_port:
@@ -151,16 +165,22 @@ class Node:
         log.info("fastim node %s listening: %s", cfg.node_id, " ".join(self.urls()))
         self.origins.warn_if_open()
 
-    async def _listen(
-        self, setting: str, factory: Any, tls_args: dict[str, Any]
-    ) -> asyncio.Server:
+    async def _listen(self, setting: str, factory: Any, tls_args: dict[str, Any]) -> asyncio.Server:
         """Bind the listener of ``setting`` (tcp_port, ws_port) on ``host``; a failure is
         an OSError that names both settings and the address, for the operator."""
         cfg = self.config
         port = getattr(cfg, setting)
         try:
             return await asyncio.get_running_loop().create_server(
-                factory, cfg.host, port, backlog=cfg.backlog, reuse_address=True, **tls_args
+                factory,
+                cfg.host,
+                port,
+                backlog=cfg.backlog,
+                reuse_address=True,
+                # the workers of one node listen on the same port (the kernel spreads
+                # connections over them); the supervisor holds it bound meanwhile
+                reuse_port=self.role is not None,
+                **tls_args,
             )
         except OSError as e:
             host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
@@ -220,7 +240,8 @@ class Node:
             self._last_sweep = now
             self.hub.sweep(now)
             self._prune_ip_buckets(now)
-            if self.store is not None and self._sweep_task is None:
+            sweeper = self.role is None or self.role.index == 0  # one worker sweeps the file
+            if self.store is not None and self._sweep_task is None and sweeper:
                 self._sweep_task = asyncio.ensure_future(self._sweep_store())
 
     async def _sweep_store(self) -> None:

@@ -124,7 +124,6 @@ def _channel(buf: bytes, pos: int) -> tuple[str, int]:
     try:
         ch = buf[pos + 1 : end].decode("utf-8")
     except UnicodeDecodeError:
-
         raise ProtocolError("channel is not valid UTF-8", ErrorCode.INVALID_UTF8) from None
     return ch, end
 

@@ -330,7 +330,7 @@ class HttpApi:
 
     async def _presence(self, req: Request) -> dict[str, Any]:
         name = _channel(req.query.get("channel"), "channel")
-        p = self.node.hub.presence(name)
+        p = await self.node.hub.presence_all(name)
         out: dict[str, Any] = {"channel": name, "count": p["count"]}
         if "users" in p:
             out["users"] = p["users"]

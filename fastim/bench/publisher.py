@@ -265,8 +265,7 @@ async def drive(
             el = now - t0
             print(
                 f"\r  running {el:4.1f}s  published {sent:,} ({sent / el:,.0f} msg/s)"
-                f"  probe {probe.count:,}"
-                + (f"  slowest {received():,.0f}" if every else ""),
+                f"  probe {probe.count:,}" + (f"  slowest {received():,.0f}" if every else ""),
                 end="",
                 file=sys.stderr,
                 flush=True,

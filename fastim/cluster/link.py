@@ -98,8 +98,16 @@ class LinkRefused(ConnectionError):
     """The other end refused the handshake (GOAWAY) or answered as another node."""
 
 
+#: a link address naming a Unix-domain socket (the workers of one node: fastim/workers)
+UNIX_PREFIX = "unix:"
+
+
 def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` → (host, port); ValueError naming the address."""
+    """``host:port`` or ``[v6]:port`` → (host, port); ValueError naming the address.
+
+    ``unix:<path>`` → (path, 0): a Unix-domain socket on this machine."""
+    if address.startswith(UNIX_PREFIX) and len(address) > len(UNIX_PREFIX):
+        return address[len(UNIX_PREFIX) :], 0
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"not a host:port address: {address!r}")
@@ -300,16 +308,22 @@ class Link:
         self.state = "connecting"
         hs: asyncio.Future[None] = self.loop.create_future()
         self._hs = hs
-        _, conn = await asyncio.wait_for(
-            self.loop.create_connection(
-                lambda: LinkConn(self, links.flusher, links.cap, LINK_MAX_FRAME, DIALER_ACCEPTS),
+
+        def factory() -> LinkConn:
+            return LinkConn(self, links.flusher, links.cap, LINK_MAX_FRAME, DIALER_ACCEPTS)
+
+        if self.address.startswith(UNIX_PREFIX):
+            # a worker of the same node: no TLS (the socket's directory is private)
+            connecting = self.loop.create_unix_connection(factory, self.host)
+        else:
+            connecting = self.loop.create_connection(
+                factory,
                 self.host,
                 self.port,
                 ssl=links.ssl,
                 server_hostname=(links.server_hostname or self.host) if links.ssl else None,
-            ),
-            links.timeout,
-        )
+            )
+        _, conn = await asyncio.wait_for(connecting, links.timeout)
         up = False
         try:
             conn.peer = self.peer

@@ -5,7 +5,9 @@ hands what peers send to (:mod:`fastim.cluster.link` has the whole story).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import ssl as _ssl
 from collections.abc import Callable
 from typing import Any
@@ -87,8 +89,11 @@ class LinkServer:
         timeout: float = 3.0,
         max_frame: int = LINK_MAX_FRAME,
         flusher: _core.Flusher | None = None,
+        path: str = "",
     ) -> None:
         self.node_id = node_id
+        #: a Unix-domain socket to listen on instead of host:port (workers of one node)
+        self.path = path
         self.cluster = cluster
         self.handler = handler
         self.host = host
@@ -110,18 +115,26 @@ class LinkServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.flusher = self._flusher or _core.Flusher(loop.call_soon)
-        self._server = await loop.create_server(
-            lambda: LinkConn(self, self.flusher, LINK_CAP, self.max_frame, ACCEPTOR_ACCEPTS),
-            self.host,
-            self.port,
-            ssl=self.ssl,
-            reuse_address=True,
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+
+        def factory() -> LinkConn:
+            return LinkConn(self, self.flusher, LINK_CAP, self.max_frame, ACCEPTOR_ACCEPTS)
+
+        if self.path:
+            # the workers of one node: a Unix-domain socket in their private directory
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # left by a worker that was killed
+            self._server = await loop.create_unix_server(factory, self.path)
+        else:
+            self._server = await loop.create_server(
+                factory, self.host, self.port, ssl=self.ssl, reuse_address=True
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
         self._watchdog = asyncio.ensure_future(self._watch())
 
     @property
     def address(self) -> str:
+        if self.path:
+            return "unix:" + self.path
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 

@@ -67,6 +67,7 @@ class ClusterHost(Protocol):
     flusher: _core.Flusher
     postman: Postman | None
 
+
 _DELIVER = int(LinkFrame.DELIVER)
 
 #: seconds a forwarded publish waits for the owner's ack before the client is told
@@ -344,6 +345,12 @@ class Cluster(TreeReceiver, LinkHandler):
                 self.tree_out += 1
             else:
                 self.tree_dropped += 1  # link down: the child fills the gap later
+
+    async def follow(self, channel: str) -> None:
+        """Nothing to register: every node of a channel's tree gets its messages."""
+
+    def dropped(self, channel: str) -> None:
+        """Nothing to withdraw (the tree does not depend on who follows what)."""
 
     async def state(self, channel: str, since: Since | None) -> dict[str, Any]:
         """A memory channel's (epoch, offset) and messages after ``since`` from its owner.

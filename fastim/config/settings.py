@@ -474,9 +474,7 @@ class Config:
         for name in RULE_KEYS:
             rule = getattr(self, name)
             if rule not in RULE_VALUES:
-                raise ConfigError(
-                    f"{name}: must be one of {', '.join(RULE_VALUES)}, got {rule!r}"
-                )
+                raise ConfigError(f"{name}: must be one of {', '.join(RULE_VALUES)}, got {rule!r}")
             if rule in ("user", "token") and not configured:
                 raise ConfigError(f"{name}: {rule!r} needs jwt_secret or jwt_public_key")
         if not configured:

@@ -179,9 +179,7 @@ class Postman(InboxRechecks):
 
     # ------------------------------------------------------------------ commands
 
-    def send(
-        self, session: Session, req_id: Any, to: str, data: bytes, cid: str | None
-    ) -> None:
+    def send(self, session: Session, req_id: Any, to: str, data: bytes, cid: str | None) -> None:
         """``send``: store for ``to``, answer ``sent`` (or an error), deliver."""
         self._run(self._send(session, req_id, to, data, cid))
 

@@ -110,7 +110,8 @@ class Hub:
         ch = self.channels.get(name)
         if ch is not None and (ch.pending or ch.inflight):
             return  # publishes on their way to the store: keep it
-        self.channels.pop(name, None)
+        if self.channels.pop(name, None) is not None and self.router is not None:
+            self.router.dropped(name)  # nothing here follows it any more
         self.idle.pop(name, None)
 
     # ------------------------------------------------------------------ publish
@@ -398,6 +399,10 @@ class Hub:
                         if since.off < int(o) <= ch.offset
                     ]
             elif not ch.loaded:
+                if router is not None and not router.owns(ch.name):
+                    # registered at the owner before the state is read: every message
+                    # published after that state comes here (workers: fastim/workers/mesh.py)
+                    await router.follow(ch.name)
                 epoch, top = await store.state(ch.name, ch.ns.limits)
                 if not ch.loaded:
                     self._adopt(ch, epoch, top)
@@ -581,6 +586,31 @@ class Hub:
             users = list(ch.users) if ch is not None else []
             out["users"] = users[: self.config.presence_max]
         return out
+
+    async def presence_all(self, name: str) -> dict[str, Any]:
+        """:meth:`presence` over every process of this node: the workers of a node
+        started with ``--workers`` (fastim/workers/mesh.py) are asked and summed; a
+        cluster node answers for itself (docs/cluster.md)."""
+        ask = getattr(self.router, "presence", None)
+        if ask is None:
+            return self.presence(name)
+        return dict(await ask(name))
+
+    def answer_presence(
+        self, session: Subscriber, replies: Replies, req_id: Any, name: str
+    ) -> None:
+        """A ``presence`` request: answered now on one process, after the other workers
+        answered on a node of several."""
+        if getattr(self.router, "presence", None) is None:
+            session.send(replies.obj(self.presence(name), req_id))
+            return
+
+        async def ask() -> None:
+            p = await self.presence_all(name)
+            if session.is_open():
+                session.send(replies.obj(p, req_id))
+
+        self._run(ask())
 
     # ------------------------------------------------------------------ upkeep
 

@@ -84,6 +84,8 @@ class Replies(Protocol):
 
     def event(self, body: bytes) -> bytes: ...
 
+    def obj(self, obj: dict[str, Any], req_id: Any) -> bytes: ...
+
 
 @runtime_checkable
 class Subscriber(Protocol):
@@ -129,3 +131,9 @@ class Router(Protocol):
     def state(self, channel: str, since: Since | None) -> Awaitable[dict[str, Any]]: ...
 
     def loaded(self, ch: Any) -> None: ...
+
+    def follow(self, channel: str) -> Awaitable[None]:
+        """Before a subscribe here reads the state of a durable channel owned elsewhere."""
+
+    def dropped(self, channel: str) -> None:
+        """The hub forgot ``channel`` (nothing here follows it any more)."""

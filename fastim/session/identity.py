@@ -117,11 +117,11 @@ class Identified:
         if self.identity is None:
             raise BadRequest("refresh: this connection did not authenticate with a token")
         if token is None:
-            raise BadRequest('missing field "token" in \'refresh\'')
+            raise BadRequest("missing field \"token\" in 'refresh'")
         identity = self.node.auth.verify(token)
         if identity.user != self.identity.user:
             raise AuthFailed(
-                f'refresh: the token\'s "sub" is not this connection\'s user {self.identity.user!r}'
+                f"refresh: the token's \"sub\" is not this connection's user {self.identity.user!r}"
             )
         self.identity = identity
         TokenExpiry(self, identity)

@@ -493,7 +493,7 @@ class Session(Identified, asyncio.Protocol):
         if op == "presence":
             ch = validate_channel(msg.get("ch"))
             if not self._denied("presence", ch, req_id, replies):
-                self.send(replies.obj(self.node.hub.presence(ch), req_id))
+                self.node.hub.answer_presence(self, replies, req_id, ch)
             return
         if op in ("send", "ack", "inbox"):
             postman = self.node.postman
@@ -611,5 +611,3 @@ class Session(Identified, asyncio.Protocol):
             self.subs.remove(ch)
             hub.unsubscribe(ch, self)
             self.send(replies.unsubscribed(req.id, ch))
-
-

@@ -57,7 +57,8 @@ class StoreSettings:
     """What :func:`open_store` needs: which store, where, and its default limits.
 
     ``kind``: memory, sqlite or redis; ``path`` and ``synchronous`` for sqlite; ``url``,
-    ``prefix`` and ``timeout`` (seconds) for redis.
+    ``prefix`` and ``timeout`` (seconds) for redis. ``shared``: the sqlite file is shared
+    by the workers of one node, whose supervisor holds its lock (docs/workers.md).
     """
 
     kind: str = "sqlite"
@@ -68,6 +69,7 @@ class StoreSettings:
     timeout: float = 2.0
     limits: HistoryLimits = field(default_factory=HistoryLimits)
     inbox: InboxLimits = field(default_factory=InboxLimits)
+    shared: bool = False
 
 
 async def open_store(settings: StoreSettings) -> Store:
@@ -79,7 +81,7 @@ async def open_store(settings: StoreSettings) -> Store:
         return MemoryStore(limits, inbox)
     if settings.kind == "sqlite":
         return await SqliteStore.open(
-            settings.path, limits, inbox, synchronous=settings.synchronous
+            settings.path, limits, inbox, synchronous=settings.synchronous, shared=settings.shared
         )
     if settings.kind == "redis":
         # imported here: redis-py is the optional extra fastim[redis]

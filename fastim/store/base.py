@@ -102,7 +102,6 @@ class HistoryLimits:
             object.__setattr__(self, "meta_ttl", self.ttl)
 
 
-
 class Appended(NamedTuple):
     """Where :meth:`Store.append` put a message (for ``append_many``: the first one)."""
 

@@ -129,8 +129,12 @@ class SqliteStore(Store):
         inbox: InboxLimits | None = None,
         synchronous: str = "normal",
         clock: Callable[[], float] = time.time,
+        shared: bool = False,
     ) -> None:
         super().__init__(limits, inbox)
+        #: the file is shared by the workers of one node (their supervisor holds the
+        #: lock): no lock taken here, and cached channel rows are checked before use
+        self.shared = shared
         if synchronous.lower() not in SYNCHRONOUS:
             raise ValueError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
         self.path = os.fspath(path)
@@ -151,8 +155,9 @@ class SqliteStore(Store):
         inbox: InboxLimits | None = None,
         synchronous: str = "normal",
         clock: Callable[[], float] = time.time,
+        shared: bool = False,
     ) -> SqliteStore:
-        store = cls(path, limits, inbox, synchronous, clock)
+        store = cls(path, limits, inbox, synchronous, clock, shared)
         await store.start()
         return store
 
@@ -181,11 +186,14 @@ class SqliteStore(Store):
         except (OSError, sqlite3.Error) as e:
             self._unlock()
             raise self._fail("open", e) from e
-        self._writer = WriterThread(Writer(conn, self._clock, self.inbox_limits), loop, self._fail)
+        writer = Writer(conn, self._clock, self.inbox_limits, shared=self.shared)
+        self._writer = WriterThread(writer, loop, self._fail)
         self._writer.start()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="fastim-sqlite-reader")
 
     def _lock(self) -> None:
+        if self.shared:
+            return  # the supervisor of this node's workers holds it
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)

@@ -89,8 +89,15 @@ class Writer:
     """
 
     def __init__(
-        self, conn: sqlite3.Connection, clock: Callable[[], float], inbox: InboxLimits
+        self,
+        conn: sqlite3.Connection,
+        clock: Callable[[], float],
+        inbox: InboxLimits,
+        shared: bool = False,
     ) -> None:
+        #: other processes write the file too (the workers of one node): a cached
+        #: channel row is checked against the file before use (one indexed SELECT)
+        self.shared = shared
         self.conn = conn
         self.clock = clock
         self.inbox_limits = inbox
@@ -124,6 +131,13 @@ class Writer:
 
     def channel(self, name: str, limits: HistoryLimits, now: float) -> _Meta:
         meta = self.cache.get(name)
+        if meta is not None and self.shared:
+            row = self.conn.execute(
+                "SELECT cid, epoch, top, expires FROM channels WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None or tuple(row) != (meta.cid, meta.epoch, meta.top, meta.expires):
+                meta = None  # another worker wrote it (an owner that moved): read it again
+                self.cache.pop(name, None)
         if meta is None:
             meta = self._load(name)
         if meta is not None and meta.expires is not None and meta.expires <= now:
@@ -214,9 +228,7 @@ class Writer:
             ).fetchone()
             if hit is not None and now - hit[2] < lim.dedup_window:
                 return InboxAppended(hit[0], hit[1], True, hit[3])
-        row = c.execute(
-            "SELECT top, acked, epoch FROM inboxes WHERE user = ?", (user,)
-        ).fetchone()
+        row = c.execute("SELECT top, acked, epoch FROM inboxes WHERE user = ?", (user,)).fetchone()
         top, acked, epoch = row if row else (0, 0, new_epoch())
         if top - acked >= lim.max_unacked:
             raise InboxFull(user, lim.max_unacked)
@@ -243,9 +255,7 @@ class Writer:
 
     def inbox_ack(self, user: str, seq: int, epoch: str | None) -> InboxState:
         c = self.conn
-        row = c.execute(
-            "SELECT top, acked, epoch FROM inboxes WHERE user = ?", (user,)
-        ).fetchone()
+        row = c.execute("SELECT top, acked, epoch FROM inboxes WHERE user = ?", (user,)).fetchone()
         top, acked, current = row if row else (0, 0, "")
         if epoch is not None and epoch != current:
             return InboxState(acked, top, current)  # an ack of another numbering
@@ -259,9 +269,7 @@ class Writer:
 
     def inbox_restart_epoch(self, user: str, seen: str) -> InboxState:
         c = self.conn
-        row = c.execute(
-            "SELECT top, acked, epoch FROM inboxes WHERE user = ?", (user,)
-        ).fetchone()
+        row = c.execute("SELECT top, acked, epoch FROM inboxes WHERE user = ?", (user,)).fetchone()
         if row is None:
             return InboxState(0, 0)
         top, acked, epoch = row
@@ -444,6 +452,7 @@ class WriterThread:
                 return
             if batch:
                 self._deliver([(fut, None, err) for _, fut in batch])
+
     def _set_stopped(self) -> None:
         if not self._stopped.done():
             self._stopped.set_result(None)

@@ -53,6 +53,7 @@ def _origins(session: HttpSession) -> Origins:
     origins: Origins = session.node.origins
     return origins
 
+
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 _TYPES = {

@@ -1,0 +1,387 @@
+"""The workers of one node, one node to clients: the cluster's routing over Unix sockets.
+
+A node started with ``--workers N`` is N processes sharing its ports (``SO_REUSEPORT``: the
+kernel spreads connections over them). Each worker runs a :class:`WorkerMesh`, which is
+the cluster runtime (:class:`~fastim.cluster.runtime.Cluster`) with three parts swapped:
+
+- **Membership is fixed by the supervisor**: the workers are ``w0`` … ``w<N-1>``
+  (:class:`~fastim.workers.role.WorkerRole`), each listening for links on
+  ``<dir>/w<i>.sock``. No etcd. A worker's *view* is itself plus the peers its outbound
+  link reaches: a worker that dies (its socket closes) or hangs (its link goes silent
+  for the link timeout, 3 s) leaves every view, its channels move to the next worker of
+  their rendezvous ranking (the cluster's owner rule), and they move back when the
+  supervisor's replacement links up.
+- **Delivery goes only to followers**, not down a tree of every node: a worker that has a
+  channel (a subscriber there, or recent history) *follows* it at the owner (CONTROL
+  ``follow``, acknowledged), and the owner sends each message of the channel to its
+  followers (DELIVER), nothing to the other workers. A subscribe on a worker that does
+  not own the channel registers first and reads the channel's state after the owner's
+  acknowledgement, so every message published after that state reaches it (earlier ones
+  are below the state: duplicates, dropped). When a link comes up the follower sends
+  its whole list again (``reset``), and when an owner changes the followers register at
+  the new owner, then catch durable channels up from the store.
+- **Direct messages go to every worker** (N is the number of cores: a handful of link
+  entries per message), instead of user routes in etcd; a worker without a connection
+  of the recipient drops the entry. What makes them reliable is the inbox in the shared
+  store, as in a cluster (fastim/cluster/dm.py).
+
+Presence is asked of every worker and summed (:meth:`WorkerMesh.presence`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..cluster.dm import DmRouter
+from ..cluster.link import Links, LinkServer
+from ..cluster.placement import Placement, moved
+from ..cluster.runtime import Cluster, ClusterHost
+from ..hub import Channel
+from .role import WorkerRole
+
+log = logging.getLogger("fastim.workers")
+
+#: seconds a follow waits for the owner's acknowledgement (then the subscribe goes on
+#: and a message published meanwhile is found by the next one's gap, or a resync)
+FOLLOW_TIMEOUT = 3.0
+#: seconds a starting worker waits for its links to the others before serving anyway
+#: (a worker that is not up is not in the view: its channels are served by the others)
+START_WAIT = 5.0
+#: seconds a presence question waits for the other workers
+ASK_TIMEOUT = 2.0
+
+
+class FollowerPlacement(Placement):
+    """Owners by rendezvous hash over the live workers; a channel's "children" are the
+    workers that follow it (owner only), its "parent" its owner.
+
+    The tree receiver (fastim/cluster/tree.py) passes a DELIVER on to
+    ``children(channel, me)``: here nobody but the owner has children, so a message is
+    sent once by its owner to each follower and never further.
+    """
+
+    def __init__(self, nodes: Iterable[str] = ()) -> None:
+        super().__init__(nodes, k=2)  # k unused: no tree
+        #: channel -> workers following it (owner side)
+        self.followers: dict[str, set[str]] = {}
+
+    def children(self, channel: str, node_id: str) -> list[str]:
+        f = self.followers.get(channel)
+        if not f or not self.is_owner(channel, node_id):
+            return []
+        return list(f)
+
+    def parent(self, channel: str, node_id: str) -> str | None:
+        owner = self.owner(channel)
+        return None if owner == node_id else owner
+
+
+class _Routes:
+    """The DM router's user routes for workers: none kept, every DM goes to every worker
+    (``healthy`` False is the DmRouter's "send to all peers"), and a local user is
+    reachable at once (nothing to publish), so ``is_registered`` is True."""
+
+    healthy = False
+    routes: Mapping[str, set[str]] = {}
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.on_registered: Any = None
+
+    def add(self, user: str) -> None:
+        pass
+
+    def discard(self, user: str) -> None:
+        pass
+
+    def is_registered(self, user: str) -> bool:
+        return True
+
+    async def start(self, timeout: float = 10.0, wait: bool = True) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": "every worker"}
+
+
+class WorkerMesh(Cluster):
+    """One worker's routing among the workers of its node. See the module docstring."""
+
+    def __init__(self, node: ClusterHost, role: WorkerRole) -> None:
+        super().__init__(node)
+        self.role = role
+        self.me = role.name
+        self.placement: FollowerPlacement = FollowerPlacement([self.me])
+        #: the workers this one reaches (itself included)
+        self.view: set[str] = {self.me}
+        self._asks = itertools.count(1)
+        self._follow_waits: dict[int, asyncio.Future[None]] = {}
+        self._answers: dict[int, tuple[asyncio.Future[dict[str, Any]], str]] = {}
+        #: acknowledgements for a peer whose link was not up yet
+        self._unsent: dict[str, list[dict[str, Any]]] = {}
+        self._control["follow"] = self._on_follow
+        self._control["followed"] = self._on_followed
+        self._control["unfollow"] = self._on_unfollow
+        self._control["ask"] = self._on_ask
+        self._control["answer"] = self._on_answer
+        #: handlers of ``ask`` questions from the other workers: op -> fn(message) -> reply
+        self.answers: dict[str, Any] = {"presence": self._local_presence}
+        # counters
+        self.follows_sent = 0
+        self.follows_received = 0
+        self.view_changes = 0
+
+    # ------------------------------------------------------------------ life
+
+    async def start(self, addresses: dict[str, str]) -> None:
+        node = self.node
+        role = self.role
+        self.server = LinkServer(
+            self.me,
+            "workers",
+            self,
+            path=role.socket_path(),
+            flusher=node.flusher,
+        )
+        await self.server.start()
+        self.links = Links(self.me, "workers", flusher=node.flusher, on_state=self._link_state)
+        self.links.sync(
+            {n: "unix:" + role.socket_path(i) for i, n in enumerate(role.names) if n != self.me}
+        )
+        self.hub.router = self
+        if node.postman is not None:
+            self.dm = DmRouter(self.me, node.postman, _Routes(self.me), self.links)  # type: ignore[arg-type]
+            self.dm_handler = self.dm.on_dm
+        # serve once the others are reachable (or START_WAIT passed: those are down)
+        links = self.links
+        await asyncio.gather(
+            *(link.wait_up(START_WAIT) for link in links.links.values()),
+            return_exceptions=True,
+        )
+        up = sorted(p for p in links.links if links.is_up(p))
+        log.info(
+            "worker %s of %d: links to %s", self.me, role.count, ", ".join(up) or "no other worker"
+        )
+
+    async def leave(self) -> None:
+        """Nothing to deregister: the others see this worker's links close."""
+
+    # ------------------------------------------------------------------ view
+
+    def _link_state(self, peer: str, up: bool) -> None:
+        if up:
+            self.view.add(peer)
+        else:
+            self.view.discard(peer)
+            for fs in self.placement.followers.values():
+                fs.discard(peer)
+            super()._link_state(peer, up)  # forwards and state requests waiting on it
+        self.view_changes += 1
+        self._apply_view()
+        if up and self.links is not None:
+            for reply in self._unsent.pop(peer, ()):
+                self.links.control(peer, reply)
+        if up:
+            # register everything this worker has that the peer now owns (``reset``:
+            # it may have restarted, or missed an unfollow)
+            names = [n for n in self.hub.channels if self.placement.owner(n) == peer]
+            self._run(self._follow_at(peer, names, reset=True))
+
+    def _apply_view(self) -> None:
+        before = self.placement.nodes
+        if not self.placement.update(self.view):
+            return
+        changes = moved(list(self.hub.channels), before, self.placement.nodes)
+        self._ownership(changes)
+        # channels that moved to another worker: follow them there, then catch up
+        regroup: dict[str, list[str]] = {}
+        for name, _old, new in changes:
+            if new is not None and new != self.me:
+                regroup.setdefault(new, []).append(name)
+        for owner, names in regroup.items():
+            if self.links is not None and self.links.is_up(owner):
+                self._run(self._follow_at(owner, names, reset=False))
+
+    async def _follow_at(self, owner: str, names: list[str], reset: bool) -> None:
+        """Register ``names`` at ``owner`` and wait for its acknowledgement; then catch
+        the durable ones up from the store (messages published before it took them)."""
+        await self._follow(owner, names, reset)
+        durable = [n for n in names if (ch := self.hub.channels.get(n)) is not None and ch.durable]
+        if durable and self.hub.store is not None:
+            await self._resync(durable)
+
+    async def _follow(self, owner: str, names: list[str], reset: bool = False) -> bool:
+        links = self.links
+        if links is None:
+            return False
+        ref = next(self._refs)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._follow_waits[ref] = fut
+        try:
+            if not links.control(owner, {"op": "follow", "ref": ref, "ch": names, "reset": reset}):
+                return False
+            self.follows_sent += 1
+            await asyncio.wait_for(fut, FOLLOW_TIMEOUT)
+            return True
+        except asyncio.TimeoutError:
+            log.warning(
+                "worker %s: no answer from %s to follow %d channels", self.me, owner, len(names)
+            )
+            return False
+        finally:
+            self._follow_waits.pop(ref, None)
+
+    # ------------------------------------------------------------------ router hooks
+
+    async def follow(self, channel: str) -> None:
+        """Hub: a subscribe here is about to read ``channel``'s state (this worker does
+        not own it): register at the owner first."""
+        owner = self.placement.owner(channel)
+        if owner is not None and owner != self.me:
+            await self._follow(owner, [channel])
+
+    def dropped(self, channel: str) -> None:
+        """Hub: ``channel`` is gone from this worker: the owner may stop sending it."""
+        owner = self.placement.owner(channel)
+        if owner is not None and owner != self.me and self.links is not None:
+            self.links.control(owner, {"op": "unfollow", "ch": [channel]})
+
+    # ------------------------------------------------------------------ owner side
+
+    def _on_follow(self, peer: str, msg: dict[str, Any]) -> None:
+        names = msg.get("ch")
+        if not isinstance(names, list):
+            return
+        followers = self.placement.followers
+        if msg.get("reset"):
+            for fs in followers.values():
+                fs.discard(peer)
+        for name in names:
+            if isinstance(name, str):
+                followers.setdefault(name, set()).add(peer)
+        self.follows_received += 1
+        reply = {"op": "followed", "ref": msg.get("ref")}
+        if self.links is not None and not self.links.control(peer, reply):
+            # this worker's link to ``peer`` is not up yet (both just started): the
+            # acknowledgement goes when it is
+            self._unsent.setdefault(peer, []).append(reply)
+
+    def _on_followed(self, peer: str, msg: dict[str, Any]) -> None:
+        ref = msg.get("ref")
+        fut = self._follow_waits.get(ref) if isinstance(ref, int) else None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _on_unfollow(self, peer: str, msg: dict[str, Any]) -> None:
+        followers = self.placement.followers
+        for name in msg.get("ch") or ():
+            fs = followers.get(name)
+            if fs is not None:
+                fs.discard(peer)
+                if not fs:
+                    del followers[name]
+
+    def _answer_state(self, peer: str, msg: dict[str, Any]) -> None:
+        """A memory channel's state asked by a subscribe on ``peer``: it follows it from
+        now on (registered before the answer is sent: nothing published after the state
+        is missed)."""
+        name = msg.get("ch")
+        if isinstance(name, str):
+            self.placement.followers.setdefault(name, set()).add(peer)
+        super()._answer_state(peer, msg)
+
+    # ------------------------------------------------------------------ questions to all
+
+    async def ask_all(self, op: str, args: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Ask every reachable worker ``op`` (an entry of their ``answers``); their replies
+        by worker name (a worker that does not answer within ASK_TIMEOUT is left out)."""
+        links = self.links
+        if links is None:
+            return {}
+        loop = asyncio.get_running_loop()
+        waits: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        for peer in list(links.links):
+            ref = next(self._asks)
+            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+            if links.control(peer, {"op": "ask", "ask": op, "ref": ref, **args}):
+                self._answers[ref] = (fut, peer)
+                waits[peer] = fut
+        out: dict[str, dict[str, Any]] = {}
+        if waits:
+            done, _ = await asyncio.wait(waits.values(), timeout=ASK_TIMEOUT)
+            out = {p: f.result() for p, f in waits.items() if f in done}
+        for ref in [r for r, (f, _p) in self._answers.items() if f.done() or f in waits.values()]:
+            self._answers.pop(ref, None)
+        return out
+
+    def _on_ask(self, peer: str, msg: dict[str, Any]) -> None:
+        fn = self.answers.get(str(msg.get("ask")))
+        reply: dict[str, Any] = {"op": "answer", "ref": msg.get("ref")}
+        if fn is None:
+            reply["error"] = f"unknown question {msg.get('ask')!r}"
+        else:
+            try:
+                reply["value"] = fn(msg)
+            except Exception as e:  # a question must get an answer
+                log.exception("worker %s: answering %r", self.me, msg.get("ask"))
+                reply["error"] = str(e)
+        if self.links is not None:
+            self.links.control(peer, reply)
+
+    def _on_answer(self, peer: str, msg: dict[str, Any]) -> None:
+        ref = msg.get("ref")
+        entry = self._answers.pop(ref, None) if isinstance(ref, int) else None
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
+
+    # ------------------------------------------------------------------ presence
+
+    def _local_presence(self, msg: dict[str, Any]) -> dict[str, Any]:
+        ch = self.hub.channels.get(str(msg.get("ch")))
+        if ch is None:
+            return {"count": 0, "users": []}
+        return {"count": len(ch.subs), "users": list(ch.users)}
+
+    async def presence(self, name: str) -> dict[str, Any]:
+        """The channel's presence over every worker: subscriber counts summed, users
+        merged (a user connected to two workers is listed once)."""
+        out = self.hub.presence(name)
+        answers = await self.ask_all("presence", {"ch": name})
+        count = int(out.get("count", 0))
+        users: dict[str, None] = dict.fromkeys(out.get("users", []))
+        for a in answers.values():
+            v = a.get("value")
+            if not isinstance(v, dict):
+                continue
+            count += int(v.get("count", 0))
+            for u in v.get("users", ()):
+                users.setdefault(str(u), None)
+        out["count"] = count
+        if "users" in out:
+            out["users"] = list(users)[: self.config.presence_max]
+        return out
+
+    # ------------------------------------------------------------------ reporting
+
+    def degraded(self) -> str | None:
+        links = self.links
+        if links is None:
+            return None
+        down = sorted(p for p in links.links if not links.is_up(p))
+        if not down:
+            return None
+        return f"workers {', '.join(down)} not reachable (being replaced)"
+
+    def summary(self) -> str:
+        up, total = self.links_up()
+        return f"worker {self.me} of {self.role.count}, {up}/{total} links up"
+
+    def moved_here(self, ch: Channel) -> bool:
+        return self.placement.is_owner(ch.name, self.me)
