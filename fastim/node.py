@@ -43,7 +43,11 @@ class Node:
     """One fastim server process's worth of state."""
 
     def __init__(self, config: Config | None = None, role: WorkerRole | None = None) -> None:
-        self.config = (config or Config()).validate()
+        config = (config or Config()).validate()
+        if role is not None and role.count > 1:
+            # each worker is named after the node (the welcome, logs, metrics say which)
+            config = dataclasses.replace(config, node_id=f"{config.node_id}.{role.name}")
+        self.config = config
         #: one worker of a node started with ``--workers N`` (fastim/workers/), or None
         self.role: WorkerRole | None = role
         self.auth = Auth(self.config)  # tokens and channel rules (fastim/auth.py)

@@ -554,7 +554,22 @@ class Hub:
     # ------------------------------------------------------------------ presence
 
     def announce(self, ch: Channel, op: str, user: str) -> None:
-        """A join/leave event to the channel's subscribers that may see its presence.
+        """``user``'s first connection here joined ``ch`` (``op`` "join") or its last
+        one left ("leave"): tell the channel's subscribers (:meth:`announce_here`).
+
+        On a node of several workers the channel's owner decides, over every worker,
+        whether the user joined or left the *node* (fastim/workers/mesh.py), and each
+        worker then announces it to its own subscribers.
+        """
+        relay = getattr(self.router, "announce", None)
+        if relay is not None and relay(ch, op, user):
+            return
+        self.announce_here(ch, op, user)
+
+    def announce_here(self, ch: Channel, op: str, user: str, skip: str | None = None) -> None:
+        """A join/leave event to the channel's subscribers here that may see its presence
+        (but the connections of user ``skip``: a join relayed by the owner arrives after
+        the joining connection was added).
 
         Under ``allow_presence = any`` (the default) that is every subscriber: one
         encode, the compiled fan-out. Otherwise each subscriber is checked against the
@@ -563,13 +578,15 @@ class Hub:
         if not len(ch.subs):
             return
         body = orjson.dumps({"op": op, "ch": ch.name, "user": user})
-        if ch.ns.allow_presence == "any":
+        if ch.ns.allow_presence == "any" and (skip is None or skip not in ch.users):
             self.delivered += ch.subs.fanout(encode_event(body))
             return
         gate = self.presence_gate
         for ring in ch.subs.rings():
             sub = ring.on_overflow  # the subscriber (see interfaces.Subscriber)
             if not isinstance(sub, Subscriber):
+                continue
+            if skip is not None and sub.user == skip:
                 continue
             if gate is not None and not gate(sub, ch.ns, ch.name):
                 continue

@@ -182,7 +182,7 @@ class SqliteStore(Store):
         self._loop = loop
         try:
             await loop.run_in_executor(None, self._lock)
-            conn = await loop.run_in_executor(None, self._connect, True)
+            conn = await loop.run_in_executor(None, self._open_writer)
         except (OSError, sqlite3.Error) as e:
             self._unlock()
             raise self._fail("open", e) from e
@@ -190,6 +190,19 @@ class SqliteStore(Store):
         self._writer = WriterThread(writer, loop, self._fail)
         self._writer.start()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="fastim-sqlite-reader")
+
+    def _open_writer(self) -> sqlite3.Connection:
+        """The writer's connection, schema created. Workers sharing the file take turns
+        (switching to WAL and creating the schema need the database to themselves, and
+        SQLite does not wait for that: "database is locked" at once)."""
+        if not self.shared or fcntl is None:
+            return self._connect(True)
+        fd = os.open(self.path + ".open", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return self._connect(True)
+        finally:
+            os.close(fd)
 
     def _lock(self) -> None:
         if self.shared:

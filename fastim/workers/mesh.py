@@ -131,6 +131,10 @@ class WorkerMesh(Cluster):
         self._control["unfollow"] = self._on_unfollow
         self._control["ask"] = self._on_ask
         self._control["answer"] = self._on_answer
+        self._control["pres"] = self._on_pres
+        self._control["pres_ev"] = self._on_pres_ev
+        #: owner side: channel -> user -> workers where the user is in the channel
+        self.present: dict[str, dict[str, set[str]]] = {}
         #: handlers of ``ask`` questions from the other workers: op -> fn(message) -> reply
         self.answers: dict[str, Any] = {"presence": self._local_presence}
         # counters
@@ -182,6 +186,7 @@ class WorkerMesh(Cluster):
             self.view.discard(peer)
             for fs in self.placement.followers.values():
                 fs.discard(peer)
+            self._presence_gone(peer)
             super()._link_state(peer, up)  # forwards and state requests waiting on it
         self.view_changes += 1
         self._apply_view()
@@ -193,6 +198,7 @@ class WorkerMesh(Cluster):
             # it may have restarted, or missed an unfollow)
             names = [n for n in self.hub.channels if self.placement.owner(n) == peer]
             self._run(self._follow_at(peer, names, reset=True))
+        self._presence_here()
 
     def _apply_view(self) -> None:
         before = self.placement.nodes
@@ -367,6 +373,87 @@ class WorkerMesh(Cluster):
         if "users" in out:
             out["users"] = list(users)[: self.config.presence_max]
         return out
+
+    # join/leave over the workers: the owner keeps, per channel and user, the workers
+    # where the user has a connection in the channel; a join is announced when the first
+    # worker gets one, a leave when the last one loses it (or dies)
+
+    def announce(self, ch: Channel, op: str, user: str) -> bool:
+        """Hub: ``user``'s first (join) or last (leave) connection here in ``ch``. False:
+        the owner cannot be told, announce it here only."""
+        owner = self.placement.owner(ch.name)
+        if owner is None:
+            return False
+        if owner == self.me:
+            self._presence_change(self.me, ch.name, op, user)
+            return True
+        links = self.links
+        msg = {"op": "pres", "ch": ch.name, "ev": op, "user": user}
+        return links is not None and links.control(owner, msg)
+
+    def _on_pres(self, peer: str, msg: dict[str, Any]) -> None:
+        name, op, user = msg.get("ch"), msg.get("ev"), msg.get("user")
+        if isinstance(name, str) and op in ("join", "leave") and isinstance(user, str):
+            self._presence_change(peer, name, str(op), user, bool(msg.get("quiet")))
+
+    def _presence_here(self) -> None:
+        """The view changed: tell each channel's owner (maybe a new one) who is in it
+        here, quietly (they joined before; only the owner's bookkeeping was missing)."""
+        links = self.links
+        for name, ch in self.hub.channels.items():
+            if not ch.users or not ch.ns.join_leave:
+                continue
+            owner = self.placement.owner(name)
+            for user in ch.users:
+                if owner == self.me:
+                    self._presence_change(self.me, name, "join", user, quiet=True)
+                elif owner is not None and links is not None:
+                    msg = {"op": "pres", "ch": name, "ev": "join", "user": user, "quiet": True}
+                    links.control(owner, msg)
+
+    def _presence_change(
+        self, worker: str, name: str, op: str, user: str, quiet: bool = False
+    ) -> None:
+        users = self.present.setdefault(name, {})
+        where = users.setdefault(user, set())
+        if op == "join":
+            first = not where
+            where.add(worker)
+            if first and not quiet:
+                self._emit(name, op, user)
+            return
+        if worker not in where:
+            return
+        where.discard(worker)
+        if not where:
+            del users[user]
+            if not users:
+                del self.present[name]
+            self._emit(name, op, user)
+
+    def _emit(self, name: str, op: str, user: str) -> None:
+        """A node-wide join/leave: announced here and by every follower."""
+        self._on_pres_ev(self.me, {"ch": name, "ev": op, "user": user})
+        links = self.links
+        if links is None:
+            return
+        msg = {"op": "pres_ev", "ch": name, "ev": op, "user": user}
+        for peer in self.placement.followers.get(name, ()):
+            links.control(peer, msg)
+
+    def _on_pres_ev(self, peer: str, msg: dict[str, Any]) -> None:
+        ch = self.hub.channels.get(str(msg.get("ch")))
+        op, user = str(msg.get("ev")), str(msg.get("user"))
+        if ch is not None and ch.ns.join_leave:
+            # a join: the joining connection is here already, and must not hear it
+            self.hub.announce_here(ch, op, user, skip=user if op == "join" else None)
+
+    def _presence_gone(self, worker: str) -> None:
+        """A worker left the view: its users left every channel they were in there."""
+        for name in list(self.present):
+            for user, where in list(self.present.get(name, {}).items()):
+                if worker in where:
+                    self._presence_change(worker, name, "leave", user)
 
     # ------------------------------------------------------------------ reporting
 

@@ -1,0 +1,190 @@
+"""Issue P10: the workers of one node are one node to clients.
+
+Real worker processes on one port (``SO_REUSEPORT``), started directly (the supervisor
+has its own tests): a publish on any worker reaches every subscriber on every worker, in
+order, acked with the channel's offset; direct messages reach a user's connections on
+any worker; presence and join/leave count every worker; a killed worker's clients
+reconnect to the others and lose nothing that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastim.client import Backoff, Client, connect
+
+from ._workers import Workers
+
+pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
+
+
+@pytest.fixture
+async def workers(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    made: list[Workers] = []
+
+    async def make(n: int = 2, **settings: Any) -> Workers:
+        w = Workers(tmp_path, n, **settings)
+        made.append(w)
+        await w.start()
+        return w
+
+    yield make
+    for w in made:
+        w.stop()
+
+
+async def client(url: str, **kw: Any) -> Client:
+    kw.setdefault("backoff", Backoff(base=0.02, factor=2.0, max=0.25))
+    kw.setdefault("connect_timeout", 2.0)
+    kw.setdefault("request_timeout", 10.0)
+    return await connect(url, **kw)
+
+
+def worker_of(c: Client) -> str:
+    """The worker a client landed on: the node id in its welcome ends with it."""
+    return str(c.server_info["node"]).rsplit(".", 1)[-1]
+
+
+async def spread(url: str, n: int, workers: int, **kw: Any) -> list[Client]:
+    """``n`` clients, with at least one on each of the ``workers`` (the kernel picks the
+    worker of a connection: open more until each has one; close the extras)."""
+    out: list[Client] = []
+    extra: list[Client] = []
+    for _ in range(400):
+        c = await client(url, **kw)
+        have = {worker_of(x) for x in out}
+        if worker_of(c) not in have or len(have) == workers:
+            out.append(c)
+        else:
+            extra.append(c)
+        if len(out) >= n and len({worker_of(x) for x in out}) == workers:
+            break
+    for c in extra:
+        await c.aclose()
+    assert len({worker_of(x) for x in out}) == workers, "connections never reached every worker"
+    return out
+
+
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+async def test_publish_on_any_worker_reaches_every_subscriber_in_order(
+    workers: Callable[..., Any], store: str
+) -> None:
+    w = await workers(2, store=store)
+    subs = await spread(w.tcp_url, 8, 2)
+    pubs = await spread(w.tcp_url, 4, 2)
+    got: dict[int, list[int]] = {k: [] for k in range(len(subs))}
+    streams = [await s.subscribe("room") for s in subs]
+
+    async def read(k: int) -> None:
+        async for m in streams[k]:
+            got[k].append(m.offset)
+            if len(got[k]) == 60:
+                return
+
+    readers = [asyncio.ensure_future(read(k)) for k in range(len(subs))]
+    offs = [await pubs[i % len(pubs)].publish("room", {"i": i}) for i in range(30)]
+    offs += await asyncio.gather(
+        *(pubs[i % len(pubs)].publish("room", {"i": i}) for i in range(30, 60))
+    )
+    assert sorted(offs) == list(range(1, 61)), "acks carry the channel's offsets, each once"
+    assert offs[:30] == list(range(1, 31)), (
+        "sequential publishes from any worker are numbered in order"
+    )
+    await asyncio.wait_for(asyncio.gather(*readers), 10)
+    for k in got:
+        assert got[k] == list(range(1, 61)), f"subscriber {k} on {worker_of(subs[k])}"
+    for c in subs + pubs:
+        await c.aclose()
+
+
+async def test_history_and_recovery_on_another_worker(workers: Callable[..., Any]) -> None:
+    w = await workers(2)
+    pubs = await spread(w.tcp_url, 2, 2)
+    first = await pubs[0].subscribe("hist")  # learns the channel's epoch
+    for i in range(20):
+        await pubs[i % 2].publish("hist", {"i": i})
+    await asyncio.wait_for(first.get(), 5)
+    epoch = first.epoch
+    assert epoch
+    # a subscriber on each worker recovers from offset 5, whichever owns the channel
+    for c in pubs:
+        late = await client(w.tcp_url)
+        while worker_of(late) != worker_of(c):
+            await late.aclose()
+            late = await client(w.tcp_url)
+        sub = await late.subscribe("hist", since=(5, epoch))
+        offs = [(await asyncio.wait_for(sub.get(), 5)).offset for _ in range(15)]
+        assert offs == list(range(6, 21)), worker_of(c)
+        await late.aclose()
+    for c in pubs:
+        await c.aclose()
+
+
+async def test_direct_messages_reach_a_user_on_every_worker(workers: Callable[..., Any]) -> None:
+    w = await workers(2)
+    bobs = await spread(w.tcp_url, 2, 2, user="bob")
+    alices = await spread(w.tcp_url, 2, 2, user="alice")
+    seen: list[list[int]] = [[], []]
+
+    async def read(k: int) -> None:
+        async for dm in bobs[k].direct_messages():
+            seen[k].append(dm.data["i"])
+            if len(seen[k]) == 20:
+                return
+
+    readers = [asyncio.ensure_future(read(k)) for k in range(2)]
+    await asyncio.sleep(0.2)
+    sent = [await alices[i % 2].send("bob", {"i": i}) for i in range(20)]
+    assert [s.seq for s in sent] == list(range(1, 21)), "one inbox, numbered in order"
+    done, _ = await asyncio.wait(readers, timeout=10)
+    # every message reaches bob; a connection may skip one the other acked first (the
+    # SDK's "read on another device"), but none is lost, duplicated or reordered
+    union = sorted(set(seen[0]) | set(seen[1]))
+    assert union == list(range(20)), seen
+    for s in seen:
+        assert s == sorted(set(s)), s
+    for r in readers:
+        r.cancel()
+    for c in bobs + alices:
+        await c.aclose()
+
+
+async def test_presence_and_join_leave_count_every_worker(workers: Callable[..., Any]) -> None:
+    w = await workers(2, namespaces={"club": {"presence": True, "join_leave": True}})
+    raw: list[dict[str, Any]] = []
+    watchers = await spread(w.tcp_url, 2, 2, user="watcher", on_event=raw.append)
+    for c in watchers:
+        await c.subscribe("club:x")
+    await asyncio.sleep(0.3)
+    raw.clear()
+    users: list[Client] = []
+    for name in ("ann", "ben", "cat", "dan"):
+        users += await spread(w.tcp_url, 2, 2, user=name)  # one on each worker
+    for c in users:
+        await c.subscribe("club:x")
+    p = await watchers[0].presence("club:x")
+    assert p["count"] == len(watchers) + len(users)
+    assert sorted(p["users"]) == ["ann", "ben", "cat", "dan", "watcher"]
+    await asyncio.sleep(1.0)
+    events = sorted((e["op"], e["user"]) for e in raw if e.get("ch") == "club:x")
+    # each user joined the node once, though each has a connection on both workers;
+    # both watchers (one per worker) heard each join once
+    assert events == sorted(2 * [("join", u) for u in ("ann", "ben", "cat", "dan")]), events
+    raw.clear()
+    ann = [c for c in users if c.user == "ann"]
+    await ann[0].aclose()  # ann is still in the channel through her other worker
+    await asyncio.sleep(0.5)
+    assert [e for e in raw if e.get("op") == "leave"] == []
+    await ann[1].aclose()
+    for _ in range(100):
+        if len([e for e in raw if e.get("op") == "leave"]) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted((e["op"], e["user"]) for e in raw) == [("leave", "ann"), ("leave", "ann")]
+    for c in users + watchers:
+        await c.aclose()
