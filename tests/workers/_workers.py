@@ -119,8 +119,11 @@ class Workers:
         p = self.procs[i]
         assert p is not None and p.poll() is None
         os.kill(p.pid, signal.SIGKILL)
-        while p.poll() is None:
+        for _ in range(2000):
+            if p.poll() is not None:
+                return
             await asyncio.sleep(0.005)
+        raise AssertionError(f"worker {i} survived SIGKILL for 10 s")
 
     def stop(self) -> None:
         for p in self.procs:
