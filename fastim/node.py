@@ -32,7 +32,7 @@ from .transport import TcpSession, WsSession
 from .transport.origin import Origins
 from .transport.ws import PROBE_HOLD, PROBE_RATE
 from .workers.mesh import WorkerMesh
-from .workers.role import WorkerRole
+from .workers.role import WorkerRole, read_state
 
 log = logging.getLogger("fastim")
 
@@ -143,6 +143,7 @@ class Node:
             if role is not None and role.count > 1:
                 mesh = WorkerMesh(self, role)
                 self.cluster = mesh  # the hub's router, as a cluster's runtime is
+                self.metrics.attach_workers(mesh, role.name, lambda: read_state(role.directory))
                 await mesh.start({})
             elif cfg.etcd_endpoints:
                 host = advertised_host(cfg)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -35,6 +35,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from .. import __version__
 from ..cluster.runtime import Cluster
@@ -439,3 +440,81 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition of every metric, for ``GET /metrics``."""
         return generate_latest(self.registry)
+
+    def attach_workers(
+        self, mesh: Any, name: str, supervisor_state: Callable[[], dict[str, Any]]
+    ) -> None:
+        """This process is worker ``name`` of a node of several: ``/metrics`` answers for
+        the whole node, every worker's metrics with a ``worker`` label (asked over the
+        workers' links), plus the supervisor's restart counters."""
+        self._mesh = mesh
+        self._worker = name
+        self._supervisor_state = supervisor_state
+        mesh.answers["metrics"] = lambda _msg: self.render().decode()
+
+    @property
+    def whole_node(self) -> Callable[[], Awaitable[bytes]] | None:
+        return self._render_node if getattr(self, "_mesh", None) is not None else None
+
+    async def _render_node(self) -> bytes:
+        texts = {self._worker: self.render().decode()}
+        for peer, answer in (await self._mesh.ask_all("metrics", {})).items():
+            value = answer.get("value")
+            if isinstance(value, str):
+                texts[peer] = value
+        return merge_workers(texts) + supervisor_metrics(self._supervisor_state())
+
+
+def merge_workers(texts: dict[str, str]) -> bytes:
+    """The text expositions of several workers as one: each sample labelled with its
+    worker (``worker="w0"``), each family once (sum them with ``sum without (worker)``)."""
+    families: dict[str, Metric] = {}
+    for worker, text in sorted(texts.items()):
+        for fam in text_string_to_metric_families(text):
+            into = families.get(fam.name)
+            if into is None:
+                into = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for sample in fam.samples:
+                labels = {**sample.labels, "worker": worker}
+                into.samples.append(sample._replace(labels=labels))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+def supervisor_metrics(state: dict[str, Any]) -> bytes:
+    """The supervisor's counters (``supervisor.json`` in the workers' directory)."""
+    workers = state.get("workers") or []
+    lines = [
+        "# HELP fastim_workers workers of this node (the --workers setting)",
+        "# TYPE fastim_workers gauge",
+        f"fastim_workers {len(workers)}",
+        "# HELP fastim_worker_restarts_total workers restarted by the supervisor after "
+        "they died or hung, per worker",
+        "# TYPE fastim_worker_restarts_total counter",
+    ]
+    lines += [
+        f'fastim_worker_restarts_total{{worker="w{int(w.get("index", 0))}"}} '
+        f"{int(w.get('restarts', 0))}"
+        for w in workers
+    ]
+    lines += [
+        "# HELP fastim_worker_hangs_total workers killed by the supervisor because they "
+        "stopped answering (no liveness ping for worker_hang_timeout), per worker",
+        "# TYPE fastim_worker_hangs_total counter",
+    ]
+    lines += [
+        f'fastim_worker_hangs_total{{worker="w{int(w.get("index", 0))}"}} {int(w.get("hangs", 0))}'
+        for w in workers
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+class _Fixed:
+    """A collector of metrics gathered already."""
+
+    def __init__(self, metrics: list[Metric]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.metrics)

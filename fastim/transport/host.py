@@ -8,6 +8,7 @@ the metrics through :class:`ApiRoutes` and :class:`MetricsPage`, never by import
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from ..session import Host
@@ -38,6 +39,10 @@ class MetricsPage(Protocol):
     def content_type(self) -> str: ...
 
     def render(self) -> bytes: ...
+
+    @property
+    def whole_node(self) -> Callable[[], Awaitable[bytes]] | None:
+        """On a node of several workers: renders every worker's metrics (asks them)."""
 
 
 class TransportHost(Host, Protocol):

@@ -31,10 +31,14 @@ from ..session import (
     WS_BINARY_REPLIES,
     Session,
 )
+from ..tasks import Background
 from . import static
 from .handshake import DeflateParams, accept_key, negotiate_deflate, upgrade_token
 from .host import TransportHost
 from .origin import refuse_cross_origin
+
+#: pages answered after the node's workers were asked (``/metrics`` of several workers)
+_pages = Background("http pages")
 
 MAX_REQUEST_HEAD = 16 * 1024
 MAX_HEADERS = 64
@@ -320,7 +324,16 @@ class WsSession(Session):
                 self.http_reply(503, why)
         elif path == b"/metrics" and method == b"GET":
             metrics = self.node.metrics
-            self.http_send(200, metrics.render(), metrics.content_type.encode())
+            ctype = metrics.content_type.encode()
+            whole = metrics.whole_node
+            if whole is None:
+                self.http_send(200, metrics.render(), ctype)
+            else:  # every worker of the node, asked over their links
+
+                async def send() -> None:
+                    self.http_send(200, await whole(), ctype)
+
+                _pages.run(send())
         elif path.startswith(b"/api/"):
             self.node.api.handle(self, method, path)
         elif static.serve(self, method, path):

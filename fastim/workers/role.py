@@ -90,3 +90,17 @@ PING_EVERY = 0.5
 
 def worker_name(index: int) -> str:
     return f"w{index}"
+
+
+#: the supervisor's state file in the workers' directory (pids, restarts, hangs)
+STATE_FILE = "supervisor.json"
+
+
+def read_state(directory: str) -> dict[str, object]:
+    """The supervisor's state (``{}`` when it has written none, or it is unreadable)."""
+    try:
+        with open(os.path.join(directory, STATE_FILE), "rb") as f:
+            state = orjson.loads(f.read())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}

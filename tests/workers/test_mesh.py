@@ -191,3 +191,57 @@ async def test_presence_and_join_leave_count_every_worker(workers: Callable[...,
     assert sorted((e["op"], e["user"]) for e in raw) == [("leave", "ann"), ("leave", "ann")]
     for c in users + watchers:
         await c.aclose()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a text exposition (AssertionError if absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+async def get(url: str) -> str:
+    reader, writer = await asyncio.open_connection(*url.split("//")[1].split("/")[0].split(":"))
+    path = "/" + url.split("//")[1].split("/", 1)[1]
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return body.decode()
+
+
+async def test_messages_go_only_to_workers_that_follow_the_channel(
+    workers: Callable[..., Any],
+) -> None:
+    from fastim.cluster.placement import owner
+
+    w = await workers(3, store="memory")
+    names = ["w0", "w1", "w2"]
+    chan = "solo"
+    own = owner(chan, names)
+    follower = next(n for n in names if n != own)
+    idle = next(n for n in names if n not in (own, follower))
+    sub = await client(w.tcp_url)
+    while worker_of(sub) != follower:
+        await sub.aclose()
+        sub = await client(w.tcp_url)
+    stream = await sub.subscribe(chan)
+    pubs = await spread(w.tcp_url, 3, 3)
+    for i in range(30):
+        await pubs[i % 3].publish(chan, {"i": i})
+    offs = [(await asyncio.wait_for(stream.get(), 5)).offset for _ in range(30)]
+    assert offs == list(range(1, 31))
+    text = await get(w.http + "/metrics")  # the whole node, whichever worker answers
+    tree = "fastim_cluster_tree_deliveries_total"
+    assert metric(text, tree, direction="out", worker=own) == 30  # to the follower only
+    assert metric(text, tree, direction="in", worker=follower) == 30
+    assert metric(text, tree, direction="in", worker=idle) == 0, "a worker without it got it"
+    published = sum(metric(text, "fastim_messages_published_total", worker=n) for n in names)
+    assert published == 60  # numbered on the owner, delivered on the follower
+    for c in [sub, *pubs]:
+        await c.aclose()
