@@ -224,6 +224,7 @@ async def test_messages_go_only_to_workers_that_follow_the_channel(
     names = ["w0", "w1", "w2"]
     chan = "solo"
     own = owner(chan, names)
+    assert own is not None
     follower = next(n for n in names if n != own)
     idle = next(n for n in names if n not in (own, follower))
     sub = await client(w.tcp_url)
