@@ -31,6 +31,7 @@ from .store import Store, StoreError, open_store
 from .transport import TcpSession, WsSession
 from .transport.origin import Origins
 from .transport.ws import PROBE_HOLD, PROBE_RATE
+from .workers.inboxes import MeshInboxes
 from .workers.mesh import WorkerMesh
 from .workers.role import WorkerRole, read_state
 
@@ -104,7 +105,10 @@ class Node:
         if role is not None:
             # the workers share the file; their supervisor holds its lock
             settings = dataclasses.replace(settings, shared=True)
-        self.store = await open_store(settings)
+        store = await open_store(settings)
+        if role is not None and role.count > 1 and store.name == "memory":
+            store = MeshInboxes(store)  # inboxes on their owner worker (attached below)
+        self.store = store
         self.hub.store = self.store
         self.postman = Postman(self.store, cfg.dm_retry)
         self.flusher = _core.Flusher(loop.call_soon)
@@ -144,6 +148,8 @@ class Node:
                 mesh = WorkerMesh(self, role)
                 self.cluster = mesh  # the hub's router, as a cluster's runtime is
                 self.metrics.attach_workers(mesh, role.name, lambda: read_state(role.directory))
+                if isinstance(self.store, MeshInboxes):
+                    self.store.attach(mesh)
                 await mesh.start({})
             elif cfg.etcd_endpoints:
                 host = advertised_host(cfg)

@@ -31,6 +31,7 @@ Presence is asked of every worker and summed (:meth:`WorkerMesh.presence`).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 from collections.abc import Iterable, Mapping
@@ -188,6 +189,9 @@ class WorkerMesh(Cluster):
             for fs in self.placement.followers.values():
                 fs.discard(peer)
             self._presence_gone(peer)
+            for fut, who in list(self._answers.values()):
+                if who == peer and not fut.done():
+                    fut.set_result({"error": f"worker {peer} is not reachable"})
             super()._link_state(peer, up)  # forwards and state requests waiting on it
         self.view_changes += 1
         self._apply_view()
@@ -328,6 +332,24 @@ class WorkerMesh(Cluster):
             self._answers.pop(ref, None)
         return out
 
+    async def ask(self, peer: str, op: str, args: dict[str, Any]) -> dict[str, Any] | None:
+        """Ask one worker ``op``: its answer (``value`` or ``error``), None when it cannot
+        be asked or does not answer within ASK_TIMEOUT."""
+        links = self.links
+        if links is None:
+            return None
+        ref = next(self._asks)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if not links.control(peer, {"op": "ask", "ask": op, "ref": ref, **args}):
+            return None
+        self._answers[ref] = (fut, peer)
+        try:
+            return await asyncio.wait_for(fut, ASK_TIMEOUT)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self._answers.pop(ref, None)
+
     def _on_ask(self, peer: str, msg: dict[str, Any]) -> None:
         fn = self.answers.get(str(msg.get("ask")))
         reply: dict[str, Any] = {"op": "answer", "ref": msg.get("ref")}
@@ -335,10 +357,24 @@ class WorkerMesh(Cluster):
             reply["error"] = f"unknown question {msg.get('ask')!r}"
         else:
             try:
-                reply["value"] = fn(msg)
+                value = fn(msg)
             except Exception as e:  # a question must get an answer
                 log.exception("worker %s: answering %r", self.me, msg.get("ask"))
                 reply["error"] = str(e)
+            else:
+                if inspect.isawaitable(value):
+                    self._run(self._answer_later(peer, reply, value))
+                    return
+                reply["value"] = value
+        if self.links is not None:
+            self.links.control(peer, reply)
+
+    async def _answer_later(self, peer: str, reply: dict[str, Any], value: Any) -> None:
+        try:
+            reply["value"] = await value
+        except Exception as e:
+            log.exception("worker %s: answering %s", self.me, peer)
+            reply["error"] = str(e)
         if self.links is not None:
             self.links.control(peer, reply)
 

@@ -125,8 +125,12 @@ async def test_history_and_recovery_on_another_worker(workers: Callable[..., Any
         await c.aclose()
 
 
-async def test_direct_messages_reach_a_user_on_every_worker(workers: Callable[..., Any]) -> None:
-    w = await workers(2)
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+async def test_direct_messages_reach_a_user_on_every_worker(
+    workers: Callable[..., Any], store: str
+) -> None:
+    # memory: each inbox lives on one worker (fastim/workers/inboxes.py)
+    w = await workers(2, store=store)
     bobs = await spread(w.tcp_url, 2, 2, user="bob")
     alices = await spread(w.tcp_url, 2, 2, user="alice")
     seen: list[list[int]] = [[], []]
