@@ -87,7 +87,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in fields(Config):
         if f.metadata.get("file_only"):
             continue
-        typ: Any = {"int": int, "float": float, "str": str}[str(f.type)]
+        # "int | str" (workers: a count or 'auto') is read as a string; validate() types it
+        typ: Any = {"int": int, "float": float, "str": str, "int | str": str}[str(f.type)]
         default = f.default if f.default is not MISSING else "(computed)"
         p.add_argument(
             "--" + f.name.replace("_", "-"),
