@@ -160,7 +160,13 @@ class Node:
         port = getattr(cfg, setting)
         try:
             return await asyncio.get_running_loop().create_server(
-                factory, cfg.host, port, backlog=cfg.backlog, reuse_address=True, **tls_args
+                factory,
+                cfg.host,
+                port,
+                backlog=cfg.backlog,
+                reuse_address=True,
+                reuse_port=getattr(self, "role", None) is not None,
+                **tls_args,
             )
         except OSError as e:
             host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
