@@ -114,6 +114,16 @@ class _Worker:
     def name(self) -> str:
         return worker_name(self.index)
 
+    def next_backoff(self, uptime: float, longest: float) -> float:
+        """The wait before this slot's next process, its previous one having been up
+        ``uptime`` seconds: FIRST_BACKOFF, doubling per death up to ``longest``, and
+        FIRST_BACKOFF again after a process that stayed up STABLE_AFTER seconds."""
+        if uptime >= STABLE_AFTER:
+            self.backoff = FIRST_BACKOFF
+        delay = min(self.backoff, longest)
+        self.backoff = min(self.backoff * 2, longest)
+        return delay
+
     @property
     def pid(self) -> int | None:
         if self.proc is None or self.proc.returncode is not None:
@@ -345,6 +355,7 @@ class Supervisor:
             if not w.ever_ready:
                 self._fail_start(1)
             else:
+                w.started_mono = time.monotonic()  # an attempt that lasted no time
                 self._schedule_restart(w)
             return
         finally:
@@ -433,8 +444,6 @@ class Supervisor:
         else:
             w.restarts += 1
             self.restarts_total += 1
-        if time.monotonic() - w.started_mono >= STABLE_AFTER:
-            w.backoff = FIRST_BACKOFF
         delay = self._schedule_restart(w)
         if not w.hung:
             log.warning(
@@ -457,11 +466,10 @@ class Supervisor:
         self._write_state()
 
     def _schedule_restart(self, w: _Worker) -> float:
-        """Start slot ``w`` again after its backoff, which doubles for next time."""
+        """Start slot ``w`` again after its backoff; the wait, in seconds."""
         assert self._loop is not None
-        longest = self.config.worker_restart_backoff
-        delay = min(w.backoff, longest)
-        w.backoff = min(w.backoff * 2, longest)
+        uptime = time.monotonic() - w.started_mono if w.started_mono else 0.0
+        delay = w.next_backoff(uptime, self.config.worker_restart_backoff)
         w.pending = self._loop.call_later(delay, self._spawn, w)
         return delay
 
