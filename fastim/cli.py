@@ -286,14 +286,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--quiet", "-q", action="store_true", help="only the verdict")
     check.set_defaults(func=cmd_config_check)
 
-    from .bench import add_bench_parser
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] != ["serve"]:
+        # the load generator loads the SDK and the compiled core: not into `fastim serve`,
+        # whose supervisor (--workers N) must stay small
+        from .bench import add_bench_parser
 
-    add_bench_parser(sub)
+        add_bench_parser(sub)
 
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=lambda _a: print(f"fastim {__version__}") or 0)
 
-    raw = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw)
     # what followed "serve", as given: a supervisor starts its workers with the same flags
     args.argv = raw[raw.index("serve") + 1 :] if args.command == "serve" else []

@@ -261,6 +261,11 @@ def test_two_workers_share_the_ports(supervised: Callable[..., Supervised]) -> N
     pids = sup.pids()
     assert len(set(pids)) == 2
     assert sorted(children(sup.proc.pid)) == sorted(pids), "the workers are its children"
+    # the supervisor stays small: neither the compiled core nor uvloop is loaded in it
+    maps = Path(f"/proc/{sup.proc.pid}/maps").read_text()
+    assert "_core" not in maps and "uvloop" not in maps
+    worker_maps = Path(f"/proc/{pids[0]}/maps").read_text()
+    assert "_core" in worker_maps and "uvloop" in worker_maps
     assert "fastim node sup-test listening: " in sup.log()
     assert f"tcp://127.0.0.1:{sup.tcp_port} ws://127.0.0.1:{sup.ws_port}/ws (2 workers)" in (
         sup.log()
