@@ -261,6 +261,8 @@ def test_two_workers_share_the_ports(supervised: Callable[..., Supervised]) -> N
     pids = sup.pids()
     assert len(set(pids)) == 2
     assert sorted(children(sup.proc.pid)) == sorted(pids), "the workers are its children"
+    assert [children(p) for p in pids] == [[], []], "a worker supervises nothing"
+    assert os.stat(sup.directory).st_mode & 0o777 == 0o700
     # the supervisor stays small: neither the compiled core nor uvloop is loaded in it
     maps = Path(f"/proc/{sup.proc.pid}/maps").read_text()
     assert "_core" not in maps and "uvloop" not in maps
@@ -382,13 +384,16 @@ def test_a_stopped_worker_is_killed_and_replaced(supervised: Callable[..., Super
     assert health(sup.ws_port) == 200
 
 
-def test_sigterm_stops_every_worker(supervised: Callable[..., Supervised]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_stops_every_worker(
+    supervised: Callable[..., Supervised], sig: signal.Signals
+) -> None:
     sup = supervised("--store", "memory")
     sup.wait_ready()
     pids = sup.pids()
     directory = sup.directory
     clients = [socket.create_connection(("127.0.0.1", sup.tcp_port), 5) for _ in range(4)]
-    sup.proc.send_signal(signal.SIGTERM)
+    sup.proc.send_signal(sig)
     assert sup.wait_exit(30) == 0, sup.log()
     for c in clients:
         c.close()
@@ -396,9 +401,27 @@ def test_sigterm_stops_every_worker(supervised: Callable[..., Supervised]) -> No
     assert not os.path.exists(directory), "the workers' directory is removed"
     assert port_is_free(sup.tcp_port) and port_is_free(sup.ws_port)
     log = sup.log()
-    assert "SIGTERM, stopping 2 workers" in log
+    assert f"{sig.name}, stopping 2 workers" in log
     assert log.count("stopped: exit status 0") == 2, log
     assert "fastim node sup-test stopped (2 workers)" in log
+
+
+def test_a_worker_that_does_not_stop_is_killed(supervised: Callable[..., Supervised]) -> None:
+    """SIGTERM to the supervisor while a worker is stopped (SIGSTOP): after
+    shutdown_timeout + 10 s that worker is killed, and the exit status says so."""
+    sup = supervised("--store", "memory", "--shutdown-timeout", "0.5")
+    sup.wait_ready()
+    pids = sup.pids()
+    os.kill(pids[0], signal.SIGSTOP)
+    t0 = time.monotonic()
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.wait_exit(30) == 1, sup.log()
+    took = time.monotonic() - t0
+    assert 10.5 <= took < 20, took
+    assert f"worker w0 (pid {pids[0]}) still running 10 s after SIGTERM: SIGKILL" in sup.log()
+    assert f"worker w0 (pid {pids[0]}) stopped: killed by signal SIGKILL" in sup.log()
+    assert f"worker w1 (pid {pids[1]}) stopped: exit status 0" in sup.log()
+    assert not any(alive(p) for p in pids)
 
 
 def test_workers_stop_when_the_supervisor_is_killed(
@@ -499,6 +522,24 @@ def test_a_supervisor_holds_the_sqlite_lock_for_its_workers(
     assert health(sup.ws_port) == 200
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.wait_exit(30) == 0, sup.log()
+    # the lock is released with the supervisor: a single node takes the file
+    single = subprocess.Popen(
+        [
+            sys.executable, "-m", "fastim", "serve",
+            "--tcp-port", str(free_port()), "--ws-port", str(free_port()),
+        ],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert single.stdout is not None
+        line = ""
+        deadline = time.monotonic() + 30
+        while "listening" not in line and time.monotonic() < deadline:
+            line = single.stdout.readline()
+            assert line, "the single node exited"
+    finally:
+        single.terminate()
+        single.communicate(timeout=30)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
