@@ -296,7 +296,11 @@ class Supervisor:
                         sock = self._socket(
                             family, type_, proto, reuse_address=True, reuse_port=True
                         )
-                        sock.bind(addr)
+                        try:
+                            sock.bind(addr)
+                        except OSError:
+                            sock.close()
+                            raise
                 except OSError as e:
                     raise _listen_error(setting, port, cfg.host, e) from e
                 self._reserved.append(sock)
