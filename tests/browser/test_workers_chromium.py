@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
+import orjson
 import pytest
 
 from .conftest import WAIT, Browser, api, free_port
@@ -32,37 +34,16 @@ class Node:
     """``fastim serve --workers 2`` with the HTTP API on, in the test's directory."""
 
     def __init__(self, directory: Path) -> None:
-        import subprocess
-        import sys
-
         self.ws_port = free_port()
         self.log_path = directory / "node.log"
+        cmd = [sys.executable, "-m", "fastim", "serve", "--workers", "2", "--tcp-port", "0"]
+        cmd += ["--ws-port", str(self.ws_port), "--api-key", KEY, "--node-id", "browser"]
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fastim",
-                    "serve",
-                    "--workers",
-                    "2",
-                    "--tcp-port",
-                    "0",
-                    "--ws-port",
-                    str(self.ws_port),
-                    "--api-key",
-                    KEY,
-                    "--node-id",
-                    "browser",
-                    "--log-level",
-                    "info",
-                ],  # fmt: skip
-                cwd=directory,
-                stdout=out,
-                stderr=out,
+                [*cmd, "--log-level", "info"], cwd=directory, stdout=out, stderr=out
             )
         deadline = time.monotonic() + WAIT
-        while "listening" not in self.log():
+        while "(2 workers)" not in self.log():  # the supervisor's line: every worker serves
             assert self.proc.poll() is None, self.log()
             assert time.monotonic() < deadline, self.log()
             time.sleep(0.05)
@@ -72,8 +53,6 @@ class Node:
 
     def workers(self) -> dict[str, int]:
         """worker name -> pid (the supervisor's children, named by their role)."""
-        import orjson
-
         pid = self.proc.pid
         out = {}
         for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
@@ -83,24 +62,23 @@ class Node:
                 continue
             for item in env:
                 if item.startswith(b"_FASTIM_WORKER="):
-                    out["w%d" % orjson.loads(item.split(b"=", 1)[1])["index"]] = int(k)
+                    index = orjson.loads(item.split(b"=", 1)[1])["index"]
+                    out[f"w{index}"] = int(k)
         return out
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(40)
-        except Exception:
+        except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(5)
 
 
 def dead(pid: int) -> bool:
-    """Exited (a zombie until the supervisor reaps it: its sockets are closed)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
-    return "State:\tZ" in status or "State:\tX" in status
+    """Gone: reaped by the supervisor (a zombie's last threads may still hold its
+    listening socket, and reset a new connection)."""
+    return not Path(f"/proc/{pid}").exists()
 
 
 @pytest.fixture

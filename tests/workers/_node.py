@@ -62,7 +62,7 @@ class Supervised:
         self.proc = self._spawn(cmd)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while "listening" not in self.log():
+        while f"({self.n} workers)" not in self.log():  # the supervisor's: all serve
             if self.proc.poll() is not None:
                 raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
             if loop.time() > deadline:
