@@ -250,3 +250,64 @@ async def test_messages_go_only_to_workers_that_follow_the_channel(
     assert published == 60  # numbered on the owner, delivered on the follower
     for c in [sub, *pubs]:
         await c.aclose()
+
+
+async def test_memory_store_a_dead_worker_costs_its_share(workers: Callable[..., Any]) -> None:
+    """On the memory store a worker that dies takes the channels and inboxes it owned:
+    the survivor starts new epochs, and the clients are told (Gap, DirectGap), as after
+    a restart of a one-process node on the memory store; nothing is silently skipped."""
+    from fastim.client import DirectGap, Gap
+    from fastim.cluster.placement import owner
+
+    w = await workers(2, store="memory")
+    names = ["w0", "w1"]
+    chan = next(f"m{i}" for i in range(100) if owner(f"m{i}", names) == "w0")
+    user = next(f"u{i}" for i in range(100) if owner("\x00inbox:" + f"u{i}", names) == "w0")
+    # the clients sit on w1, the survivor
+    sub = await client(w.tcp_url, user=user)
+    while worker_of(sub) != "w1":
+        await sub.aclose()
+        sub = await client(w.tcp_url, user=user)
+    gaps: list[Any] = []
+    stream = await sub.subscribe(chan, on_gap=gaps.append)
+    got: list[tuple[int, Any]] = []
+    dms: list[Any] = []
+
+    async def read() -> None:
+        async for m in stream:
+            got.append((m.offset, m.data["i"]))
+
+    async def read_dm() -> None:
+        async for dm in sub.direct_messages(on_gap=dms.append):
+            dms.append((dm.seq, dm.data["n"]))
+
+    readers = [asyncio.ensure_future(read()), asyncio.ensure_future(read_dm())]
+    for i in range(3):
+        await sub.publish(chan, {"i": i})
+        await sub.send(user, {"n": i})
+    for _ in range(200):
+        if len(got) == 3 and len(dms) == 3:
+            break
+        await asyncio.sleep(0.02)
+    await w.kill(0)  # the owner of the channel and of the inbox
+    for i in range(3, 5):  # refused while the survivor's view still has w0: retried
+        for _ in range(100):
+            try:
+                await sub.publish(chan, {"i": i})
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        await sub.send(user, {"n": i})
+    for _ in range(200):
+        if len(got) >= 5 and len(dms) >= 6:
+            break
+        await asyncio.sleep(0.02)
+    for r in readers:
+        r.cancel()
+    assert got[:3] == [(1, 0), (2, 1), (3, 2)]
+    assert got[3:] == [(1, 3), (2, 4)], got  # the new epoch, from its start
+    assert len(gaps) == 1 and isinstance(gaps[0], Gap) and gaps[0].reason == "epoch", gaps
+    assert dms[:3] == [(1, 0), (2, 1), (3, 2)]
+    assert isinstance(dms[3], DirectGap) and dms[3].last_seq == 3, dms
+    assert dms[4:] == [(1, 3), (2, 4)], dms
+    await sub.aclose()
