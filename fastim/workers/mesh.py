@@ -211,6 +211,10 @@ class WorkerMesh(Cluster):
             return
         changes = moved(list(self.hub.channels), before, self.placement.nodes)
         self._ownership(changes)
+        if changes:
+            # durable channels that moved here: what the old owner stored and did not
+            # send on comes from the store now, not with the channel's next message
+            self.resync()
         # channels that moved to another worker: follow them there, then catch up
         regroup: dict[str, list[str]] = {}
         for name, _old, new in changes:
@@ -349,6 +353,16 @@ class WorkerMesh(Cluster):
             return None
         finally:
             self._answers.pop(ref, None)
+
+    async def ask_owner(self, channel: str, op: str, args: dict[str, Any]) -> Any:
+        """Ask the owner of ``channel`` ``op``: its value, None when it did not answer."""
+        owner = self.placement.owner(channel)
+        if owner is None or owner == self.me:
+            return None
+        answer = await self.ask(owner, op, args)
+        if answer is None or "error" in answer:
+            return None
+        return answer.get("value")
 
     def _on_ask(self, peer: str, msg: dict[str, Any]) -> None:
         fn = self.answers.get(str(msg.get("ask")))

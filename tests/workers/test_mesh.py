@@ -208,10 +208,11 @@ def metric(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"no sample {name} {labels}")
 
 
-async def get(url: str) -> str:
+async def get(url: str, key: str = "") -> str:
     reader, writer = await asyncio.open_connection(*url.split("//")[1].split("/")[0].split(":"))
     path = "/" + url.split("//")[1].split("/", 1)[1]
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n".encode())
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
@@ -311,3 +312,24 @@ async def test_memory_store_a_dead_worker_costs_its_share(workers: Callable[...,
     assert isinstance(dms[3], DirectGap) and dms[3].last_seq == 3, dms
     assert dms[4:] == [(1, 3), (2, 4)], dms
     await sub.aclose()
+
+
+async def test_memory_history_is_the_owners_on_every_worker(workers: Callable[..., Any]) -> None:
+    """/api/history of a memory channel answers the owner worker's history whichever
+    worker takes the request (the others ask the owner)."""
+    import orjson
+
+    key = "workers-api-key-0123456789abcdef"
+    w = await workers(2, store="memory", api_key=key)
+    pub = await client(w.tcp_url)
+    for i in range(5):
+        await pub.publish("mem", {"i": i})
+    seen = set()
+    for _ in range(12):  # new connections: the kernel spreads them over both workers
+        body = orjson.loads(await get(w.http + "/api/history?channel=mem&since=1", key))
+        assert [m["offset"] for m in body["messages"]] == [2, 3, 4, 5], body
+        assert [m["data"]["i"] for m in body["messages"]] == [1, 2, 3, 4]
+        assert body["top"] == 5
+        seen.add(body["epoch"])
+    assert len(seen) == 1
+    await pub.aclose()
