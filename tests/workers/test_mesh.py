@@ -10,7 +10,8 @@ reconnect to the others and lose nothing that was acknowledged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,26 @@ from ._workers import Workers
 pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
 
 
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from store._redis import RedisServer  # type: ignore[import-not-found]
+
+    server = RedisServer(str(tmp_path_factory.mktemp("redis-workers")))
+    server.start()
+    yield server.url
+    server.kill()
+
+
 @pytest.fixture
-async def workers(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def workers(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[..., Any]]:
     made: list[Workers] = []
 
     async def make(n: int = 2, **settings: Any) -> Workers:
+        if settings.get("store") == "redis":  # a fresh prefix in the module's redis-server
+            settings["redis_url"] = request.getfixturevalue("redis_url")
+            settings["redis_prefix"] = "w" + uuid.uuid4().hex[:8]
         w = Workers(tmp_path, n, **settings)
         made.append(w)
         await w.start()
@@ -70,7 +86,7 @@ async def spread(url: str, n: int, workers: int, **kw: Any) -> list[Client]:
     return out
 
 
-@pytest.mark.parametrize("store", ["sqlite", "memory"])
+@pytest.mark.parametrize("store", ["sqlite", "memory", "redis"])
 async def test_publish_on_any_worker_reaches_every_subscriber_in_order(
     workers: Callable[..., Any], store: str
 ) -> None:
@@ -125,7 +141,7 @@ async def test_history_and_recovery_on_another_worker(workers: Callable[..., Any
         await c.aclose()
 
 
-@pytest.mark.parametrize("store", ["sqlite", "memory"])
+@pytest.mark.parametrize("store", ["sqlite", "memory", "redis"])
 async def test_direct_messages_reach_a_user_on_every_worker(
     workers: Callable[..., Any], store: str
 ) -> None:
