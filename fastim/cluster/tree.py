@@ -9,10 +9,10 @@ kept apart because it is the one place where the order of routed messages is dec
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..hub import Channel, Hub
+from ..hub import Channel, Hub, HubError, Since
 from ..store import StoreError
 from .frames import Deliver
 from .placement import Placement
@@ -41,6 +41,7 @@ class TreeReceiver:
     # the runtime's methods these use
     _send_down: Callable[[list[str], str, str, int, bytes], None]
     _run: Callable[[Any], None]
+    state: Callable[[str, Since | None], Awaitable[dict[str, Any]]]
 
     def on_deliver(self, peer: str, items: list[Deliver]) -> None:
         filling = self._filling
@@ -90,6 +91,11 @@ class TreeReceiver:
                 self._filling[name] = [it]
                 self._run(self._fill(ch, it))
                 return False
+            if fill:
+                # a memory channel: what a link lost is in the owner's history ring
+                self._filling[name] = [it]
+                self._run(self._fill_from_owner(ch, it))
+                return False
             log.debug("channel %r: offsets %d..%d missed here", name, ch.offset + 1, off - 1)
         hub.deliver_routed(ch, off, data)
         return True
@@ -120,6 +126,26 @@ class TreeReceiver:
             held = self._filling.pop(ch.name, [first])
             for i, it in enumerate(held):
                 # the first one is taken even if the gap stays (a jump clients recover from)
+                if not self._take(it, i > 0):
+                    self._filling[ch.name].extend(held[i + 1 :])
+                    break
+
+    async def _fill_from_owner(self, ch: Channel, first: Deliver) -> None:
+        """A memory channel's gap below ``first``, asked of its owner (its history ring,
+        within ``recovery_max``), then the DELIVERs held meanwhile. What the owner no
+        longer has stays a jump in offsets."""
+        try:
+            reply = await self.state(ch.name, Since(ch.offset, ch.epoch, False))
+            if reply.get("epoch") == ch.epoch:
+                for o, d in reply.get("messages", ()):
+                    off = int(o)
+                    if off == ch.offset + 1 and off < first.offset:
+                        self.hub.deliver_routed(ch, off, str(d).encode())
+        except HubError as e:
+            log.debug("channel %r: could not ask the owner for its gap: %s", ch.name, e)
+        finally:
+            held = self._filling.pop(ch.name, [first])
+            for i, it in enumerate(held):
                 if not self._take(it, i > 0):
                     self._filling[ch.name].extend(held[i + 1 :])
                     break

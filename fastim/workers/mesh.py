@@ -133,6 +133,7 @@ class WorkerMesh(Cluster):
         self._control["unfollow"] = self._on_unfollow
         self._control["ask"] = self._on_ask
         self._control["answer"] = self._on_answer
+        self._control["refollow"] = self._on_refollow
         self._control["pres"] = self._on_pres
         self._control["pres_ev"] = self._on_pres_ev
         #: owner side: channel -> user -> workers where the user is in the channel
@@ -216,9 +217,22 @@ class WorkerMesh(Cluster):
                 self.links.control(peer, reply)
         if up:
             # register everything this worker has that the peer now owns (``reset``:
-            # it may have restarted, or missed an unfollow)
-            names = [n for n in self.hub.channels if self.placement.owner(n) == peer]
-            self._run(self._follow_at(peer, names, reset=True))
+            # it may have restarted, or missed an unfollow), and ask the peer to do the
+            # same here: when this link was down this worker forgot the peer's follows
+            self._refollow(peer)
+            if self.links is not None:
+                self.links.control(peer, {"op": "refollow"})
+        self._presence_here()
+
+    def _refollow(self, peer: str) -> None:
+        """Send ``peer`` everything this worker follows that ``peer`` owns (a reset)."""
+        names = [n for n in self.hub.channels if self.placement.owner(n) == peer]
+        self._run(self._follow_at(peer, names, reset=True))
+
+    def _on_refollow(self, peer: str, msg: dict[str, Any]) -> None:
+        """``peer``'s link to this worker came (back) up, and it forgot what this worker
+        follows there (a link that flapped one way only, under load): send it again."""
+        self._refollow(peer)
         self._presence_here()
 
     def _apply_view(self) -> None:
