@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .broadcast import Tracker, track
 from .counting import WorkerResult, _Sub, sub_class
 from .target import Target
 
@@ -100,6 +101,8 @@ class WorkerSpec:
     targets: tuple[Target, ...] = ()
     #: ``--window every``: report the slowest subscriber's count to the publisher
     report_min: bool = False
+    #: ``--broadcast K``: track the K messages on every connection (broadcast.Tracker)
+    broadcast: int = 0
 
 
 class MinReporter:
@@ -202,6 +205,7 @@ async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
         return
     pipe.send(("ready", len(subs)))
     reporter: MinReporter | None = None
+    tracker: Tracker | None = None
     t0 = time.monotonic()
     c0 = time.process_time()
     s0 = os.times().system
@@ -210,11 +214,17 @@ async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
     while True:
         # commands: ("go",) restarts the CPU clock at the start of publishing (and with
         # report_min starts the reports of the slowest subscriber's count: the publisher
-        # reads them while it publishes), ("expect", total, drain) ends the reports and
-        # waits for every connection to have ``total`` messages, ("stop",) reports now
-        # (idle mode)
+        # reads them while it publishes; with broadcast, the tracking of every
+        # connection's messages), ("expect", total, drain) ends the reports and waits for
+        # every connection to have ``total`` messages, ("stop",) reports now (idle
+        # mode), ("mark",) answers at once with the heartbeat pings answered so far and
+        # the connections the server closed (the idle window of broadcast mode)
         cmd = await loop.run_in_executor(None, pipe.recv) if expected is None else None
         if cmd is not None:
+            if cmd[0] == "mark":
+                closed = sum(1 for s in subs if s.closed)
+                pipe.send(("mark", {"pings": res.pings, "closed": closed}))
+                continue
             if cmd[0] == "go":
                 t0 = time.monotonic()
                 c0 = time.process_time()
@@ -222,6 +232,8 @@ async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
                 if spec.report_min and subs and reporter is None:
                     reporter = MinReporter(tracked(subs), pipe)
                     reporter.report()  # a first figure, so the publisher knows its floor
+                if spec.broadcast and tracker is None:
+                    tracker = track(subs, spec.broadcast, pipe)
                 continue
             if cmd[0] == "stop":
                 break
@@ -243,6 +255,10 @@ async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
     res.received = sum(counts)
     res.per_conn_min = min(counts) if counts else 0
     res.per_conn_max = max(counts) if counts else 0
+    if tracker is not None:
+        tracker.into(res)
+        res.conns_exact = sum(1 for c in counts if c == spec.broadcast)
+        res.conns_over = sum(1 for c in counts if c > spec.broadcast)
     res.sampled = sum(1 for s in subs if s.sample)
     res.last_rx = max([s.last_rx for s in subs] or [0.0])
     for s in subs:
