@@ -53,12 +53,12 @@ def _window(args: argparse.Namespace) -> str:
 
 def _default_sample(args: argparse.Namespace) -> int:
     """Sampled subscribers: a few at saturation (their decoding costs generator CPU);
-    up to 1,000 at a fixed rate, where the per-message cost is small and p99 needs
-    samples from all along the fan-out order."""
+    up to 1,000 at a fixed rate and in a broadcast, where the per-message cost is small
+    and p99 needs samples from all along the fan-out order."""
     if args.sample is not None:
         return int(args.sample)
     n = int(args.subscribers)
-    if args.rate:
+    if args.rate or _broadcast(args):
         return min(n, 1000)
     # at most 1% of the deliveries: with 50 subscribers and ~60k publishes/s, 10 decoding
     # subscribers alone saturated the generator's core (measured)
