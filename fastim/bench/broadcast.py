@@ -9,11 +9,13 @@ Every connection is tracked, not a sample: a connection counts its messages with
 compiled parsers as in the other modes, and its ``wake`` (called once per read that
 brought messages) is a :class:`Reach`, which hands the messages new since its last read
 to the worker's :class:`Tracker`: per message, how many connections have it, and the
-CLOCK_MONOTONIC time of the first and of the last of them. The k-th message a
-connection receives is message k (messages are published one at a time, each only once
-everyone has the one before), so counting is enough to tell them apart; a connection
-that ends with more than K messages got a duplicate, fewer lost one, and the sampled
-connections check every message's sequence number as in the other modes. When every
+CLOCK_MONOTONIC time of the first and of the last of them (a connection counting by
+strides counts a message when its frame header arrives; the rest of a small message
+comes in the same read or the next). The k-th message a connection receives is
+message k (messages are published one at a time, each only once everyone has the one
+before), so counting is enough to tell them apart; a connection that ends with more
+than K messages got a duplicate, fewer lost one, and the sampled connections check
+every message's sequence number as in the other modes. When every
 connection of a worker has message k, the worker tells the publisher (``("reached", k,
 t)`` down its pipe), which is how the publisher knows it may go on
 (publisher.broadcast, the publisher's side).
