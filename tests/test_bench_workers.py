@@ -187,3 +187,25 @@ def _check_broadcast(r: dict[str, Any], n: int, k: int) -> None:
     assert s["idle_cpu_pct"] is not None
     hb = r["heartbeats"]
     assert hb["pings_idle_window"] > 0 and hb["closed_by_server_idle"] == 0
+
+
+@needs_workers
+@pytest.mark.slow
+def test_workers_scaling_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "scaling.json"
+    p = _run(
+        "benchmarks/workers_scaling.py", "--quick", "--reps", "1", "--one-core",
+        "--server-cpus", "0", "--client-cpus", "1", "--stores", "memory", "--quiet",
+        "--out", str(out),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    report = json.loads(out.read_text())
+    assert {(r["workers"], r["case"]) for r in report["runs"]} == {
+        (w, c) for w in (1, 2) for c in ("sat", "bcast")
+    }
+    for r in report["runs"]:
+        assert r["result"]["server_workers"] == r["workers"] and r["result"]["errors"] == []
+    mem = report["summary"]["memory"]
+    assert mem["ratio"]["of"] == "2 workers / 1" and mem["ratio"]["per_cpu_s"] > 0
+    assert mem["workers"]["2"]["bcast"]["exactly_once"]
+    assert "| workers | deliveries/s |" in p.stdout and "Ratio 2 workers / 1" in p.stdout
