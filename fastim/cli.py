@@ -17,8 +17,8 @@ import orjson
 from . import __version__
 from .cluster import ClusterError
 from .config import Config, ConfigError, load, redact
-from .node import Node
 from .store import StoreError
+from .workers.role import WorkerRole
 
 log = logging.getLogger("fastim")
 
@@ -87,7 +87,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in fields(Config):
         if f.metadata.get("file_only"):
             continue
-        typ: Any = {"int": int, "float": float, "str": str}[str(f.type)]
+        # "int | str" (workers: a count or 'auto') is read as a string; validate() types it
+        typ: Any = {"int": int, "float": float, "str": str, "int | str": str}[str(f.type)]
         default = f.default if f.default is not MISSING else "(computed)"
         p.add_argument(
             "--" + f.name.replace("_", "-"),
@@ -200,13 +201,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(cfg)
     for warning in unknown_env:
         log.warning("%s", warning)
+    try:
+        role = WorkerRole.from_env()
+    except (ValueError, KeyError, TypeError) as e:
+        print(f"fastim: bad worker role from the supervisor: {e}", file=sys.stderr)
+        return 2
+    if role is None and cfg.worker_count() > 1:
+        # the parent of the node's workers; it imports neither the node nor uvloop
+        from .workers.supervisor import Supervisor
+
+        return Supervisor(cfg, args.argv).run()
     _raise_fd_limit(cfg.max_connections)
     _tune_malloc()
 
-    node = Node(cfg)
+    # imported here, not at the top: a supervisor process stays small without it
+    from .node import Node
+
+    node = Node(cfg, role=role)
+    if role is None:
+        serving = node.serve_forever()
+    else:
+        # a worker of `fastim serve --workers N` (role set: it never supervises itself)
+        from .workers.worker import run_worker
+
+        serving = run_worker(node, role)
 
     try:
-        _run(node.serve_forever())
+        _run(serving)
     except StoreError as e:
         log.error("fastim: cannot open the store: %s", e)
         return 1
@@ -264,14 +285,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--quiet", "-q", action="store_true", help="only the verdict")
     check.set_defaults(func=cmd_config_check)
 
-    from .bench import add_bench_parser
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] != ["serve"]:
+        # the load generator loads the SDK and the compiled core: not into `fastim serve`,
+        # whose supervisor (--workers N) must stay small
+        from .bench import add_bench_parser
 
-    add_bench_parser(sub)
+        add_bench_parser(sub)
 
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=lambda _a: print(f"fastim {__version__}") or 0)
 
-    args = parser.parse_args(argv)
+    args = parser.parse_args(raw)
+    # what followed "serve", as given: a supervisor starts its workers with the same flags
+    args.argv = raw[raw.index("serve") + 1 :] if args.command == "serve" else []
     rc: int = args.func(args)
     return rc
 

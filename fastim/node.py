@@ -48,6 +48,9 @@ class Node:
         if role is not None and role.count > 1:
             # each worker is named after the node (the welcome, logs, metrics say which)
             config = dataclasses.replace(config, node_id=f"{config.node_id}.{role.name}")
+            if config.etcd_endpoints and config.link_port:
+                # in a cluster each worker is a cluster node with its own link port
+                config = dataclasses.replace(config, link_port=config.link_port + role.index)
         self.config = config
         #: one worker of a node started with ``--workers N`` (fastim/workers/), or None
         self.role: WorkerRole | None = role
@@ -106,7 +109,12 @@ class Node:
             # the workers share the file; their supervisor holds its lock
             settings = dataclasses.replace(settings, shared=True)
         store = await open_store(settings)
-        if role is not None and role.count > 1 and store.name == "memory":
+        if (
+            role is not None
+            and role.count > 1
+            and store.name == "memory"
+            and not cfg.etcd_endpoints
+        ):
             store = MeshInboxes(store)  # inboxes on their owner worker (attached below)
         self.store = store
         self.hub.store = self.store
@@ -144,7 +152,9 @@ class Node:
                 srv = await self._listen("ws_port", lambda: WsSession(self), tls_args)
                 self._servers.append(srv)
                 self.ws_port = srv.sockets[0].getsockname()[1]
-            if role is not None and role.count > 1:
+            if role is not None and role.count > 1 and not cfg.etcd_endpoints:
+                # the workers of one node route among themselves; with etcd each worker
+                # is a node of the cluster instead (docs/workers.md)
                 mesh = WorkerMesh(self, role)
                 self.cluster = mesh  # the hub's router, as a cluster's runtime is
                 self.metrics.attach_workers(mesh, role.name, lambda: read_state(role.directory))

@@ -23,6 +23,9 @@ from .namespaces import RULE_KEYS, RULE_VALUES, Namespace, Namespaces, check_nam
 from .origins import OriginPolicy
 from .security import ANONYMOUS_VALUES, MIN_SECRET_BYTES, load_public_key, tls_server_context
 
+#: the most worker processes ``workers`` may ask for (a typo must not fork a thousand nodes)
+MAX_WORKERS = 256
+
 
 class ConfigError(ValueError):
     """A setting is unknown, of the wrong type, or out of range. The message names it."""
@@ -303,6 +306,28 @@ class Config:
         default="",
         metadata={"help": "PEM CA that signed every node's link certificate (with link_tls_cert)"},
     )
+    # ---- one node, every core (fastim/workers/, docs/workers.md)
+    workers: int | str = field(
+        default=1,
+        metadata={
+            "help": "worker processes of this node, sharing its ports (1 = one process, no "
+            "supervisor; 'auto' = one per CPU this process may run on)"
+        },
+    )
+    worker_hang_timeout: float = field(
+        default=5.0,
+        metadata={
+            "help": "seconds a worker may go without pinging its supervisor before it is "
+            "killed (SIGKILL) and replaced (>= 1)"
+        },
+    )
+    worker_restart_backoff: float = field(
+        default=5.0,
+        metadata={
+            "help": "longest wait, in seconds, before a dead worker is started again (the "
+            "wait starts at 0.1 s and doubles)"
+        },
+    )
 
     def validate(self) -> Config:
         """Raise ConfigError naming the first bad setting; return self."""
@@ -311,7 +336,9 @@ class Config:
             if f.metadata.get("file_only"):
                 continue
             value = getattr(self, f.name)
-            want: Any = {"int": int, "float": (int, float), "str": str}[str(f.type)]
+            want: Any = {"int": int, "float": (int, float), "str": str, "int | str": (int, str)}[
+                str(f.type)
+            ]
             if isinstance(value, bool) or not isinstance(value, want):
                 raise ConfigError(
                     f"{f.name}: expected {f.type}, got {type(value).__name__} {value!r}"
@@ -391,6 +418,7 @@ class Config:
         self._validate_security()
         self._validate_origins()
         self._validate_cluster()
+        self._validate_workers()
         return self
 
     def _origins_as_strings(self) -> None:
@@ -548,6 +576,45 @@ class Config:
         for name, path in zip(("link_tls_cert", "link_tls_key", "link_tls_ca"), tls, strict=True):
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{name}: no such file {path!r}")
+
+    def _validate_workers(self) -> None:
+        """``workers``: a count (a flag or a variable gives it as a string) or ``auto``."""
+        w = self.workers
+        if isinstance(w, str):
+            text = w.strip().lower()
+            if text == "auto":
+                self.workers = "auto"
+            elif re.fullmatch(r"[0-9]+", text):
+                self.workers = int(text)
+            else:
+                raise ConfigError(
+                    f"workers: must be a number of processes (1..{MAX_WORKERS}) or 'auto', "
+                    f"got {w!r}"
+                )
+        if isinstance(self.workers, int) and not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(
+                f"workers: must be a number of processes (1..{MAX_WORKERS}) or 'auto', "
+                f"got {self.workers}"
+            )
+        # a worker pings every 0.5 s (fastim.workers.role.PING_EVERY): at least two pings
+        if not self.worker_hang_timeout >= 1.0:
+            raise ConfigError(
+                f"worker_hang_timeout: must be >= 1 second, got {self.worker_hang_timeout}"
+            )
+        if not self.worker_restart_backoff > 0:
+            raise ConfigError(
+                f"worker_restart_backoff: must be > 0 seconds, got {self.worker_restart_backoff}"
+            )
+
+    def worker_count(self) -> int:
+        """The number of worker processes ``workers`` means: ``auto`` is one per CPU this
+        process may run on (its affinity mask, ``taskset``, cpusets)."""
+        if self.workers == "auto":
+            try:
+                return len(os.sched_getaffinity(0))
+            except AttributeError:  # pragma: no cover - not Linux
+                return os.cpu_count() or 1
+        return int(self.workers)
 
     def history_limits(self) -> HistoryLimits:
         """``history_size``, ``history_ttl`` and ``history_meta_ttl`` (0 = no limit)."""
