@@ -119,18 +119,6 @@ def _bench(*argv: str) -> dict[str, Any]:
     return r
 
 
-def _has_workers() -> bool:
-    """Whether ``fastim serve`` has ``--workers`` (the supervisor)."""
-    p = _run("-m", "fastim", "serve", "--help", timeout=30)
-    return "--workers" in p.stdout
-
-
-needs_workers = pytest.mark.skipif(
-    not _has_workers(), reason="fastim serve --workers (the supervisor) is not here yet"
-)
-
-
-@needs_workers
 def test_bench_against_two_workers_counts_everything_and_sums_their_cpu() -> None:
     r = _bench(
         "-n", "60", "-d", "0.5", "--server-workers", "2", "--server-cpu", "0-1", "--store",
@@ -146,7 +134,6 @@ def test_bench_against_two_workers_counts_everything_and_sums_their_cpu() -> Non
     assert s["rss_kib"] > 0
 
 
-@needs_workers
 def test_broadcast_reaches_every_subscriber_once_over_two_workers() -> None:
     # heartbeats every second, one second to answer: the idle window sees pings, and a
     # subscriber that did not answer would be closed (an error of the run)
@@ -189,7 +176,6 @@ def _check_broadcast(r: dict[str, Any], n: int, k: int) -> None:
     assert hb["pings_idle_window"] > 0 and hb["closed_by_server_idle"] == 0
 
 
-@needs_workers
 @pytest.mark.slow
 def test_workers_scaling_smoke(tmp_path: Path) -> None:
     out = tmp_path / "scaling.json"
