@@ -14,6 +14,7 @@ import asyncio
 import functools
 import operator
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -60,13 +61,12 @@ async def open_subs(
     async def one(i: int) -> None:
         nonlocal done
         async with sem:
-            local = (f"127.0.0.{ip_base + i // CONNS_PER_IP}", 0) if ip_base else None
-            _t, proto = await loop.create_connection(
-                lambda: cls(target, channel, i in sampled, subscribe, out),
-                target.host,
-                target.port,
-                local_addr=local,
-            )
+            factory = functools.partial(cls, target, channel, i in sampled, subscribe, out)
+            if ip_base:
+                sock = await _connect_from(f"127.0.0.{ip_base + i // CONNS_PER_IP}", target)
+                _t, proto = await loop.create_connection(factory, sock=sock)
+            else:
+                _t, proto = await loop.create_connection(factory, target.host, target.port)
             subs.append(proto)
             await asyncio.wait_for(proto.ready, 30)
             done += 1
@@ -75,6 +75,36 @@ async def open_subs(
 
     await asyncio.gather(*(one(i) for i in range(n)))
     return subs
+
+
+#: Linux's IP_BIND_ADDRESS_NO_PORT (not in the socket module of every Python)
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+async def _connect_from(ip: str, target: Target) -> socket.socket:
+    """A socket connected to ``target`` from source address ``ip`` (``--spread-ips``).
+
+    The port is picked at connect time (``IP_BIND_ADDRESS_NO_PORT``), not at bind: the
+    kernel's connect() skips every port some socket bound explicitly, whatever the
+    address, so 100,000 connections bound over a few addresses would take every
+    ephemeral port from every other process's connects on the machine; picked at
+    connect, a port is only unique per (source, destination) pair.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        except OSError:  # pragma: no cover - not Linux
+            pass
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        sock.bind((ip, 0))
+        await loop.sock_connect(sock, (target.host, target.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def spread_sample(n: int, k: int) -> set[int]:
