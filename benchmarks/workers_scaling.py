@@ -18,7 +18,11 @@ and the generator pinned to ``--client-cpus``, and runs the cases:
 worker adds no core, only the forwarding of publishes to the channel's owner worker and
 its DELIVER to the other worker. The figure is the ratio of deliveries per server
 CPU-second (2 workers / 1 worker, per repetition, then the median); issue P10 asks that
-2 workers on one core cost no more than ~10% of one.
+2 workers on one core cost no more than ~10% of one. Which worker the publisher lands on
+is the kernel's choice (``SO_REUSEPORT``): on the channel's owner its publishes are
+numbered there and only DELIVERed to the other worker, elsewhere each is forwarded to
+the owner first. The bench reports the publisher's worker (its welcome's node id), this
+script the owner (the mesh's rendezvous hash), and the ratio is also given per case.
 
     .venv/bin/python benchmarks/workers_scaling.py --workers 1,2 --server-cpus 0-1 --reps 3
     .venv/bin/python benchmarks/workers_scaling.py --one-core --server-cpus 0 --client-cpus 1 \\
@@ -50,6 +54,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from fastim import bench  # noqa: E402
 from fastim.bench.serverstats import parse_cpus  # noqa: E402
+from fastim.cluster.placement import owner  # noqa: E402
+
+CHANNEL = "bench"  # the bench's default channel
 
 CASES = ("sat", "bcast")
 
@@ -59,6 +66,7 @@ class Settings:
     sat_n: int = 1000
     sat_duration: float = 5.0
     inflight: int = 64
+    window: str = "every"
     size: int = 64
     transport: str = "tcp"
     bcast_n: int = 10_000
@@ -94,7 +102,7 @@ def bench_args(
         a += ["--client-cpu", str(client_cpus)]
     if case == "sat":
         a += ["--transport", s.transport, "-n", str(s.sat_n), "-d", str(s.sat_duration)]
-        a += ["-w", str(s.inflight)]
+        a += ["-w", str(s.inflight), "--window", s.window]
     else:
         a += ["--transport", "ws", "-n", str(s.bcast_n), "--broadcast", str(s.bcast_k)]
         a += ["--broadcast-gap", str(s.bcast_gap), "--idle-window", str(s.idle_window)]
@@ -113,6 +121,17 @@ def run_bench(argv: list[str]) -> dict[str, Any]:
         return bench.run(args)
     except SystemExit as e:  # the bench reports a broken run this way
         return {"errors": [f"bench failed: {e}"], "failed": True}
+
+
+def on_owner(r: dict[str, Any], workers: int) -> bool | None:
+    """Whether the publisher landed on the worker that owns the channel (its publishes
+    are not forwarded over a link), None with one worker. The workers are ``w0`` ...
+    and the owner is the rendezvous hash of the channel over them (the mesh's rule);
+    the publisher's worker is the suffix of the node id its welcome gave."""
+    node = r.get("publisher_node")
+    if workers < 2 or not node or "." not in node:
+        return None
+    return node.rsplit(".", 1)[1] == owner(CHANNEL, [f"w{i}" for i in range(workers)])
 
 
 def _ok(r: dict[str, Any]) -> bool:
@@ -200,16 +219,24 @@ def summarize(runs: list[dict[str, Any]], stores: list[str], workers: list[int])
                         (
                             b["deliveries_per_server_cpu_s"] / a["deliveries_per_server_cpu_s"],
                             b["deliveries_per_s"] / a["deliveries_per_s"],
+                            on_owner(b, other),
                         )
                     )
             if pairs:
                 ratios = {
                     "of": f"{other} workers / {base}",
-                    "per_cpu_s_each": [round(x, 3) for x, _ in pairs],
-                    "per_cpu_s": round(statistics.median(x for x, _ in pairs), 3),
-                    "deliveries_per_s_each": [round(y, 3) for _, y in pairs],
-                    "deliveries_per_s": round(statistics.median(y for _, y in pairs), 3),
+                    "per_cpu_s_each": [round(x, 3) for x, _, _ in pairs],
+                    "per_cpu_s": round(statistics.median(x for x, _, _ in pairs), 3),
+                    "deliveries_per_s_each": [round(y, 3) for _, y, _ in pairs],
+                    "deliveries_per_s": round(statistics.median(y for _, y, _ in pairs), 3),
+                    # the runs of the second count whose publisher was on the channel's
+                    # owner worker (nothing forwarded) and those forwarded to the owner
+                    "publisher_on_owner_each": [o for _, _, o in pairs],
                 }
+                for key, want in (("on_owner", True), ("forwarded", False)):
+                    xs = [x for x, _, o in pairs if o is want]
+                    ratios[f"per_cpu_s_{key}"] = round(statistics.median(xs), 3) if xs else None
+                    ratios[f"runs_{key}"] = len(xs)
         out[store] = {"workers": per, "ratio": ratios}
     return out
 
@@ -227,7 +254,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"({report['date']}, {report['reps']} repetitions, medians; server workers on CPUs "
         f"{report['server_cpus']}, generator on {report['client_cpus']}; saturation: "
         f"{st['sat_n']:,} subscribers over {st['transport']}, {st['size']} B, "
-        f"W={st['inflight']}, {st['sat_duration']:g}s; broadcast: {st['bcast_n']:,} WebSocket "
+        f"W={st['inflight']} ({st.get('window', 'every')}), {st['sat_duration']:g}s; "
+        f"broadcast: {st['bcast_n']:,} WebSocket "
         f"subscribers, {st['bcast_k']} messages {st['bcast_gap']:g}s apart; load average "
         f"{report['machine']['loadavg_start'][0]} at the start, "
         f"{report['machine']['loadavg_end'][0]} at the end)",
@@ -287,6 +315,16 @@ def markdown(report: dict[str, Any]) -> str:
                 + ", ".join(f"{x:.3f}" for x in r["deliveries_per_s_each"])
                 + ").",
             ]
+            split = [
+                f"{what} {r[f'per_cpu_s_{key}']:.3f} ({r[f'runs_{key}']} runs)"
+                for key, what in (
+                    ("on_owner", "publisher on the channel's owner worker"),
+                    ("forwarded", "publisher on another worker (publishes forwarded)"),
+                )
+                if r.get(f"per_cpu_s_{key}") is not None
+            ]
+            if split:
+                lines += ["", "Deliveries per server CPU-second, by run: " + "; ".join(split) + "."]
         lines.append("")
     bad = [r for r in report["runs"] if not _ok(r["result"])]
     lines.append(
@@ -349,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "transport":
             p.add_argument("--transport", choices=("tcp", "ws"), default=None)
             continue
+        if name == "window":
+            p.add_argument("--window", choices=("every", "probe"), default=None)
+            continue
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=None)
     a = p.parse_args(argv)
     s = Settings.quick() if a.quick else Settings()
@@ -380,12 +421,21 @@ def main(argv: list[str] | None = None) -> int:
                     argv_b = bench_args(case, w, store, s, a.server_cpus, a.client_cpus)
                     t0 = time.monotonic()
                     r = run_bench(argv_b)
+                    where = on_owner(r, w)
                     runs.append(
-                        {"rep": rep, "store": store, "case": case, "workers": w, "result": r}
+                        {
+                            "rep": rep,
+                            "store": store,
+                            "case": case,
+                            "workers": w,
+                            "publisher_on_owner": where,
+                            "result": r,
+                        }
                     )
                     say(
                         f"[rep {rep}/{a.reps}] {store:6s} {case:5s} {w} worker(s)  {_line(r)}"
-                        f"  ({time.monotonic() - t0:.1f}s)"
+                        + ("" if where is None else "  [publisher on the owner]" if where else "")
+                        + f"  ({time.monotonic() - t0:.1f}s)"
                     )
                     time.sleep(0.5)
     report: dict[str, Any] = {

@@ -44,7 +44,11 @@ _OP_CLOSE = _core.OP_CLOSE
 
 
 class _Pub(asyncio.Protocol):
-    """The publisher's connection: sends, counts fastim's acks, answers pings."""
+    """The publisher's connection: sends, counts fastim's acks, answers pings.
+
+    To a fastim node it says hello first (the HELLO frame over TCP, ``{"op":"hello"}``
+    as user ``fastim-bench`` over WebSocket) and is ready at the welcome, whose ``node``
+    it keeps: on a node of several workers, the worker it landed on (``<node>.w<i>``)."""
 
     def __init__(self, target: Target, channel: str) -> None:
         self.target = target
@@ -58,6 +62,8 @@ class _Pub(asyncio.Protocol):
         self.dec = _core.FrameDecoder(MAX_MESSAGE, SERVER_TYPES)
         self.parser = _core.WSParser(MAX_MESSAGE, client=True)
         self.ch_json = orjson.dumps(channel)
+        #: the node (the worker) that welcomed it, from the welcome's ``node``
+        self.node: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -98,13 +104,18 @@ class _Pub(asyncio.Protocol):
                     self.head = head
                     return
                 self.head = None
-                if not self.ready.done():
+                if self.target.fastim and self.transport is not None:
+                    # a JSON hello names a user (or a token); nobody sends it anything
+                    self.transport.write(ws_text(b'{"op":"hello","user":"fastim-bench","id":0}'))
+                elif not self.ready.done():
                     self.ready.set_result(None)
                 data = head[start:]
             for op, p in self.parser.feed(data):
                 if op == _OP_TEXT:
                     if b'"puback"' in p:
                         self.acked += 1
+                    elif b'"welcome"' in p and not self.ready.done():
+                        self._welcomed(p)
                     else:
                         self._error(f"publisher got {p[:120]!r}")
                 elif op == _OP_PING and self.transport is not None:
@@ -119,11 +130,20 @@ class _Pub(asyncio.Protocol):
             if t == FrameType.PUBACK:
                 self.acked += 1
             elif t == FrameType.WELCOME and not self.ready.done():
-                self.ready.set_result(None)
+                self._welcomed(p[1:])  # a version byte, then JSON
             elif t == FrameType.PING and self.transport is not None:
                 self.transport.write(_core.encode_frame(FrameType.PONG, p))
             elif t in (FrameType.ERROR, FrameType.GOAWAY):
                 self._error(f"publisher got frame 0x{t:02x}: {p[:100]!r}")
+
+    def _welcomed(self, welcome: bytes) -> None:
+        try:
+            node = orjson.loads(welcome).get("node")
+        except (ValueError, AttributeError):
+            node = None
+        self.node = str(node) if node is not None else None
+        if not self.ready.done():
+            self.ready.set_result(None)
 
     def _error(self, why: str) -> None:
         if len(self.errors) < 20:
@@ -147,6 +167,8 @@ class PubResult:
     server_cpu_s: float | None = None
     #: ``--window every``: the workers' reports received while publishing
     min_reports: int = 0
+    #: the node (on a node of several workers, the worker) the publisher is on
+    node: str | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -296,6 +318,7 @@ async def drive(
             await asyncio.sleep(0.01)
     res.published = sent
     res.acked = pub.acked
+    res.node = pub.node
     res.probe_received = probe.count
     res.probe_last_rx = probe.last_rx
     res.errors = res.errors + pub.errors + probe_out.errors
@@ -320,6 +343,7 @@ class BroadcastRun:
 
     published: int = 0
     acked: int = 0
+    node: str | None = None  # the node (the worker) the publisher is on
     #: per message: its stamp (CLOCK_MONOTONIC ns) and when the publisher learnt that
     #: every subscriber had it (0: not within --drain)
     t_pub_ns: list[int] = field(default_factory=list)
@@ -440,6 +464,7 @@ async def broadcast(
         while pub.acked < res.published and time.monotonic() < ack_until:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     res.acked = pub.acked
+    res.node = pub.node
     res.errors += pub.errors + res.probe.errors
     res.probe.received = probe.count
     res.probe.conns_exact = int(probe.count == k)

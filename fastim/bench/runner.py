@@ -305,6 +305,8 @@ def _measure(
             ),
             "published": sent,
             "acked": pub.acked if target.fastim else None,
+            # the node that welcomed the publisher: on a node of several workers, its worker
+            "publisher_node": pub.node,
             "publish_per_s": round(sent / elapsed, 1),
             "deliveries": received,
             "deliveries_expected": expected,
@@ -526,6 +528,7 @@ def _bcast(
             "size": args.size,
             "published": run.published,
             "acked": run.acked if target.fastim else None,
+            "publisher_node": run.node,
             "broadcast": {
                 "messages": k,
                 "gap_s": args.broadcast_gap,
