@@ -3,8 +3,9 @@
 For each repetition, each worker count in turn (alternating, so noise from the rest of
 the machine falls on every count alike), ``fastim bench`` (in this process; its
 subscriber workers are child processes) spawns ``fastim serve --workers W`` with its
-workers pinned to ``--server-cpus`` (worker i on the i-th CPU of the list, round robin)
-and the generator pinned to ``--client-cpus``, and runs the cases:
+workers pinned to the first W CPUs of ``--server-cpus`` (worker i on the i-th, round
+robin when W is larger than the list: ``--server-cpus 0-7`` gives 1 worker CPU 0, 4
+workers CPUs 0-3) and the generator pinned to ``--client-cpus``, and runs the cases:
 
   sat    saturation: N subscribers, one publisher, at most W publishes not yet received
          by every subscriber; deliveries/s, latency p50/p99, the server's CPU-seconds
@@ -91,11 +92,21 @@ class Settings:
         )
 
 
+def worker_cpus(server_cpus: str, workers: int) -> str:
+    """The CPUs of a node of ``workers`` workers: the first ``workers`` of the list (one
+    each; round robin over the whole list when there are more workers than CPUs)."""
+    cpus = parse_cpus(server_cpus)
+    if not cpus:
+        return "none"
+    return ",".join(map(str, cpus[: max(1, workers)]))
+
+
 def bench_args(
     case: str, workers: int, store: str, s: Settings, server_cpus: str, client_cpus: str | None
 ) -> list[str]:
     """The ``fastim bench`` command line of one run."""
-    a = ["--server-workers", str(workers), "--server-cpu", server_cpus, "--store", store]
+    a = ["--server-workers", str(workers), "--server-cpu", worker_cpus(server_cpus, workers)]
+    a += ["--store", store]
     a += ["--json", "--quiet", "--drain", str(s.drain), "--processes", str(s.processes)]
     a += ["-s", str(s.size)]
     if client_cpus not in (None, "none"):
