@@ -259,17 +259,27 @@ def _fmt(x: float | None, spec: str = ",.0f", unit: str = "") -> str:
 def markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     st = report["settings"]
+    cases = report.get("cases", CASES)
+    what = [f"server workers on CPUs {report['server_cpus']}"]
+    what.append(f"generator on {report['client_cpus']}")
+    if "sat" in cases:
+        what.append(
+            f"saturation: {st['sat_n']:,} subscribers over {st['transport']}, {st['size']} B, "
+            f"W={st['inflight']} ({st.get('window', 'every')}), {st['sat_duration']:g}s"
+        )
+    if "bcast" in cases:
+        what.append(
+            f"broadcast: {st['bcast_n']:,} WebSocket subscribers, {st['bcast_k']} messages "
+            f"{st['bcast_gap']:g}s apart"
+        )
+    load = report["machine"]
+    what.append(
+        f"load average {load['loadavg_start'][0]} at the start, {load['loadavg_end'][0]} at the end"
+    )
     lines = [
         f"`{report['command']}`",
         "",
-        f"({report['date']}, {report['reps']} repetitions, medians; server workers on CPUs "
-        f"{report['server_cpus']}, generator on {report['client_cpus']}; saturation: "
-        f"{st['sat_n']:,} subscribers over {st['transport']}, {st['size']} B, "
-        f"W={st['inflight']} ({st.get('window', 'every')}), {st['sat_duration']:g}s; "
-        f"broadcast: {st['bcast_n']:,} WebSocket "
-        f"subscribers, {st['bcast_k']} messages {st['bcast_gap']:g}s apart; load average "
-        f"{report['machine']['loadavg_start'][0]} at the start, "
-        f"{report['machine']['loadavg_end'][0]} at the end)",
+        f"({report['date']}, {report['reps']} repetitions, medians; " + "; ".join(what) + ")",
         "",
     ]
     for store, per in s.items():
@@ -464,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_cpus": a.server_cpus,
         "client_cpus": a.client_cpus,
         "one_core": a.one_core,
+        "cases": cases,
         "settings": asdict(s),
         "elapsed_s": round(time.monotonic() - t_start, 1),
         "summary": summarize(runs, stores, workers),
