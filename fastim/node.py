@@ -19,6 +19,7 @@ from typing import Any
 
 from . import _core
 from .api import HttpApi, Metrics, StoreProbe
+from .api.http import memory_history
 from .auth import Auth, tls_server_context
 from .cluster.runtime import Cluster, advertised_host, join_host_port
 from .config import Config
@@ -160,6 +161,10 @@ class Node:
                 self.metrics.attach_workers(mesh, role.name, lambda: read_state(role.directory))
                 if isinstance(self.store, MeshInboxes):
                     self.store.attach(mesh)
+                hub = self.hub
+                mesh.answers["history"] = lambda m: memory_history(
+                    hub, str(m["ch"]), int(m["since"]), int(m["limit"])
+                )
                 await mesh.start({})
             elif cfg.etcd_endpoints:
                 host = advertised_host(cfg)

@@ -37,7 +37,7 @@ import httptools
 import orjson
 
 from ..errors import ProtocolError
-from ..hub import HubError, Published
+from ..hub import Hub, HubError, Published
 from ..protocol import CloseCode, ErrorCode, validate_channel
 from ..session.commands import CID_MAX
 from ..store import InboxFull, InboxMessage, StoreError
@@ -357,25 +357,20 @@ class HttpApi:
                 return _no_history(name)
             epoch, top, msgs = hist.epoch, hist.top, hist.messages
         else:
-            ch = hub.channel(name, create=False)  # a read creates no channel
-            if ch is None:
-                return _no_history(name)
-            epoch, top = ch.epoch, ch.offset
-            msgs = []
-            h = ch.history
-            ttl = ch.ns.history_ttl
-            oldest = hub.now - ttl if ttl else None
-            if len(h):
-                for off in range(max(since + 1, h.first_offset), top + 1):
-                    item = h.get(off)
-                    if item is None:
-                        continue
-                    data, at = cast("tuple[bytes, float]", item)
-                    if oldest is not None and at < oldest:
-                        continue
-                    msgs.append((off, data))
-                    if len(msgs) >= limit:
-                        break
+            router = hub.router
+            ask_owner = getattr(router, "ask_owner", None)
+            if ask_owner is not None and router is not None and not router.owns(name):
+                # a node of several workers: a memory channel's history is its owner's
+                args = {"ch": name, "since": since, "limit": limit}
+                answer = await ask_owner(name, "history", args)
+                if not isinstance(answer, dict):
+                    raise ApiError(
+                        503,
+                        f"the worker that owns {name!r} did not answer, retry",
+                        code=ErrorCode.NOT_ROUTED,
+                    )
+                return answer
+            return memory_history(hub, name, since, limit)
         return {
             "channel": name,
             "epoch": epoch,
@@ -421,6 +416,37 @@ _HANDLERS: dict[str, Handler] = {
     "history": HttpApi._history,
     "disconnect": HttpApi._disconnect,
 }
+
+
+def memory_history(hub: Hub, name: str, since: int, limit: int) -> dict[str, Any]:
+    """``/api/history`` of a memory channel, from this process's history ring (on a node
+    of several workers, the owner worker's: the others ask it)."""
+    ch = hub.channel(name, create=False)  # a read creates no channel
+    if ch is None:
+        return _no_history(name)
+    epoch, top = ch.epoch, ch.offset
+    msgs = []
+    h = ch.history
+    ttl = ch.ns.history_ttl
+    oldest = hub.now - ttl if ttl else None
+    if len(h):
+        for off in range(max(since + 1, h.first_offset), top + 1):
+            item = h.get(off)
+            if item is None:
+                continue
+            data, at = cast("tuple[bytes, float]", item)
+            if oldest is not None and at < oldest:
+                continue
+            msgs.append((off, data))
+            if len(msgs) >= limit:
+                break
+    return {
+        "channel": name,
+        "epoch": epoch,
+        "top": top,
+        # data is stored as JSON text: spliced in as it is, not parsed again
+        "messages": [{"offset": o, "data": orjson.Fragment(d)} for o, d in msgs[:limit]],
+    }
 
 
 def _no_history(name: str) -> dict[str, Any]:

@@ -278,6 +278,10 @@ class Dispatcher:
         if sub is None or not isinstance(epoch, str):
             return
         log.info("fastim client: %r: history lost, new epoch %s", ch, epoch)
+        if obj.get("complete") is False and sub.epoch and sub.epoch != epoch:
+            # the node may not have had every message of the old epoch (its owner was
+            # another node or worker): what came after our offset may be lost
+            sub._gap(Gap(sub.channel, sub.epoch, sub.offset, epoch, 0, "epoch"))
         # an epoch names one history, never reused: one this subscription has been in
         # before (a store that answered wrongly for a while) is resumed where it was left
         sub._move(epoch, sub._left.get(epoch, 0))

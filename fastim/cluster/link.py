@@ -343,11 +343,20 @@ class Link:
             self._up.set()
             log.info("link to %s at %s up", self.peer, self.address)
             links._changed(self.peer, True)
+            last = self.loop.time()
             while not conn.lost.is_set():
                 try:
                     await asyncio.wait_for(conn.lost.wait(), links.heartbeat)
                 except asyncio.TimeoutError:
-                    silent = self.loop.time() - conn.last_rx
+                    now = self.loop.time()
+                    silent = now - conn.last_rx
+                    stalled = now - last > 2 * links.heartbeat
+                    last = now
+                    if stalled:
+                        # this process did not run for a while: the peer's frames are
+                        # unread, its silence is ours; ping, judge on the next round
+                        conn.send(_PING, _T.pack(now))
+                        continue
                     if silent > links.timeout:
                         self.last_error = f"no answer for {silent:.1f}s"
                         log.warning("link to %s: silent for %.1fs, dropping it", self.peer, silent)

@@ -140,9 +140,18 @@ class LinkServer:
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
+        every = self.timeout / 3
+        last = loop.time()
         while True:
-            await asyncio.sleep(self.timeout / 3)
+            await asyncio.sleep(every)
             now = loop.time()
+            stalled = now - last > 2 * every
+            last = now
+            if stalled:
+                # this process did not run for a while (a burst of work, a stop): what
+                # the peers sent meanwhile is unread, so their silence is ours; judge
+                # on the next round, once the loop has read its sockets
+                continue
             for conn in list(self._conns):
                 if now - conn.last_rx > self.timeout:
                     what = "no HELLO" if conn.peer is None else "silent"

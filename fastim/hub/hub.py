@@ -175,12 +175,17 @@ class Hub:
         await self._fill(ch, top)
 
     def adopt(self, ch: Channel, epoch: str, top: int) -> None:
-        """Align the channel with the owner's (epoch, top); another epoch: resubscribe."""
-        self._adopt(ch, epoch, top)
+        """Align the channel with the owner's (epoch, top); another epoch: resubscribe.
+
+        The owner is another node (or worker): what it numbered in the old epoch may not
+        all have come here, so the subscribers are told their old epoch may be
+        incomplete (``complete: false``)."""
+        self._adopt(ch, epoch, top, complete=False)
 
     def renumber(self, ch: Channel) -> None:
-        """This node now numbers a memory channel: a new epoch (subscribers resubscribe)."""
-        self._adopt(ch, new_epoch(), 0)
+        """This node now numbers a memory channel: a new epoch (subscribers resubscribe,
+        told the old epoch may be incomplete: its owner was another node)."""
+        self._adopt(ch, new_epoch(), 0, complete=False)
 
     def recover(self, ch: Channel, since: Since) -> tuple[Since, list[tuple[int, bytes]]]:
         """Messages after ``since`` from this node's history ring (for another node);
@@ -281,12 +286,15 @@ class Hub:
         except StoreError as e:
             log.warning("channel %r: could not read back offsets to %d: %s", ch.name, top, e)
 
-    def _adopt(self, ch: Channel, epoch: str, top: int) -> None:
-        """The store says the channel is at (epoch, top): align what this node holds."""
+    def _adopt(self, ch: Channel, epoch: str, top: int, complete: bool = True) -> None:
+        """The store says the channel is at (epoch, top): align what this node holds.
+
+        ``complete``: every message of the old epoch went through this node (it numbered
+        them), so its subscribers have them all."""
         if ch.loaded and epoch == ch.epoch and top == ch.offset:
             return
         if ch.loaded and epoch != ch.epoch:
-            self._epoch_changed(ch, epoch)
+            self._epoch_changed(ch, epoch, complete)
         elif ch.loaded and top != ch.offset:
             log.warning("channel %r: store at %d, node at %d", ch.name, top, ch.offset)
         ch.epoch = epoch
@@ -294,14 +302,19 @@ class Hub:
         ch.loaded = True
         ch.history = _core.HistoryRing(ch.ns.history_size)  # the cache no longer fits
 
-    def _epoch_changed(self, ch: Channel, epoch: str) -> None:
-        """History was lost: tell subscribers to subscribe again (and recover what exists)."""
+    def _epoch_changed(self, ch: Channel, epoch: str, complete: bool = True) -> None:
+        """History was lost: tell subscribers to subscribe again (and recover what exists).
+
+        ``complete`` False: messages of the old epoch may never have reached this node
+        (its owner was another node or worker, which is gone or lost them): the event
+        says so, and the client reports a gap after its last offset."""
         log.warning("channel %r lost its history: epoch %s -> %s", ch.name, ch.epoch, epoch)
         rings = ch.subs.rings()
         if rings:
-            ch.subs.fanout(
-                encode_event(orjson.dumps({"op": "resubscribe", "ch": ch.name, "epoch": epoch}))
-            )
+            ev: dict[str, Any] = {"op": "resubscribe", "ch": ch.name, "epoch": epoch}
+            if not complete:
+                ev["complete"] = False
+            ch.subs.fanout(encode_event(orjson.dumps(ev)))
         for ring in rings:
             ch.subs.remove(ring)
             owner = ring.on_overflow  # the subscriber (see interfaces.Subscriber)

@@ -1058,6 +1058,14 @@ export class Client {
   _onResubscribe(obj) {
     const sub = this.subscriptions.get(obj.ch);
     if (!sub || typeof obj.epoch !== "string") return;
+    if (obj.complete === false && sub.epoch && sub.epoch !== obj.epoch) {
+      // the node may not have had every message of the old epoch (its owner was another
+      // node or worker): what came after our offset may be lost
+      sub._gap({
+        channel: obj.ch, lastEpoch: sub.epoch, lastOffset: sub.offset, epoch: obj.epoch, offset: 0,
+        reason: "epoch",
+      }); // prettier-ignore
+    }
     // an epoch names one history, never reused: one this subscription was in before
     // (a store that answered wrongly for a while) is resumed where it was left
     sub._move(obj.epoch, sub._left.get(obj.epoch) ?? 0);

@@ -157,7 +157,14 @@ class WorkerMesh(Cluster):
             flusher=node.flusher,
         )
         await self.server.start()
-        self.links = Links(self.me, "workers", flusher=node.flusher, on_state=self._link_state)
+        # a local socket: retry often (a replacement worker is reachable within 0.25 s)
+        self.links = Links(
+            self.me,
+            "workers",
+            flusher=node.flusher,
+            on_state=self._link_state,
+            backoff=(0.02, 0.25),
+        )
         self.links.sync(
             {n: "unix:" + role.socket_path(i) for i, n in enumerate(role.names) if n != self.me}
         )
@@ -165,12 +172,21 @@ class WorkerMesh(Cluster):
         if node.postman is not None:
             self.dm = DmRouter(self.me, node.postman, _Routes(self.me), self.links)  # type: ignore[arg-type]
             self.dm_handler = self.dm.on_dm
-        # serve once the others are reachable (or START_WAIT passed: those are down)
+        # serve once the others are reachable and reach this one (or START_WAIT passed:
+        # those are down): a worker that serves before the others count it in their
+        # views would number channels they number too (for a moment, until they do)
         links = self.links
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_WAIT
         await asyncio.gather(
             *(link.wait_up(START_WAIT) for link in links.links.values()),
             return_exceptions=True,
         )
+        server = self.server
+        while loop.time() < deadline:  # (polled: the server has no event for it)
+            if all(p in server.peers for p in links.links if links.is_up(p)):
+                break
+            await asyncio.sleep(0.01)
         up = sorted(p for p in links.links if links.is_up(p))
         log.info(
             "worker %s of %d: links to %s", self.me, role.count, ", ".join(up) or "no other worker"
@@ -211,6 +227,10 @@ class WorkerMesh(Cluster):
             return
         changes = moved(list(self.hub.channels), before, self.placement.nodes)
         self._ownership(changes)
+        if changes:
+            # durable channels that moved here: what the old owner stored and did not
+            # send on comes from the store now, not with the channel's next message
+            self.resync()
         # channels that moved to another worker: follow them there, then catch up
         regroup: dict[str, list[str]] = {}
         for name, _old, new in changes:
@@ -349,6 +369,16 @@ class WorkerMesh(Cluster):
             return None
         finally:
             self._answers.pop(ref, None)
+
+    async def ask_owner(self, channel: str, op: str, args: dict[str, Any]) -> Any:
+        """Ask the owner of ``channel`` ``op``: its value, None when it did not answer."""
+        owner = self.placement.owner(channel)
+        if owner is None or owner == self.me:
+            return None
+        answer = await self.ask(owner, op, args)
+        if answer is None or "error" in answer:
+            return None
+        return answer.get("value")
 
     def _on_ask(self, peer: str, msg: dict[str, Any]) -> None:
         fn = self.answers.get(str(msg.get("ask")))

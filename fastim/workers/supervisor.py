@@ -56,7 +56,6 @@ except ImportError:  # pragma: no cover - not on POSIX
 
 log = logging.getLogger("fastim")
 
-#: the name of the state file in the node's directory
 #: the first wait before a dead worker is started again; it doubles per death
 FIRST_BACKOFF = 0.1
 #: seconds a worker must stay up for its next restart to wait FIRST_BACKOFF again

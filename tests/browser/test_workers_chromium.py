@@ -33,14 +33,14 @@ QUICK = {"base": 100, "factor": 2, "max": 400, "jitter": "full"}
 class Node:
     """``fastim serve --workers 2`` with the HTTP API on, in the test's directory."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *args: str) -> None:
         self.ws_port = free_port()
         self.log_path = directory / "node.log"
         cmd = [sys.executable, "-m", "fastim", "serve", "--workers", "2", "--tcp-port", "0"]
         cmd += ["--ws-port", str(self.ws_port), "--api-key", KEY, "--node-id", "browser"]
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                [*cmd, "--log-level", "info"], cwd=directory, stdout=out, stderr=out
+                [*cmd, "--log-level", "info", *args], cwd=directory, stdout=out, stderr=out
             )
         deadline = time.monotonic() + WAIT
         while "(2 workers)" not in self.log():  # the supervisor's line: every worker serves
@@ -88,10 +88,16 @@ def node(tmp_path: Path) -> Iterator[Node]:
     n.stop()
 
 
-def publish(node: Node, i: int) -> int:
-    return int(
-        api(node.ws_port, KEY, "POST", "publish", {"channel": "s", "data": {"i": i}})["offset"]
-    )
+@pytest.fixture
+def memory_node(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path, "--store", "memory")
+    yield n
+    n.stop()
+
+
+def publish(node: Node, i: int, ch: str = "s") -> int:
+    body = {"channel": ch, "data": {"i": i}}
+    return int(api(node.ws_port, KEY, "POST", "publish", body)["offset"])
 
 
 def send(node: Node, n: int) -> int:
@@ -145,3 +151,49 @@ def test_a_page_on_a_killed_worker_recovers_everything(
     assert union == set(range(1, 31))
     assert js(pages["w0"], "client.reconnects") >= 1
     assert js(pages["w1"], "client.reconnects") == 0, "the page on the other worker noticed"
+
+
+def test_memory_store_a_page_is_told_what_a_dead_worker_took(
+    browser: Callable[[], Browser], memory_node: Node
+) -> None:
+    """The memory store: the worker that numbered a channel dies; the page on the other
+    worker meets onGap (reason epoch: what the dead worker published and had not sent
+    on is lost), then the new epoch from its start; it did not reconnect."""
+    from fastim.cluster.placement import owner
+
+    node = memory_node
+    ch = next(f"m{i}" for i in range(100) if owner(f"m{i}", ["w0", "w1"]) == "w0")
+    d = None
+    for _ in range(12):  # a page on w1, the survivor
+        page = browser()
+        page.get(f"http://127.0.0.1:{node.ws_port}/health")
+        ready = page.execute_async_script(PAGE, "cleo", ch, QUICK)
+        assert isinstance(ready, dict), ready
+        if str(js(page, "client.welcome.node")).endswith(".w1"):
+            d = page
+            break
+    assert d is not None, "no page reached w1"
+    assert [publish(node, i, ch) for i in range(3)] == [1, 2, 3]
+    wait_js(d, "chan.length === 3", "3 messages")
+    e1 = js(d, "sub.epoch")
+    pid = node.workers()["w0"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + WAIT
+    while not dead(pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    wait_js(d, "chan.length === 4", "the gap")
+    e2 = js(d, "sub.epoch")
+    assert e2 != e1
+    assert [publish(node, i, ch) for i in range(3, 5)] == [1, 2]  # the new epoch
+    wait_js(d, "chan.length === 6", "the new epoch's messages")
+    assert js(d, "chan") == [
+        ["msg", 1, 0],
+        ["msg", 2, 1],
+        ["msg", 3, 2],
+        ["gap", "epoch", e1, 3, e2, 0],
+        ["msg", 1, 3],
+        ["msg", 2, 4],
+    ]
+    assert js(d, "client.reconnects") == 0
+    assert page_errors(d) == []

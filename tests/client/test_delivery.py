@@ -623,6 +623,39 @@ async def test_resubscribe_event_recovers_the_new_epoch() -> None:
         assert sub.gaps == 0 and sub.epoch == "e2"
 
 
+async def test_an_incomplete_epoch_change_is_a_gap() -> None:
+    """``resubscribe`` with ``complete: false`` (the old epoch was numbered by another
+    node or worker, now gone): messages after the client's offset may be lost, so the
+    application meets a Gap (reason epoch) before the new epoch's messages."""
+    gaps: list[Gap] = []
+
+    async def script(peer: Peer, n: int) -> None:
+        await peer.handshake()
+        sub = await peer.expect(FrameType.SUB)
+        _op, req_id, ch, _ = protocol.unpack_request(FrameType.SUB, sub)
+        assert isinstance(req_id, int)
+        peer.send(
+            FrameType.SUBSCRIBED, protocol.pack_subscribed(req_id, 0, ch.encode(), "e1", False)
+        )
+        for off in (1, 2):
+            peer.send(FrameType.MSG, protocol.pack_msg(off, ch.encode(), b'"old"'))
+        peer.event({"op": "resubscribe", "ch": ch, "epoch": "e2", "complete": False})
+        cmd = await peer.cmd("sub")
+        peer.event(
+            {"op": "subscribed", "ch": ch, "off": 1, "epoch": "e2", "recovered": True,
+             "id": cmd["id"]}
+        )  # fmt: skip
+        peer.send(FrameType.MSG, protocol.pack_msg(1, ch.encode(), b'"new"'))
+        await hold(peer)
+
+    async with Scripted(script) as srv, await fast(srv.url) as client:
+        sub = await within(client.subscribe("c", on_gap=gaps.append))
+        got = await take(sub, 3)
+        assert [(m.offset, m.data) for m in got] == [(1, "old"), (2, "old"), (1, "new")]
+        assert gaps == [Gap("c", "e1", 2, "e2", 0, "epoch")]
+        assert sub.gaps == 1 and sub.epoch == "e2"
+
+
 async def test_a_resubscribe_the_store_refused_is_tried_again() -> None:
     async def script(peer: Peer, n: int) -> None:
         await peer.handshake()

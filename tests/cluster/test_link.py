@@ -250,6 +250,28 @@ async def test_three_nodes_full_mesh(endpoints: Callable[..., Awaitable[Endpoint
     assert set(la.links) == {"b"} and not la.deliver("c", "x", "e", 1, b"0")
 
 
+async def test_a_stall_of_this_process_does_not_drop_its_links(
+    endpoints: Callable[..., Awaitable[Endpoint]],
+) -> None:
+    """The process itself did not run for longer than the link timeout (a burst of work:
+    tens of thousands of connections closing at once): what the peers sent meanwhile is
+    unread, so the silence is its own. Its links stay up (both ends here are that
+    process), judged again once the loop has read its sockets."""
+    nodes = {n: await endpoints(n) for n in ("a", "b")}
+    table = {n: NodeInfo(n, {"link": s.address}) for n, (s, _, _) in nodes.items()}
+    for n, (_, links, _) in nodes.items():
+        links.sync(link_peers(table, n))
+    for n, (_, links, _) in nodes.items():
+        for lk in links.links.values():
+            assert await lk.wait_up(5), (n, lk)
+    time.sleep(2.5)  # noqa: ASYNC251 - the loop blocked on purpose: over the 1 s link timeout
+    await asyncio.sleep(1.5)  # a few heartbeats after
+    for n, (server, links, _) in nodes.items():
+        for lk in links.links.values():
+            assert lk.state == "up" and lk.connects == 1, (n, lk, lk.last_error)
+        assert set(server.peers) == set(nodes) - {n}
+
+
 async def test_reconnects_after_the_peer_restarts(
     endpoints: Callable[..., Awaitable[Endpoint]],
 ) -> None:

@@ -10,7 +10,8 @@ reconnect to the others and lose nothing that was acknowledged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,26 @@ from ._workers import Workers
 pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
 
 
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from store._redis import RedisServer  # type: ignore[import-not-found]
+
+    server = RedisServer(str(tmp_path_factory.mktemp("redis-workers")))
+    server.start()
+    yield server.url
+    server.kill()
+
+
 @pytest.fixture
-async def workers(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def workers(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[..., Any]]:
     made: list[Workers] = []
 
     async def make(n: int = 2, **settings: Any) -> Workers:
+        if settings.get("store") == "redis":  # a fresh prefix in the module's redis-server
+            settings["redis_url"] = request.getfixturevalue("redis_url")
+            settings["redis_prefix"] = "w" + uuid.uuid4().hex[:8]
         w = Workers(tmp_path, n, **settings)
         made.append(w)
         await w.start()
@@ -70,7 +86,7 @@ async def spread(url: str, n: int, workers: int, **kw: Any) -> list[Client]:
     return out
 
 
-@pytest.mark.parametrize("store", ["sqlite", "memory"])
+@pytest.mark.parametrize("store", ["sqlite", "memory", "redis"])
 async def test_publish_on_any_worker_reaches_every_subscriber_in_order(
     workers: Callable[..., Any], store: str
 ) -> None:
@@ -125,7 +141,7 @@ async def test_history_and_recovery_on_another_worker(workers: Callable[..., Any
         await c.aclose()
 
 
-@pytest.mark.parametrize("store", ["sqlite", "memory"])
+@pytest.mark.parametrize("store", ["sqlite", "memory", "redis"])
 async def test_direct_messages_reach_a_user_on_every_worker(
     workers: Callable[..., Any], store: str
 ) -> None:
@@ -208,10 +224,11 @@ def metric(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"no sample {name} {labels}")
 
 
-async def get(url: str) -> str:
+async def get(url: str, key: str = "") -> str:
     reader, writer = await asyncio.open_connection(*url.split("//")[1].split("/")[0].split(":"))
     path = "/" + url.split("//")[1].split("/", 1)[1]
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n".encode())
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
@@ -250,3 +267,85 @@ async def test_messages_go_only_to_workers_that_follow_the_channel(
     assert published == 60  # numbered on the owner, delivered on the follower
     for c in [sub, *pubs]:
         await c.aclose()
+
+
+async def test_memory_store_a_dead_worker_costs_its_share(workers: Callable[..., Any]) -> None:
+    """On the memory store a worker that dies takes the channels and inboxes it owned:
+    the survivor starts new epochs, and the clients are told (Gap, DirectGap), as after
+    a restart of a one-process node on the memory store; nothing is silently skipped."""
+    from fastim.client import DirectGap, Gap
+    from fastim.cluster.placement import owner
+
+    w = await workers(2, store="memory")
+    names = ["w0", "w1"]
+    chan = next(f"m{i}" for i in range(100) if owner(f"m{i}", names) == "w0")
+    user = next(f"u{i}" for i in range(100) if owner("\x00inbox:" + f"u{i}", names) == "w0")
+    # the clients sit on w1, the survivor
+    sub = await client(w.tcp_url, user=user)
+    while worker_of(sub) != "w1":
+        await sub.aclose()
+        sub = await client(w.tcp_url, user=user)
+    gaps: list[Any] = []
+    stream = await sub.subscribe(chan, on_gap=gaps.append)
+    got: list[tuple[int, Any]] = []
+    dms: list[Any] = []
+
+    async def read() -> None:
+        async for m in stream:
+            got.append((m.offset, m.data["i"]))
+
+    async def read_dm() -> None:
+        async for dm in sub.direct_messages(on_gap=dms.append):
+            dms.append((dm.seq, dm.data["n"]))
+
+    readers = [asyncio.ensure_future(read()), asyncio.ensure_future(read_dm())]
+    for i in range(3):
+        await sub.publish(chan, {"i": i})
+        await sub.send(user, {"n": i})
+    for _ in range(200):
+        if len(got) == 3 and len(dms) == 3:
+            break
+        await asyncio.sleep(0.02)
+    await w.kill(0)  # the owner of the channel and of the inbox
+    for i in range(3, 5):  # refused while the survivor's view still has w0: retried
+        for _ in range(100):
+            try:
+                await sub.publish(chan, {"i": i})
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        await sub.send(user, {"n": i})
+    for _ in range(200):
+        if len(got) >= 5 and len(dms) >= 6:
+            break
+        await asyncio.sleep(0.02)
+    for r in readers:
+        r.cancel()
+    assert got[:3] == [(1, 0), (2, 1), (3, 2)]
+    assert got[3:] == [(1, 3), (2, 4)], got  # the new epoch, from its start
+    assert len(gaps) == 1 and isinstance(gaps[0], Gap) and gaps[0].reason == "epoch", gaps
+    assert dms[:3] == [(1, 0), (2, 1), (3, 2)]
+    assert isinstance(dms[3], DirectGap) and dms[3].last_seq == 3, dms
+    assert dms[4:] == [(1, 3), (2, 4)], dms
+    await sub.aclose()
+
+
+async def test_memory_history_is_the_owners_on_every_worker(workers: Callable[..., Any]) -> None:
+    """/api/history of a memory channel answers the owner worker's history whichever
+    worker takes the request (the others ask the owner)."""
+    import orjson
+
+    key = "workers-api-key-0123456789abcdef"
+    w = await workers(2, store="memory", api_key=key)
+    pub = await client(w.tcp_url)
+    for i in range(5):
+        await pub.publish("mem", {"i": i})
+    seen = set()
+    for _ in range(12):  # new connections: the kernel spreads them over both workers
+        body = orjson.loads(await get(w.http + "/api/history?channel=mem&since=1", key))
+        assert [m["offset"] for m in body["messages"]] == [2, 3, 4, 5], body
+        assert [m["data"]["i"] for m in body["messages"]] == [1, 2, 3, 4]
+        assert body["top"] == 5
+        seen.add(body["epoch"])
+    assert len(seen) == 1
+    await pub.aclose()
