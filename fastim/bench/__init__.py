@@ -4,7 +4,9 @@ Targets: a fastim node over TCP (``--url tcp://host:port``) or WebSocket (``--ur
 ws://host:port/ws``, JSON subprotocol ``fastim.json``), or a plain broadcast peer
 (``--peer ws://host:port/``: every message a client sends goes to every other client,
 no acks; see benchmarks/peers/). Without a URL the bench spawns a node itself
-(``--transport``, default tcp) pinned to ``--server-cpu``.
+(``--transport``, default tcp) pinned to ``--server-cpu``; ``--server-workers N`` makes
+it ``fastim serve --workers N``, worker i pinned to the i-th CPU of ``--server-cpu``, its
+CPU and RSS summed over the supervisor and the workers.
 
 N subscribers spread over several worker processes (each under the 20,000-fd limit;
 each reports the CPU time it used, so the generator can be shown not to be the
@@ -21,7 +23,10 @@ worker process reports the fewest messages any of its subscribers has) or by the
 alone (``--window probe``, the rule until P10): the same rule for fastim and for peers,
 which have no acks. ``--rate`` publishes at a fixed rate instead. ``--idle`` opens N
 connections, waits for the server's memory to settle and reports its RSS growth per
-connection.
+connection. ``--broadcast K`` lets the node settle, watches it idle for
+``--idle-window`` seconds (heartbeats answered), then publishes K messages one at a
+time and reports, per message, the time from its publish to its delivery to the last
+of ALL subscribers (every connection tracked), and whether each got each exactly once.
 
 At the end: deliveries/s, latency percentiles, loss and reordering, the server's CPU
 (when its pid is known) and the generator's, as a table or ``--json``.
@@ -34,8 +39,9 @@ At the end: deliveries/s, latency percentiles, loss and reordering, the server's
 #   wire.py         the publisher's message, the frames the bench accepts
 #   counting.py     the subscriber connections: counting deliveries, checking a sample
 #   workers.py      the subscriber worker processes
-#   publisher.py    the publisher connection and the probe that paces it
-#   serverstats.py  the server's CPU and RSS, from /proc
+#   publisher.py    the publisher connection and the probe that paces it; the broadcast's
+#   broadcast.py    --broadcast: every connection's tally of the K messages
+#   serverstats.py  the server's processes, CPU and RSS, from /proc
 #   spawn.py        starting a node as a subprocess (the bench imports nothing of the server)
 #   report.py       percentiles, failure, the printed table
 # It imports fastim.client, fastim.protocol and fastim._core, never the server's modules.

@@ -15,6 +15,7 @@ from typing import Any
 
 from .report import failed, render
 from .runner import run
+from .serverstats import parse_cpus
 from .workers import CONNS_PER_IP, CONNS_PER_PROCESS, TRACK_PER_PROCESS
 
 
@@ -95,7 +96,27 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--channel", default="bench")
     p.add_argument("--drain", type=float, default=15.0, help="seconds to wait for stragglers")
-    p.add_argument("--server-cpu", default="0", help="CPU to pin a spawned node to (taskset)")
+    p.add_argument(
+        "--server-cpu",
+        default="0",
+        help="CPUs of a spawned node (a taskset list: 0, 0,1, 0-3); with --server-workers, "
+        "worker i is pinned to the i-th of them, round robin (default 0)",
+    )
+    p.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="a spawned node runs `fastim serve --workers N`: a supervisor and N worker "
+        "processes; the server's CPU and RSS are theirs together (default 1: one process)",
+    )
+    p.add_argument(
+        "--server-flags",
+        default="",
+        metavar="FLAGS",
+        help="more `fastim serve` flags for a spawned node, one string "
+        '(e.g. --server-flags="--ping-interval 5")',
+    )
     p.add_argument("--server-pid", type=int, default=None, help="server to read RSS/CPU of")
     p.add_argument(
         "--server-pids",
@@ -118,7 +139,35 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="with --idle: fastim connections stay unsubscribed",
     )
     p.add_argument(
-        "--settle", type=float, default=10.0, help="with --idle: seconds at most for RSS to settle"
+        "--settle",
+        type=float,
+        default=10.0,
+        help="with --idle or --broadcast: seconds at most for the server's RSS to settle",
+    )
+    p.add_argument(
+        "--broadcast",
+        type=int,
+        default=0,
+        metavar="K",
+        help="once every subscriber is connected (and the server's RSS settled, and the "
+        "node watched idle for --idle-window), publish K messages one at a time and time "
+        "each from its publish to its delivery to the last of ALL subscribers; checks "
+        "that every subscriber got each exactly once",
+    )
+    p.add_argument(
+        "--broadcast-gap",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="with --broadcast: seconds from one publish to the next, at least (default 1)",
+    )
+    p.add_argument(
+        "--idle-window",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="with --broadcast: seconds the node is watched idle, every connection open "
+        "and heartbeats flowing, before the broadcast: its CPU %% (default 10)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
@@ -133,6 +182,31 @@ def _cmd(args: argparse.Namespace) -> int:
         return 2
     if not args.idle and args.subscribers < 2:
         print("fastim bench: need 2 subscribers at least (one is the probe)", file=sys.stderr)
+        return 2
+    if args.server_workers < 1 or args.broadcast < 0 or args.broadcast_gap < 0:
+        print(
+            "fastim bench: --server-workers must be positive, --broadcast and "
+            "--broadcast-gap not negative",
+            file=sys.stderr,
+        )
+        return 2
+    if args.broadcast and (args.idle or args.rate):
+        print(
+            "fastim bench: --broadcast is a mode of its own (not with --idle or --rate)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.server_workers > 1 and (args.url or args.peer):
+        print(
+            "fastim bench: --server-workers is for the node the bench spawns (no --url, --peer)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        parse_cpus(args.server_cpu)
+        parse_cpus(args.client_cpu)
+    except ValueError as e:
+        print(f"fastim bench: {e}", file=sys.stderr)
         return 2
     result = run(args)
     if args.json:

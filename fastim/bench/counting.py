@@ -42,6 +42,14 @@ class WorkerResult:
     closed: int = 0  # connections the server closed during the run
     last_rx: float = 0.0  # CLOCK_MONOTONIC of the last message any connection received
     latencies_us: list[float] = field(default_factory=list)
+    pings: int = 0  # the server's heartbeat pings, each answered (a pong)
+    #: --broadcast K: per message 1..K, the connections that received it, the first and
+    #: the last of them (CLOCK_MONOTONIC ns); connections that got exactly K, more than K
+    bcast_reached: list[int] = field(default_factory=list)
+    bcast_first_ns: list[int] = field(default_factory=list)
+    bcast_last_ns: list[int] = field(default_factory=list)
+    conns_exact: int = 0
+    conns_over: int = 0
     cpu_s: float = 0.0
     sys_s: float = 0.0  # of cpu_s, in the kernel (mostly recv copies)
     wall_s: float = 0.0
@@ -50,7 +58,8 @@ class WorkerResult:
 
 class Waker(Protocol):
     """What a subscriber calls after a read that brought messages: the probe's
-    ``asyncio.Event``, or a worker's ``MinReporter`` (``--window every``)."""
+    ``asyncio.Event``, a worker's ``MinReporter`` (``--window every``), or with
+    ``--broadcast`` the connection's ``broadcast.Reach``."""
 
     def set(self) -> None: ...
 
@@ -268,6 +277,7 @@ class _TcpSub(_Sub):
             self._ready()
         elif t == FrameType.PING and self.transport is not None:
             self.transport.write(_core.encode_frame(FrameType.PONG, p))
+            self.out.pings += 1
         elif t in (FrameType.ERROR, FrameType.GOAWAY):
             self.fail(f"server frame 0x{t:02x}: {p[:80]!r}")
 
@@ -396,6 +406,7 @@ class _WsSub(_Sub):
         tr = self.transport
         if op == _OP_PING and tr is not None:
             tr.write(_core.ws_encode(_core.OP_PONG, p, mask=mask()))
+            self.out.pings += 1
         elif op == _OP_CLOSE and not self.closing:
             code, reason = _core.ws_parse_close(p)
             self.fail(f"server closed the WebSocket: {code} {reason!r}")

@@ -7,7 +7,8 @@ worker processes report the fewest messages any of their subscribers has, see
 workers.MinReporter, and the probe counts too) or by the probe alone (``--window probe``,
 the rule until P10). Either is the same rule for fastim and for peers, which have no
 acks. ``--rate`` publishes at a fixed rate instead (the window still caps what is in
-flight).
+flight). ``--broadcast K`` publishes K messages one at a time, each once every subscriber
+has the one before (:func:`broadcast`; the subscribers' side is broadcast.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import orjson
 from .. import _core
 from ..client.connection import HandshakeError
 from ..protocol import FrameType, pack_hello, pack_sub
+from .broadcast import Tracker, track
 from .counting import WorkerResult, _Sub
 from .serverstats import cpu_pids, cpu_sum
 from .target import Target, upgrade_request, upgrade_response
@@ -42,7 +44,11 @@ _OP_CLOSE = _core.OP_CLOSE
 
 
 class _Pub(asyncio.Protocol):
-    """The publisher's connection: sends, counts fastim's acks, answers pings."""
+    """The publisher's connection: sends, counts fastim's acks, answers pings.
+
+    To a fastim node it says hello first (the HELLO frame over TCP, ``{"op":"hello"}``
+    as user ``fastim-bench`` over WebSocket) and is ready at the welcome, whose ``node``
+    it keeps: on a node of several workers, the worker it landed on (``<node>.w<i>``)."""
 
     def __init__(self, target: Target, channel: str) -> None:
         self.target = target
@@ -56,6 +62,8 @@ class _Pub(asyncio.Protocol):
         self.dec = _core.FrameDecoder(MAX_MESSAGE, SERVER_TYPES)
         self.parser = _core.WSParser(MAX_MESSAGE, client=True)
         self.ch_json = orjson.dumps(channel)
+        #: the node (the worker) that welcomed it, from the welcome's ``node``
+        self.node: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -96,13 +104,18 @@ class _Pub(asyncio.Protocol):
                     self.head = head
                     return
                 self.head = None
-                if not self.ready.done():
+                if self.target.fastim and self.transport is not None:
+                    # a JSON hello names a user (or a token); nobody sends it anything
+                    self.transport.write(ws_text(b'{"op":"hello","user":"fastim-bench","id":0}'))
+                elif not self.ready.done():
                     self.ready.set_result(None)
                 data = head[start:]
             for op, p in self.parser.feed(data):
                 if op == _OP_TEXT:
                     if b'"puback"' in p:
                         self.acked += 1
+                    elif b'"welcome"' in p and not self.ready.done():
+                        self._welcomed(p)
                     else:
                         self._error(f"publisher got {p[:120]!r}")
                 elif op == _OP_PING and self.transport is not None:
@@ -117,11 +130,20 @@ class _Pub(asyncio.Protocol):
             if t == FrameType.PUBACK:
                 self.acked += 1
             elif t == FrameType.WELCOME and not self.ready.done():
-                self.ready.set_result(None)
+                self._welcomed(p[1:])  # a version byte, then JSON
             elif t == FrameType.PING and self.transport is not None:
                 self.transport.write(_core.encode_frame(FrameType.PONG, p))
             elif t in (FrameType.ERROR, FrameType.GOAWAY):
                 self._error(f"publisher got frame 0x{t:02x}: {p[:100]!r}")
+
+    def _welcomed(self, welcome: bytes) -> None:
+        try:
+            node = orjson.loads(welcome).get("node")
+        except (ValueError, AttributeError):
+            node = None
+        self.node = str(node) if node is not None else None
+        if not self.ready.done():
+            self.ready.set_result(None)
 
     def _error(self, why: str) -> None:
         if len(self.errors) < 20:
@@ -145,6 +167,8 @@ class PubResult:
     server_cpu_s: float | None = None
     #: ``--window every``: the workers' reports received while publishing
     min_reports: int = 0
+    #: the node (on a node of several workers, the worker) the publisher is on
+    node: str | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -294,6 +318,7 @@ async def drive(
             await asyncio.sleep(0.01)
     res.published = sent
     res.acked = pub.acked
+    res.node = pub.node
     res.probe_received = probe.count
     res.probe_last_rx = probe.last_rx
     res.errors = res.errors + pub.errors + probe_out.errors
@@ -305,6 +330,148 @@ async def drive(
         )
     if progress:
         print(file=sys.stderr)
+    probe.close()
+    if pub.transport is not None:
+        pub.transport.close()
+    await asyncio.sleep(0.05)
+    return res
+
+
+@dataclass
+class BroadcastRun:
+    """What the publisher's side saw: the stamps, the probe, what took too long."""
+
+    published: int = 0
+    acked: int = 0
+    node: str | None = None  # the node (the worker) the publisher is on
+    #: per message: its stamp (CLOCK_MONOTONIC ns) and when the publisher learnt that
+    #: every subscriber had it (0: not within --drain)
+    t_pub_ns: list[int] = field(default_factory=list)
+    t_complete_ns: list[int] = field(default_factory=list)
+    probe: WorkerResult = field(default_factory=WorkerResult)
+    probe_tracker: Tracker | None = None
+    server_cpu_s: float | None = None
+    elapsed_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+class _Reached:
+    """The workers' ``("reached", k, t)`` reports, read in the publisher's loop."""
+
+    def __init__(self, pipes: list[Connection], shares: list[int], wake: asyncio.Event) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.pipes = pipes
+        self.wake = wake
+        # per worker, the messages every one of its connections has (none to wait for
+        # in a worker without connections)
+        self.done: list[set[int] | None] = [set() if n else None for n in shares]
+        self.errors: list[str] = []
+        for i, a in enumerate(pipes):
+            self.loop.add_reader(a.fileno(), self._readable(i))
+
+    def _readable(self, i: int) -> Callable[[], None]:
+        a = self.pipes[i]
+
+        def cb() -> None:
+            while a.poll():
+                msg = a.recv()
+                if msg[0] == "reached":
+                    d = self.done[i]
+                    if d is not None:
+                        d.add(int(msg[1]))
+                    self.wake.set()
+                elif msg[0] == "error" and len(self.errors) < 5:
+                    self.errors.append(f"worker: {msg[1]}")
+
+        return cb
+
+    def everyone(self, j: int) -> bool:
+        return all(d is None or j in d for d in self.done)
+
+    def close(self) -> None:
+        for a in self.pipes:
+            self.loop.remove_reader(a.fileno())
+            os.set_blocking(a.fileno(), True)  # the loop made it non-blocking; recv() blocks
+
+
+async def broadcast(
+    target: Target,
+    args: argparse.Namespace,
+    pipes: list[Connection],
+    shares: list[int],
+    pids: list[int],
+    progress: bool,
+) -> BroadcastRun:
+    """Connect the publisher and the probe, start the workers' trackers, publish the K
+    messages one at a time (see the module docstring)."""
+    loop = asyncio.get_running_loop()
+    res = BroadcastRun()
+    k = int(args.broadcast)
+    gap = float(args.broadcast_gap)
+    _t, pub = await loop.create_connection(
+        lambda: _Pub(target, args.channel), target.host, target.port
+    )
+    await asyncio.wait_for(pub.ready, 30)
+    probe = (await open_subs(target, args.channel, 1, set(), True, res.probe))[0]
+    await asyncio.sleep(0.1)  # let the last subscription settle
+    wake = asyncio.Event()
+    reports = _Reached(pipes, shares, wake)
+    tracker = res.probe_tracker = track([probe], k)
+    tracker.on_done = lambda _j: wake.set()
+    for a in pipes:
+        a.send(("go",))
+    await asyncio.sleep(0.05)  # the workers install their trackers
+    cpu0 = cpu_sum(pids)
+    t0 = time.monotonic()
+    for j in range(1, k + 1):
+        t_pub = time.monotonic_ns()
+        res.t_pub_ns.append(t_pub)
+        pub.publish(j, make_payload(j, args.size, t_pub))
+        res.published = j
+        deadline = time.monotonic() + args.drain
+        complete = 0
+        while True:
+            if j in tracker.done and reports.everyone(j):
+                complete = time.monotonic_ns()
+                break
+            left = deadline - time.monotonic()
+            if left <= 0 or probe.closed:
+                break
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        res.t_complete_ns.append(complete)
+        if not complete:
+            res.errors.append(f"message {j} did not reach every subscriber in {args.drain:g} s")
+        if progress:
+            took = f"{(complete - t_pub) / 1e6:,.1f} ms" if complete else "incomplete"
+            print(f"\r  broadcast {j}/{k}: everyone has it after {took}", file=sys.stderr)
+        # the next one a gap after this one was published (after the last message, a gap
+        # too: a late duplicate would arrive then)
+        rest = t_pub / 1e9 + gap - time.monotonic()
+        if rest > 0:
+            await asyncio.sleep(rest)
+    res.elapsed_s = time.monotonic() - t0
+    cpu1 = cpu_sum(pids)
+    if cpu0 is not None and cpu1 is not None:
+        res.server_cpu_s = cpu1 - cpu0
+    reports.close()
+    res.errors += reports.errors
+    if target.fastim:
+        ack_until = time.monotonic() + 5
+        while pub.acked < res.published and time.monotonic() < ack_until:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    res.acked = pub.acked
+    res.node = pub.node
+    res.errors += pub.errors + res.probe.errors
+    res.probe.received = probe.count
+    res.probe.conns_exact = int(probe.count == k)
+    res.probe.conns_over = int(probe.count > k)
+    res.probe.per_conn_min = res.probe.per_conn_max = probe.count
+    res.probe.last_rx = probe.last_rx
+    tracker.into(res.probe)
     probe.close()
     if pub.transport is not None:
         pub.transport.close()

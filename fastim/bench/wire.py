@@ -32,13 +32,15 @@ SERVER_TYPES = type_mask(
 )
 
 
-def make_payload(seq: int, size: int) -> bytes:
+def make_payload(seq: int, size: int, t_ns: int | None = None) -> bytes:
     """The publisher's message: a JSON object of ``size`` bytes with seq ``s`` and stamp ``t``.
 
-    ``t`` is CLOCK_MONOTONIC in ns (``time.monotonic_ns``), which every process on the
-    machine shares, so a subscriber in another process computes the delivery latency.
+    ``t`` is CLOCK_MONOTONIC in ns (``time.monotonic_ns``, now unless ``t_ns`` says),
+    which every process on the machine shares, so a subscriber in another process
+    computes the delivery latency.
     """
-    head = b'{"t":%d,"s":%d,"p":"' % (time.monotonic_ns(), seq)
+    t = time.monotonic_ns() if t_ns is None else t_ns
+    head = b'{"t":%d,"s":%d,"p":"' % (t, seq)
     return head + b"x" * max(0, size - len(head) - 2) + b'"}'
 
 

@@ -14,12 +14,14 @@ import asyncio
 import functools
 import operator
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .broadcast import Tracker, track
 from .counting import WorkerResult, _Sub, sub_class
 from .target import Target
 
@@ -59,13 +61,12 @@ async def open_subs(
     async def one(i: int) -> None:
         nonlocal done
         async with sem:
-            local = (f"127.0.0.{ip_base + i // CONNS_PER_IP}", 0) if ip_base else None
-            _t, proto = await loop.create_connection(
-                lambda: cls(target, channel, i in sampled, subscribe, out),
-                target.host,
-                target.port,
-                local_addr=local,
-            )
+            factory = functools.partial(cls, target, channel, i in sampled, subscribe, out)
+            if ip_base:
+                sock = await _connect_from(f"127.0.0.{ip_base + i // CONNS_PER_IP}", target)
+                _t, proto = await loop.create_connection(factory, sock=sock)
+            else:
+                _t, proto = await loop.create_connection(factory, target.host, target.port)
             subs.append(proto)
             await asyncio.wait_for(proto.ready, 30)
             done += 1
@@ -74,6 +75,36 @@ async def open_subs(
 
     await asyncio.gather(*(one(i) for i in range(n)))
     return subs
+
+
+#: Linux's IP_BIND_ADDRESS_NO_PORT (not in the socket module of every Python)
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+async def _connect_from(ip: str, target: Target) -> socket.socket:
+    """A socket connected to ``target`` from source address ``ip`` (``--spread-ips``).
+
+    The port is picked at connect time (``IP_BIND_ADDRESS_NO_PORT``), not at bind: the
+    kernel's connect() skips every port some socket bound explicitly, whatever the
+    address, so 100,000 connections bound over a few addresses would take every
+    ephemeral port from every other process's connects on the machine; picked at
+    connect, a port is only unique per (source, destination) pair.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        except OSError:  # pragma: no cover - not Linux
+            pass
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        sock.bind((ip, 0))
+        await loop.sock_connect(sock, (target.host, target.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def spread_sample(n: int, k: int) -> set[int]:
@@ -100,6 +131,8 @@ class WorkerSpec:
     targets: tuple[Target, ...] = ()
     #: ``--window every``: report the slowest subscriber's count to the publisher
     report_min: bool = False
+    #: ``--broadcast K``: track the K messages on every connection (broadcast.Tracker)
+    broadcast: int = 0
 
 
 class MinReporter:
@@ -202,6 +235,7 @@ async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
         return
     pipe.send(("ready", len(subs)))
     reporter: MinReporter | None = None
+    tracker: Tracker | None = None
     t0 = time.monotonic()
     c0 = time.process_time()
     s0 = os.times().system
@@ -210,11 +244,17 @@ async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
     while True:
         # commands: ("go",) restarts the CPU clock at the start of publishing (and with
         # report_min starts the reports of the slowest subscriber's count: the publisher
-        # reads them while it publishes), ("expect", total, drain) ends the reports and
-        # waits for every connection to have ``total`` messages, ("stop",) reports now
-        # (idle mode)
+        # reads them while it publishes; with broadcast, the tracking of every
+        # connection's messages), ("expect", total, drain) ends the reports and waits for
+        # every connection to have ``total`` messages, ("stop",) reports now (idle
+        # mode), ("mark",) answers at once with the heartbeat pings answered so far and
+        # the connections the server closed (the idle window of broadcast mode)
         cmd = await loop.run_in_executor(None, pipe.recv) if expected is None else None
         if cmd is not None:
+            if cmd[0] == "mark":
+                closed = sum(1 for s in subs if s.closed)
+                pipe.send(("mark", {"pings": res.pings, "closed": closed}))
+                continue
             if cmd[0] == "go":
                 t0 = time.monotonic()
                 c0 = time.process_time()
@@ -222,6 +262,8 @@ async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
                 if spec.report_min and subs and reporter is None:
                     reporter = MinReporter(tracked(subs), pipe)
                     reporter.report()  # a first figure, so the publisher knows its floor
+                if spec.broadcast and tracker is None:
+                    tracker = track(subs, spec.broadcast, pipe)
                 continue
             if cmd[0] == "stop":
                 break
@@ -243,6 +285,10 @@ async def _worker_main(spec: WorkerSpec, pipe: Connection) -> None:
     res.received = sum(counts)
     res.per_conn_min = min(counts) if counts else 0
     res.per_conn_max = max(counts) if counts else 0
+    if tracker is not None:
+        tracker.into(res)
+        res.conns_exact = sum(1 for c in counts if c == spec.broadcast)
+        res.conns_over = sum(1 for c in counts if c > spec.broadcast)
     res.sampled = sum(1 for s in subs if s.sample)
     res.last_rx = max([s.last_rx for s in subs] or [0.0])
     for s in subs:
