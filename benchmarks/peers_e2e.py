@@ -35,7 +35,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -48,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from fastim import bench  # noqa: E402
+from fastim.bench.series import cell, median, run_argv, succeeded  # noqa: E402
 
 PEERS = ROOT / "benchmarks" / "peers"
 SERVERS = ("fastim", "websockets", "picows", "socketify")
@@ -57,6 +56,7 @@ SERVERS = ("fastim", "websockets", "picows", "socketify")
 def available_servers() -> tuple[str, ...]:
     """fastim and the peers whose library is installed here."""
     return tuple(s for s in SERVERS if s == "fastim" or importlib.util.find_spec(s) is not None)
+
 
 CASES = ("idle", "sat", "rate")
 CASE_TITLES = {
@@ -183,28 +183,6 @@ def bench_args(server: Server, case: str, s: Settings, client_cpu: str | None) -
     return a
 
 
-def run_bench(argv: list[str]) -> dict[str, Any]:
-    """One ``fastim bench`` run in this process (its workers are child processes)."""
-    p = argparse.ArgumentParser()
-    bench.add_bench_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return bench.run(args)
-    except SystemExit as e:  # the bench reports a broken run this way
-        return {"errors": [f"bench failed: {e}"], "failed": True}
-
-
-def _ok(r: dict[str, Any]) -> bool:
-    if r.get("failed"):
-        return False
-    return not bench.failed(r)
-
-
-def _median(xs: list[float]) -> float | None:
-    xs = [x for x in xs if x is not None and x == x]  # drop None and NaN
-    return statistics.median(xs) if xs else None
-
-
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians per (case, server) and the ratios fastim/peer."""
     out: dict[str, Any] = {}
@@ -217,23 +195,21 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             good = [r for r in rs if not r.get("failed")]
             m: dict[str, Any] = {
                 "runs": len(rs),
-                "all_ok": all(_ok(r) for r in rs),
+                "all_ok": all(succeeded(r) for r in rs),
                 "lost": sum(r.get("lost", 0) or 0 for r in good),
                 "reordered": sum(r.get("reordered", 0) or 0 for r in good),
                 "duplicates": sum(r.get("duplicates", 0) or 0 for r in good),
             }
             if case == "idle":
-                m["bytes_per_conn"] = _median(
+                m["bytes_per_conn"] = median(
                     [r["server"]["rss_growth_bytes_per_conn"] for r in good]
                 )
             else:
-                m["deliveries_per_s"] = _median([r["deliveries_per_s"] for r in good])
-                m["p50_ms"] = _median([r["latency_us"]["p50"] / 1000 for r in good])
-                m["p99_ms"] = _median([r["latency_us"]["p99"] / 1000 for r in good])
-                m["server_cpu_pct"] = _median([r["server"]["cpu_pct"] for r in good])
-                m["generator_cpu_pct"] = _median(
-                    [r["generator"]["load_pct_of_cores"] for r in good]
-                )
+                m["deliveries_per_s"] = median([r["deliveries_per_s"] for r in good])
+                m["p50_ms"] = median([r["latency_us"]["p50"] / 1000 for r in good])
+                m["p99_ms"] = median([r["latency_us"]["p99"] / 1000 for r in good])
+                m["server_cpu_pct"] = median([r["server"]["cpu_pct"] for r in good])
+                m["generator_cpu_pct"] = median([r["generator"]["load_pct_of_cores"] for r in good])
                 if case == "sat":
                     m["starved_runs"] = sum(1 for r in good if _starved(r))
             per[srv] = m
@@ -284,10 +260,6 @@ def targets(summary: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     return out
 
 
-def _fmt(x: float | None, spec: str = ",.0f", unit: str = "") -> str:
-    return "–" if x is None else f"{x:{spec}}{unit}"
-
-
 def markdown(report: dict[str, Any]) -> str:
     """The table for benchmarks/RESULTS.md."""
     s = report["summary"]
@@ -332,37 +304,37 @@ def markdown(report: dict[str, Any]) -> str:
     )
     rate = f"{st['rate_n']:,} subscribers × {st['rate']:g} msg/s"
     title("sat", sat)
-    row("sat", "deliveries/s", lambda m: _fmt(m["deliveries_per_s"]), "deliveries_per_s")
+    row("sat", "deliveries/s", lambda m: cell(m["deliveries_per_s"]), "deliveries_per_s")
     row(
         "sat",
         "p50 / p99 latency",
-        lambda m: f"{_fmt(m['p50_ms'], ',.1f')} / {_fmt(m['p99_ms'], ',.1f')} ms",
+        lambda m: f"{cell(m['p50_ms'], ',.1f')} / {cell(m['p99_ms'], ',.1f')} ms",
         "p99",
     )
     row(
         "sat",
         "server / generator CPU",
-        lambda m: f"{_fmt(m['server_cpu_pct'])}% / {_fmt(m['generator_cpu_pct'])}%",
+        lambda m: f"{cell(m['server_cpu_pct'])}% / {cell(m['generator_cpu_pct'])}%",
         None,
     )
     title("rate", rate)
     row(
         "rate",
         "p50 / p99 latency",
-        lambda m: f"{_fmt(m['p50_ms'], ',.1f')} / {_fmt(m['p99_ms'], ',.1f')} ms",
+        lambda m: f"{cell(m['p50_ms'], ',.1f')} / {cell(m['p99_ms'], ',.1f')} ms",
         "p99",
     )
     row(
         "rate",
         "server / generator CPU",
-        lambda m: f"{_fmt(m['server_cpu_pct'])}% / {_fmt(m['generator_cpu_pct'])}%",
+        lambda m: f"{cell(m['server_cpu_pct'])}% / {cell(m['generator_cpu_pct'])}%",
         None,
     )
     title("idle", f"{st['idle_n']:,} WebSocket connections (fastim: subscribed)")
     row(
         "idle",
         "server RSS per connection",
-        lambda m: _fmt(m["bytes_per_conn"], ",.0f", " B"),
+        lambda m: cell(m["bytes_per_conn"], ",.0f", " B"),
         "bytes_per_conn",
     )
     lines.append("")
@@ -469,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                 for case in cases:
                     argv_b = bench_args(srv, case, s, client_cpu)
                     t0 = time.monotonic()
-                    r = run_bench(argv_b)
+                    r = run_argv(argv_b)
                     if srv.proc.poll() is not None:
                         r.setdefault("errors", []).append(f"server exited: {srv.tail(5)}")
                         r["failed"] = True
@@ -508,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"wrote {a.out}")
     print(markdown(report))
     shutil.rmtree(logdir, ignore_errors=True)
-    ok = all(_ok(r["result"]) for r in runs)
+    ok = all(succeeded(r["result"]) for r in runs)
     return 0 if ok else 1
 
 
@@ -535,10 +507,10 @@ def _line(r: dict[str, Any]) -> str:
     """One progress line per run."""
     if r.get("failed"):
         return "FAILED: " + "; ".join(r.get("errors", []))[:300]
-    flag = "" if _ok(r) else "  !! " + "; ".join(r.get("errors", []))[:200]
+    flag = "" if succeeded(r) else "  !! " + "; ".join(r.get("errors", []))[:200]
     if r.get("mode") == "idle":
         b = r["server"]["rss_growth_bytes_per_conn"]
-        return f"{r['connections']:,} idle: {_fmt(b, ',.0f')} B/conn{flag}"
+        return f"{r['connections']:,} idle: {cell(b, ',.0f')} B/conn{flag}"
     lat = r["latency_us"]
     return (
         f"{r['deliveries_per_s']:>12,.0f} deliveries/s  p50 {lat['p50'] / 1000:8.1f} ms"

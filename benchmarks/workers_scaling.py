@@ -54,6 +54,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from fastim import bench  # noqa: E402
+from fastim.bench.series import cell, median, run_argv, succeeded  # noqa: E402
 from fastim.bench.serverstats import parse_cpus  # noqa: E402
 from fastim.cluster.placement import owner  # noqa: E402
 
@@ -123,17 +124,6 @@ def bench_args(
     return a
 
 
-def run_bench(argv: list[str]) -> dict[str, Any]:
-    """One ``fastim bench`` run in this process."""
-    p = argparse.ArgumentParser()
-    bench.add_bench_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return bench.run(args)
-    except SystemExit as e:  # the bench reports a broken run this way
-        return {"errors": [f"bench failed: {e}"], "failed": True}
-
-
 def on_owner(r: dict[str, Any], workers: int) -> bool | None:
     """Whether the publisher landed on the worker that owns the channel (its publishes
     are not forwarded over a link), None with one worker. The workers are ``w0`` ...
@@ -143,15 +133,6 @@ def on_owner(r: dict[str, Any], workers: int) -> bool | None:
     if workers < 2 or not node or "." not in node:
         return None
     return node.rsplit(".", 1)[1] == owner(CHANNEL, [f"w{i}" for i in range(workers)])
-
-
-def _ok(r: dict[str, Any]) -> bool:
-    return not r.get("failed") and not bench.failed(r)
-
-
-def _median(xs: list[Any]) -> float | None:
-    ys = [float(x) for x in xs if x is not None and x == x]  # drop None and NaN
-    return statistics.median(ys) if ys else None
 
 
 def summarize(runs: list[dict[str, Any]], stores: list[str], workers: list[int]) -> dict[str, Any]:
@@ -170,18 +151,14 @@ def summarize(runs: list[dict[str, Any]], stores: list[str], workers: list[int])
             if sat:
                 m["sat"] = {
                     "runs": len(sat),
-                    "all_ok": all(_ok(r) for r in sat),
-                    "deliveries_per_s": _median([r["deliveries_per_s"] for r in sat]),
-                    "p50_ms": _median([r["latency_us"]["p50"] / 1000 for r in sat]),
-                    "p99_ms": _median([r["latency_us"]["p99"] / 1000 for r in sat]),
-                    "server_cpu_s": _median([r["server"]["cpu_s"] for r in sat]),
-                    "server_cpu_pct": _median([r["server"]["cpu_pct"] for r in sat]),
-                    "deliveries_per_cpu_s": _median(
-                        [r["deliveries_per_server_cpu_s"] for r in sat]
-                    ),
-                    "generator_cpu_pct": _median(
-                        [r["generator"]["load_pct_of_cores"] for r in sat]
-                    ),
+                    "all_ok": all(succeeded(r) for r in sat),
+                    "deliveries_per_s": median([r["deliveries_per_s"] for r in sat]),
+                    "p50_ms": median([r["latency_us"]["p50"] / 1000 for r in sat]),
+                    "p99_ms": median([r["latency_us"]["p99"] / 1000 for r in sat]),
+                    "server_cpu_s": median([r["server"]["cpu_s"] for r in sat]),
+                    "server_cpu_pct": median([r["server"]["cpu_pct"] for r in sat]),
+                    "deliveries_per_cpu_s": median([r["deliveries_per_server_cpu_s"] for r in sat]),
+                    "generator_cpu_pct": median([r["generator"]["load_pct_of_cores"] for r in sat]),
                     "each": [r["deliveries_per_s"] for r in sat],
                     "each_per_cpu_s": [r["deliveries_per_server_cpu_s"] for r in sat],
                 }
@@ -194,16 +171,16 @@ def summarize(runs: list[dict[str, Any]], stores: list[str], workers: list[int])
             if bc:
                 m["bcast"] = {
                     "runs": len(bc),
-                    "all_ok": all(_ok(r) for r in bc),
+                    "all_ok": all(succeeded(r) for r in bc),
                     "exactly_once": all(r["exactly_once"] for r in bc),
-                    "p50_ms": _median([r["broadcast"]["p50_ms"] for r in bc]),
-                    "p99_ms": _median([r["broadcast"]["p99_ms"] for r in bc]),
-                    "sampled_p99_ms": _median([r["latency_us"]["p99"] / 1000 for r in bc]),
-                    "rss_bytes_per_conn": _median([r["server"]["rss_bytes_per_conn"] for r in bc]),
-                    "rss_growth_bytes_per_conn": _median(
+                    "p50_ms": median([r["broadcast"]["p50_ms"] for r in bc]),
+                    "p99_ms": median([r["broadcast"]["p99_ms"] for r in bc]),
+                    "sampled_p99_ms": median([r["latency_us"]["p99"] / 1000 for r in bc]),
+                    "rss_bytes_per_conn": median([r["server"]["rss_bytes_per_conn"] for r in bc]),
+                    "rss_growth_bytes_per_conn": median(
                         [r["server"]["rss_growth_bytes_per_conn"] for r in bc]
                     ),
-                    "idle_cpu_pct": _median([r["server"]["idle_cpu_pct"] for r in bc]),
+                    "idle_cpu_pct": median([r["server"]["idle_cpu_pct"] for r in bc]),
                 }
             per[str(w)] = m
         ratios: dict[str, Any] = {}
@@ -252,10 +229,6 @@ def summarize(runs: list[dict[str, Any]], stores: list[str], workers: list[int])
     return out
 
 
-def _fmt(x: float | None, spec: str = ",.0f", unit: str = "") -> str:
-    return "–" if x is None else f"{x:{spec}}{unit}"
-
-
 def markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     st = report["settings"]
@@ -299,27 +272,27 @@ def markdown(report: dict[str, Any]) -> str:
                 + " | ".join(
                     [
                         w,
-                        _fmt(sat.get("deliveries_per_s")),
-                        f"{_fmt(sat.get('p50_ms'), ',.1f')} / {_fmt(sat.get('p99_ms'), ',.1f')} ms"
+                        cell(sat.get("deliveries_per_s")),
+                        f"{cell(sat.get('p50_ms'), ',.1f')} / {cell(sat.get('p99_ms'), ',.1f')} ms"
                         if sat
                         else "–",
-                        _fmt(sat.get("server_cpu_s"), ",.2f"),
-                        _fmt(sat.get("server_cpu_pct"), ",.0f", "%"),
-                        _fmt(sat.get("deliveries_per_cpu_s")),
-                        f"{_fmt(bc.get('p50_ms'), ',.1f')} / {_fmt(bc.get('p99_ms'), ',.1f')} ms"
+                        cell(sat.get("server_cpu_s"), ",.2f"),
+                        cell(sat.get("server_cpu_pct"), ",.0f", "%"),
+                        cell(sat.get("deliveries_per_cpu_s")),
+                        f"{cell(bc.get('p50_ms'), ',.1f')} / {cell(bc.get('p99_ms'), ',.1f')} ms"
                         if bc
                         else "–",
-                        f"{_fmt(bc.get('rss_bytes_per_conn'), ',.0f', ' B')} "
-                        f"({_fmt(bc.get('rss_growth_bytes_per_conn'), ',.0f', ' B')})"
+                        f"{cell(bc.get('rss_bytes_per_conn'), ',.0f', ' B')} "
+                        f"({cell(bc.get('rss_growth_bytes_per_conn'), ',.0f', ' B')})"
                         if bc
                         else "–",
-                        _fmt(bc.get("idle_cpu_pct"), ",.2f", "%") if bc else "–",
+                        cell(bc.get("idle_cpu_pct"), ",.2f", "%") if bc else "–",
                     ]
                 )
                 + " |"
             )
         each = "; ".join(
-            f"{w} workers: " + " / ".join(_fmt(x) for x in m["sat"]["each"])
+            f"{w} workers: " + " / ".join(cell(x) for x in m["sat"]["each"])
             for w, m in per["workers"].items()
             if "sat" in m
         )
@@ -347,7 +320,7 @@ def markdown(report: dict[str, Any]) -> str:
             if split:
                 lines += ["", "Deliveries per server CPU-second, by run: " + "; ".join(split) + "."]
         lines.append("")
-    bad = [r for r in report["runs"] if not _ok(r["result"])]
+    bad = [r for r in report["runs"] if not succeeded(r["result"])]
     lines.append(
         "Every run: zero loss, reordering, duplicates and errors; every broadcast exactly once."
         if not bad
@@ -364,20 +337,20 @@ def markdown(report: dict[str, Any]) -> str:
 def _line(r: dict[str, Any]) -> str:
     if r.get("failed"):
         return "FAILED: " + "; ".join(r.get("errors", []))[:300]
-    flag = "" if _ok(r) else "  !! " + "; ".join(r.get("errors", []))[:200]
+    flag = "" if succeeded(r) else "  !! " + "; ".join(r.get("errors", []))[:200]
     if r.get("mode") == "broadcast":
         b = r["broadcast"]
         s = r["server"]
         return (
-            f"broadcast to last p50 {_fmt(b['p50_ms'], ',.1f')} ms p99 "
-            f"{_fmt(b['p99_ms'], ',.1f')} ms  once {r['exactly_once']}  RSS "
-            f"{_fmt(s['rss_bytes_per_conn'])} B/conn  idle CPU {s['idle_cpu_pct']}%{flag}"
+            f"broadcast to last p50 {cell(b['p50_ms'], ',.1f')} ms p99 "
+            f"{cell(b['p99_ms'], ',.1f')} ms  once {r['exactly_once']}  RSS "
+            f"{cell(s['rss_bytes_per_conn'])} B/conn  idle CPU {s['idle_cpu_pct']}%{flag}"
         )
     lat = r["latency_us"]
     return (
         f"{r['deliveries_per_s']:>12,.0f} deliveries/s  p50 {lat['p50'] / 1000:6.1f} ms"
         f"  p99 {lat['p99'] / 1000:6.1f} ms  server {r['server']['cpu_pct']}%"
-        f" {_fmt(r['deliveries_per_server_cpu_s'])}/CPU-s"
+        f" {cell(r['deliveries_per_server_cpu_s'])}/CPU-s"
         f"  gen {r['generator']['load_pct_of_cores']}%{flag}"
     )
 
@@ -441,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 for w in workers:
                     argv_b = bench_args(case, w, store, s, a.server_cpus, a.client_cpus)
                     t0 = time.monotonic()
-                    r = run_bench(argv_b)
+                    r = run_argv(argv_b)
                     where = on_owner(r, w)
                     runs.append(
                         {
@@ -484,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         a.out.write_text(json.dumps(report, indent=2))
         say(f"wrote {a.out}")
     print(markdown(report))
-    return 0 if all(_ok(r["result"]) for r in runs) else 1
+    return 0 if all(succeeded(r["result"]) for r in runs) else 1
 
 
 if __name__ == "__main__":
