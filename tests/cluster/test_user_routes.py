@@ -108,13 +108,19 @@ async def test_two_nodes_see_each_others_users_and_a_crash_removes_them(
     rb.add("bob")
     rb.add("carol")
     rc.add("dave")
+    # Each node's map is kept by its own watch: each converges on its own, so each is waited
+    # for (a seeing a route says nothing of when c's watch delivers it).
     await until(
         lambda: ra.nodes_of("bob") == {"a", "b"} and ra.nodes_of("dave") == {"c"},
         5,
         "a sees b's and c's users",
     )
-    assert rb.nodes_of("alice") == {"a"} and rb.nodes_of("carol") == {"b"}  # listed at start
-    assert rc.nodes_of("bob") == {"a", "b"}
+    await until(
+        lambda: rb.nodes_of("alice") == {"a"} and rb.nodes_of("carol") == {"b"},
+        5,
+        "b sees a's users (written before b started) and its own",
+    )
+    await until(lambda: rc.nodes_of("bob") == {"a", "b"}, 5, "c sees bob on a and b")
 
     # b crashes (no deregistration): its routes go when its 2 s lease expires
     await rb.stop()
