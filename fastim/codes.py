@@ -37,6 +37,9 @@ class ErrorCode(IntEnum):
     AUTH_FAILED = 117  # token missing, malformed, expired or not verified: close 4501
     PERMISSION_DENIED = 118  # the token or the namespace's rules refuse this request
     NOT_ROUTED = 119  # cluster: the channel's owner node did not take the publish, retry
+    #: the application's backend (a proxy hook, docs/proxy.md) failed, timed out, or its
+    #: circuit breaker is open: nothing was done, retry later
+    BACKEND_UNAVAILABLE = 120
 
     @property
     def fatal(self) -> bool:
@@ -54,6 +57,7 @@ _NON_FATAL = frozenset(
         ErrorCode.RATE_LIMITED,
         ErrorCode.NOT_ROUTED,
         ErrorCode.PERMISSION_DENIED,
+        ErrorCode.BACKEND_UNAVAILABLE,
     }
 )
 

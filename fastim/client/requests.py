@@ -37,9 +37,12 @@ __all__ = [
 _MAX_ID = 0xFFFFFFFF
 #: refusals that say "not now" rather than "no": the store could not be read or written
 #: (114), or, in a cluster, the channel's owner node could not be reached (119: it died
-#: and the others have not rerouted yet). A resubscribe is retried on the connection, a
-#: send with its cid; a publish is not (it may or may not have been stored).
-TRANSIENT = frozenset({ErrorCode.STORE_UNAVAILABLE, ErrorCode.NOT_ROUTED})
+#: and the others have not rerouted yet), or the application's backend behind a proxy
+#: hook did not answer (120). A resubscribe is retried on the connection, a send with its
+#: cid; a publish is not (it may or may not have been stored).
+TRANSIENT = frozenset(
+    {ErrorCode.STORE_UNAVAILABLE, ErrorCode.NOT_ROUTED, ErrorCode.BACKEND_UNAVAILABLE}
+)
 
 
 class RateLimited(RequestError):
