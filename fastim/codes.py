@@ -40,6 +40,8 @@ class ErrorCode(IntEnum):
     #: the application's backend (a proxy hook, docs/proxy.md) failed, timed out, or its
     #: circuit breaker is open: nothing was done, retry later
     BACKEND_UNAVAILABLE = 120
+    #: the node does not offer this (an ``rpc`` where no rpc hook is configured)
+    NOT_AVAILABLE = 121
 
     @property
     def fatal(self) -> bool:
@@ -58,6 +60,7 @@ _NON_FATAL = frozenset(
         ErrorCode.NOT_ROUTED,
         ErrorCode.PERMISSION_DENIED,
         ErrorCode.BACKEND_UNAVAILABLE,
+        ErrorCode.NOT_AVAILABLE,
     }
 )
 
@@ -79,6 +82,8 @@ class CloseCode(IntEnum):
     HEARTBEAT_TIMEOUT = 4000  # no pong in time: reconnect
     SLOW_CONSUMER = 4001  # outbound buffer over its cap: reconnect, recover from history
     RATE_LIMITED = 4002  # too many requests or connections: reconnect later, with backoff
+    EXPIRED = 4003  # the connect hook's expire_at passed (no refresh): reconnect
+    BACKEND_UNAVAILABLE = 4004  # the connect hook's backend did not answer: reconnect later
     BAD_REQUEST = 4500  # malformed command: do not retry as is
     AUTH_FAILED = 4501  # bad, expired or missing token: reconnect only with a new one
     DISCONNECTED = 4510  # closed by the server HTTP API (/api/disconnect): do not reconnect

@@ -21,6 +21,7 @@ from . import _core
 from .api import HttpApi, Metrics, StoreProbe
 from .api.http import memory_history
 from .auth import Auth, tls_server_context
+from .backend.proxy import Proxy
 from .cluster.runtime import Cluster, advertised_host, join_host_port
 from .config import Config
 from .delivery import Postman
@@ -56,6 +57,8 @@ class Node:
         #: one worker of a node started with ``--workers N`` (fastim/workers/), or None
         self.role: WorkerRole | None = role
         self.auth = Auth(self.config)  # tokens and channel rules (fastim/auth.py)
+        #: the application's backend asked over HTTP (fastim/backend/proxy.py, docs/proxy.md)
+        self.proxy = Proxy(self.config)
         self.hub = Hub(self.config)
         # presence under namespace rules: the hub asks, the auth decides
         self.hub.presence_gate = lambda sub, ns, name: (
@@ -419,6 +422,7 @@ class Node:
         if self._sweep_task is not None:
             self._sweep_task.cancel()
         await self.api.close()
+        await self.proxy.close()
         if self.store_probe is not None:
             await self.store_probe.close()
         if self.store is not None:

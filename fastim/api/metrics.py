@@ -38,6 +38,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from .. import __version__
+from ..backend.breaker import STATE_VALUE
+from ..backend.proxy import Proxy
 from ..cluster.runtime import Cluster
 from ..hub.stats import LATENCY_BUCKETS as LATENCY_BUCKETS
 from ..hub.stats import LatencyHistogram as LatencyHistogram
@@ -292,6 +294,10 @@ class NodeCollector:
                 reqs.add_metric([route, str(status)], n)
             yield reqs
 
+        proxy = getattr(node, "proxy", None)
+        if proxy:
+            yield from proxy_metrics(proxy)
+
         cluster = getattr(node, "cluster", None)
         if cluster is not None:
             yield from cluster_metrics(cluster)
@@ -304,6 +310,44 @@ class NodeCollector:
             buckets=lat.buckets(),
             sum_value=lat.sum,
         )
+
+
+def proxy_metrics(proxy: Proxy) -> Iterator[Metric]:
+    """The proxy hooks (docs/proxy.md): requests by outcome, latency, breakers."""
+    reqs = CounterMetricFamily(
+        "fastim_proxy_requests",
+        "proxy hook requests by outcome (ok, refused, disconnect: the backend's answers; "
+        "timeout, http_error, connection_error, invalid: failures; breaker_open: not sent)",
+        labels=["hook", "outcome"],
+    )
+    state = GaugeMetricFamily(
+        "fastim_proxy_breaker_state",
+        "a hook's circuit breaker: 0 closed, 1 half open (one probe), 2 open (failing fast)",
+        labels=["hook"],
+    )
+    opened = CounterMetricFamily(
+        "fastim_proxy_breaker_opened", "times a hook's circuit breaker opened", labels=["hook"]
+    )
+    inflight = GaugeMetricFamily(
+        "fastim_proxy_inflight", "proxy hook requests waiting for the backend", labels=["hook"]
+    )
+    latency = HistogramMetricFamily(
+        "fastim_proxy_latency_seconds",
+        "a proxy hook request's time to its answer or failure (breaker_open not included)",
+        labels=["hook"],
+    )
+    for name, hook in proxy.hooks.items():
+        for outcome, n in hook.counts.items():
+            reqs.add_metric([name, outcome], n)
+        state.add_metric([name], STATE_VALUE[hook.breaker.state])
+        opened.add_metric([name], hook.breaker.opened)
+        inflight.add_metric([name], hook.inflight)
+        latency.add_metric([name], hook.latency.buckets(), hook.latency.sum)
+    yield reqs
+    yield state
+    yield opened
+    yield inflight
+    yield latency
 
 
 def cluster_metrics(cluster: Cluster) -> Iterator[Metric]:

@@ -41,6 +41,8 @@ NAMESPACE_KEYS: dict[str, type] = {
     "allow_publish": str,
     "allow_history": str,
     "allow_presence": str,
+    "proxy_subscribe": bool,
+    "proxy_publish": bool,
 }
 
 #: the values of the allow_* rules: everyone (anonymous too), a verified token, only
@@ -73,6 +75,10 @@ class Namespace:
     allow_publish: str = "any"
     allow_history: str = "any"
     allow_presence: str = "any"
+    #: subscribes and client publishes go through the proxy hooks (proxy_subscribe_url,
+    #: proxy_publish_url) when those are set; false: this namespace skips them
+    proxy_subscribe: bool = True
+    proxy_publish: bool = True
 
     @property
     def limits(self) -> HistoryLimits:

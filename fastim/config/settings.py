@@ -329,6 +329,65 @@ class Config:
         },
     )
 
+    # ---- the application's backend in the loop: proxy hooks (docs/proxy.md)
+    proxy_connect_url: str = field(
+        default="",
+        metadata={
+            "help": "URL POSTed at each connection without a token (WebSocket upgrade, TCP "
+            "HELLO): the backend answers its user, channels, expiry ('' = off)"
+        },
+    )
+    proxy_refresh_url: str = field(
+        default="",
+        metadata={"help": "URL POSTed when a connect hook's expire_at comes ('' = close then)"},
+    )
+    proxy_subscribe_url: str = field(
+        default="",
+        metadata={"help": "URL POSTed for each subscribe: allow or deny per channel ('' = off)"},
+    )
+    proxy_publish_url: str = field(
+        default="",
+        metadata={
+            "help": "URL POSTed for each client publish: allow, deny, or replace the data "
+            "('' = off)"
+        },
+    )
+    proxy_rpc_url: str = field(
+        default="",
+        metadata={"help": 'URL POSTed for {"op":"rpc"}: the backend answers ("" = no rpc)'},
+    )
+    proxy_timeout: float = field(
+        default=1.0, metadata={"help": "seconds a proxy hook has to answer (then 120)"}
+    )
+    proxy_max_inflight: int = field(
+        default=256,
+        metadata={"help": "proxy requests in flight to the backend at once (pooled connections)"},
+    )
+    proxy_http_headers: str = field(
+        default="Cookie,Authorization,Origin,User-Agent,X-Forwarded-For,X-Real-Ip,X-Request-Id",
+        metadata={
+            "help": "headers of the client's WebSocket upgrade copied to the connect hook "
+            "(comma-separated)"
+        },
+    )
+    proxy_static_headers: str = field(
+        default="",
+        metadata={
+            "help": "headers added to every proxy request, 'Name: value; Name2: value2' "
+            "(e.g. a secret the backend checks; never logged)"
+        },
+    )
+    proxy_breaker_failures: int = field(
+        default=5,
+        metadata={"help": "consecutive failures of a hook that open its circuit breaker"},
+    )
+    proxy_breaker_cooldown: float = field(
+        default=5.0,
+        metadata={
+            "help": "seconds an open breaker fails fast before one probe request is let through"
+        },
+    )
+
     def validate(self) -> Config:
         """Raise ConfigError naming the first bad setting; return self."""
         self._origins_as_strings()
@@ -419,7 +478,62 @@ class Config:
         self._validate_origins()
         self._validate_cluster()
         self._validate_workers()
+        self._validate_proxy()
         return self
+
+    def proxy_urls(self) -> dict[str, str]:
+        """The proxy hooks that are on: hook name → URL (docs/proxy.md)."""
+        urls = {
+            "connect": self.proxy_connect_url,
+            "refresh": self.proxy_refresh_url,
+            "subscribe": self.proxy_subscribe_url,
+            "publish": self.proxy_publish_url,
+            "rpc": self.proxy_rpc_url,
+        }
+        return {name: url for name, url in urls.items() if url}
+
+    def proxy_headers(self) -> tuple[list[str], dict[str, str]]:
+        """(upgrade headers copied to the connect hook, lower-case; static headers)."""
+        copied = [h.strip().lower() for h in self.proxy_http_headers.split(",") if h.strip()]
+        static: dict[str, str] = {}
+        for part in self.proxy_static_headers.split(";"):
+            if part.strip():
+                name, _, value = part.partition(":")
+                static[name.strip()] = value.strip()
+        return copied, static
+
+    def _validate_proxy(self) -> None:
+        for name, url in self.proxy_urls().items():
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise ConfigError(
+                    f"proxy_{name}_url: must be an http:// or https:// URL, got {url!r}"
+                )
+        if not self.proxy_timeout > 0:
+            raise ConfigError(f"proxy_timeout: must be > 0 seconds, got {self.proxy_timeout}")
+        if self.proxy_max_inflight < 1:
+            raise ConfigError(f"proxy_max_inflight: must be >= 1, got {self.proxy_max_inflight}")
+        if self.proxy_breaker_failures < 1:
+            raise ConfigError(
+                f"proxy_breaker_failures: must be >= 1, got {self.proxy_breaker_failures}"
+            )
+        if not self.proxy_breaker_cooldown > 0:
+            raise ConfigError(
+                f"proxy_breaker_cooldown: must be > 0 seconds, got {self.proxy_breaker_cooldown}"
+            )
+        token = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+        for h in self.proxy_http_headers.split(","):
+            if h.strip() and not token.match(h.strip()):
+                raise ConfigError(f"proxy_http_headers: {h.strip()!r} is not a header name")
+        for i, part in enumerate(self.proxy_static_headers.split(";")):
+            if not part.strip():
+                continue
+            name, colon, value = part.partition(":")
+            if not colon or not token.match(name.strip()) or "\n" in value or "\r" in value:
+                # the value may be a secret: the message names the entry, not its text
+                raise ConfigError(
+                    f"proxy_static_headers: entry {i + 1} is not 'Name: value' "
+                    "(entries are separated by ';')"
+                )
 
     def _origins_as_strings(self) -> None:
         """allowed_origins and static_allowed_origins may be TOML arrays: joined with ','."""

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from .. import _core
 from ..auth import Auth
+from ..backend.proxy import Proxy
 from ..config import Config
 from ..delivery import Postman
 from ..heartbeat import TimerWheel
@@ -22,6 +23,8 @@ class Host(Protocol):
 
     config: Config
     auth: Auth
+    #: the proxy hooks (fastim/backend/proxy.py): falsy when none is configured
+    proxy: Proxy
     hub: Hub
     postman: Postman | None
     sessions: SessionList[Any]

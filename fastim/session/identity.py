@@ -51,6 +51,9 @@ class Identified:
         }
         if user is not None:
             info["user"] = user
+        backend = getattr(self, "backend", None)  # Hooked's, built on this class
+        if backend is not None and backend.data is not None:
+            info["data"] = backend.data  # the connect hook's data for the client
         return orjson.dumps(info)
 
     def _declare(self, user: str) -> None:

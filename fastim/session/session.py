@@ -31,8 +31,8 @@ from ..protocol import (
     validate_channel,
 )
 from .commands import CID_MAX, history_field, json_data, since_field, user_id, welcome_tail
+from .hooks import Hooked
 from .host import Host
-from .identity import Identified
 from .replies import TCP_REPLIES, Replies
 
 log = logging.getLogger("fastim")
@@ -42,7 +42,7 @@ HANDSHAKE, OPEN, CLOSING, CLOSED = range(4)
 _F = FrameType
 
 
-class Session(Identified, asyncio.Protocol):
+class Session(Hooked, asyncio.Protocol):
     """Base of the TCP and WebSocket sessions."""
 
     # __slots__: a session is the largest per-connection Python object, and 100k idle
@@ -100,6 +100,9 @@ class Session(Identified, asyncio.Protocol):
         #: anonymous access is off and no token has been verified yet: only a hello
         #: (HELLO frame, or JSON hello) with a token is accepted
         self.auth_wait = node.auth.required
+        #: the proxy hooks' state of this connection (fastim/session/hooks.py); None on
+        #: a node without hooks, and until a hook is first asked
+        self.backend = None
         self._linked = False  # in node.sessions (a SessionList)
         self._prev: Session | None = None
         self._next: Session | None = None
@@ -401,6 +404,10 @@ class Session(Identified, asyncio.Protocol):
 
     def handle_frame(self, ftype: int, payload: bytes) -> None:
         """One fastim frame from the client (over TCP, or inside a WebSocket binary message)."""
+        b = self.backend
+        if b is not None and b.busy:  # an earlier command waits for the backend
+            self.queue_command(self.handle_frame, ftype, payload)
+            return
         if ftype == _F.HELLO:
             if self.hello_seen or (self.state == OPEN and self.hello_required):
                 raise BadRequest("HELLO may only be the first frame")
@@ -414,13 +421,17 @@ class Session(Identified, asyncio.Protocol):
                     raise BadRequest(f"HELLO options are not JSON: {e}") from None
                 if not isinstance(opts, dict):
                     raise BadRequest("HELLO options must be a JSON object")
-            user = self._identify(opts.get("user"), opts.get("token"))
-            welcome = self._welcome(user or self.user)
-            self.send(self.replies.frame(_F.WELCOME, bytes((version,)) + welcome))
-            if self.state == HANDSHAKE:
-                self.mark_open()
-            if user is not None:
-                self._declare(user)
+            if (
+                opts.get("token") is None
+                and self.identity is None
+                and self.state == HANDSHAKE
+                and self.node.proxy.has("connect")
+            ):
+                # the connect hook decides who this is (docs/proxy.md): the welcome
+                # waits for its answer, with the HELLO's "data" passed on
+                self.connect_hook({}, opts.get("data"), lambda: self._hello(version, opts))
+                return
+            self._hello(version, opts)
             return
         if self.state == HANDSHAKE:
             raise ProtocolError(
@@ -447,8 +458,22 @@ class Session(Identified, asyncio.Protocol):
                     raise BadRequest(f"PUB data is not a JSON document: {e}") from None
             self.handle_request(req, self.replies)
 
+    def _hello(self, version: int, opts: dict[str, Any]) -> None:
+        """The rest of a HELLO frame (after the connect hook, where there is one)."""
+        user = self._identify(opts.get("user"), opts.get("token"))
+        welcome = self._welcome(user or self.user)
+        self.send(self.replies.frame(_F.WELCOME, bytes((version,)) + welcome))
+        if self.state == HANDSHAKE:
+            self.mark_open()
+        if user is not None:
+            self._declare(user)
+
     def handle_json(self, text: bytes, replies: Replies | None = None) -> None:
         """One JSON command (WebSocket text message, or the payload of a CMD frame)."""
+        b = self.backend
+        if b is not None and b.busy:  # an earlier command waits for the backend
+            self.queue_command(self.handle_json, text, replies)
+            return
         replies = replies or self.replies
         try:
             msg = orjson.loads(text)
@@ -476,12 +501,16 @@ class Session(Identified, asyncio.Protocol):
                     raise BadRequest("missing field \"data\" in 'pub'")
                 data = json_data(msg["data"])
             since = history_field(msg, since_field(msg.get("since"))) if op == "sub" else None
-            self.handle_request(Request(op, req_id, msg["ch"], data), replies, since)
+            hook_data = msg.get("data") if op == "sub" else None  # for the subscribe hook
+            self.handle_request(Request(op, req_id, msg["ch"], data), replies, since, hook_data)
+            return
+        if op == "rpc":
+            self.rpc(msg, req_id, replies)
             return
         if op == "hello":
+            # a hello may name nobody: its welcome says who the connection is (a
+            # token at the upgrade, the connect hook's user) or that it is anonymous
             declared, token = msg.get("user"), msg.get("token")
-            if declared is None and token is None and self.identity is None:
-                user_id(declared, "user")  # BAD_REQUEST: a hello names a user or a token
             user = self._identify(declared, token)
             self.send(replies.event(self._welcome(user or self.user)[:-1] + welcome_tail(req_id)))
             if user is not None:
@@ -534,11 +563,14 @@ class Session(Identified, asyncio.Protocol):
             return
         raise ProtocolError(f"unknown op {op!r}", ErrorCode.UNKNOWN_OP)
 
-    def handle_request(self, req: Request, replies: Replies, since: Since | None = None) -> None:
+    def handle_request(
+        self,
+        req: Request,
+        replies: Replies,
+        since: Since | None = None,
+        hook_data: Any = None,
+    ) -> None:
         ch = validate_channel(req.channel)
-        ring = self.ring
-        assert ring is not None
-        hub = self.node.hub
         op = req.op
         if op == "pub":
             if len(req.data) > self.config.max_message:
@@ -547,43 +579,25 @@ class Session(Identified, asyncio.Protocol):
                 )
             if not self.rate_ok(req.id, replies) or self._denied("publish", ch, req.id, replies):
                 return
-            req_id = req.id
-
-            def done(result: Published) -> None:
-                refusal = result.refusal
-                if refusal is None:
-                    self.send(replies.puback(req_id, ch, result.offset))
-                else:  # the store failed, or (cluster) the owner was not reachable
-                    self.send(replies.error(req_id, refusal.code, refusal.reason))
-                self.published()
-
-            try:
-                off = hub.publish(ch, req.data, done)
-            except HubError as e:
-                self.send(replies.error(req.id, e.code, e.reason))
-                return
-            if off is not None:
-                self.send(replies.puback(req.id, ch, off))
+            proxy = self.node.proxy
+            if proxy and proxy.has("publish") and self.node.hub.namespaces.of(ch).proxy_publish:
+                self.publish_hook(ch, req.data, req.id, replies)  # allow, deny or rewrite
             else:
-                self.inflight += 1  # answered by done(), later
+                self._publish(ch, req.data, req.id, replies)
         elif op == "sub":
             if self._denied("subscribe", ch, req.id, replies) or (
                 since is not None and self._denied("history", ch, req.id, replies)
             ):
                 return
             subs = self.subs
-            if subs is None:
-                # a list, created on first subscribe: a 1-element set costs 216 bytes, a
-                # list 64, and membership tests over max_subscriptions names are cheap
-                subs = self.subs = []
-            if ch in subs:
+            if subs is not None and ch in subs:
                 self.send(
                     replies.error(
                         req.id, ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {ch!r}"
                     )
                 )
                 return
-            if len(subs) >= self.config.max_subscriptions:
+            if subs is not None and len(subs) >= self.config.max_subscriptions:
                 self.send(
                     replies.error(
                         req.id,
@@ -592,16 +606,11 @@ class Session(Identified, asyncio.Protocol):
                     )
                 )
                 return
-            try:
-                channel = hub.channel(ch)
-            except HubError as e:
-                self.send(replies.error(req.id, e.code, e.reason))
-                return
-            assert channel is not None
-            subs.append(channel.name)  # the hub's str: one copy per channel, not per client
-            # the reply (and recovered messages) go into the ring before the first live
-            # message can: order holds
-            hub.subscribe(self, replies, req.id, channel.name, since)
+            proxy = self.node.proxy
+            if proxy and proxy.has("subscribe") and self.node.hub.namespaces.of(ch).proxy_subscribe:
+                self.subscribe_hook(ch, req.id, replies, since, hook_data)  # allow or deny
+            else:
+                self._subscribe(ch, req.id, replies, since)
         else:  # unsub
             if not self.subs or ch not in self.subs:
                 self.send(
@@ -609,5 +618,55 @@ class Session(Identified, asyncio.Protocol):
                 )
                 return
             self.subs.remove(ch)
-            hub.unsubscribe(ch, self)
+            self.node.hub.unsubscribe(ch, self)
             self.send(replies.unsubscribed(req.id, ch))
+
+    def _publish(self, ch: str, data: bytes, req_id: Any, replies: Replies) -> None:
+        """Publish (every check passed): acknowledged now, or by ``done`` later."""
+
+        def done(result: Published) -> None:
+            refusal = result.refusal
+            if refusal is None:
+                self.send(replies.puback(req_id, ch, result.offset))
+            else:  # the store failed, or (cluster) the owner was not reachable
+                self.send(replies.error(req_id, refusal.code, refusal.reason))
+            self.published()
+
+        try:
+            off = self.node.hub.publish(ch, data, done)
+        except HubError as e:
+            self.send(replies.error(req_id, e.code, e.reason))
+            return
+        if off is not None:
+            self.send(replies.puback(req_id, ch, off))
+        else:
+            self.inflight += 1  # answered by done(), later
+
+    def _subscribe(self, ch: str, req_id: Any, replies: Replies, since: Since | None) -> None:
+        """Subscribe (every check passed; a server-side subscription has no ``req_id``)."""
+        assert self.ring is not None
+        subs = self.subs
+        if subs is None:
+            # a list, created on first subscribe: a 1-element set costs 216 bytes, a
+            # list 64, and membership tests over max_subscriptions names are cheap
+            subs = self.subs = []
+        if len(subs) >= self.config.max_subscriptions:
+            self.send(
+                replies.error(
+                    req_id,
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"at most {self.config.max_subscriptions} subscriptions per connection",
+                )
+            )
+            return
+        hub = self.node.hub
+        try:
+            channel = hub.channel(ch)
+        except HubError as e:
+            self.send(replies.error(req_id, e.code, e.reason))
+            return
+        assert channel is not None
+        subs.append(channel.name)  # the hub's str: one copy per channel, not per client
+        # the reply (and recovered messages) go into the ring before the first live
+        # message can: order holds
+        hub.subscribe(self, replies, req_id, channel.name, since)

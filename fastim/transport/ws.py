@@ -423,9 +423,17 @@ class WsSession(Session):
             self.ring.cap = max(self.ring.cap, 2 * max_message + 64)
         if token is not None and not self.login(token):
             return  # refused: AUTH_FAILED went out, the connection is closing
+        proxy = self.node.proxy
+        if token is None and mode != MODE_ECHO and proxy.has("connect"):
+            # the backend decides who this is from the upgrade's cookies and headers
+            # (docs/proxy.md); what the client sends meanwhile waits for its answer
+            self.connect_hook(proxy.copy_headers(h), None, _nothing)
         self.mark_open()
         if rest:
             self._ws_data(rest)
+
+    def _wire(self) -> tuple[str, str]:
+        return "websocket", "fastim" if self.mode == MODE_BINARY else "json"
 
     def _set_mode(self, mode: int) -> None:
         self.mode = mode
@@ -601,3 +609,7 @@ class WsSession(Session):
             self.close(err.ws_close_code, err.reason[:100])
             return
         super().fail(err, req_id)
+
+
+def _nothing() -> None:
+    """After a WebSocket's connect hook: nothing more (the upgrade is done)."""
