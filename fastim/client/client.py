@@ -334,6 +334,23 @@ class Client(BaseClient):
         reply = await self._cmd({"op": "presence", "ch": channel})
         return {k: v for k, v in reply.items() if k not in ("op", "id")}
 
+    async def rpc(self, method: str, data: Any = None, *, timeout: float | None = None) -> Any:
+        """Call a method of the application's backend through this connection: the
+        node's rpc hook (docs/proxy.md) answers; returns the backend's ``data``.
+
+        Raises:
+            RequestError: the backend's own error code (400-1999); BACKEND_UNAVAILABLE
+                (120): the backend failed or timed out (nothing is known of the call);
+                NOT_AVAILABLE (121): the node has no rpc hook.
+        """
+        if not isinstance(method, str) or len(method) > 255:
+            raise ValueError("method must be a string of at most 255 characters")
+        cmd: dict[str, Any] = {"op": "rpc", "method": method}
+        if data is not None:
+            cmd["data"] = data
+        reply = await self._cmd(cmd, timeout)
+        return reply.get("data")
+
     async def inbox_state(self) -> InboxState:
         """The inbox of this client's user: ``acked`` and ``top`` sequences.
 

@@ -37,6 +37,8 @@ export const ErrorCode = Object.freeze({
   RATE_LIMITED: 116,
   AUTH_FAILED: 117,
   PERMISSION_DENIED: 118,
+  BACKEND_UNAVAILABLE: 120,
+  NOT_AVAILABLE: 121,
 });
 
 /**
@@ -117,6 +119,10 @@ export const ErrorCode = Object.freeze({
  * @property {(event: object) => void} [onEvent]  join, leave and other events
  * @property {(state: State, info: {code?: number, reason?: string}) => void} [onState]
  * @property {(err: Error) => void} [onError]  failures with no request to report them to
+ * @property {(sub: Subscription) => void} [onServerSubscribe]  a channel the node
+ *     subscribed this connection to by itself (a connect hook's `channels`)
+ * @property {(m: Message) => void} [onMessage]  messages of server-side subscriptions
+ * @property {(g: Gap) => void} [onGap]  gaps of server-side subscriptions
  * @property {WebSocketClass} [WebSocket]  the WebSocket class to connect with; default:
  *     the global one (browsers, Deno, Bun, Node 22+ or Node 20 with
  *     --experimental-websocket); elsewhere pass one, e.g. the `ws` package's
@@ -364,6 +370,12 @@ export class Client {
     this.onEvent = opts.onEvent ?? null;
     this.onState = opts.onState ?? null;
     this.onError = opts.onError ?? null;
+    /** Channels the node subscribed this connection to (a connect hook's): called with
+     * each new server-side Subscription; its messages go to `onMessage` (and its gaps
+     * to `onGap`) unless the callback sets the subscription's own. */
+    this.onServerSubscribe = opts.onServerSubscribe ?? null;
+    this.onMessage = opts.onMessage ?? null;
+    this.onGap = opts.onGap ?? null;
     /** @type {State} */
     this.state = "connecting";
     /** Connections made after the first one. */
@@ -548,6 +560,20 @@ export class Client {
     return this._request({ op: "presence", ch: channel });
   }
 
+  /**
+   * Call a method of the application's backend through this connection (the node's
+   * rpc hook, docs/proxy.md); resolves with the backend's `data`. Rejects with a
+   * RequestError: the backend's own code, BACKEND_UNAVAILABLE (120), NOT_AVAILABLE (121).
+   * @param {string} method  @param {any} [data]  @returns {Promise<any>}
+   */
+  async rpc(method, data) {
+    /** @type {{op: string, method: string, data?: any}} */
+    const cmd = { op: "rpc", method };
+    if (data !== undefined) cmd.data = data;
+    const r = await this._request(cmd);
+    return r.data;
+  }
+
   /** The inbox as the node has it. @returns {Promise<{acked: number, top: number, epoch: string}>} */
   async inboxState() {
     const r = await this._request({ op: "inbox" });
@@ -666,22 +692,20 @@ export class Client {
   _onOpen(ws) {
     if (ws !== this._ws) return;
     this._lastRx = Date.now();
-    if (this.user || this.token) {
-      /** @type {{op: string, id: number, user?: string}} */
-      const hello = { op: "hello", id: this._nextId++ };
-      if (this.user) hello.user = this.user;
-      this._pending.set(hello.id, {
-        resolve: (w) => this._onWelcome(ws, w),
-        reject: (e) => {
-          // AUTH_FAILED and the like: the close that follows decides what happens next
-          if (!(e instanceof ConnectionClosed)) this._callback(this.onError, e);
-        },
-        timer: null,
-      });
-      ws.send(JSON.stringify(hello));
-    } else {
-      this._onWelcome(ws, null);
-    }
+    // always a hello: its welcome says who the node takes this connection for (a
+    // token's user, or the one a connect hook decided from the page's cookies)
+    /** @type {{op: string, id: number, user?: string}} */
+    const hello = { op: "hello", id: this._nextId++ };
+    if (this.user) hello.user = this.user;
+    this._pending.set(hello.id, {
+      resolve: (w) => this._onWelcome(ws, w),
+      reject: (e) => {
+        // AUTH_FAILED and the like: the close that follows decides what happens next
+        if (!(e instanceof ConnectionClosed)) this._callback(this.onError, e);
+      },
+      timer: null,
+    });
+    ws.send(JSON.stringify(hello));
   }
 
   /**
@@ -700,7 +724,9 @@ export class Client {
     this._everWelcomed = true;
     this._connected = true;
     this.backoff.reset();
-    for (const sub of this.subscriptions.values()) this._subscribeOn(sub);
+    for (const sub of this.subscriptions.values()) {
+      if (!sub.server) this._subscribeOn(sub); // the node subscribes server-side ones
+    }
     this._startHeartbeat();
     this._scheduleRefresh();
     this._setState("connected", {});
@@ -912,7 +938,9 @@ export class Client {
     if (op === "resubscribe") return this._onResubscribe(obj);
     const p = obj.id !== undefined ? this._pending.get(obj.id) : undefined;
     if (p === undefined) {
-      if (op === "subscribed") {
+      if (op === "subscribed" && obj.id === undefined) {
+        this._onServerSubscribed(obj); // a channel the node subscribed us to
+      } else if (op === "subscribed") {
         // the answer to a subscribe given up on: the node has it, we do not
         if (!this.subscriptions.has(obj.ch)) this._sendUnsub(obj.ch);
       } else if (op === "error") {
@@ -932,6 +960,30 @@ export class Client {
       this._onSubscribed({ sub: p.sub, since: p.since ?? null, history: p.history ?? 0 }, obj);
     }
     p.resolve(obj);
+  }
+
+  /**
+   * The node subscribed this connection to a channel by itself (the connect hook's
+   * `channels`, docs/proxy.md): a Subscription with `server` true, announced through
+   * `onServerSubscribe`; its messages go to its `onMessage`, by default the client's.
+   * @param {any} obj
+   */
+  _onServerSubscribed(obj) {
+    let sub = this.subscriptions.get(obj.ch);
+    if (sub && !sub.server) return; // ours: its own subscribe answers for it
+    if (!sub) {
+      sub = new Subscription(this, obj.ch, {
+        onMessage: (m) => this._callback(this.onMessage, m),
+        onGap: (g) => this._callback(this.onGap, g),
+      });
+      sub.server = true;
+      this.subscriptions.set(obj.ch, sub);
+      this._onSubscribed({ sub, since: null, history: 0 }, obj);
+      this._callback(this.onServerSubscribe, sub);
+      return;
+    }
+    // subscribed again after a reconnect: what was missed meanwhile is a gap, reported
+    this._onSubscribed({ sub, since: sub.epoch ? sub.since : null, history: 0 }, obj);
   }
 
   /** @param {any} obj */
@@ -1035,7 +1087,10 @@ export class Client {
   _resubFailed(sub, err, timedOut) {
     if (this.subscriptions.get(sub.channel) !== sub) return;
     if (err instanceof ConnectionClosed) return;
-    if (timedOut || (err instanceof RequestError && err.code === ErrorCode.STORE_UNAVAILABLE)) {
+    const transient =
+      err instanceof RequestError &&
+      (err.code === ErrorCode.STORE_UNAVAILABLE || err.code === ErrorCode.BACKEND_UNAVAILABLE);
+    if (timedOut || transient) {
       const delay = Math.min(Math.max(sub._retryDelay * 2, RESUB_RETRY[0]), RESUB_RETRY[1]);
       sub._retryDelay = delay;
       const ws = this._ws;

@@ -360,3 +360,20 @@ async def test_expire_at_without_refresh_hook_closes(
     code, reason, _ = await closed_with(ws)
     assert code == CloseCode.EXPIRED and "expired" in reason
     assert 0.2 < time.monotonic() - t0 < 3.0
+
+
+async def test_sdk_rpc_over_tcp(node_factory: NodeFactory, backend: Backend) -> None:
+    """The Python SDK's rpc() over the TCP transport (CMD frames), on a node whose
+    users are declared (no connect hook): the backend sees the declared user."""
+    from fastim.client import connect as sdk_connect
+    from fastim.errors import RequestError
+
+    node = await proxied(node_factory, backend, "rpc")
+    async with await sdk_connect(f"tcp://127.0.0.1:{node.tcp_port}", user="carol") as c:
+        assert await c.rpc("sum", {"numbers": [20, 22]}) == {"sum": 42}
+        assert (await c.rpc("whoami"))["user"] == "carol"
+        with pytest.raises(RequestError) as e:
+            await c.rpc("missing")
+        assert e.value.code == 404
+    body = backend.bodies("rpc")[0]
+    assert (body["transport"], body["protocol"]) == ("tcp", "fastim")
