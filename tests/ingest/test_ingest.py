@@ -88,7 +88,7 @@ async def test_10k_entries_with_duplicates_two_workers_once_in_order(
         "--ingest-batch", "100",
     )  # fmt: skip
     await node.start()
-    r = aioredis.from_url(redis_server.url)
+    r: Any = aioredis.from_url(redis_server.url)
     # both workers hold streams (the fair share is 2 each) before the producer starts
     lease = f"fastim:ingest:{GROUP}:lease:"
 
@@ -139,7 +139,7 @@ async def test_10k_entries_with_duplicates_two_workers_once_in_order(
         assert [d["i"] for d in got[c]] == expected[c], f"channel {c}: order or duplicates"
     assert await _pending(r, *streams) == 0
     # both consumers read entries: each one of the group's consumers on some stream
-    readers = set()
+    readers: set[Any] = set()
     for s in streams:
         for c in await r.xinfo_consumers(s, GROUP):
             readers.add(c["name"])
@@ -156,11 +156,11 @@ async def test_poison_entries_dead_lettered_dms_sent_rest_goes_on(
     per idempotency key."""
     node = nodes("--ingest-redis-stream", "events", "--redis-url", redis_server.url)
     await node.astart()
-    r = aioredis.from_url(redis_server.url)
+    r: Any = aioredis.from_url(redis_server.url)
     got: dict[str, list[Any]] = {"news": []}
     client, tasks = await _collect(node.tcp_url, ["news"], got)
     bob = await connect(node.tcp_url, user="bob")
-    poison = [
+    poison: list[tuple[dict[str, Any], str]] = [
         ({"data": b"{}"}, "fields"),  # neither channel nor user
         ({"channel": "news", "user": "bob", "data": b"{}"}, "fields"),  # both
         ({"channel": "news", "data": b"{not json"}, "json"),
@@ -227,7 +227,7 @@ async def test_kill9_mid_batch_pending_taken_over_by_another_consumer(
             "--history-size", "5000")  # fmt: skip
     a = nodes(*args, "--ingest-consumer", "a")
     await a.astart()
-    r = aioredis.from_url(redis_server.url)
+    r: Any = aioredis.from_url(redis_server.url)
     n = 4000
     pipe = r.pipeline(transaction=False)
     for i in range(n):
@@ -311,7 +311,7 @@ async def test_store_down_entries_stay_pending_then_published_once(
             "--ingest-redis-stream", "q", "--ingest-redis-url", redis_server.url,
         )  # fmt: skip
         await node.astart()
-        r = aioredis.from_url(redis_server.url)
+        r: Any = aioredis.from_url(redis_server.url)
         got: dict[str, list[Any]] = {"live": []}
         client, tasks = await _collect(node.tcp_url, ["live"], got)
         for i in range(50):
