@@ -93,6 +93,8 @@ class Node:
         self.store_probe: StoreProbe | None = None
         #: the cluster runtime (fastim/cluster/runtime.py) when etcd_endpoints is set
         self.cluster: Cluster | None = None
+        #: the Redis stream consumer (fastim/ingest/) when ingest_redis_stream is set
+        self.ingest: Any = None
         # per-address limits (addresses in ip_limits_exempt are not tracked at all)
         self._exempt = self.config.exempt_networks()
         self._exempt_cache: dict[str, bool] = {}
@@ -179,9 +181,17 @@ class Node:
                 cluster = Cluster(self)
                 await cluster.start(addresses)  # ClusterError: not joined, not serving
                 self.cluster = cluster
+            if cfg.ingest_redis_stream:
+                from .ingest.redis_stream import StreamIngest  # needs redis-py: only if used
+
+                self.ingest = StreamIngest(self)
+                await self.ingest.start()  # an unreachable Redis: not started
             for srv in self._servers:
                 await srv.start_serving()
         except BaseException:
+            if self.ingest is not None:
+                await self.ingest.close()
+                self.ingest = None
             for srv in self._servers:
                 srv.close()
             self._servers.clear()
@@ -392,6 +402,8 @@ class Node:
             await self.cluster.leave()  # deregister first: the others reroute at once
         for srv in self._servers:
             srv.close()
+        if self.ingest is not None:  # its batch in progress is published and acked
+            await self.ingest.close(cfg.shutdown_timeout)
         await self.hub.close()  # publishes on their way to the store: stored and acked
         n = len(self.sessions)
         log.info("fastim node %s shutting down: closing %d connections", cfg.node_id, n)

@@ -302,6 +302,10 @@ class NodeCollector:
         if cluster is not None:
             yield from cluster_metrics(cluster)
 
+        ingest = getattr(node, "ingest", None)  # fastim/ingest/ (a sibling: not imported)
+        if ingest is not None:
+            yield from ingest.metric_families()
+
         lat = hub.latency
         yield HistogramMetricFamily(
             "fastim_publish_latency_seconds",

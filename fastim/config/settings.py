@@ -388,6 +388,45 @@ class Config:
         },
     )
 
+    # ---- publish from a Redis stream (fastim/ingest/, docs/ingest.md)
+    ingest_redis_stream: str = field(
+        default="",
+        metadata={"help": "Redis stream(s) to publish from, comma-separated (shards); '' = off"},
+    )
+    ingest_redis_url: str = field(
+        default="", metadata={"help": "Redis of the ingest streams ('' = redis_url)"}
+    )
+    ingest_group: str = field(
+        default="fastim", metadata={"help": "consumer group the nodes share on the streams"}
+    )
+    ingest_consumer: str = field(
+        default="",
+        metadata={"help": "this node's consumer name in the group ('' = node_id)"},
+    )
+    ingest_dead_letter: str = field(
+        default="",
+        metadata={"help": "stream poison entries go to ('' = STREAM:dead, per stream)"},
+    )
+    ingest_idempotency_window: float = field(
+        default=86400.0,
+        metadata={"help": "seconds an entry's idempotency key is remembered (> 0)"},
+    )
+    ingest_batch: int = field(
+        default=200,
+        metadata={"help": "entries read at once per stream, at most in flight (1..10000)"},
+    )
+    ingest_claim_idle: float = field(
+        default=10.0,
+        metadata={
+            "help": "seconds a stream's lease outlives its consumer's last renewal: then "
+            "another consumer takes the stream and its pending entries (>= 1)"
+        },
+    )
+    ingest_max_deliveries: int = field(
+        default=10,
+        metadata={"help": "deliveries of one entry after which it is poison (>= 1)"},
+    )
+
     def validate(self) -> Config:
         """Raise ConfigError naming the first bad setting; return self."""
         self._origins_as_strings()
@@ -479,6 +518,7 @@ class Config:
         self._validate_cluster()
         self._validate_workers()
         self._validate_proxy()
+        self._validate_ingest()
         return self
 
     def proxy_urls(self) -> dict[str, str]:
@@ -718,6 +758,46 @@ class Config:
         if not self.worker_restart_backoff > 0:
             raise ConfigError(
                 f"worker_restart_backoff: must be > 0 seconds, got {self.worker_restart_backoff}"
+            )
+
+    def _validate_ingest(self) -> None:
+        """The ``ingest_*`` settings (fastim/ingest/redis_stream.py)."""
+        if not self.ingest_redis_stream:
+            return
+        self._need_extra("redis", "ingest_redis_stream", "publishing from a stream", "redis")
+        streams = [s.strip() for s in self.ingest_redis_stream.split(",")]
+        if any(not s for s in streams) or len(set(streams)) != len(streams):
+            raise ConfigError(
+                "ingest_redis_stream: comma-separated stream names, none empty or twice, "
+                f"got {self.ingest_redis_stream!r}"
+            )
+        url = self.ingest_redis_url
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"ingest_redis_url: must start with redis://, rediss:// or unix://, got {url!r}"
+            )
+        for name in ("ingest_group", "ingest_consumer", "ingest_dead_letter"):
+            v = getattr(self, name)
+            if any(c.isspace() or not c.isprintable() for c in v):
+                raise ConfigError(f"{name}: no spaces or control characters, got {v!r}")
+        if not self.ingest_group:
+            raise ConfigError("ingest_group: must not be empty")
+        if self.ingest_dead_letter in streams:
+            raise ConfigError("ingest_dead_letter: must not be one of ingest_redis_stream")
+        if not self.ingest_idempotency_window > 0:
+            raise ConfigError(
+                "ingest_idempotency_window: must be > 0 seconds, got "
+                f"{self.ingest_idempotency_window}"
+            )
+        if not 1 <= self.ingest_batch <= 10_000:
+            raise ConfigError(f"ingest_batch: must be 1..10000, got {self.ingest_batch}")
+        if not self.ingest_claim_idle >= 1:
+            raise ConfigError(
+                f"ingest_claim_idle: must be >= 1 second, got {self.ingest_claim_idle}"
+            )
+        if self.ingest_max_deliveries < 1:
+            raise ConfigError(
+                f"ingest_max_deliveries: must be >= 1, got {self.ingest_max_deliveries}"
             )
 
     def worker_count(self) -> int:
