@@ -39,6 +39,33 @@ const state = {
 
 const saved = sessionStorage.getItem("fastim-demo-user");
 if (saved && NAME.test(saved)) start(saved);
+else askWho();
+
+/**
+ * Ask the node who this page is before asking the person: a node whose application
+ * decides (a connect hook reading the application's session cookie, docs/proxy.md)
+ * names the user in its welcome, and the demo starts as that user. A node without one
+ * welcomes an anonymous page: the name form as always.
+ */
+function askWho() {
+  const probe = connect({
+    requestTimeout: 5000,
+    backoff: { base: 200, max: 200 },
+    onState: (s, info) => {
+      if (s === "connected") {
+        const user = probe.welcome && probe.welcome.user;
+        probe.close();
+        if (typeof user === "string" && NAME.test(user) && !state.user) start(user);
+      } else if (s === "closed" || (s === "reconnecting" && info.code === 4501)) {
+        probe.close();
+        if (info.code === 4501 && info.reason) {
+          // the application refused this page (no session): sign in there first
+          $("#login-error").textContent = `The node's application says: ${info.reason}. Sign in there first.`;
+        }
+      }
+    },
+  });
+}
 
 $("#login").addEventListener("submit", (ev) => {
   ev.preventDefault();
