@@ -43,6 +43,7 @@ from ..hub.stats import LATENCY_BUCKETS as LATENCY_BUCKETS
 from ..hub.stats import LatencyHistogram as LatencyHistogram
 from ..store import Store, StoreError
 from ..transport import TcpSession, WsSession
+from .event_metrics import event_metrics
 from .host import ApiHost
 
 log = logging.getLogger("fastim")
@@ -295,6 +296,10 @@ class NodeCollector:
         cluster = getattr(node, "cluster", None)
         if cluster is not None:
             yield from cluster_metrics(cluster)
+
+        events = getattr(node, "events", None)
+        if events is not None:  # event webhooks (docs/events.md#metrics)
+            yield from event_metrics(events, getattr(node, "event_sender", None))
 
         lat = hub.latency
         yield HistogramMetricFamily(

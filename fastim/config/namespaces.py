@@ -41,6 +41,7 @@ NAMESPACE_KEYS: dict[str, type] = {
     "allow_publish": str,
     "allow_history": str,
     "allow_presence": str,
+    "events_publish": bool,
 }
 
 #: the values of the allow_* rules: everyone (anonymous too), a verified token, only
@@ -73,6 +74,8 @@ class Namespace:
     allow_publish: str = "any"
     allow_history: str = "any"
     allow_presence: str = "any"
+    #: every publish to a channel of this namespace is an event for events_url
+    events_publish: bool = False
 
     @property
     def limits(self) -> HistoryLimits:

@@ -149,7 +149,8 @@ class OutboxItem(NamedTuple):
     """One event for :meth:`Store.outbox_add`, with the bookkeeping that makes a node's
     crash lose no disconnect (see :mod:`fastim.backend.events`).
 
-    ``data``: the event (JSON bytes). ``arm``: ``(key, node, order, lost)``: remember,
+    ``data``: the event (JSON bytes; ``b""``: none, only the bookkeeping). ``arm``:
+    ``(key, node, order, lost)``: remember,
     under ``node``, the event to emit if that node dies first: ``lost`` is a JSON object
     without its closing brace, to which :meth:`Store.outbox_claim` appends
     ``,"time":<unix ms>}``; ``order`` sorts one node's armed events (lower first).

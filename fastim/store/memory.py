@@ -290,6 +290,8 @@ class MemoryStore(Store):
                 key, node, order, lost = item.arm
                 self._armed_next += 1
                 self._armed[key] = (node, order, self._armed_next, lost)
+            if not item.data:
+                continue  # bookkeeping only (an arm whose own event kind is off)
             self._outbox[self._outbox_next] = (now, item.data)
             self._outbox_next += 1
             n += 1
@@ -330,11 +332,7 @@ class MemoryStore(Store):
     async def outbox_claim(self, limit: int = 1000) -> int:
         self._check_open()
         now = self._clock()
-        dead = {
-            node
-            for node, _, _, _ in self._armed.values()
-            if self._beats.get(node, 0.0) <= now
-        }
+        dead = {node for node, _, _, _ in self._armed.values() if self._beats.get(node, 0.0) <= now}
         if not dead:
             return 0
         lost = sorted(

@@ -278,8 +278,10 @@ for i = 1, #ARGV, 6 do
       redis.call('HSET', b .. ':akey', ak, node)
       redis.call('SADD', b .. ':an', node)
     end
-    redis.call('XADD', b .. ':s', '*', 'd', ARGV[i])
-    n = n + 1
+    if ARGV[i] ~= '' then  -- '': bookkeeping only
+      redis.call('XADD', b .. ':s', '*', 'd', ARGV[i])
+      n = n + 1
+    end
   end
 end
 return n

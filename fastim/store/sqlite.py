@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from . import sqlite_outbox
 from .base import (
     Appended,
     ChannelState,
@@ -56,7 +57,6 @@ from .base import (
     StoreUnavailable,
     check_read_args,
 )
-from . import sqlite_outbox
 from .sqlite_writer import CACHE_SIZE as CACHE_SIZE
 from .sqlite_writer import MAX_BATCH as MAX_BATCH
 from .sqlite_writer import Writer, WriterThread

@@ -54,8 +54,9 @@ def add(c: sqlite3.Connection, items: Sequence[OutboxItem], now: float) -> int:
                 "INSERT OR REPLACE INTO outbox_armed (key, node, ord, lost) VALUES (?, ?, ?, ?)",
                 item.arm,
             )
-        rows.append((now, item.data))
-        n += 1
+        if item.data:  # b"": bookkeeping only (an arm whose own event kind is off)
+            rows.append((now, item.data))
+            n += 1
     if rows:
         c.executemany("INSERT INTO outbox (ts, data) VALUES (?, ?)", rows)
     return n
@@ -115,13 +116,15 @@ def claim(c: sqlite3.Connection, limit: int, now: float) -> int:
         return 0
     marks = ",".join("?" * len(dead))
     rows = c.execute(
-        f"SELECT rowid, lost FROM outbox_armed WHERE node IN ({marks}) "  # noqa: S608
+        f"SELECT rowid, lost FROM outbox_armed WHERE node IN ({marks}) "
         "ORDER BY ord, rowid LIMIT ?",
         (*dead, limit),
     ).fetchall()
     tail = b',"time":%d}' % int(now * 1000)
     c.executemany("DELETE FROM outbox_armed WHERE rowid = ?", [(r[0],) for r in rows])
-    c.executemany("INSERT INTO outbox (ts, data) VALUES (?, ?)", [(now, bytes(r[1]) + tail) for r in rows])
+    c.executemany(
+        "INSERT INTO outbox (ts, data) VALUES (?, ?)", [(now, bytes(r[1]) + tail) for r in rows]
+    )
     if len(rows) < limit:
         c.executemany(
             "DELETE FROM outbox_nodes WHERE node = ? AND expires <= ?", [(d, now) for d in dead]
