@@ -440,9 +440,10 @@ class Node:
         process the store does not know alive) and this process's sender."""
         cfg = self.config
         assert self.store is not None and self.postman is not None
+        events = Events(self.store, cfg.node_id, cfg.events, cfg.events_lease)
         sender = Sender(
             self.store,
-            cfg.node_id,
+            events.run,
             cfg.events_url,
             timeout=cfg.events_timeout,
             batch=cfg.events_batch,
@@ -451,7 +452,7 @@ class Node:
             secret=cfg.events_secret,
             headers=cfg.events_headers,
         )
-        events = Events(self.store, cfg.node_id, cfg.events, cfg.events_lease, sender.wake)
+        events.on_added = sender.wake
         await events.start()
         sender.start()
         self.events = self.hub.events = self.postman.events = events

@@ -100,6 +100,10 @@ class Events:
     ) -> None:
         self.store = store
         self.node = node
+        #: this run of the process, under which it beats and arms: a node restarted
+        #: with the same id (kill -9, then start) is another run, so the old run's
+        #: armed events are claimed when its beats stop
+        self.run = f"{node}~{secrets.token_hex(4)}"
         self.kinds = event_kinds(kinds)
         self.lease = lease
         #: called after each write that added events (the local sender wakes up)
@@ -142,7 +146,7 @@ class Events:
         claimer appends ``,"time":<ms>}``, so the object is encoded without "time" and
         without its closing brace."""
         ev = {"id": self.new_id(), "type": kind, "node": self.node, **fields}
-        return key, self.node, order, orjson.dumps(ev)[:-1]
+        return key, self.run, order, orjson.dumps(ev)[:-1]
 
     def _put(self, item: OutboxItem) -> None:
         if len(self._queue) >= MAX_QUEUE:
@@ -199,7 +203,7 @@ class Events:
         """A node-wide join/leave, where it is decided (the channel's owner worker)."""
         if op not in self.kinds and not (op == "join" and "leave" in self.kinds):
             return
-        key = f"p:{self.node}\x00{channel}\x00{user}"
+        key = f"p:{self.run}\x00{channel}\x00{user}"
         if op == "join":
             data = b""
             if "join" in self.kinds:
@@ -277,7 +281,7 @@ class Events:
     async def start(self) -> None:
         """Beat once (before any event is armed under this process), then every
         ``lease / 3`` seconds."""
-        await self.store.outbox_beat(self.node, self.lease)
+        await self.store.outbox_beat(self.run, self.lease)
         self._beat_task = asyncio.get_running_loop().create_task(self._beats())
 
     async def _beats(self) -> None:
@@ -285,7 +289,7 @@ class Events:
         while True:
             await asyncio.sleep(min(every, 1.0))
             try:
-                await self.store.outbox_beat(self.node, self.lease)
+                await self.store.outbox_beat(self.run, self.lease)
                 self.depth, self.oldest, self.armed = await self.store.outbox_stats()
             except StoreError as e:
                 self.store_errors += 1

@@ -68,7 +68,11 @@ class Sender:
         self.batch = batch
         self.retry_max = retry_max
         self.lease = lease
-        self._headers = {"Content-Type": "application/json", **(headers or {})}
+        self._headers = {
+            "Content-Type": "application/json",
+            "X-Fastim-Sender": owner,  # which process sent: for the operator's logs
+            **(headers or {}),
+        }
         if secret:
             self._headers["Authorization"] = f"Bearer {secret}"
         self._wake = asyncio.Event()

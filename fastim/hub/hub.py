@@ -492,9 +492,9 @@ class Hub:
         for off, data in msgs:
             session.send(ch.encode_one(fmt, off, data))
         self.recovered += len(msgs)
-        self.join(ch.name, ring, session.user)
-        if self.events is not None:
+        if self.events is not None:  # before the join it may cause
             self.events.subscribed(cast("Conn", session), ch.name)
+        self.join(ch.name, ring, session.user)
 
     def join(self, name: str, ring: _core.OutRing, user: str | None = None) -> Channel:
         """Add ``ring`` to the channel's subscribers now (no reply, no recovery)."""

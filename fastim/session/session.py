@@ -620,7 +620,7 @@ class Session(Identified, asyncio.Protocol):
                 )
                 return
             self.subs.remove(ch)
-            hub.unsubscribe(ch, self)
-            if self.node.events is not None:
+            if self.node.events is not None:  # before the leave it may cause
                 self.node.events.unsubscribed(self, ch)
+            hub.unsubscribe(ch, self)
             self.send(replies.unsubscribed(req.id, ch))
