@@ -116,8 +116,7 @@ def claim(c: sqlite3.Connection, limit: int, now: float) -> int:
         return 0
     marks = ",".join("?" * len(dead))
     rows = c.execute(
-        f"SELECT rowid, lost FROM outbox_armed WHERE node IN ({marks}) "
-        "ORDER BY ord, rowid LIMIT ?",
+        f"SELECT rowid, lost FROM outbox_armed WHERE node IN ({marks}) ORDER BY ord, rowid LIMIT ?",
         (*dead, limit),
     ).fetchall()
     tail = b',"time":%d}' % int(now * 1000)

@@ -165,9 +165,9 @@ async def test_kill9_in_the_middle_loses_nothing_and_reports_the_lost_connection
     for i in range(len(held)):
         mine = [(e["type"], e.get("reason")) for e in ev if e["user"] == f"h{i}"]
         assert mine == [("connect", None), ("subscribe", None), ("disconnect", "node_lost")]
-        (c,) = _of(ev, "connect", user=f"h{i}")
+        (con,) = _of(ev, "connect", user=f"h{i}")
         (x,) = _of(ev, "disconnect", user=f"h{i}")
-        assert x["client"] == c["client"] and x["node"] == "fault-node"
+        assert x["client"] == con["client"] and x["node"] == "fault-node"
     assert len(ev) == total + len(held)
     for c in held:
         await c.aclose()
@@ -216,5 +216,5 @@ async def test_events_off_registers_nothing(nodes: Callable[..., NodeProc], tmp_
     await node.astop()
     db = sqlite3.connect(tmp_path / "fastim.db")
     for table in ("outbox", "outbox_armed", "outbox_nodes", "outbox_lease"):
-        assert db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0  # noqa: S608
+        assert db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
     db.close()
