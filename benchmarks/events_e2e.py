@@ -76,6 +76,12 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _spawn(cmd: list[str], work: Path) -> subprocess.Popen[bytes]:
+    """The node, its log in ``work`` (a file: a pipe nobody reads would block it)."""
+    with open(work / "node.log", "wb") as log:
+        return subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT)
+
+
 async def one(n: int, batch: int, window: int, cpu: int, drain: bool) -> dict[str, float]:
     rx = Receiver()
     runner = await rx.start()
@@ -92,10 +98,9 @@ async def one(n: int, batch: int, window: int, cpu: int, drain: bool) -> dict[st
     ]  # fmt: skip
     if cpu >= 0:
         cmd = ["taskset", "-c", str(cpu), *cmd]
-    log = open(work / "node.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT)
+    proc = _spawn(cmd, work)
     try:
-        while "listening" not in (work / "node.log").read_text():
+        while "listening" not in (work / "node.log").read_text():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         rx.refuse = drain
         client = await connect(f"tcp://127.0.0.1:{tcp}", reconnect=False)
