@@ -21,6 +21,8 @@ from . import _core
 from .api import HttpApi, Metrics, StoreProbe
 from .api.http import memory_history
 from .auth import Auth, tls_server_context
+from .backend.events import Events
+from .backend.outbox import Sender
 from .backend.proxy import Proxy
 from .cluster.runtime import Cluster, advertised_host, join_host_port
 from .config import Config
@@ -66,6 +68,9 @@ class Node:
         )
         self.store: Store | None = None
         self.postman: Postman | None = None
+        #: event webhooks (docs/events.md): None when events_url is '' (zero cost)
+        self.events: Events | None = None
+        self.event_sender: Sender | None = None
         self.sessions: SessionList[Session] = SessionList()
         self.flusher: _core.Flusher = _core.Flusher(None)
         self.wheel: TimerWheel
@@ -125,6 +130,8 @@ class Node:
         self.store = store
         self.hub.store = self.store
         self.postman = Postman(self.store, cfg.dm_retry)
+        if cfg.events_url:
+            await self._start_events()
         self.flusher = _core.Flusher(loop.call_soon)
         self.flusher.pool_limit = cfg.ring_pool
         resolution = max(
@@ -198,6 +205,7 @@ class Node:
             if self.cluster is not None:
                 await self.cluster.close()
                 self.cluster = None
+            await self._stop_events()
             await self.store.close()
             raise
         self.wheel.start()
@@ -431,6 +439,7 @@ class Node:
         self.wheel.stop()
         if self.postman is not None:
             await self.postman.close()
+        await self._stop_events()
         if self._sweep_task is not None:
             self._sweep_task.cancel()
         await self.api.close()
@@ -441,6 +450,37 @@ class Node:
             await self.store.close()
         self._stopped.set()
         log.info("fastim node %s stopped", cfg.node_id)
+
+    async def _start_events(self) -> None:
+        """Event webhooks on: the emitter (beats first, so nothing is armed under a
+        process the store does not know alive) and this process's sender."""
+        cfg = self.config
+        assert self.store is not None and self.postman is not None
+        events = Events(self.store, cfg.node_id, cfg.events, cfg.events_lease)
+        sender = Sender(
+            self.store,
+            events.run,
+            cfg.events_url,
+            timeout=cfg.events_timeout,
+            batch=cfg.events_batch,
+            retry_max=cfg.events_retry_max,
+            lease=cfg.events_lease,
+            secret=cfg.events_secret,
+            headers=cfg.events_headers,
+        )
+        events.on_added = sender.wake
+        await events.start()
+        sender.start()
+        self.events = self.hub.events = self.postman.events = events
+        self.event_sender = sender
+
+    async def _stop_events(self) -> None:
+        """After the sessions closed: their disconnects into the store, then the sender
+        stops and releases its lease (another process takes over at once)."""
+        if self.events is not None:
+            await self.events.stop()
+        if self.event_sender is not None:
+            await self.event_sender.stop()
 
     async def serve_forever(self) -> None:
         """Start, run until SIGTERM or SIGINT, then shut down gracefully."""

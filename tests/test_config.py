@@ -227,9 +227,7 @@ def test_a_missing_extra_is_one_line_at_start(
     from server._support import free_port
 
     t0 = time.monotonic()
-    r = _fastim_without(
-        module, "serve", "--tcp-port", str(free_port()), "--ws-port", "0", *args
-    )
+    r = _fastim_without(module, "serve", "--tcp-port", str(free_port()), "--ws-port", "0", *args)
     assert time.monotonic() - t0 < 8  # at once, not after an etcd timeout
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()

@@ -44,11 +44,13 @@ def pack(ftype: int, f: dict[str, Any]) -> bytes:
     if ftype in (F.SUB, F.UNSUB, F.PUB):
         return P.pack_sub(ftype, f["id"], f["ch"], f.get("data", "").encode())
     if ftype == F.SUBSCRIBED:
-        payload = P.pack_subscribed(
-            f["id"], f["off"], f["ch"].encode(), f["epoch"], f["recovered"]
-        )
+        payload = P.pack_subscribed(f["id"], f["off"], f["ch"].encode(), f["epoch"], f["recovered"])
         assert P.unpack_subscribed(payload) == (
-            f["id"], f["off"], f["ch"], f["epoch"], f["recovered"]
+            f["id"],
+            f["off"],
+            f["ch"],
+            f["epoch"],
+            f["recovered"],
         )
         assert P.unpack_ack(payload) == (f["id"], f["off"], f["ch"])  # old decoders
         return payload

@@ -45,6 +45,7 @@ from ..hub.stats import LATENCY_BUCKETS as LATENCY_BUCKETS
 from ..hub.stats import LatencyHistogram as LatencyHistogram
 from ..store import Store, StoreError
 from ..transport import TcpSession, WsSession
+from .event_metrics import event_metrics
 from .host import ApiHost
 
 log = logging.getLogger("fastim")
@@ -305,6 +306,9 @@ class NodeCollector:
         ingest = getattr(node, "ingest", None)  # fastim/ingest/ (a sibling: not imported)
         if ingest is not None:
             yield from ingest.metric_families()
+        events = getattr(node, "events", None)
+        if events is not None:  # event webhooks (docs/events.md#metrics)
+            yield from event_metrics(events, getattr(node, "event_sender", None))
 
         lat = hub.latency
         yield HistogramMetricFamily(

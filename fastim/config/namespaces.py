@@ -43,6 +43,7 @@ NAMESPACE_KEYS: dict[str, type] = {
     "allow_presence": str,
     "proxy_subscribe": bool,
     "proxy_publish": bool,
+    "events_publish": bool,
 }
 
 #: the values of the allow_* rules: everyone (anonymous too), a verified token, only
@@ -79,6 +80,8 @@ class Namespace:
     #: proxy_publish_url) when those are set; false: this namespace skips them
     proxy_subscribe: bool = True
     proxy_publish: bool = True
+    #: every publish to a channel of this namespace is an event for events_url
+    events_publish: bool = False
 
     @property
     def limits(self) -> HistoryLimits:

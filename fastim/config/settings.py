@@ -18,6 +18,7 @@ from typing import Any
 
 from ..store import HistoryLimits, InboxLimits, StoreSettings
 from .endpoints import parse_endpoints
+from .events import check_events
 from .machine import check_host, need_extra
 from .namespaces import RULE_KEYS, RULE_VALUES, Namespace, Namespaces, check_namespaces
 from .origins import OriginPolicy
@@ -328,6 +329,44 @@ class Config:
             "wait starts at 0.1 s and doubles)"
         },
     )
+    # ---- event webhooks (fastim/backend/, docs/events.md)
+    events_url: str = field(
+        default="",
+        metadata={"help": "URL that receives batched events, at least once (POST; '' = off)"},
+    )
+    events: str = field(
+        default="connect,disconnect,subscribe,unsubscribe,join,leave,dm,publish",
+        metadata={
+            "help": "event kinds sent to events_url (join/leave: namespaces with join_leave; "
+            "publish: namespaces with events_publish)"
+        },
+    )
+    events_timeout: float = field(
+        default=5.0, metadata={"help": "seconds an events_url request may take before a retry"}
+    )
+    events_batch: int = field(default=100, metadata={"help": "most events in one POST"})
+    events_retry_max: float = field(
+        default=30.0,
+        metadata={"help": "longest wait, in seconds, between retries of a failed POST"},
+    )
+    events_lease: float = field(
+        default=10.0,
+        metadata={
+            "help": "seconds without renewal after which another process takes over sending, "
+            "and a process counts as lost (its connections get disconnect node_lost)"
+        },
+    )
+    events_secret: str = field(
+        default="",
+        metadata={
+            "help": "sent as 'Authorization: Bearer SECRET' with each POST ('' = none); "
+            "prefer FASTIM_EVENTS_SECRET or the file to the flag"
+        },
+    )
+    events_headers: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "extra HTTP headers of each POST: [events_headers]", "file_only": True},
+    )
 
     # ---- the application's backend in the loop: proxy hooks (docs/proxy.md)
     proxy_connect_url: str = field(
@@ -519,6 +558,10 @@ class Config:
         self._validate_workers()
         self._validate_proxy()
         self._validate_ingest()
+        try:
+            check_events(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
     def proxy_urls(self) -> dict[str, str]:

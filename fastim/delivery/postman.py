@@ -53,6 +53,7 @@ from typing import Any
 
 import orjson
 
+from ..backend.events import Events
 from ..errors import BadRequest
 from ..protocol import ErrorCode
 from ..store import AckOutOfRange, InboxAppended, InboxFull, InboxMessage, Store, StoreError
@@ -90,6 +91,8 @@ class Postman(InboxRechecks):
         #: cluster only (None on a single node): where messages for users with
         #: connections on other nodes go, and where routes are published
         self.relay: Relay | None = None
+        #: event webhooks (fastim/backend/events.py): a "dm" event per message stored
+        self.events: Events | None = None
         self._users: dict[str, UserState] = {}
         self._due: list[tuple[float, int, str, int]] = []  # (due, tiebreak, user, seq)
         self._tiebreak = 0
@@ -247,6 +250,8 @@ class Postman(InboxRechecks):
     def deliver(self, user: str, msg: InboxMessage) -> None:
         """Send a message just stored to every connection of ``user`` here (tracked for
         retry) and, in a cluster, to the other nodes holding connections of ``user``."""
+        if self.events is not None:
+            self.events.dm(user, msg.sender, msg.seq, msg.msg_id, msg.epoch)
         ev = dm_event(msg)
         u = self._users.get(user)
         if u is not None:

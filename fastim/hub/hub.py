@@ -18,6 +18,7 @@ from typing import Any, cast
 import orjson
 
 from .. import _core
+from ..backend.events import Conn, Events
 from ..config import Config
 from ..protocol import ErrorCode
 from ..store import Store, StoreError
@@ -81,6 +82,8 @@ class Hub:
         #: who may see a channel's presence when its namespace restricts it (the node
         #: sets it from its auth); None: everyone
         self.presence_gate: PresenceGate | None = None
+        #: event webhooks (fastim/backend/events.py); None when events_url is off
+        self.events: Events | None = None
 
     @property
     def durable_store(self) -> bool:
@@ -137,6 +140,8 @@ class Hub:
             t0 = perf_counter()
             off = ch.offset + 1
             self._deliver(ch, off, data)
+            if ch.ns.events_publish and self.events is not None:
+                self.events.published(name, off, ch.epoch, data)
             self.latency.observe(perf_counter() - t0)
             if len(ch.subs) == 0 and ch.ns.history_size == 0:
                 self._drop(name)
@@ -229,6 +234,8 @@ class Hub:
                 off = first + i
                 self._deliver(ch, off, data)
                 self.latency.observe(perf_counter() - t0)
+                if ch.ns.events_publish and self.events is not None:
+                    self.events.published(ch.name, off, epoch, data)
                 done(Published(off, epoch))
         finally:
             ch.inflight = False
@@ -485,6 +492,8 @@ class Hub:
         for off, data in msgs:
             session.send(ch.encode_one(fmt, off, data))
         self.recovered += len(msgs)
+        if self.events is not None:  # before the join it may cause
+            self.events.subscribed(cast("Conn", session), ch.name)
         self.join(ch.name, ring, session.user)
 
     def join(self, name: str, ring: _core.OutRing, user: str | None = None) -> Channel:
@@ -577,6 +586,8 @@ class Hub:
         relay = getattr(self.router, "announce", None)
         if relay is not None and relay(ch, op, user):
             return
+        if self.events is not None:
+            self.events.presence(ch.name, op, user)  # decided here: the event is ours
         self.announce_here(ch, op, user)
 
     def announce_here(self, ch: Channel, op: str, user: str, skip: str | None = None) -> None:

@@ -59,9 +59,10 @@ class BackendState:
 
     __slots__ = ("busy", "client", "data", "expiry", "info", "meta", "paused", "queue")
 
-    def __init__(self) -> None:
-        #: the id the hooks know the connection by (Centrifugo's ``client``)
-        self.client = str(uuid.uuid4())
+    def __init__(self, client: str = "") -> None:
+        #: the id the hooks know the connection by (Centrifugo's ``client``): its
+        #: events' ``client`` when they came first (docs/events.md), else a new UUID
+        self.client = client or str(uuid.uuid4())
         #: a command is waiting for the backend: the ones after it are queued
         self.busy = False
         self.queue: deque[tuple[Callable[..., None], Any, Any]] = deque()
@@ -116,6 +117,7 @@ class Hooked(Identified):
     backend: BackendState | None
 
     # the session's fields and methods these use (Session defines them)
+    eid: str
     replies: Replies
     transport: Any
     close: Callable[..., None]
@@ -128,7 +130,7 @@ class Hooked(Identified):
     def _backend(self) -> BackendState:
         b = self.backend
         if b is None:
-            b = self.backend = BackendState()
+            b = self.backend = BackendState(self.eid)
         return b
 
     def queue_command(self, run: Callable[..., None], a: Any, b_: Any) -> None:

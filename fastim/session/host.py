@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from .. import _core
 from ..auth import Auth
+from ..backend.events import Events
 from ..backend.proxy import Proxy
 from ..config import Config
 from ..delivery import Postman
@@ -27,6 +28,8 @@ class Host(Protocol):
     proxy: Proxy
     hub: Hub
     postman: Postman | None
+    #: event webhooks (docs/events.md); None when events_url is off
+    events: Events | None
     sessions: SessionList[Any]
     wheel: TimerWheel
     flusher: _core.Flusher

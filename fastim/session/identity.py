@@ -29,6 +29,7 @@ class Identified:
     user: str | None
     identity: Identity | None
     auth_wait: bool
+    eid: str  # the connection id of its webhook events (fastim/backend/events.py)
 
     # the session's fields and methods these use (Session defines them)
     config: Config
@@ -62,8 +63,13 @@ class Identified:
             raise BadRequest(f"this connection already declared user {self.user!r}")
         self.user = user
         hub = self.node.hub
+        events = self.node.events
+        if events is not None:
+            events.connected(self)
         for ch in self.subs or ():
             channel = hub.channels.get(ch)
+            if events is not None:
+                events.subscribed(self, ch)  # made before the user was known
             if channel is not None:
                 n = channel.users.get(user, 0)
                 channel.users[user] = n + 1

@@ -53,9 +53,11 @@ class Session(Hooked, asyncio.Protocol):
         "_prev",
         "awaiting_pong",
         "bucket",
+        "closed_with",
         "closing_after",
         "config",
         "decoder",
+        "eid",
         "hello_seen",
         "inflight",
         "ip",
@@ -93,6 +95,10 @@ class Session(Hooked, asyncio.Protocol):
         #: publishes waiting for the store; a close waits for them (:meth:`_close_after`)
         self.inflight = 0
         self.closing_after: tuple[bytes | None, int, str] | None = None
+        #: event webhooks (fastim/backend/events.py): the connection id its events
+        #: carry ("" until its first), and the (code, reason) the server closed it with
+        self.eid = ""
+        self.closed_with: tuple[int, str] | None = None
         self.ip: str | None = None  # the client's address when per-address limits apply
         self.bucket: _core.TokenBucket | None = None  # publish/send rate, on first use
         #: what the connection's verified token says (None: no token)
@@ -191,6 +197,9 @@ class Session(Hooked, asyncio.Protocol):
             self.ip = None
         self.state = CLOSED
         self._drop_subscriptions()
+        events = self.node.events
+        if events is not None and self.eid:
+            events.disconnected(self, self.closed_with, exc is not None)
         if self.ring is not None:
             self.ring.close()
         self.node.wheel.cancel(self)
@@ -329,6 +338,8 @@ class Session(Hooked, asyncio.Protocol):
         violation learns that it was stored."""
         if self.state >= CLOSING or self.transport is None:
             return
+        if self.closed_with is None:
+            self.closed_with = (code, reason)  # the disconnect event's reason
         if self.inflight and not drop_pending:
             self._close_after(None, code, reason)
             return
@@ -618,6 +629,8 @@ class Session(Hooked, asyncio.Protocol):
                 )
                 return
             self.subs.remove(ch)
+            if self.node.events is not None:  # before the leave it may cause
+                self.node.events.unsubscribed(self, ch)
             self.node.hub.unsubscribe(ch, self)
             self.send(replies.unsubscribed(req.id, ch))
 

@@ -145,6 +145,41 @@ class InboxMessage(NamedTuple):
     epoch: str = ""
 
 
+class OutboxItem(NamedTuple):
+    """One event for :meth:`Store.outbox_add`, with the bookkeeping that makes a node's
+    crash lose no disconnect (see :mod:`fastim.backend.events`).
+
+    ``data``: the event (JSON bytes; ``b""``: none, only the bookkeeping). ``arm``:
+    ``(key, node, order, lost)``: remember,
+    under ``node``, the event to emit if that node dies first: ``lost`` is a JSON object
+    without its closing brace, to which :meth:`Store.outbox_claim` appends
+    ``,"time":<unix ms>}``; ``order`` sorts one node's armed events (lower first).
+    ``disarm``: an armed key this event replaces: the event is added only if the key is
+    still armed (else it was already emitted as lost, and this one would be a second
+    disconnect), and the key is dropped. Checked and applied atomically with the add.
+    """
+
+    data: bytes
+    arm: tuple[str, str, int, bytes] | None = None
+    disarm: str | None = None
+
+
+class OutboxEntry(NamedTuple):
+    """An event in the outbox: ``key`` names it for :meth:`Store.outbox_remove`."""
+
+    key: str
+    data: bytes
+
+
+class OutboxStats(NamedTuple):
+    """``depth``: events waiting; ``oldest``: unix time the oldest was added (None: empty);
+    ``armed``: crash-disconnect entries registered (open connections, joins)."""
+
+    depth: int
+    oldest: float | None
+    armed: int = 0
+
+
 class InboxState(NamedTuple):
     """``acked``: the highest acknowledged sequence; ``top``: the last one assigned;
     ``epoch``: the inbox's epoch ("" for an inbox never written to)."""
@@ -308,6 +343,41 @@ class Store(abc.ABC):
         delivered in the same epoch. Messages, acked and top stay. Compare-and-set: a
         restart made by another node first is returned unchanged.
         """
+
+    # -- event outbox (fastim.backend: docs/events.md)
+
+    @abc.abstractmethod
+    async def outbox_add(self, items: Sequence[OutboxItem]) -> int:
+        """Append ``items``' events in order, atomically with their arm/disarm
+        bookkeeping (one transaction / one script); return how many were added (an item
+        whose ``disarm`` key is not armed adds nothing)."""
+
+    @abc.abstractmethod
+    async def outbox_read(self, limit: int) -> list[OutboxEntry]:
+        """The oldest ``limit`` events, oldest first."""
+
+    @abc.abstractmethod
+    async def outbox_remove(self, keys: Sequence[str]) -> None:
+        """Drop delivered events (unknown keys are ignored)."""
+
+    @abc.abstractmethod
+    async def outbox_stats(self) -> OutboxStats:
+        """Depth, time of the oldest event, armed entries."""
+
+    @abc.abstractmethod
+    async def outbox_lease(self, owner: str, ttl: float) -> bool:
+        """Take or renew the sender lease for ``ttl`` seconds: True if ``owner`` holds it
+        (it was free, expired, or already ``owner``'s). ``ttl`` 0 releases it if held."""
+
+    @abc.abstractmethod
+    async def outbox_beat(self, node: str, ttl: float) -> None:
+        """``node`` is alive for ``ttl`` more seconds (its armed events stay armed)."""
+
+    @abc.abstractmethod
+    async def outbox_claim(self, limit: int = 1000) -> int:
+        """Emit the armed events of dead nodes (no beat within their ttl): each becomes
+        an outbox event (``lost`` + the time), atomically with dropping it, so two
+        claimers never emit one twice. At most ``limit`` a call; returns how many."""
 
     # -- upkeep
 

@@ -25,6 +25,9 @@ from .base import (
     InboxLimits,
     InboxMessage,
     InboxState,
+    OutboxEntry,
+    OutboxItem,
+    OutboxStats,
     Store,
     StoreUnavailable,
     check_read_args,
@@ -80,6 +83,14 @@ class MemoryStore(Store):
         self._clock = clock
         self._channels: dict[str, _Channel] = {}
         self._inboxes: dict[str, _Inbox] = {}
+        # the event outbox (volatile like everything here: docs/events.md)
+        self._outbox: dict[int, tuple[float, bytes]] = {}  # insertion order = outbox order
+        self._outbox_next = 1
+        #: armed key -> (node, order, insertion number, lost-event prefix)
+        self._armed: dict[str, tuple[str, int, int, bytes]] = {}
+        self._armed_next = 0
+        self._beats: dict[str, float] = {}
+        self._lease: tuple[str, float] | None = None
         self._closed = False
 
     def _check_open(self) -> None:
@@ -265,6 +276,76 @@ class MemoryStore(Store):
         if ib.epoch == seen_epoch:
             ib.epoch = new_epoch()
         return InboxState(ib.acked, ib.top, ib.epoch)
+
+    # ------------------------------------------------------------------------ event outbox
+
+    async def outbox_add(self, items: Sequence[OutboxItem]) -> int:
+        self._check_open()
+        now = self._clock()
+        n = 0
+        for item in items:
+            if item.disarm is not None and self._armed.pop(item.disarm, None) is None:
+                continue  # already emitted as lost
+            if item.arm is not None:
+                key, node, order, lost = item.arm
+                self._armed_next += 1
+                self._armed[key] = (node, order, self._armed_next, lost)
+            if not item.data:
+                continue  # bookkeeping only (an arm whose own event kind is off)
+            self._outbox[self._outbox_next] = (now, item.data)
+            self._outbox_next += 1
+            n += 1
+        return n
+
+    async def outbox_read(self, limit: int) -> list[OutboxEntry]:
+        self._check_open()
+        out: list[OutboxEntry] = []
+        for key, (_, data) in self._outbox.items():
+            if len(out) >= limit:
+                break
+            out.append(OutboxEntry(str(key), data))
+        return out
+
+    async def outbox_remove(self, keys: Sequence[str]) -> None:
+        self._check_open()
+        for key in keys:
+            self._outbox.pop(int(key), None)
+
+    async def outbox_stats(self) -> OutboxStats:
+        self._check_open()
+        oldest = next(iter(self._outbox.values()))[0] if self._outbox else None
+        return OutboxStats(len(self._outbox), oldest, len(self._armed))
+
+    async def outbox_lease(self, owner: str, ttl: float) -> bool:
+        self._check_open()
+        now = self._clock()
+        lease = self._lease
+        if lease is not None and lease[0] != owner and lease[1] > now:
+            return False
+        self._lease = (owner, now + ttl) if ttl > 0 else None
+        return ttl > 0
+
+    async def outbox_beat(self, node: str, ttl: float) -> None:
+        self._check_open()
+        self._beats[node] = self._clock() + ttl
+
+    async def outbox_claim(self, limit: int = 1000) -> int:
+        self._check_open()
+        now = self._clock()
+        dead = {node for node, _, _, _ in self._armed.values() if self._beats.get(node, 0.0) <= now}
+        if not dead:
+            return 0
+        lost = sorted(
+            (order, seq, key, prefix)
+            for key, (node, order, seq, prefix) in self._armed.items()
+            if node in dead
+        )[:limit]
+        tail = b',"time":%d}' % int(now * 1000)
+        for _, _, key, prefix in lost:
+            del self._armed[key]
+            self._outbox[self._outbox_next] = (now, prefix + tail)
+            self._outbox_next += 1
+        return len(lost)
 
     # ------------------------------------------------------------------------------ upkeep
 

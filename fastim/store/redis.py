@@ -56,6 +56,9 @@ from .base import (
     InboxLimits,
     InboxMessage,
     InboxState,
+    OutboxEntry,
+    OutboxItem,
+    OutboxStats,
     Store,
     StoreUnavailable,
     check_read_args,
@@ -363,6 +366,53 @@ class RedisStore(Store):
         return await self._call("inbox_restart_epoch", self._in(user)[:1], args, parse)
 
     # ------------------------------------------------------------------------------ upkeep
+
+    # ------------------------------------------------------------------------ event outbox
+
+    @property
+    def _ev(self) -> list[str]:
+        return [f"{self.prefix}:ev:{{o}}"]
+
+    async def outbox_add(self, items: Sequence[OutboxItem]) -> int:
+        args: list[Any] = []
+        for it in items:
+            key, node, order, lost = it.arm if it.arm is not None else ("", "", 0, b"")
+            args += [it.data, key, node, order, lost, it.disarm or ""]
+        if not args:
+            return 0
+        return await self._call("outbox_add", self._ev, args, int)
+
+    async def outbox_read(self, limit: int) -> list[OutboxEntry]:
+        def parse(reply: Any) -> list[OutboxEntry]:
+            out = []
+            for sid, fv in reply:
+                f = dict(zip(fv[::2], fv[1::2], strict=True))
+                out.append(OutboxEntry(_s(sid), bytes(f[b"d"])))
+            return out
+
+        return await self._call("outbox_read", self._ev, [limit], parse)
+
+    async def outbox_remove(self, keys: Sequence[str]) -> None:
+        if keys:
+            await self._call("outbox_remove", self._ev, list(keys), int)
+
+    async def outbox_stats(self) -> OutboxStats:
+        def parse(reply: Any) -> OutboxStats:
+            first = _s(reply[1])
+            oldest = int(first.split("-")[0]) / 1000 if first else None
+            return OutboxStats(int(reply[0]), oldest, int(reply[2]))
+
+        return await self._call("outbox_stats", self._ev, [], parse)
+
+    async def outbox_lease(self, owner: str, ttl: float) -> bool:
+        ms = max(0, round(ttl * 1000))
+        return await self._call("outbox_lease", self._ev, [owner, ms], lambda r: int(r) == 1)
+
+    async def outbox_beat(self, node: str, ttl: float) -> None:
+        await self._call("outbox_beat", self._ev, [node, self._ms(ttl)], int)
+
+    async def outbox_claim(self, limit: int = 1000) -> int:
+        return await self._call("outbox_claim", self._ev, [limit], int)
 
     async def close(self) -> None:
         """Send what is queued, wait for the replies, close the connections. Idempotent."""

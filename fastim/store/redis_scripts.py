@@ -239,6 +239,139 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
+# ---- the event outbox (fastim.backend, docs/events.md). KEYS[1] is the outbox's base
+# key ``P:ev:{o}``; its keys are that base plus ``:s`` (stream of events, ``d`` field),
+# ``:lease`` (sender lease), ``:n`` (zset node -> beat expiry ms), ``:an`` (set of nodes
+# with armed events), ``:akey`` (hash armed key -> node), ``:a:<node>`` (hash armed key ->
+# "<ord> <seq> <lost event>"), ``:seq`` (counter). All share the ``{o}`` hash tag, so the
+# scripts build the per-node names themselves (one slot in a Redis Cluster).
+_OUTBOX_NOW = """
+local b = KEYS[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# ARGV: 6 per event: data, arm key ('' none), arm node, arm ord, arm lost, disarm key.
+# Returns the number of events added.
+OUTBOX_ADD = (
+    _OUTBOX_NOW
+    + """
+local n = 0
+for i = 1, #ARGV, 6 do
+  local ok = true
+  local dk = ARGV[i + 5]
+  if dk ~= '' then
+    local node = redis.call('HGET', b .. ':akey', dk)
+    if node then
+      redis.call('HDEL', b .. ':a:' .. node, dk)
+      redis.call('HDEL', b .. ':akey', dk)
+    else
+      ok = false  -- claimed as lost: that event went out already
+    end
+  end
+  if ok then
+    local ak = ARGV[i + 1]
+    if ak ~= '' then
+      local node = ARGV[i + 2]
+      local seq = redis.call('INCR', b .. ':seq')
+      redis.call('HSET', b .. ':a:' .. node, ak, ARGV[i + 3] .. ' ' .. seq .. ' ' .. ARGV[i + 4])
+      redis.call('HSET', b .. ':akey', ak, node)
+      redis.call('SADD', b .. ':an', node)
+    end
+    if ARGV[i] ~= '' then  -- '': bookkeeping only
+      redis.call('XADD', b .. ':s', '*', 'd', ARGV[i])
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+)
+
+# ARGV[1] limit. Returns XRANGE's reply.
+OUTBOX_READ = """
+return redis.call('XRANGE', KEYS[1] .. ':s', '-', '+', 'COUNT', ARGV[1])
+"""
+
+# ARGV: stream ids to delete.
+OUTBOX_REMOVE = """
+if #ARGV == 0 then return 0 end
+return redis.call('XDEL', KEYS[1] .. ':s', unpack(ARGV))
+"""
+
+# Returns {depth, id of the oldest ('' none), armed}.
+OUTBOX_STATS = """
+local b = KEYS[1]
+local first = redis.call('XRANGE', b .. ':s', '-', '+', 'COUNT', 1)
+local id = ''
+if first[1] then id = first[1][1] end
+return {redis.call('XLEN', b .. ':s'), id, redis.call('HLEN', b .. ':akey')}
+"""
+
+# ARGV[1] owner, ARGV[2] ttl ms (0: release). Returns 1 if the owner holds the lease.
+OUTBOX_LEASE = """
+local k = KEYS[1] .. ':lease'
+local cur = redis.call('GET', k)
+if cur and cur ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) <= 0 then
+  if cur then redis.call('DEL', k) end
+  return 0
+end
+redis.call('SET', k, ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# ARGV[1] node, ARGV[2] ttl ms.
+OUTBOX_BEAT = (
+    _OUTBOX_NOW
+    + """
+redis.call('ZADD', b .. ':n', now + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+)
+
+# ARGV[1] limit. Emits the armed events of nodes whose beat expired (or never came),
+# leaves before disconnects (ord), then in arming order. Returns how many.
+OUTBOX_CLAIM = (
+    _OUTBOX_NOW
+    + """
+local left = tonumber(ARGV[1])
+local n = 0
+local tail = ',"time":' .. now .. '}'
+for _, node in ipairs(redis.call('SMEMBERS', b .. ':an')) do
+  local exp = redis.call('ZSCORE', b .. ':n', node)
+  if left > 0 and (not exp or tonumber(exp) <= now) then
+    local h = b .. ':a:' .. node
+    local all = redis.call('HGETALL', h)
+    local rows = {}
+    for i = 1, #all, 2 do
+      local o, s, lost = string.match(all[i + 1], '^(%-?%d+) (%d+) (.*)$')
+      rows[#rows + 1] = {tonumber(o), tonumber(s), all[i], lost}
+    end
+    table.sort(rows, function(x, y)
+      if x[1] ~= y[1] then return x[1] < y[1] end
+      return x[2] < y[2]
+    end)
+    local take = math.min(#rows, left)
+    for i = 1, take do
+      local r = rows[i]
+      redis.call('XADD', b .. ':s', '*', 'd', r[4] .. tail)
+      redis.call('HDEL', h, r[3])
+      redis.call('HDEL', b .. ':akey', r[3])
+    end
+    n = n + take
+    left = left - take
+    if take == #rows then
+      redis.call('SREM', b .. ':an', node)
+      redis.call('ZREM', b .. ':n', node)
+    end
+  end
+end
+redis.call('ZREMRANGEBYSCORE', b .. ':n', '-inf', now - 3600000)
+return n
+"""
+)
+
 SCRIPTS = {
     name: Script(src)
     for name, src in (
@@ -249,5 +382,12 @@ SCRIPTS = {
         ("inbox_ack", INBOX_ACK),
         ("inbox_read", INBOX_READ),
         ("inbox_restart_epoch", INBOX_RESTART_EPOCH),
+        ("outbox_add", OUTBOX_ADD),
+        ("outbox_read", OUTBOX_READ),
+        ("outbox_remove", OUTBOX_REMOVE),
+        ("outbox_stats", OUTBOX_STATS),
+        ("outbox_lease", OUTBOX_LEASE),
+        ("outbox_beat", OUTBOX_BEAT),
+        ("outbox_claim", OUTBOX_CLAIM),
     )
 }

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from . import sqlite_outbox
 from .base import (
     Appended,
     ChannelState,
@@ -49,6 +50,9 @@ from .base import (
     InboxLimits,
     InboxMessage,
     InboxState,
+    OutboxEntry,
+    OutboxItem,
+    OutboxStats,
     Store,
     StoreUnavailable,
     check_read_args,
@@ -234,6 +238,7 @@ class SqliteStore(Store):
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             conn.executescript(SCHEMA)
+            conn.executescript(sqlite_outbox.SCHEMA)
             _migrate(conn)
         return conn
 
@@ -379,6 +384,35 @@ class SqliteStore(Store):
 
     async def inbox_restart_epoch(self, user: str, seen_epoch: str) -> InboxState:
         return await self._write(lambda w: w.inbox_restart_epoch(user, seen_epoch))
+
+    # ------------------------------------------------------------------------ event outbox
+
+    async def outbox_add(self, items: Sequence[OutboxItem]) -> int:
+        batch = list(items)
+        clock = self._clock
+        return await self._write(lambda w: sqlite_outbox.add(w.conn, batch, clock()))
+
+    async def outbox_read(self, limit: int) -> list[OutboxEntry]:
+        return await self._read(lambda c: sqlite_outbox.read(c, limit))
+
+    async def outbox_remove(self, keys: Sequence[str]) -> None:
+        batch = list(keys)
+        await self._write(lambda w: sqlite_outbox.remove(w.conn, batch))
+
+    async def outbox_stats(self) -> OutboxStats:
+        return await self._read(sqlite_outbox.stats)
+
+    async def outbox_lease(self, owner: str, ttl: float) -> bool:
+        clock = self._clock
+        return await self._write(lambda w: sqlite_outbox.lease(w.conn, owner, ttl, clock()))
+
+    async def outbox_beat(self, node: str, ttl: float) -> None:
+        clock = self._clock
+        await self._write(lambda w: sqlite_outbox.beat(w.conn, node, ttl, clock()))
+
+    async def outbox_claim(self, limit: int = 1000) -> int:
+        clock = self._clock
+        return await self._write(lambda w: sqlite_outbox.claim(w.conn, limit, clock()))
 
     # ------------------------------------------------------------------------------ upkeep
 

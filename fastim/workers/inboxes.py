@@ -31,6 +31,9 @@ from ..store import (
     InboxFull,
     InboxMessage,
     InboxState,
+    OutboxEntry,
+    OutboxItem,
+    OutboxStats,
     Store,
     StoreError,
     StoreUnavailable,
@@ -96,6 +99,29 @@ class MeshInboxes(Store):
 
     async def close(self) -> None:
         await self.local.close()
+
+    # -- the event outbox: each worker's own (a memory store is per process)
+
+    async def outbox_add(self, items: Sequence[OutboxItem]) -> int:
+        return await self.local.outbox_add(items)
+
+    async def outbox_read(self, limit: int) -> list[OutboxEntry]:
+        return await self.local.outbox_read(limit)
+
+    async def outbox_remove(self, keys: Sequence[str]) -> None:
+        await self.local.outbox_remove(keys)
+
+    async def outbox_stats(self) -> OutboxStats:
+        return await self.local.outbox_stats()
+
+    async def outbox_lease(self, owner: str, ttl: float) -> bool:
+        return await self.local.outbox_lease(owner, ttl)
+
+    async def outbox_beat(self, node: str, ttl: float) -> None:
+        await self.local.outbox_beat(node, ttl)
+
+    async def outbox_claim(self, limit: int = 1000) -> int:
+        return await self.local.outbox_claim(limit)
 
     # -- inboxes: on the owner worker
 

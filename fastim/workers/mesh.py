@@ -514,6 +514,9 @@ class WorkerMesh(Cluster):
 
     def _emit(self, name: str, op: str, user: str) -> None:
         """A node-wide join/leave: announced here and by every follower."""
+        events = self.hub.events
+        if events is not None:
+            events.presence(name, op, user)  # decided here, by the channel's owner
         self._on_pres_ev(self.me, {"ch": name, "ev": op, "user": user})
         links = self.links
         if links is None:

@@ -116,8 +116,7 @@ def say(driver: Browser, text: str) -> None:
 
 
 LINES = (
-    "Array.from(document.querySelectorAll('#messages li:not(.pending)'))"
-    ".map(li => li.textContent)"
+    "Array.from(document.querySelectorAll('#messages li:not(.pending)')).map(li => li.textContent)"
 )
 
 

@@ -350,9 +350,7 @@ def test_streams_across_a_restart_on_every_store(
         f" && {want_n}.every((n) => direct.some((x) => x[0] === 'dm' && x[3] === n))",
         "what the node acknowledged",
     )
-    wait_js(
-        d, "client.inbox.acked > 0 && client.inbox.acked === client.inbox.delivered", "dm acks"
-    )
+    wait_js(d, "client.inbox.acked > 0 && client.inbox.acked === client.inbox.delivered", "dm acks")
     # a late copy would come before a marker published and sent last (both -1)
     _, mark_off, _ = publish(node, "stream", -1)
     _, mark_seq, _ = send(node, "dora", -1)

@@ -24,9 +24,10 @@ def test_score_is_stable_across_processes() -> None:
     assert P.score("news", "node-1") == int.from_bytes(
         __import__("hashlib").blake2b(b"news\0node-1", digest_size=8).digest(), "big"
     )
-    assert P.owner("news", ["node-1", "node-2", "node-3"]) == P.ranking(
-        "news", ["node-3", "node-2", "node-1"]
-    )[0]
+    assert (
+        P.owner("news", ["node-1", "node-2", "node-3"])
+        == P.ranking("news", ["node-3", "node-2", "node-1"])[0]
+    )
 
 
 @given(channels, node_sets)

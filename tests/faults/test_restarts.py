@@ -41,9 +41,9 @@ from .test_kill9 import client, eventually, progress, windowed, within
 pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
 
 
-async def raw_sub(url: str, ch: str, since: dict[str, Any] | None, want: int) -> tuple[
-    dict[str, Any], list[dict[str, Any]]
-]:
+async def raw_sub(
+    url: str, ch: str, since: dict[str, Any] | None, want: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A plain WebSocket client's ``sub`` (the wire, as any client sees it): the reply
     and the first ``want`` messages after it (fewer if none come for 1 s)."""
     cmd: dict[str, Any] = {"op": "sub", "ch": ch, "id": 1}
@@ -301,6 +301,7 @@ async def test_streams_across_a_restart_on_every_store(
             if kind == "memory":
                 epoch_of.append("new")  # publishes acked from now on are the new epoch's
             steps.append(f"up at {len(acked)} acked, {len(sent)} sent, t={loop.time():.2f}")
+
         await within(
             asyncio.gather(windowed(n, 8, publish), windowed(ndm, 4, send), bounce()),
             90,
@@ -420,6 +421,7 @@ async def test_twenty_kill9_cycles_on_the_default_store(
                 i += 1
 
         tasks = [asyncio.ensure_future(c()) for c in (read, read_dms, publisher, sender)]
+
         def progressed(a0: int, s0: int) -> Callable[[], bool]:
             return lambda: len(acked) >= a0 + 15 and len(sent) >= s0 + 3
 

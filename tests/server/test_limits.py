@@ -240,9 +240,7 @@ async def test_an_address_over_its_limits_holds_few_connections_without_a_reques
 async def test_a_silent_connection_over_the_limits_gets_the_limit_answer(
     node_factory: Any,
 ) -> None:
-    node = await node_factory(
-        ip_limits_exempt="", max_connections_per_ip=1, handshake_timeout=0.5
-    )
+    node = await node_factory(ip_limits_exempt="", max_connections_per_ip=1, handshake_timeout=0.5)
     async with deadline(15):
         client = await WsClient.connect(node.ws_port)
         reader, writer = await open_tcp(node.ws_port)
