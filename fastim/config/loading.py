@@ -113,4 +113,6 @@ def redact(name: str, value: Any) -> Any:
         return f"{scheme}://{user}:***@{host}"
     if any(word in name for word in ("secret", "password", "api_key", "token")) and value:
         return "***"
+    if name in ("proxy_static_headers", "events_headers") and value:
+        return "***"  # headers the backend checks: they carry its secrets
     return value

@@ -1,0 +1,93 @@
+"""The circuit breaker's states on a clock of the test's own, and the proxy settings'
+validation (each bad value named, a secret never echoed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastim.backend.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from fastim.config import Config, ConfigError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_opens_after_failures_in_a_row_only() -> None:
+    clock = Clock()
+    b = CircuitBreaker(3, 5.0, clock)
+    b.failure()
+    b.failure()
+    b.success()  # the streak is broken: two more failures do not open it
+    b.failure()
+    b.failure()
+    assert b.state == CLOSED and b.allow()
+    b.failure()
+    assert b.state == OPEN and not b.allow() and b.opened == 1
+    assert b.retry_after() == pytest.approx(5.0)
+
+
+def test_half_open_lets_one_probe_and_decides_on_it() -> None:
+    clock = Clock()
+    b = CircuitBreaker(1, 5.0, clock)
+    b.failure()
+    clock.t += 4.9
+    assert not b.allow()
+    clock.t += 0.2
+    assert b.state == HALF_OPEN
+    assert b.allow()  # the probe
+    assert not b.allow()  # only one at a time
+    b.failure()  # the probe failed: open again for a whole cooldown
+    assert b.state == OPEN and b.opened == 2 and b.retry_after() == pytest.approx(5.0)
+    clock.t += 5.0
+    assert b.allow()
+    b.success()  # the probe answered: closed, everything goes
+    assert b.state == CLOSED and b.allow() and b.allow() and b.streak == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"proxy_connect_url": "ftp://x/connect"}, "proxy_connect_url: must be an http://"),
+        ({"proxy_rpc_url": "localhost:8080/rpc"}, "proxy_rpc_url: must be an http://"),
+        ({"proxy_timeout": 0}, "proxy_timeout: must be > 0"),
+        ({"proxy_max_inflight": 0}, "proxy_max_inflight: must be >= 1"),
+        ({"proxy_breaker_failures": 0}, "proxy_breaker_failures: must be >= 1"),
+        ({"proxy_breaker_cooldown": -1.0}, "proxy_breaker_cooldown: must be > 0"),
+        ({"proxy_http_headers": "Cookie,Bad Header"}, "'Bad Header' is not a header name"),
+    ],
+)
+def test_bad_proxy_settings_are_named(settings: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        Config(**settings).validate()  # type: ignore[arg-type]
+    assert needle in str(e.value)
+
+
+def test_a_bad_static_header_is_named_without_its_secret() -> None:
+    with pytest.raises(ConfigError) as e:
+        Config(proxy_static_headers="X-Ok: 1; no-colon-s3cr3t").validate()
+    assert "proxy_static_headers: entry 2" in str(e.value)
+    assert "s3cr3t" not in str(e.value)
+
+
+def test_proxy_headers_parsed() -> None:
+    cfg = Config(
+        proxy_http_headers="Cookie, X-Request-Id",
+        proxy_static_headers="X-Secret: a:b; X-Two: 2",
+        proxy_publish_url="https://backend.example/publish",
+    ).validate()
+    assert cfg.proxy_headers() == (["cookie", "x-request-id"], {"X-Secret": "a:b", "X-Two": "2"})
+    assert cfg.proxy_urls() == {"publish": "https://backend.example/publish"}
+
+
+def test_header_settings_never_reach_the_logs() -> None:
+    from fastim.config import redact
+
+    assert redact("proxy_static_headers", "X-Fastim-Secret: hunter2") == "***"
+    assert redact("events_headers", {"X-Key": "hunter2"}) == "***"
+    assert redact("events_secret", "hunter2") == "***"
+    assert redact("proxy_http_headers", "Cookie") == "Cookie"  # names only: shown
