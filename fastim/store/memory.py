@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from .base import (
+    IDEMPOTENCY_WINDOW,
     AckOutOfRange,
     Appended,
     ChannelState,
@@ -25,19 +26,26 @@ from .base import (
     InboxLimits,
     InboxMessage,
     InboxState,
+    KeyedAppended,
     Store,
     StoreUnavailable,
     check_read_args,
     dedup_key,
     new_epoch,
     new_msg_id,
+    plan_keyed,
+    settle_keyed,
 )
 
 
 class _Channel:
-    """One channel's history: ``msgs`` holds (offset, time, data), consecutive offsets."""
+    """One channel's history: ``msgs`` holds (offset, time, data), consecutive offsets.
 
-    __slots__ = ("epoch", "meta_ttl", "msgs", "top", "touched", "ttl")
+    ``keys``: idempotency key -> (offset, epoch, expiry) of :meth:`MemoryStore.append_keyed`,
+    and ``key_order`` (expiry, key) to forget them in time order; made on first use.
+    """
+
+    __slots__ = ("epoch", "key_order", "keys", "meta_ttl", "msgs", "top", "touched", "ttl")
 
     def __init__(self, now: float, limits: HistoryLimits) -> None:
         self.epoch = new_epoch()
@@ -47,6 +55,20 @@ class _Channel:
         self.touched = now
         self.ttl = limits.ttl
         self.meta_ttl = limits.meta_ttl
+        self.keys: dict[str, tuple[int, str, float]] | None = None
+        self.key_order: deque[tuple[float, str]] | None = None
+
+    def forget_keys(self, now: float) -> int:
+        """Drop the idempotency keys whose window ended; return how many."""
+        keys, order = self.keys, self.key_order
+        n = 0
+        while keys is not None and order and order[0][0] <= now:
+            expires, key = order.popleft()
+            hit = keys.get(key)
+            if hit is not None and hit[2] == expires:
+                del keys[key]
+                n += 1
+        return n
 
 
 class _Inbox:
@@ -135,6 +157,40 @@ class MemoryStore(Store):
         self, channel: str, items: Sequence[bytes], limits: HistoryLimits | None = None
     ) -> Appended:
         return self._append(channel, items, self._limits(limits))
+
+    async def append_keyed(
+        self,
+        channel: str,
+        items: Sequence[bytes],
+        keys: Sequence[str | None],
+        limits: HistoryLimits | None = None,
+        window: float = IDEMPOTENCY_WINDOW,
+    ) -> KeyedAppended:
+        self._check_open()
+        lim = self._limits(limits)
+        now = self._clock()
+        ch = self._channel(channel, lim, now)
+        ch.forget_keys(now)
+        seen = ch.keys or {}
+        known = {}
+        for k in keys:
+            if k is not None and k in seen:
+                off, epoch, _ = seen[k]
+                if epoch == ch.epoch:  # restart_epoch keeps the object, not the keys' meaning
+                    known[k] = off
+        fresh, offsets, duplicate = plan_keyed(items, keys, known)
+        first, epoch = self._append(channel, [items[i] for i in fresh], lim)
+        done = settle_keyed(fresh, offsets, duplicate, first, epoch)
+        if window > 0:
+            expires = now + window
+            for i in fresh:
+                k = keys[i]
+                if k is not None:
+                    if ch.keys is None or ch.key_order is None:
+                        ch.keys, ch.key_order = {}, deque()
+                    ch.keys[k] = (offsets[i], epoch, expires)
+                    ch.key_order.append((expires, k))
+        return done
 
     async def read(
         self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None
@@ -281,12 +337,14 @@ class MemoryStore(Store):
         for name, ch in self._channels.items():
             if ch.meta_ttl is not None and now - ch.touched >= ch.meta_ttl:
                 dead.append(name)
-            elif ch.ttl is not None and ch.msgs:
-                cutoff = now - ch.ttl
-                msgs = ch.msgs
-                while msgs and msgs[0][1] <= cutoff:
-                    msgs.popleft()
-                    n += 1
+            else:
+                n += ch.forget_keys(now)
+                if ch.ttl is not None and ch.msgs:
+                    cutoff = now - ch.ttl
+                    msgs = ch.msgs
+                    while msgs and msgs[0][1] <= cutoff:
+                        msgs.popleft()
+                        n += 1
         for name in dead:
             del self._channels[name]
         for ib in self._inboxes.values():

@@ -31,10 +31,12 @@ from ..store import (
     InboxFull,
     InboxMessage,
     InboxState,
+    KeyedAppended,
     Store,
     StoreError,
     StoreUnavailable,
 )
+from ..store.base import IDEMPOTENCY_WINDOW
 
 if TYPE_CHECKING:
     from .mesh import WorkerMesh
@@ -72,6 +74,16 @@ class MeshInboxes(Store):
         self, channel: str, items: Sequence[bytes], limits: HistoryLimits | None = None
     ) -> Appended:
         return await self.local.append_many(channel, items, limits)
+
+    async def append_keyed(
+        self,
+        channel: str,
+        items: Sequence[bytes],
+        keys: Sequence[str | None],
+        limits: HistoryLimits | None = None,
+        window: float = IDEMPOTENCY_WINDOW,
+    ) -> KeyedAppended:
+        return await self.local.append_keyed(channel, items, keys, limits, window)
 
     async def read(
         self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None
