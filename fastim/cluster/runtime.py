@@ -306,12 +306,13 @@ class Cluster(TreeReceiver, LinkHandler):
     def owns(self, channel: str) -> bool:
         return self.placement.is_owner(channel, self.me)
 
-    def forward(self, channel: str, data: bytes, done: Done) -> None:
-        """Send a publish to the channel's owner; ``done`` runs once with its answer."""
+    def forward(self, channel: str, data: bytes, done: Done, key: str | None = None) -> None:
+        """Send a publish to the channel's owner; ``done`` runs once with its answer.
+        ``key``: its idempotency key (a FORWARD_KEY): the owner publishes with it."""
         owner = self.placement.owner(channel)
         links = self.links
         ref = next(self._refs)
-        if owner is None or links is None or not links.forward(owner, ref, channel, data):
+        if owner is None or links is None or not links.forward(owner, ref, channel, data, key):
             self.forwards_failed += 1
             done(
                 Published.refused(
@@ -428,7 +429,7 @@ class Cluster(TreeReceiver, LinkHandler):
         links = self.links
         if links is None:
             return
-        for ref, name, data in items:
+        for ref, name, data, key in items:
             self.forwards_received += 1
             if not self.placement.is_owner(name, self.me):
                 links.forward_ack(
@@ -443,7 +444,7 @@ class Cluster(TreeReceiver, LinkHandler):
             try:
                 ch = hub.channel(name)
                 assert ch is not None
-                off = hub.publish(name, data, _Ack(links, peer, ref, ch))
+                off = hub.publish(name, data, _Ack(links, peer, ref, ch), key)
             except HubError as e:
                 links.forward_ack(peer, ref, 0, "", e.code, e.reason)
                 continue

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import os
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -405,6 +406,45 @@ def dedup_key(sender: str | None, client_msg_id: str) -> str:
     if sender is None:
         return "-" + client_msg_id
     return f"+{len(sender)}:{sender}{client_msg_id}"
+
+
+class KeyWindow:
+    """Idempotency keys remembered in memory for a window: key -> (offset, epoch, expiry).
+
+    The memory store keeps one per channel, and so does the hub for its in-memory
+    channels. ``order`` holds (expiry, key) in the order they were added, so forgetting
+    the expired ones is a pop from the left (windows are the same for every key of one
+    owner, so expiries come in order).
+    """
+
+    __slots__ = ("keys", "order")
+
+    def __init__(self) -> None:
+        self.keys: dict[str, tuple[int, str, float]] = {}
+        self.order: deque[tuple[float, str]] = deque()
+
+    def get(self, key: str, epoch: str, now: float) -> int | None:
+        """The offset ``key`` was recorded with in ``epoch``, if it has not expired."""
+        hit = self.keys.get(key)
+        if hit is None or hit[1] != epoch or hit[2] <= now:
+            return None
+        return hit[0]
+
+    def add(self, key: str, offset: int, epoch: str, expires: float) -> None:
+        self.keys[key] = (offset, epoch, expires)
+        self.order.append((expires, key))
+
+    def forget(self, now: float) -> int:
+        """Drop the keys whose window ended; return how many."""
+        keys, order = self.keys, self.order
+        n = 0
+        while order and order[0][0] <= now:
+            expires, key = order.popleft()
+            hit = keys.get(key)
+            if hit is not None and hit[2] == expires:
+                del keys[key]
+                n += 1
+        return n
 
 
 def plan_keyed(

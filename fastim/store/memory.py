@@ -27,6 +27,7 @@ from .base import (
     InboxMessage,
     InboxState,
     KeyedAppended,
+    KeyWindow,
     Store,
     StoreUnavailable,
     check_read_args,
@@ -41,11 +42,10 @@ from .base import (
 class _Channel:
     """One channel's history: ``msgs`` holds (offset, time, data), consecutive offsets.
 
-    ``keys``: idempotency key -> (offset, epoch, expiry) of :meth:`MemoryStore.append_keyed`,
-    and ``key_order`` (expiry, key) to forget them in time order; made on first use.
+    ``keys``: the idempotency keys of :meth:`MemoryStore.append_keyed`, made on first use.
     """
 
-    __slots__ = ("epoch", "key_order", "keys", "meta_ttl", "msgs", "top", "touched", "ttl")
+    __slots__ = ("epoch", "keys", "meta_ttl", "msgs", "top", "touched", "ttl")
 
     def __init__(self, now: float, limits: HistoryLimits) -> None:
         self.epoch = new_epoch()
@@ -55,20 +55,7 @@ class _Channel:
         self.touched = now
         self.ttl = limits.ttl
         self.meta_ttl = limits.meta_ttl
-        self.keys: dict[str, tuple[int, str, float]] | None = None
-        self.key_order: deque[tuple[float, str]] | None = None
-
-    def forget_keys(self, now: float) -> int:
-        """Drop the idempotency keys whose window ended; return how many."""
-        keys, order = self.keys, self.key_order
-        n = 0
-        while keys is not None and order and order[0][0] <= now:
-            expires, key = order.popleft()
-            hit = keys.get(key)
-            if hit is not None and hit[2] == expires:
-                del keys[key]
-                n += 1
-        return n
+        self.keys: KeyWindow | None = None
 
 
 class _Inbox:
@@ -170,26 +157,23 @@ class MemoryStore(Store):
         lim = self._limits(limits)
         now = self._clock()
         ch = self._channel(channel, lim, now)
-        ch.forget_keys(now)
-        seen = ch.keys or {}
+        seen = ch.keys
         known = {}
-        for k in keys:
-            if k is not None and k in seen:
-                off, epoch, _ = seen[k]
-                if epoch == ch.epoch:  # restart_epoch keeps the object, not the keys' meaning
+        if seen is not None:
+            seen.forget(now)
+            for k in keys:
+                if k is not None and (off := seen.get(k, ch.epoch, now)) is not None:
                     known[k] = off
         fresh, offsets, duplicate = plan_keyed(items, keys, known)
         first, epoch = self._append(channel, [items[i] for i in fresh], lim)
         done = settle_keyed(fresh, offsets, duplicate, first, epoch)
         if window > 0:
-            expires = now + window
             for i in fresh:
                 k = keys[i]
                 if k is not None:
-                    if ch.keys is None or ch.key_order is None:
-                        ch.keys, ch.key_order = {}, deque()
-                    ch.keys[k] = (offsets[i], epoch, expires)
-                    ch.key_order.append((expires, k))
+                    if ch.keys is None:
+                        ch.keys = KeyWindow()
+                    ch.keys.add(k, offsets[i], epoch, now + window)
         return done
 
     async def read(
@@ -338,7 +322,8 @@ class MemoryStore(Store):
             if ch.meta_ttl is not None and now - ch.touched >= ch.meta_ttl:
                 dead.append(name)
             else:
-                n += ch.forget_keys(now)
+                if ch.keys is not None:
+                    n += ch.keys.forget(now)
                 if ch.ttl is not None and ch.msgs:
                     cutoff = now - ch.ttl
                     msgs = ch.msgs
