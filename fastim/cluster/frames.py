@@ -21,6 +21,7 @@ PING        0x42   opaque, ≤ 64 bytes (dialer → acceptor)
 PONG        0x43   the PING's payload (acceptor → dialer)
 FORWARD     0x44   batch of ``u64 ref, ch, data``: publishes sent to the channel's owner
 FORWARD_ACK 0x45   batch of ``u64 ref, u64 offset, epoch, u16 code, u16 len, reason``
+                   (code 0 with reason ``duplicate``: a keyed publish taken before)
 DELIVER     0x46   batch of ``ch, epoch, u64 offset, data``: messages down the tree
 CONTROL     0x47   one JSON object (extension point: interest, user routes, ...)
 DM          0x48   batch of ``user, u64 seq, event``: stored direct messages for a user's

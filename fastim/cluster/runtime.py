@@ -74,6 +74,9 @@ _DELIVER = int(LinkFrame.DELIVER)
 #: "not routed, retry": above the store's own timeout (redis_timeout, 2 s) plus a link's
 #: heartbeat timeout (3 s), so a slow but working owner answers first
 FORWARD_TIMEOUT = 6.0
+#: the reason of a successful FORWARD_ACK (code 0) for a keyed publish the owner had taken
+#: before: a node of an earlier version ignores the reason of a success
+DUPLICATE = "duplicate"
 #: seconds a subscribe on a non-owner waits for the owner's state of a memory channel
 STATE_TIMEOUT = 3.0
 #: seconds they are kept: past the store's timeout, nobody is loading the channel
@@ -444,12 +447,14 @@ class Cluster(TreeReceiver, LinkHandler):
             try:
                 ch = hub.channel(name)
                 assert ch is not None
+                before = ch.offset
                 off = hub.publish(name, data, _Ack(links, peer, ref, ch), key)
             except HubError as e:
                 links.forward_ack(peer, ref, 0, "", e.code, e.reason)
                 continue
-            if off is not None:
-                links.forward_ack(peer, ref, off, ch.epoch)
+            if off is not None:  # a memory channel; a keyed repeat has an older offset
+                dup = key is not None and off <= before
+                links.forward_ack(peer, ref, off, ch.epoch, 0, DUPLICATE if dup else "")
 
     def on_forward_ack(self, peer: str, items: list[ForwardAck]) -> None:
         for ref, off, epoch, code, reason in items:
@@ -462,7 +467,8 @@ class Cluster(TreeReceiver, LinkHandler):
                 done(Published.refused(code, reason))
                 continue
             self.forwards_acked += 1
-            done(Published(off, epoch))  # the owner's offset, in the owner's epoch
+            # the owner's offset, in the owner's epoch
+            done(Published(off, epoch, duplicate=reason == DUPLICATE))
 
     def on_control(self, peer: str, message: dict[str, Any]) -> None:
         handler = self._control.get(str(message.get("op")))
@@ -563,7 +569,8 @@ class _Ack:
     def __call__(self, result: Published) -> None:
         refusal = result.refusal
         if refusal is None:
-            self.links.forward_ack(self.peer, self.ref, result.offset, result.epoch)
+            reason = DUPLICATE if result.duplicate else ""
+            self.links.forward_ack(self.peer, self.ref, result.offset, result.epoch, 0, reason)
         else:
             self.links.forward_ack(self.peer, self.ref, 0, "", refusal.code, refusal.reason)
 

@@ -54,8 +54,7 @@ class Published(NamedTuple):
     """How a publish ended: its ``offset`` in the channel's ``epoch``, or a ``refusal``
     (then ``offset`` is 0: it was neither stored nor delivered). In a cluster the epoch
     is the owner's. ``duplicate``: its idempotency key was taken before, so it was not
-    stored again and ``offset`` is the first one's (known on the owner only: a forward's
-    answer does not carry it)."""
+    stored again and ``offset`` is the first one's (a forward's FORWARD_ACK carries it)."""
 
     offset: int
     epoch: str

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastim.cluster import frames as F
-from fastim.cluster.frames import Forward, LinkFrame
+from fastim.cluster.frames import Forward, ForwardAck, LinkFrame
 from fastim.cluster.link import LinkHandler, Links, LinkServer
 from fastim.cluster.placement import owner
 from fastim.cluster.runtime import Cluster
@@ -124,7 +124,7 @@ class AckLinks:
     def forward_ack(
         self, peer: str, ref: int, offset: int, epoch: str = "", code: int = 0, reason: str = ""
     ) -> bool:
-        self.acks.append((peer, ref, offset, epoch, code))
+        self.acks.append((peer, ref, offset, epoch, code, reason))
         return True
 
 
@@ -156,8 +156,13 @@ async def test_the_owner_stores_a_retried_keyed_forward_once(node: Node) -> None
         "b", [Forward(3, name, b'{"n":1}', "evt-1"), Forward(4, name, b'{"n":3}', "evt-3")]
     )
     await until(lambda: len(links.acks) == 4, 5, "four acks")
-    acks = {ref: (off, code) for _p, ref, off, _e, code in links.acks}
-    assert acks == {1: (1, 0), 2: (2, 0), 3: (1, 0), 4: (3, 0)}
+    acks = {ref: (off, code, reason) for _p, ref, off, _e, code, reason in links.acks}
+    assert acks == {
+        1: (1, 0, ""),
+        2: (2, 0, ""),
+        3: (1, 0, "duplicate"),  # the retry: the first offset, and it says so
+        4: (3, 0, ""),
+    }
     assert node.store is not None
     h = await node.store.read(name, 0)
     assert [d for _, d in h.messages] == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
@@ -171,6 +176,7 @@ async def test_a_keyed_publish_to_a_channel_owned_elsewhere_is_forwarded_with_it
     cluster.placement.update(["a", "b"])
     node.hub.router = cluster
     sent: list[tuple[Any, ...]] = []
+    answers: list[Any] = []
 
     class SendLinks:
         def forward(
@@ -181,6 +187,11 @@ async def test_a_keyed_publish_to_a_channel_owned_elsewhere_is_forwarded_with_it
 
     cluster.links = SendLinks()  # type: ignore[assignment]
     name = channel_owned_by("b")
-    assert node.hub.publish(name, b'{"x":1}', None, "k-9") is None
-    assert node.hub.publish(name, b'{"x":2}') is None
+    assert node.hub.publish(name, b'{"x":1}', answers.append, "k-9") is None
+    assert node.hub.publish(name, b'{"x":2}', answers.append) is None
     assert sent == [("b", name, b'{"x":1}', "k-9"), ("b", name, b'{"x":2}', None)]
+    # the owner's answers (refs 1, 2 in order): the keyed one was a repeat there
+    cluster.on_forward_ack(
+        "b", [ForwardAck(1, 4, "ep", 0, "duplicate"), ForwardAck(2, 9, "ep", 0, "")]
+    )
+    assert [(a.offset, a.duplicate) for a in answers] == [(4, True), (9, False)]
