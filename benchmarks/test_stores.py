@@ -8,7 +8,9 @@ Each round appends 1,000 messages of 100 bytes to one channel:
 * ``gathered_100``: 100 appends started in the same loop tick, awaited together, 10
   times — what a node sees when many clients publish at once (group commit);
 * ``append_many_100``: ``append_many`` with 100 messages, 10 times — the node's own
-  per-tick batching.
+  per-tick batching;
+* ``append_keyed_100``: the same through ``append_keyed``, each message with a new
+  idempotency key — what a keyed publish (API, stream ingest) adds.
 
 ``extra_info["msgs_per_s"]`` is the throughput of the mean round. sqlite-full is the
 sqlite store with ``synchronous=FULL`` (an fsync per commit); Redis runs locally with AOF
@@ -106,6 +108,20 @@ def test_append_many_100(benchmark: Any, loop: asyncio.AbstractEventLoop, store:
     async def body() -> None:
         for _ in range(ROUND // 100):
             await store.append_many("bench", batch)
+
+    _bench(benchmark, loop, body, ROUND, rounds=10)
+
+
+def test_append_keyed_100(benchmark: Any, loop: asyncio.AbstractEventLoop, store: Store) -> None:
+    """``append_many_100`` with an idempotency key on every message (all new): the cost
+    of recording the keys in the same transaction / script (Store.append_keyed)."""
+    batch = [PAYLOAD] * 100
+    serial = iter(range(1 << 62))
+
+    async def body() -> None:
+        for _ in range(ROUND // 100):
+            keys = [f"evt-{next(serial)}" for _ in range(100)]
+            await store.append_keyed("bench", batch, keys)
 
     _bench(benchmark, loop, body, ROUND, rounds=10)
 

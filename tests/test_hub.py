@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import cast
 
 import orjson
@@ -96,3 +98,82 @@ def test_channel_limit() -> None:
     with pytest.raises(HubError) as e:
         hub.publish("c", b"1")
     assert "maximum of 2 channels" in e.value.reason
+
+
+# ------------------------------------------------------------------ idempotency keys
+
+
+def test_a_memory_channel_publishes_a_key_once_within_the_window() -> None:
+    hub = Hub(Config(history_size=0, idempotency_window=10))
+    fl = _core.Flusher(None)
+    r, sink = ring(fl, 0)
+    hub.join("m", r)
+    assert hub.publish("m", b"1", None, "k1") == 1
+    assert hub.publish("m", b"2") == 2
+    assert hub.publish("m", b"1 again", None, "k1") == 1  # the first one's offset
+    assert hub.publish("m", b"3", None, "k3") == 3
+    assert hub.published == 3 and hub.duplicates == 1
+    fl.flush()
+    got = [p for _, p in _core.FrameDecoder().feed(sink.data)]
+    assert [unpack_msg(p)[0] for p in got] == [1, 2, 3]  # delivered once
+    # no history, no subscriber: still kept (idle) while it remembers a key
+    hub.leave("m", r)
+    assert "m" in hub.channels and hub.publish("m", b"x", None, "k1") == 1
+    hub.now = 11.0  # the window ended
+    assert hub.publish("m", b"1 later", None, "k1") == 4
+    hub.now = 22.0
+    hub.sweep(hub.now + 1000)
+    assert "m" not in hub.channels
+
+
+def test_window_zero_remembers_nothing() -> None:
+    hub = Hub(Config(idempotency_window=0))
+    assert hub.publish("z", b"1", None, "k") == 1
+    assert hub.publish("z", b"1", None, "k") == 2
+
+
+async def test_a_durable_channel_records_the_key_with_the_append(tmp_path: Path) -> None:
+    """Keyed and plain publishes of one tick: one store call, the repeats answered with
+    the first offset (``duplicate``) and not delivered; the sqlite store then still
+    refuses the key after a restart (a node killed after the append, before its ack
+    reached the publisher: the retry is answered, not stored)."""
+    from fastim.hub import Published
+    from fastim.store import SqliteStore
+
+    store = await SqliteStore.open(tmp_path / "s.db")
+    hub = Hub(Config(store="sqlite"), store)
+    answers: list[Published] = []
+    fl = _core.Flusher(None)
+    r, sink = ring(fl, 0)
+    hub.join("d", r)
+    await asyncio.sleep(0)
+    for data, key in [(b"1", "a"), (b"2", None), (b"1 twice", "a"), (b"3", "c")]:
+        assert hub.publish("d", data, answers.append, key) is None
+    for _ in range(200):
+        if len(answers) == 4:
+            break
+        await asyncio.sleep(0.01)
+    assert [(a.offset, a.duplicate) for a in answers] == [
+        (1, False),
+        (2, False),
+        (1, True),
+        (3, False),
+    ]
+    fl.flush()
+    assert [unpack_msg(p)[0] for _, p in _core.FrameDecoder().feed(sink.data)] == [1, 2, 3]
+    await hub.close()
+    await store.close()
+    # a new node on the same file: the key is still there
+    store = await SqliteStore.open(tmp_path / "s.db")
+    hub = Hub(Config(store="sqlite"), store)
+    answers.clear()
+    hub.publish("d", b"1 after restart", answers.append, "a")
+    hub.publish("d", b"4", answers.append, "d")
+    for _ in range(200):
+        if len(answers) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert [(a.offset, a.duplicate) for a in answers] == [(1, True), (4, False)]
+    assert [d for _, d in (await store.read("d", 0)).messages] == [b"1", b"2", b"3", b"4"]
+    await hub.close()
+    await store.close()

@@ -22,8 +22,8 @@ It is the other half of ``fastim serve --config examples/chat_backend/fastim.tom
 
 The node and the backend share a secret: the node sends it with every hook request
 (``X-Fastim-Secret``: ``proxy_static_headers``) and event batch (``Authorization:
-Bearer``: ``events_secret``), and the backend compares it in constant time. Only the standard library, aiohttp (which
-fastim installs) and fastim's own page script are used.
+Bearer``: ``events_secret``), and the backend compares it in constant time. Only the
+standard library, aiohttp (which fastim installs) and fastim's own page script are used.
 """
 
 from __future__ import annotations

@@ -97,7 +97,12 @@ Handler = Callable[["HttpApi", Request], Awaitable[dict[str, Any]]]
 
 #: path → (method, handler, body fields allowed, query parameters allowed)
 _ROUTES: dict[str, tuple[str, str, frozenset[str], frozenset[str]]] = {
-    "/api/publish": ("POST", "publish", frozenset({"channel", "data"}), frozenset()),
+    "/api/publish": (
+        "POST",
+        "publish",
+        frozenset({"channel", "data", "idempotency_key"}),
+        frozenset(),
+    ),
     "/api/broadcast": ("POST", "broadcast", frozenset({"channels", "data"}), frozenset()),
     "/api/send": ("POST", "send", frozenset({"to", "data", "from", "cid"}), frozenset()),
     "/api/presence": ("GET", "presence", frozenset(), frozenset({"channel"})),
@@ -251,9 +256,18 @@ class HttpApi:
     async def _publish(self, req: Request) -> dict[str, Any]:
         name = _channel(req.body.get("channel"), "channel")
         data = self._data(req.body)
-        return await self._publish_one(name, data)
+        key = req.body.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= CID_MAX):
+            raise ApiError(
+                400,
+                f'field "idempotency_key" must be a string of 1..{CID_MAX} characters',
+                "idempotency_key",
+            )
+        return await self._publish_one(name, data, key)
 
-    async def _publish_one(self, name: str, data: bytes) -> dict[str, Any]:
+    async def _publish_one(self, name: str, data: bytes, key: str | None = None) -> dict[str, Any]:
+        """``key``: the publish's idempotency key (a backend retrying after a timeout or
+        a 503 is answered with the first offset, ``duplicate: true``, not stored twice)."""
         hub = self.node.hub
         loop = asyncio.get_running_loop()
         settled: asyncio.Future[Published] = loop.create_future()
@@ -267,15 +281,21 @@ class HttpApi:
             # the channel object: its epoch, even if dropped after (not on a node that
             # forwards the publish: the owner's epoch comes with the ack)
             ch = hub.channel(name) if router is None or router.owns(name) else None
-            off = hub.publish(name, data, done)
+            before = ch.offset if ch is not None else 0
+            off = hub.publish(name, data, done, key)
         except HubError as e:
             raise ApiError(_status_of(e.code), e.reason, code=e.code) from None
         if off is None:  # durable or forwarded: answered once the store or owner took it
             result = await settled
             if result.refusal is not None:
                 raise ApiError(503, result.refusal.reason, code=result.refusal.code)
-            return {"offset": result.offset, "epoch": result.epoch}
+            answer: dict[str, Any] = {"offset": result.offset, "epoch": result.epoch}
+            if result.duplicate:
+                answer["duplicate"] = True
+            return answer
         assert ch is not None
+        if key is not None and off <= before:  # a memory channel's repeat: an old offset
+            return {"offset": off, "epoch": ch.epoch, "duplicate": True}
         return {"offset": off, "epoch": ch.epoch}
 
     async def _broadcast(self, req: Request) -> dict[str, Any]:

@@ -21,13 +21,21 @@ PING        0x42   opaque, ≤ 64 bytes (dialer → acceptor)
 PONG        0x43   the PING's payload (acceptor → dialer)
 FORWARD     0x44   batch of ``u64 ref, ch, data``: publishes sent to the channel's owner
 FORWARD_ACK 0x45   batch of ``u64 ref, u64 offset, epoch, u16 code, u16 len, reason``
+                   (code 0 with reason ``duplicate``: a keyed publish taken before)
 DELIVER     0x46   batch of ``ch, epoch, u64 offset, data``: messages down the tree
 CONTROL     0x47   one JSON object (extension point: interest, user routes, ...)
 DM          0x48   batch of ``user, u64 seq, event``: stored direct messages for a user's
                    connections on the receiving node (``event``: ``u32 len`` + the ``dm``
                    event's JSON, as the clients get it)
+FORWARD_KEY 0x49   batch of ``u64 ref, ch, key, data``: FORWARD with an idempotency key
+                   (``u16 len`` + UTF-8); answered by FORWARD_ACK like FORWARD
 GOAWAY      0x4F   ``u16 code, reason``: refused, or shutting down; then the sender closes
 =========== ====== ===================================================================
+
+FORWARD_KEY was added after FORWARD without a version change: a FORWARD is byte for byte
+what it was (publishes without a key, the common case, cost nothing more), and a node
+sends FORWARD_KEY only for a publish that has a key. A node of an earlier version closes
+a link on which one arrives (PROTOCOL): upgrade every node before publishing with keys.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ class LinkFrame(IntEnum):
     DELIVER = 0x46
     CONTROL = 0x47
     DM = 0x48
+    FORWARD_KEY = 0x49
     GOAWAY = 0x4F
 
 
@@ -86,6 +95,7 @@ ACCEPTOR_ACCEPTS = type_table(
     LinkFrame.DELIVER,
     LinkFrame.CONTROL,
     LinkFrame.DM,
+    LinkFrame.FORWARD_KEY,
     LinkFrame.GOAWAY,
 )
 
@@ -94,11 +104,13 @@ class Forward(NamedTuple):
     """A publish made on one node, sent to the channel's owner to be numbered.
 
     ``ref`` is the sender's own correlation id: the owner echoes it in the FORWARD_ACK.
+    ``key``: the publish's idempotency key (a FORWARD_KEY entry), None in a FORWARD.
     """
 
     ref: int
     channel: str
     data: bytes
+    key: str | None = None
 
 
 class ForwardAck(NamedTuple):
@@ -153,6 +165,23 @@ def _short(s: str, what: str) -> bytes:
 def pack_forward(ref: int, channel: str, data: bytes) -> bytes:
     """One FORWARD entry."""
     return b"".join((_Q.pack(ref), _short(channel, "channel"), _U32.pack(len(data)), data))
+
+
+def pack_forward_key(ref: int, channel: str, data: bytes, key: str) -> bytes:
+    """One FORWARD_KEY entry."""
+    k = key.encode()
+    if len(k) > 65535:
+        raise ValueError(f"idempotency key over 65535 bytes: {key[:40]!r}...")
+    return b"".join(
+        (
+            _Q.pack(ref),
+            _short(channel, "channel"),
+            _H.pack(len(k)),
+            k,
+            _U32.pack(len(data)),
+            data,
+        )
+    )
 
 
 def pack_forward_ack(ref: int, offset: int, epoch: str, code: int, reason: str) -> bytes:
@@ -231,6 +260,23 @@ def unpack_forward(payload: bytes) -> list[Forward]:
             out.append(Forward(ref, ch, r.data(n)))
     except UnicodeDecodeError as e:
         raise LinkDecodeError(f"FORWARD: {e}") from None
+    r.end()
+    return out
+
+
+def unpack_forward_key(payload: bytes) -> list[Forward]:
+    r = _Reader(payload)
+    out = []
+    try:
+        for _ in range(r.count()):
+            ref = _Q.unpack_from(payload, r.need(8))[0]
+            ch = r.short()
+            k = _H.unpack_from(payload, r.need(2))[0]
+            key = r.data(k).decode()
+            n = _U32.unpack_from(payload, r.need(4))[0]
+            out.append(Forward(ref, ch, r.data(n), key))
+    except UnicodeDecodeError as e:
+        raise LinkDecodeError(f"FORWARD_KEY: {e}") from None
     r.end()
     return out
 

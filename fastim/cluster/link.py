@@ -68,6 +68,7 @@ from .frames import (
     pack_dm,
     pack_forward,
     pack_forward_ack,
+    pack_forward_key,
     pack_goaway,
     unpack_goaway,
 )
@@ -202,9 +203,12 @@ class Link:
         """Queue a channel message for the peer (a DELIVER entry). False if the link is down."""
         return self.append_entry(LinkFrame.DELIVER, pack_deliver(channel, epoch, offset, data))
 
-    def forward(self, ref: int, channel: str, data: bytes) -> bool:
-        """Queue a publish for the channel's owner (a FORWARD entry)."""
-        return self.append_entry(LinkFrame.FORWARD, pack_forward(ref, channel, data))
+    def forward(self, ref: int, channel: str, data: bytes, key: str | None = None) -> bool:
+        """Queue a publish for the channel's owner (a FORWARD entry; with an idempotency
+        key, a FORWARD_KEY entry)."""
+        if key is None:
+            return self.append_entry(LinkFrame.FORWARD, pack_forward(ref, channel, data))
+        return self.append_entry(LinkFrame.FORWARD_KEY, pack_forward_key(ref, channel, data, key))
 
     def forward_ack(
         self, ref: int, offset: int, epoch: str = "", code: int = 0, reason: str = ""
@@ -502,9 +506,11 @@ class Links:
         link = self.links.get(peer)
         return link is not None and link.deliver(channel, epoch, offset, data)
 
-    def forward(self, peer: str, ref: int, channel: str, data: bytes) -> bool:
+    def forward(
+        self, peer: str, ref: int, channel: str, data: bytes, key: str | None = None
+    ) -> bool:
         link = self.links.get(peer)
-        return link is not None and link.forward(ref, channel, data)
+        return link is not None and link.forward(ref, channel, data, key)
 
     def forward_ack(
         self, peer: str, ref: int, offset: int, epoch: str = "", code: int = 0, reason: str = ""

@@ -30,6 +30,7 @@ from .frames import (
     unpack_dm,
     unpack_forward,
     unpack_forward_ack,
+    unpack_forward_key,
     unpack_goaway,
 )
 from .link_conn import LINK_CAP, LinkConn
@@ -186,6 +187,8 @@ class LinkServer:
                 self._call(h.on_deliver, peer, unpack_deliver(payload))
             elif ftype == LinkFrame.FORWARD:
                 self._call(h.on_forward, peer, unpack_forward(payload))
+            elif ftype == LinkFrame.FORWARD_KEY:
+                self._call(h.on_forward, peer, unpack_forward_key(payload))
             elif ftype == LinkFrame.FORWARD_ACK:
                 self._call(h.on_forward_ack, peer, unpack_forward_ack(payload))
             elif ftype == LinkFrame.DM:

@@ -74,6 +74,9 @@ _DELIVER = int(LinkFrame.DELIVER)
 #: "not routed, retry": above the store's own timeout (redis_timeout, 2 s) plus a link's
 #: heartbeat timeout (3 s), so a slow but working owner answers first
 FORWARD_TIMEOUT = 6.0
+#: the reason of a successful FORWARD_ACK (code 0) for a keyed publish the owner had taken
+#: before: a node of an earlier version ignores the reason of a success
+DUPLICATE = "duplicate"
 #: seconds a subscribe on a non-owner waits for the owner's state of a memory channel
 STATE_TIMEOUT = 3.0
 #: seconds they are kept: past the store's timeout, nobody is loading the channel
@@ -306,12 +309,13 @@ class Cluster(TreeReceiver, LinkHandler):
     def owns(self, channel: str) -> bool:
         return self.placement.is_owner(channel, self.me)
 
-    def forward(self, channel: str, data: bytes, done: Done) -> None:
-        """Send a publish to the channel's owner; ``done`` runs once with its answer."""
+    def forward(self, channel: str, data: bytes, done: Done, key: str | None = None) -> None:
+        """Send a publish to the channel's owner; ``done`` runs once with its answer.
+        ``key``: its idempotency key (a FORWARD_KEY): the owner publishes with it."""
         owner = self.placement.owner(channel)
         links = self.links
         ref = next(self._refs)
-        if owner is None or links is None or not links.forward(owner, ref, channel, data):
+        if owner is None or links is None or not links.forward(owner, ref, channel, data, key):
             self.forwards_failed += 1
             done(
                 Published.refused(
@@ -428,7 +432,7 @@ class Cluster(TreeReceiver, LinkHandler):
         links = self.links
         if links is None:
             return
-        for ref, name, data in items:
+        for ref, name, data, key in items:
             self.forwards_received += 1
             if not self.placement.is_owner(name, self.me):
                 links.forward_ack(
@@ -443,12 +447,14 @@ class Cluster(TreeReceiver, LinkHandler):
             try:
                 ch = hub.channel(name)
                 assert ch is not None
-                off = hub.publish(name, data, _Ack(links, peer, ref, ch))
+                before = ch.offset
+                off = hub.publish(name, data, _Ack(links, peer, ref, ch), key)
             except HubError as e:
                 links.forward_ack(peer, ref, 0, "", e.code, e.reason)
                 continue
-            if off is not None:
-                links.forward_ack(peer, ref, off, ch.epoch)
+            if off is not None:  # a memory channel; a keyed repeat has an older offset
+                dup = key is not None and off <= before
+                links.forward_ack(peer, ref, off, ch.epoch, 0, DUPLICATE if dup else "")
 
     def on_forward_ack(self, peer: str, items: list[ForwardAck]) -> None:
         for ref, off, epoch, code, reason in items:
@@ -461,7 +467,8 @@ class Cluster(TreeReceiver, LinkHandler):
                 done(Published.refused(code, reason))
                 continue
             self.forwards_acked += 1
-            done(Published(off, epoch))  # the owner's offset, in the owner's epoch
+            # the owner's offset, in the owner's epoch
+            done(Published(off, epoch, duplicate=reason == DUPLICATE))
 
     def on_control(self, peer: str, message: dict[str, Any]) -> None:
         handler = self._control.get(str(message.get("op")))
@@ -562,7 +569,8 @@ class _Ack:
     def __call__(self, result: Published) -> None:
         refusal = result.refusal
         if refusal is None:
-            self.links.forward_ack(self.peer, self.ref, result.offset, result.epoch)
+            reason = DUPLICATE if result.duplicate else ""
+            self.links.forward_ack(self.peer, self.ref, result.offset, result.epoch, 0, reason)
         else:
             self.links.forward_ack(self.peer, self.ref, 0, "", refusal.code, refusal.reason)
 

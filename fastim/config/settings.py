@@ -255,6 +255,12 @@ class Config:
         default=86400.0,
         metadata={"help": "seconds a sender's client message id is remembered (idempotent send)"},
     )
+    idempotency_window: float = field(
+        default=86400.0,
+        metadata={
+            "help": "seconds a channel remembers a publish's idempotency key (0 = not at all)"
+        },
+    )
     api_key: str = field(
         default="",
         metadata={
@@ -669,7 +675,7 @@ class Config:
             raise ConfigError(f"redis_timeout: must be > 0 seconds, got {self.redis_timeout}")
         if self.inbox_max < 1:
             raise ConfigError(f"inbox_max: must be >= 1, got {self.inbox_max}")
-        for name in ("history_meta_ttl", "inbox_dedup_window"):
+        for name in ("history_meta_ttl", "inbox_dedup_window", "idempotency_window"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 

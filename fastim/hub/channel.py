@@ -10,7 +10,7 @@ import orjson
 from .. import _core
 from ..config.namespaces import Namespace
 from ..protocol import FrameType
-from ..store.base import new_epoch
+from ..store.base import KeyWindow, new_epoch
 from .deflate import Deflater
 from .interfaces import Done
 
@@ -31,12 +31,14 @@ class Channel:
         "history",
         "idle_since",
         "inflight",
+        "keyed",
         "loaded",
         "name",
         "name_b",
         "ns",
         "offset",
         "pending",
+        "seen",
         "subs",
         "users",
     )
@@ -60,6 +62,11 @@ class Channel:
         #: publishes waiting for the store: (data, done callback, arrival time for the
         #: latency histogram); one append in flight
         self.pending: list[tuple[bytes, Done, float]] = []
+        #: idempotency keys of ``pending``, by position; None while no publish has one
+        #: (the keyless publish stays as it was)
+        self.keyed: dict[int, str] | None = None
+        #: a memory channel's idempotency keys (its owner numbers it here), first use
+        self.seen: KeyWindow | None = None
         self.inflight = False
         #: user id → subscribed connections of that user (presence, join/leave)
         self.users: dict[str, int] = {}

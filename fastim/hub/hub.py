@@ -22,7 +22,7 @@ from ..backend.events import Conn, Events
 from ..config import Config
 from ..protocol import ErrorCode
 from ..store import Store, StoreError
-from ..store.base import new_epoch
+from ..store.base import KeyWindow, new_epoch
 from ..tasks import Background
 from .channel import Channel, encode_event
 from .deflate import Deflater
@@ -69,6 +69,8 @@ class Hub:
         self.delivered = 0
         self.store_errors = 0
         self.recovered = 0
+        #: publishes not stored again: their idempotency key was taken (Hub.publish)
+        self.duplicates = 0
         #: publish arrival → end of its fan-out, once per message (fastim.api.metrics)
         self.latency = LatencyHistogram()
         #: compresses each message once for every permessage-deflate subscriber
@@ -113,13 +115,20 @@ class Hub:
         ch = self.channels.get(name)
         if ch is not None and (ch.pending or ch.inflight):
             return  # publishes on their way to the store: keep it
+        if ch is not None and _remembers(ch, self.now):
+            # idempotency keys of a memory channel live in it: idle until they expire
+            ch.idle_since = self.now
+            self.idle[name] = ch
+            return
         if self.channels.pop(name, None) is not None and self.router is not None:
             self.router.dropped(name)  # nothing here follows it any more
         self.idle.pop(name, None)
 
     # ------------------------------------------------------------------ publish
 
-    def publish(self, name: str, data: bytes, done: Done | None = None) -> int | None:
+    def publish(
+        self, name: str, data: bytes, done: Done | None = None, key: str | None = None
+    ) -> int | None:
         """Publish ``data`` (a JSON document, validated by the caller).
 
         In memory: assign the next offset, keep it, deliver, return the offset.
@@ -129,14 +138,27 @@ class Hub:
 
         In a cluster, a channel owned by another node is forwarded to its owner and
         ``done`` runs with the owner's answer (always None returned).
+
+        ``key``: an idempotency key. A publish whose key the channel took within
+        ``idempotency_window`` (in its current epoch) is not stored or delivered again:
+        it is answered with the first one's offset (``Published.duplicate``; returned,
+        for a memory channel). Durable channels record the key in the store's append
+        (:meth:`Store.append_keyed`: one transaction with the message, so a crash cannot
+        separate them); memory channels in this node's memory, as their history. The key
+        travels with a forward: the owner decides.
         """
         router = self.router
         if router is not None and not router.owns(name):
-            router.forward(name, data, done or _ignore)
+            if key is None:
+                router.forward(name, data, done or _ignore)
+            else:
+                router.forward(name, data, done or _ignore, key)
             return None
         ch = self.channel(name)
         assert ch is not None
         if not ch.durable:
+            if key is not None:
+                return self._publish_keyed_here(ch, data, key)
             t0 = perf_counter()
             off = ch.offset + 1
             self._deliver(ch, off, data)
@@ -151,6 +173,10 @@ class Hub:
                 ErrorCode.STORE_UNAVAILABLE,
                 f"the store is behind: {len(ch.pending)} publishes to {name!r} wait for it",
             )
+        if key is not None:
+            if ch.keyed is None:
+                ch.keyed = {}
+            ch.keyed[len(ch.pending)] = key
         ch.pending.append((data, done or _ignore, perf_counter()))
         if not ch.inflight and len(ch.pending) == 1:
             self._dirty.append(ch)
@@ -158,6 +184,33 @@ class Hub:
                 self._kick_scheduled = True
                 asyncio.get_running_loop().call_soon(self._kick)
         return None
+
+    def _publish_keyed_here(self, ch: Channel, data: bytes, key: str) -> int:
+        """A keyed publish to a memory channel this node numbers: the key is looked up
+        and recorded here (a restart forgets it, as it forgets the history)."""
+        now = self.now
+        seen = ch.seen
+        if seen is not None:
+            seen.forget(now)
+            off = seen.get(key, ch.epoch, now)
+            if off is not None:
+                self.duplicates += 1
+                return off
+        t0 = perf_counter()
+        off = ch.offset + 1
+        self._deliver(ch, off, data)
+        self.latency.observe(perf_counter() - t0)
+        if ch.ns.events_publish and self.events is not None:
+            self.events.published(ch.name, off, ch.epoch, data)
+        window = self.config.idempotency_window
+        if window > 0:
+            if seen is None:
+                seen = ch.seen = KeyWindow()
+            seen.add(key, off, ch.epoch, now + window)
+        elif len(ch.subs) == 0 and ch.ns.history_size == 0:
+            self._drop(ch.name)
+        # else kept (idle) while it remembers keys, even without history or subscribers
+        return off
 
     def _deliver(self, ch: Channel, off: int, data: bytes) -> None:
         ch.offset = off
@@ -208,15 +261,27 @@ class Hub:
         for ch in dirty:
             if ch.pending and not ch.inflight:
                 batch, ch.pending = ch.pending, []
+                keyed, ch.keyed = ch.keyed, None
                 ch.inflight = True
-                self._run(self._append(ch, batch))
+                self._run(self._append(ch, batch, keyed))
 
-    async def _append(self, ch: Channel, batch: list[tuple[bytes, Done, float]]) -> None:
+    async def _append(
+        self,
+        ch: Channel,
+        batch: list[tuple[bytes, Done, float]],
+        keyed: dict[int, str] | None = None,
+    ) -> None:
         store = self.store
         assert store is not None
+        repeats: dict[int, int] | None = None  # position -> the first one's offset
         try:
             try:
-                first, epoch = await store.append_many(ch.name, [b[0] for b in batch], ch.ns.limits)
+                if keyed is None:
+                    first, epoch = await store.append_many(
+                        ch.name, [b[0] for b in batch], ch.ns.limits
+                    )
+                else:
+                    first, epoch, repeats = await self._append_keyed(ch, batch, keyed)
             except StoreError as e:
                 self.store_errors += 1
                 log.warning("publish to %r not stored: %s", ch.name, e)
@@ -230,13 +295,16 @@ class Hub:
             elif ch.loaded and epoch == ch.epoch and first - 1 < ch.offset:
                 epoch = await self._went_back(ch, epoch, first - 1)
             self._adopt(ch, epoch, first - 1)
-            for i, (data, done, t0) in enumerate(batch):
-                off = first + i
-                self._deliver(ch, off, data)
-                self.latency.observe(perf_counter() - t0)
-                if ch.ns.events_publish and self.events is not None:
-                    self.events.published(ch.name, off, epoch, data)
-                done(Published(off, epoch))
+            if repeats is None:
+                for i, (data, done, t0) in enumerate(batch):
+                    off = first + i
+                    self._deliver(ch, off, data)
+                    self.latency.observe(perf_counter() - t0)
+                    if ch.ns.events_publish and self.events is not None:
+                        self.events.published(ch.name, off, epoch, data)
+                    done(Published(off, epoch))
+            else:
+                self._settle_keyed(ch, batch, first, epoch, repeats)
         finally:
             ch.inflight = False
             if ch.pending:
@@ -244,6 +312,49 @@ class Hub:
                 if not self._kick_scheduled:
                     self._kick_scheduled = True
                     asyncio.get_running_loop().call_soon(self._kick)
+
+    async def _append_keyed(
+        self, ch: Channel, batch: list[tuple[bytes, Done, float]], keyed: dict[int, str]
+    ) -> tuple[int, str, dict[int, int]]:
+        """The store append of a batch with idempotency keys: (first new offset, epoch,
+        the repeats: position -> the offset its key got the first time)."""
+        store = self.store
+        assert store is not None
+        keys = [keyed.get(i) for i in range(len(batch))]
+        got = await store.append_keyed(
+            ch.name, [b[0] for b in batch], keys, ch.ns.limits, self.config.idempotency_window
+        )
+        pairs = enumerate(zip(got.offsets, got.duplicate, strict=True))
+        repeats = {i: off for i, (off, dup) in pairs if dup}
+        return got.offset, got.epoch, repeats
+
+    def _settle_keyed(
+        self,
+        ch: Channel,
+        batch: list[tuple[bytes, Done, float]],
+        first: int,
+        epoch: str,
+        repeats: dict[int, int],
+    ) -> None:
+        """Deliver the new messages of a keyed batch (consecutive from ``first``) and
+        answer every publish; a repeat is answered with its first offset, not delivered
+        (the first one was, or :meth:`_fill` just did)."""
+        off = first - 1
+        answers: list[tuple[Done, Published]] = []
+        for i, (data, done, t0) in enumerate(batch):
+            orig = repeats.get(i)
+            if orig is not None:
+                self.duplicates += 1
+                answers.append((done, Published(orig, epoch, duplicate=True)))
+                continue
+            off += 1
+            self._deliver(ch, off, data)
+            self.latency.observe(perf_counter() - t0)
+            if ch.ns.events_publish and self.events is not None:
+                self.events.published(ch.name, off, epoch, data)
+            answers.append((done, Published(off, epoch)))
+        for done, result in answers:  # after the deliveries: a repeat may name a later one
+            done(result)
 
     async def _went_back(self, ch: Channel, epoch: str, top: int) -> str:
         """The store numbers from ``top`` + 1 in the epoch this node already delivered up
@@ -665,7 +776,9 @@ class Hub:
         dead = [
             name
             for name, ch in self.idle.items()
-            if now - ch.idle_since >= (ch.ns.history_ttl or ttl) and not ch.pending
+            if now - ch.idle_since >= (ch.ns.history_ttl or ttl)
+            and not ch.pending
+            and not _remembers(ch, now)
         ]
         for name in dead:
             self._drop(name)
@@ -684,3 +797,12 @@ class Hub:
 
 def _ignore(result: Published) -> None:
     pass
+
+
+def _remembers(ch: Channel, now: float) -> bool:
+    """Does the (memory) channel still hold idempotency keys within their window?"""
+    seen = ch.seen
+    if seen is None:
+        return False
+    seen.forget(now)
+    return bool(seen.keys)

@@ -53,11 +53,13 @@ class Refusal(NamedTuple):
 class Published(NamedTuple):
     """How a publish ended: its ``offset`` in the channel's ``epoch``, or a ``refusal``
     (then ``offset`` is 0: it was neither stored nor delivered). In a cluster the epoch
-    is the owner's."""
+    is the owner's. ``duplicate``: its idempotency key was taken before, so it was not
+    stored again and ``offset`` is the first one's (a forward's FORWARD_ACK carries it)."""
 
     offset: int
     epoch: str
     refusal: Refusal | None = None
+    duplicate: bool = False
 
     @staticmethod
     def refused(code: int, reason: str) -> Published:
@@ -124,7 +126,8 @@ class Router(Protocol):
 
     def owns(self, channel: str) -> bool: ...
 
-    def forward(self, channel: str, data: bytes, done: Done) -> None: ...
+    def forward(self, channel: str, data: bytes, done: Done, key: str | None = None) -> None:
+        """Send a publish (with its idempotency key, if any) to the channel's owner."""
 
     def down(self, ch: Any, off: int, data: bytes) -> None: ...
 

@@ -28,6 +28,12 @@ Why it is built this way:
   ``inbox_append`` and :meth:`Postman.deliver`, as ``/api/send`` does. Only then, in
   one ``MULTI``: ``SET`` of the idempotency key (for ``ingest_idempotency_window``),
   ``XADD`` of the batch's poison entries to the dead-letter stream, ``XACK``.
+* **Exactly once per key, across a crash.** The key also goes with the publish: the
+  channel's owner records it in the store's append itself (``Store.append_keyed``, one
+  transaction with the message; a ``user`` entry's key is the send's ``cid``), so an
+  entry stored by a consumer killed before its ``MULTI`` is recognised when it comes
+  again and is not stored twice. The ``MGET`` of the seen keys is the fast path that
+  skips the hub for entries whose ``MULTI`` went through.
 * **Order per channel.** The entries of one batch go to the hub in stream order; the hub
   keeps publish order per channel (one store append per channel in flight, and the
   publishes queued in one tick go in one ``append_many``: all stored or none). A
@@ -553,7 +559,7 @@ class StreamIngest:
         for i, e in enumerate(entries):
             fut: asyncio.Future[Published] = loop.create_future()
             try:
-                off = self.host.hub.publish(name, e.data, _settle(fut))
+                off = self.host.hub.publish(name, e.data, _settle(fut), e.key)
             except HubError as err:
                 self._refused(e, err.code, err.reason)
                 if e.done == "dead":
@@ -570,15 +576,24 @@ class StreamIngest:
             if res.refusal is not None:
                 self._refused(e, res.refusal.code, res.refusal.reason)
             else:
-                e.done, e.result = "published", res.offset
-                self.published += 1
+                self._published(e, res)
+
+    def _published(self, e: Entry, res: Published) -> None:
+        """The node took the entry; its key is recorded as seen in the commit. A repeat
+        the store recognised (``duplicate``: stored before, by a consumer that died
+        before recording the key as seen) counts as a duplicate, not a publish."""
+        e.done, e.result = "published", res.offset
+        if res.duplicate:
+            self.duplicates += 1
+        else:
+            self.published += 1
 
     async def _publish_one(self, e: Entry) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Published] = loop.create_future()
         assert e.channel is not None
         try:
-            off = self.host.hub.publish(e.channel, e.data, _settle(fut))
+            off = self.host.hub.publish(e.channel, e.data, _settle(fut), e.key)
         except HubError as err:
             self._refused(e, err.code, err.reason)
             return
@@ -586,8 +601,7 @@ class StreamIngest:
         if res.refusal is not None:
             self._refused(e, res.refusal.code, res.refusal.reason)
         else:
-            e.done, e.result = "published", res.offset
-            self.published += 1
+            self._published(e, res)
 
     async def _send_one(self, e: Entry) -> None:
         """As ``/api/send``: the inbox store, then delivery; the idempotency key is the
@@ -631,8 +645,8 @@ class StreamIngest:
     async def _commit(self, stream: str, finished: list[Entry]) -> None:
         """In one MULTI: the idempotency keys of what was published or sent, the poison
         entries to the dead-letter stream, the XACK of them all. Retried while Redis is
-        away and the lease holds (a loss here is the documented window: the entries come
-        again and, without their keys, are published again)."""
+        away and the lease holds (if it is lost, the entries come again: the keyed ones
+        are recognised by the store's record of their key and not stored twice)."""
         if not finished:
             return
         wait = RETRY_FIRST

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import os
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -107,6 +108,21 @@ class Appended(NamedTuple):
 
     offset: int
     epoch: str
+
+
+class KeyedAppended(NamedTuple):
+    """What :meth:`Store.append_keyed` did with each item of a batch.
+
+    ``offset``: the first offset given to a new message (``top + 1`` when every item was
+    a repeat); the new ones have consecutive offsets from it, in item order. ``offsets``:
+    per item, the offset it has in ``epoch``: its new one, or for a repeat
+    (``duplicate[i]``) the offset the first message with its key got.
+    """
+
+    offset: int
+    epoch: str
+    offsets: list[int]
+    duplicate: list[bool]
 
 
 class ChannelState(NamedTuple):
@@ -189,6 +205,11 @@ class InboxState(NamedTuple):
     epoch: str = ""
 
 
+#: default seconds a channel remembers a publish's idempotency key (Store.append_keyed)
+IDEMPOTENCY_WINDOW = 86_400.0
+#: longest idempotency key, in characters (as a direct message's client id)
+KEY_MAX = 128
+
 # ------------------------------------------------------------------------------- interface
 
 _S = TypeVar("_S", bound="Store")
@@ -248,6 +269,32 @@ class Store(abc.ABC):
 
         They get consecutive offsets ``first .. first + len(items) - 1``; returns
         ``(first, epoch)``. An empty ``items`` stores nothing and returns ``(top + 1, epoch)``.
+        """
+
+    @abc.abstractmethod
+    async def append_keyed(
+        self,
+        channel: str,
+        items: Sequence[bytes],
+        keys: Sequence[str | None],
+        limits: HistoryLimits | None = None,
+        window: float = IDEMPOTENCY_WINDOW,
+    ) -> KeyedAppended:
+        """:meth:`append_many` with an idempotency key per item (``None``: none).
+
+        An item whose key the channel already recorded within ``window`` seconds, in its
+        current epoch, is **not** stored again: it gets the offset the first one got
+        (``duplicate`` True); so does a key repeated inside ``items`` (the first counts).
+        The keys of the new items are recorded in the same atomic step as the append (one
+        sqlite transaction, one Redis script), so "stored" and "key recorded" cannot be
+        separated by a crash: a publisher that retries after a lost answer, or a stream
+        entry redelivered after a ``kill -9``, is stored once.
+
+        Keys are per channel (the same key on two channels names two messages). A key
+        belongs to the channel's epoch: a channel that lost its history (a new epoch)
+        forgot its keys too, since the offsets they name are gone. A separate method
+        rather than a parameter of :meth:`append_many`: the result says per item what
+        happened, and the keyless append (the hot path) stays exactly as it was.
         """
 
     @abc.abstractmethod
@@ -429,6 +476,90 @@ def dedup_key(sender: str | None, client_msg_id: str) -> str:
     if sender is None:
         return "-" + client_msg_id
     return f"+{len(sender)}:{sender}{client_msg_id}"
+
+
+class KeyWindow:
+    """Idempotency keys remembered in memory for a window: key -> (offset, epoch, expiry).
+
+    The memory store keeps one per channel, and so does the hub for its in-memory
+    channels. ``order`` holds (expiry, key) in the order they were added, so forgetting
+    the expired ones is a pop from the left (windows are the same for every key of one
+    owner, so expiries come in order).
+    """
+
+    __slots__ = ("keys", "order")
+
+    def __init__(self) -> None:
+        self.keys: dict[str, tuple[int, str, float]] = {}
+        self.order: deque[tuple[float, str]] = deque()
+
+    def get(self, key: str, epoch: str, now: float) -> int | None:
+        """The offset ``key`` was recorded with in ``epoch``, if it has not expired."""
+        hit = self.keys.get(key)
+        if hit is None or hit[1] != epoch or hit[2] <= now:
+            return None
+        return hit[0]
+
+    def add(self, key: str, offset: int, epoch: str, expires: float) -> None:
+        self.keys[key] = (offset, epoch, expires)
+        self.order.append((expires, key))
+
+    def forget(self, now: float) -> int:
+        """Drop the keys whose window ended; return how many."""
+        keys, order = self.keys, self.order
+        n = 0
+        while order and order[0][0] <= now:
+            expires, key = order.popleft()
+            hit = keys.get(key)
+            if hit is not None and hit[2] == expires:
+                del keys[key]
+                n += 1
+        return n
+
+
+def plan_keyed(
+    items: Sequence[bytes], keys: Sequence[str | None], known: dict[str, int]
+) -> tuple[list[int], list[int], list[bool]]:
+    """The first half of :meth:`Store.append_keyed` for stores that look keys up in
+    Python (memory, sqlite): which items to store, and the offsets of the repeats.
+
+    ``known``: key -> offset, for the keys of this batch the channel recorded (live, in
+    its epoch). Returns ``(fresh, offsets, duplicate)``: the positions to store, in
+    order; per item its known offset, 0 for a fresh one, ``-1 - j`` for a repeat of
+    the batch's item ``j``; per item whether it is a repeat. :func:`settle_keyed` fills
+    in the rest once the store gave the first new offset.
+    """
+    if len(keys) != len(items):
+        raise ValueError(f"{len(keys)} keys for {len(items)} items")
+    fresh: list[int] = []
+    offsets = [0] * len(items)
+    duplicate = [False] * len(items)
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k is not None:
+            off = known.get(k)
+            if off is not None:
+                offsets[i], duplicate[i] = off, True
+                continue
+            j = first.setdefault(k, i)
+            if j != i:
+                offsets[i], duplicate[i] = -1 - j, True
+                continue
+        fresh.append(i)
+    return fresh, offsets, duplicate
+
+
+def settle_keyed(
+    fresh: list[int], offsets: list[int], duplicate: list[bool], first: int, epoch: str
+) -> KeyedAppended:
+    """The second half (see :func:`plan_keyed`): the fresh items got ``first``, ``first +
+    1``, ...; a repeat inside the batch gets its first item's offset."""
+    for n, i in enumerate(fresh):
+        offsets[i] = first + n
+    for i, off in enumerate(offsets):
+        if off < 0:
+            offsets[i] = offsets[-1 - off]
+    return KeyedAppended(first, epoch, offsets, duplicate)
 
 
 def check_read_args(since: int, limit: int) -> None:

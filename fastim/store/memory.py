@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from .base import (
+    IDEMPOTENCY_WINDOW,
     AckOutOfRange,
     Appended,
     ChannelState,
@@ -25,6 +26,8 @@ from .base import (
     InboxLimits,
     InboxMessage,
     InboxState,
+    KeyedAppended,
+    KeyWindow,
     OutboxEntry,
     OutboxItem,
     OutboxStats,
@@ -34,13 +37,18 @@ from .base import (
     dedup_key,
     new_epoch,
     new_msg_id,
+    plan_keyed,
+    settle_keyed,
 )
 
 
 class _Channel:
-    """One channel's history: ``msgs`` holds (offset, time, data), consecutive offsets."""
+    """One channel's history: ``msgs`` holds (offset, time, data), consecutive offsets.
 
-    __slots__ = ("epoch", "meta_ttl", "msgs", "top", "touched", "ttl")
+    ``keys``: the idempotency keys of :meth:`MemoryStore.append_keyed`, made on first use.
+    """
+
+    __slots__ = ("epoch", "keys", "meta_ttl", "msgs", "top", "touched", "ttl")
 
     def __init__(self, now: float, limits: HistoryLimits) -> None:
         self.epoch = new_epoch()
@@ -50,6 +58,7 @@ class _Channel:
         self.touched = now
         self.ttl = limits.ttl
         self.meta_ttl = limits.meta_ttl
+        self.keys: KeyWindow | None = None
 
 
 class _Inbox:
@@ -146,6 +155,37 @@ class MemoryStore(Store):
         self, channel: str, items: Sequence[bytes], limits: HistoryLimits | None = None
     ) -> Appended:
         return self._append(channel, items, self._limits(limits))
+
+    async def append_keyed(
+        self,
+        channel: str,
+        items: Sequence[bytes],
+        keys: Sequence[str | None],
+        limits: HistoryLimits | None = None,
+        window: float = IDEMPOTENCY_WINDOW,
+    ) -> KeyedAppended:
+        self._check_open()
+        lim = self._limits(limits)
+        now = self._clock()
+        ch = self._channel(channel, lim, now)
+        seen = ch.keys
+        known = {}
+        if seen is not None:
+            seen.forget(now)
+            for k in keys:
+                if k is not None and (off := seen.get(k, ch.epoch, now)) is not None:
+                    known[k] = off
+        fresh, offsets, duplicate = plan_keyed(items, keys, known)
+        first, epoch = self._append(channel, [items[i] for i in fresh], lim)
+        done = settle_keyed(fresh, offsets, duplicate, first, epoch)
+        if window > 0:
+            for i in fresh:
+                k = keys[i]
+                if k is not None:
+                    if ch.keys is None:
+                        ch.keys = KeyWindow()
+                    ch.keys.add(k, offsets[i], epoch, now + window)
+        return done
 
     async def read(
         self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None
@@ -362,12 +402,15 @@ class MemoryStore(Store):
         for name, ch in self._channels.items():
             if ch.meta_ttl is not None and now - ch.touched >= ch.meta_ttl:
                 dead.append(name)
-            elif ch.ttl is not None and ch.msgs:
-                cutoff = now - ch.ttl
-                msgs = ch.msgs
-                while msgs and msgs[0][1] <= cutoff:
-                    msgs.popleft()
-                    n += 1
+            else:
+                if ch.keys is not None:
+                    n += ch.keys.forget(now)
+                if ch.ttl is not None and ch.msgs:
+                    cutoff = now - ch.ttl
+                    msgs = ch.msgs
+                    while msgs and msgs[0][1] <= cutoff:
+                        msgs.popleft()
+                        n += 1
         for name in dead:
             del self._channels[name]
         for ib in self._inboxes.values():

@@ -11,6 +11,9 @@ so all keys of one channel or one user sit in one slot and a script may touch th
 ``P:ch:{name}:m``      hash    ``epoch``, ``top`` (last offset), ``ts`` (last append, ms)
 ``P:ch:{name}:s``      stream  one entry per kept message, id ``<offset>-0``, fields
                                ``t`` (Redis time of the append, ms) and ``d`` (data)
+``P:ch:{name}:k``      hash    idempotency key of a publish (``append_keyed``) ->
+                               ``"<epoch> <offset> <expiry ms>"``
+``P:ch:{name}:kt``     zset    those keys scored by expiry, to forget them
 ``P:in:{user}:m``      hash    ``top`` (last sequence), ``acked``
 ``P:in:{user}:s``      stream  unacked messages, id ``<seq>-0``: ``i`` msg id, ``s``
                                sender (absent for none), ``d`` data
@@ -46,6 +49,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from .base import (
+    IDEMPOTENCY_WINDOW,
     AckOutOfRange,
     Appended,
     ChannelState,
@@ -56,6 +60,7 @@ from .base import (
     InboxLimits,
     InboxMessage,
     InboxState,
+    KeyedAppended,
     OutboxEntry,
     OutboxItem,
     OutboxStats,
@@ -279,6 +284,33 @@ class RedisStore(Store):
         args = [new_epoch(), self._ms(lim.meta_ttl), lim.size, self._ms(lim.ttl), *items]
         return await self._call("append", self._ch(channel), args, _parse_appended)
 
+    async def append_keyed(
+        self,
+        channel: str,
+        items: Sequence[bytes],
+        keys: Sequence[str | None],
+        limits: HistoryLimits | None = None,
+        window: float = IDEMPOTENCY_WINDOW,
+    ) -> KeyedAppended:
+        """One script (``append_keyed``): the lookup of the keys, the append of the new
+        items and the record of their keys are one atomic step in Redis."""
+        if len(keys) != len(items):
+            raise ValueError(f"{len(keys)} keys for {len(items)} items")
+        lim = self._limits(limits)
+        args = [
+            new_epoch(),
+            self._ms(lim.meta_ttl),
+            lim.size,
+            self._ms(lim.ttl),
+            self._ms(window) if window > 0 else 0,
+            len(items),
+            *["" if k is None else k for k in keys],
+            *items,
+        ]
+        base = f"{self.prefix}:ch:{{{channel}}}"
+        script_keys = [base + ":m", base + ":s", base + ":k", base + ":kt"]
+        return await self._call("append_keyed", script_keys, args, _parse_keyed)
+
     async def read(
         self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None
     ) -> History:
@@ -427,6 +459,14 @@ class RedisStore(Store):
 
 def _parse_appended(reply: Any) -> Appended:
     return Appended(int(reply[0]), _s(reply[1]))
+
+
+def _parse_keyed(reply: Any) -> KeyedAppended:
+    it = iter(reply[2:])
+    pairs = list(zip(it, it, strict=True))
+    return KeyedAppended(
+        int(reply[0]), _s(reply[1]), [int(o) for o, _ in pairs], [bool(d) for _, d in pairs]
+    )
 
 
 def _parse_state(reply: Any) -> ChannelState:

@@ -40,17 +40,14 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# ARGV[3] size, ARGV[4] ttl ms (0 = none), ARGV[5..] the messages. Returns {first, epoch}.
-APPEND = (
-    _CHANNEL_PRELUDE
-    + """
-local size, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
-local n = #ARGV - 4
-local first = top + 1
+# The body of both appends, after the prelude and `size`, `ttl`, `n` (messages to store):
+# XADD them (MSG(i): the i-th, an expression), trim by count and age, set the expiries.
+# Sets `first` (the first new offset) and `top`.
+_APPEND_BODY = """local first = top + 1
 if n > 0 then
   if not created and last > now then now = last end  -- time never goes back in a channel
   for i = 1, n do
-    redis.call('XADD', stream, (top + i) .. '-0', 't', now, 'd', ARGV[4 + i])
+    redis.call('XADD', stream, (top + i) .. '-0', 't', now, 'd', MSG(i))
   end
   top = top + n
   redis.call('HSET', meta, 'top', top, 'ts', now)
@@ -82,7 +79,81 @@ if n > 0 then
     redis.call('PERSIST', stream)
   end
 end
-return {first, epoch}
+"""
+
+# ARGV[3] size, ARGV[4] ttl ms (0 = none), ARGV[5..] the messages. Returns {first, epoch}.
+APPEND = (
+    _CHANNEL_PRELUDE
+    + """
+local size, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = #ARGV - 4
+"""
+    + _APPEND_BODY.replace("MSG(i)", "ARGV[4 + i]")
+    + """return {first, epoch}
+"""
+)
+
+# Store.append_keyed. KEYS[3] the channel's idempotency keys (hash: key -> "<epoch> <offset>
+# <expiry ms>"), KEYS[4] the same keys scored by expiry (to forget them). ARGV[3] size,
+# ARGV[4] ttl ms, ARGV[5] window ms (0 = record nothing), ARGV[6] the count c, ARGV[7 ..
+# 6+c] each message's key ('' = none), ARGV[7+c .. 6+2c] the messages. A key recorded in
+# the current epoch and not expired is a repeat: not stored, answered with its offset (as
+# is a key repeated in the batch). Returns {first, epoch, offset1, dup1, offset2, ...}.
+APPEND_KEYED = (
+    _CHANNEL_PRELUDE
+    + """
+local size, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local hkeys, times = KEYS[3], KEYS[4]
+local window, total = tonumber(ARGV[5]), tonumber(ARGV[6])
+local old = redis.call('ZRANGEBYSCORE', times, '-inf', now, 'LIMIT', 0, 100)
+if #old > 0 then
+  redis.call('HDEL', hkeys, unpack(old))
+  redis.call('ZREM', times, unpack(old))
+end
+local n, fresh, offs, dups, firstpos, record = 0, {}, {}, {}, {}, {}
+for i = 1, total do
+  local k = ARGV[6 + i]
+  local off = nil
+  if k ~= '' then
+    local j = firstpos[k]
+    if j then
+      off = offs[j]
+    else
+      firstpos[k] = i
+      local v = redis.call('HGET', hkeys, k)
+      if v then
+        local e, o, x = string.match(v, '^(%S+) (%d+) (%d+)$')
+        if e == epoch and tonumber(x) > now then off = tonumber(o) end
+      end
+    end
+  end
+  if off then
+    offs[i], dups[i] = off, 1
+  else
+    n = n + 1
+    fresh[n] = ARGV[6 + total + i]
+    offs[i], dups[i] = top + n, 0
+    if k ~= '' then record[#record + 1] = i end
+  end
+end
+"""
+    + _APPEND_BODY.replace("MSG(i)", "fresh[i]")
+    + """if window > 0 and #record > 0 then
+  local expires = now + window
+  for _, i in ipairs(record) do
+    local k = ARGV[6 + i]
+    redis.call('HSET', hkeys, k, epoch .. ' ' .. offs[i] .. ' ' .. expires)
+    redis.call('ZADD', times, expires, k)
+  end
+  redis.call('PEXPIRE', hkeys, window)
+  redis.call('PEXPIRE', times, window)
+end
+local out = {first, epoch}
+for i = 1, total do
+  out[#out + 1] = offs[i]
+  out[#out + 1] = dups[i]
+end
+return out
 """
 )
 
@@ -376,6 +447,7 @@ SCRIPTS = {
     name: Script(src)
     for name, src in (
         ("append", APPEND),
+        ("append_keyed", APPEND_KEYED),
         ("read", READ),
         ("restart_epoch", RESTART_EPOCH),
         ("inbox_append", INBOX_APPEND),

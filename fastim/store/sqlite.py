@@ -42,6 +42,7 @@ from typing import TypeVar
 
 from . import sqlite_outbox
 from .base import (
+    IDEMPOTENCY_WINDOW,
     Appended,
     ChannelState,
     History,
@@ -50,6 +51,7 @@ from .base import (
     InboxLimits,
     InboxMessage,
     InboxState,
+    KeyedAppended,
     OutboxEntry,
     OutboxItem,
     OutboxStats,
@@ -109,6 +111,15 @@ CREATE TABLE IF NOT EXISTS inbox_dedup (
     PRIMARY KEY (user, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS inbox_dedup_ts ON inbox_dedup (ts);
+CREATE TABLE IF NOT EXISTS channel_keys (
+    cid     INTEGER NOT NULL,
+    key     TEXT NOT NULL,    -- a publish's idempotency key (Store.append_keyed)
+    off     INTEGER NOT NULL, -- the offset the keyed message got
+    epoch   TEXT NOT NULL,    -- in this epoch: a key of another one (a cid reused) is void
+    expires REAL NOT NULL,    -- unix time its window ends; swept
+    PRIMARY KEY (cid, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS channel_keys_expires ON channel_keys (expires);
 """
 
 
@@ -287,6 +298,22 @@ class SqliteStore(Store):
         batch = list(items)
         return await self._write(lambda w: w.append(channel, batch, lim))
 
+    async def append_keyed(
+        self,
+        channel: str,
+        items: Sequence[bytes],
+        keys: Sequence[str | None],
+        limits: HistoryLimits | None = None,
+        window: float = IDEMPOTENCY_WINDOW,
+    ) -> KeyedAppended:
+        """The keys are looked up and recorded by the writer, in the transaction of the
+        append (table ``channel_keys``): committed together or not at all."""
+        lim = self._limits(limits)
+        batch, ks = list(items), list(keys)
+        if len(ks) != len(batch):
+            raise ValueError(f"{len(ks)} keys for {len(batch)} items")
+        return await self._write(lambda w: w.append_keyed(channel, batch, ks, lim, window))
+
     async def read(
         self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None
     ) -> History:
@@ -417,7 +444,8 @@ class SqliteStore(Store):
     # ------------------------------------------------------------------------------ upkeep
 
     async def sweep(self) -> int:
-        """Delete forgotten channels (up to 10,000 a call) and expired dedup entries."""
+        """Delete forgotten channels (up to 10,000 a call), expired dedup entries and
+        expired idempotency keys of channels."""
         return await self._write(lambda w: w.sweep())
 
     async def close(self) -> None:

@@ -34,11 +34,14 @@ from .base import (
     InboxFull,
     InboxLimits,
     InboxState,
+    KeyedAppended,
     StoreError,
     StoreUnavailable,
     dedup_key,
     new_epoch,
     new_msg_id,
+    plan_keyed,
+    settle_keyed,
 )
 
 T = TypeVar("T")
@@ -47,6 +50,8 @@ T = TypeVar("T")
 MAX_BATCH = 2000
 #: entries of the writer's channel-state cache before the oldest are dropped
 CACHE_SIZE = 65536
+#: idempotency keys looked up per query (under SQLite's oldest limit of 999 parameters)
+KEYS_PER_QUERY = 500
 
 
 def _slack(n: int) -> int:
@@ -195,6 +200,47 @@ class Writer:
             meta.low, meta.oldest = (row[0], row[1]) if row else (top + 1, None)
         return Appended(first, meta.epoch)
 
+    def append_keyed(
+        self,
+        name: str,
+        items: list[bytes],
+        keys: list[str | None],
+        limits: HistoryLimits,
+        window: float,
+    ) -> KeyedAppended:
+        """:meth:`append` of the items whose key the channel has not recorded, and their
+        keys recorded, in the one transaction this job runs in."""
+        now = self.clock()
+        meta = self.channel(name, limits, now)
+        c = self.conn
+        wanted = list({k for k in keys if k is not None})
+        known: dict[str, int] = {}
+        for i in range(0, len(wanted), KEYS_PER_QUERY):
+            part = wanted[i : i + KEYS_PER_QUERY]
+            known.update(
+                c.execute(
+                    "SELECT key, off FROM channel_keys WHERE cid = ? AND epoch = ? "
+                    f"AND expires > ? AND key IN ({','.join('?' * len(part))})",
+                    (meta.cid, meta.epoch, now, *part),
+                ).fetchall()
+            )
+        fresh, offsets, duplicate = plan_keyed(items, keys, known)
+        first, epoch = self.append(name, [items[i] for i in fresh], limits)
+        done = settle_keyed(fresh, offsets, duplicate, first, epoch)
+        if window > 0:
+            expires = now + window
+            cid = self.cache[name].cid  # the append's row (a channel expired meanwhile: new)
+            rows = [
+                (cid, k, offsets[i], epoch, expires) for i in fresh if (k := keys[i]) is not None
+            ]
+            if rows:
+                c.executemany(
+                    "INSERT OR REPLACE INTO channel_keys (cid, key, off, epoch, expires) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+        return done
+
     def state(self, name: str, limits: HistoryLimits) -> ChannelState:
         meta = self.channel(name, limits, self.clock())
         return ChannelState(meta.epoch, meta.top)
@@ -293,7 +339,8 @@ class Writer:
         cur = c.execute(
             "DELETE FROM inbox_dedup WHERE ts <= ?", (now - self.inbox_limits.dedup_window,)
         )
-        return len(dead) + max(cur.rowcount, 0)
+        keys = c.execute("DELETE FROM channel_keys WHERE expires <= ?", (now,))
+        return len(dead) + max(cur.rowcount, 0) + max(keys.rowcount, 0)
 
 
 #: a job: what to run on the writer, and the future its caller awaits

@@ -31,6 +31,7 @@ from ..store import (
     InboxFull,
     InboxMessage,
     InboxState,
+    KeyedAppended,
     OutboxEntry,
     OutboxItem,
     OutboxStats,
@@ -38,6 +39,7 @@ from ..store import (
     StoreError,
     StoreUnavailable,
 )
+from ..store.base import IDEMPOTENCY_WINDOW
 
 if TYPE_CHECKING:
     from .mesh import WorkerMesh
@@ -75,6 +77,16 @@ class MeshInboxes(Store):
         self, channel: str, items: Sequence[bytes], limits: HistoryLimits | None = None
     ) -> Appended:
         return await self.local.append_many(channel, items, limits)
+
+    async def append_keyed(
+        self,
+        channel: str,
+        items: Sequence[bytes],
+        keys: Sequence[str | None],
+        limits: HistoryLimits | None = None,
+        window: float = IDEMPOTENCY_WINDOW,
+    ) -> KeyedAppended:
+        return await self.local.append_keyed(channel, items, keys, limits, window)
 
     async def read(
         self, channel: str, since: int, limit: int = 1000, limits: HistoryLimits | None = None

@@ -175,6 +175,41 @@ async def test_publish_reaches_subscribers_of_every_transport(store_api_node: No
         await c.close()
 
 
+async def test_publish_with_an_idempotency_key_is_stored_once(store_api_node: Node) -> None:
+    """A backend that retries a publish (a timeout, a 503) with the same key: the retry
+    is answered with the first offset and ``duplicate``, and not delivered again, on
+    every store (memory: the owner's memory; sqlite, redis: the store's append)."""
+    node = store_api_node
+    ws = await WsClient.connect(node.ws_port)
+    async with deadline(10):
+        await ws.sub("orders")
+
+        async def publish(data: Any, key: str | None) -> dict[str, Any]:
+            body: dict[str, Any] = {"channel": "orders", "data": data}
+            if key is not None:
+                body["idempotency_key"] = key
+            status, _h, answer = await call(node, "POST", "/api/publish", body)
+            assert status == 200, answer
+            return dict(answer)
+
+        first = await publish({"n": 1}, "order-1")
+        assert first["offset"] == 1 and "duplicate" not in first
+        assert (await publish({"n": 2}, None))["offset"] == 2
+        again = await publish({"n": 1}, "order-1")
+        assert again == {**first, "duplicate": True}
+        assert (await publish({"n": 3}, "order-3"))["offset"] == 3
+        assert [(await ws.msg())["data"] for _ in range(3)] == [{"n": 1}, {"n": 2}, {"n": 3}]
+        for bad in ("", "x" * 129, 7):
+            status, _h, answer = await call(
+                node,
+                "POST",
+                "/api/publish",
+                {"channel": "orders", "data": 0, "idempotency_key": bad},
+            )
+            assert status == 400 and answer["field"] == "idempotency_key", answer
+    await ws.close()
+
+
 async def test_durable_publish_store_failure_is_503(node_factory: Any, tmp_path: Path) -> None:
     node = await node_factory(api_key=KEY, store="sqlite", store_path=str(tmp_path / "f.db"))
     ws = await WsClient.connect(node.ws_port)
