@@ -45,9 +45,19 @@ def run_backend(port: int) -> None:
         await request.read()
         return web.Response(body=b'{"result":{}}', content_type="application/json")
 
+    import uvloop
+
     app = web.Application()
     app.router.add_post("/publish", allow)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    # on uvloop, as a Python backend that cares about its speed would run
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=port,
+        access_log=None,
+        print=None,
+        loop=uvloop.new_event_loop(),
+    )
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:

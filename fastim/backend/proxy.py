@@ -175,6 +175,9 @@ class Proxy:
                 json_serialize=lambda o: orjson.dumps(o).decode(),
                 skip_auto_headers=("User-Agent",),
                 raise_for_status=False,
+                # never keep a cookie a hook's reply sets: it would go out with the
+                # next request, which speaks for another connection (another user)
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return session
 

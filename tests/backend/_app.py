@@ -105,7 +105,11 @@ def make_app(state: Backend) -> web.Application:
             }
             if state.expire_at:
                 result["expire_at"] = int(state.expire_at)
-            return _json({"result": result})
+            resp = _json({"result": result})
+            # a backend framework that sets a cookie on every answer: the node must not
+            # keep it for the next request (another connection's)
+            resp.set_cookie("backend_seen", who)
+            return resp
         if hook == "refresh":
             if user in state.expired_users:
                 return _json({"result": {"expired": True}})

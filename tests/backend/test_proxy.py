@@ -104,6 +104,19 @@ async def test_connect_by_cookie_gives_the_user_its_channels_and_data(
     await ws.close()
 
 
+async def test_a_cookie_the_backend_sets_is_not_sent_for_another_connection(
+    node_factory: NodeFactory, backend: Backend
+) -> None:
+    # a host name: aiohttp's default cookie jar keeps no cookie of a bare IP address
+    node = await node_factory(proxy_connect_url=f"http://localhost:{backend.port}/connect")
+    for sid in ("s-alice", "s-bob"):
+        ws = await ws_connect(node, sid)
+        await request(ws, {"op": "hello"}, "welcome")
+        await ws.close()
+    cookies = [h["cookie"] for hook, _, h in backend.requests if hook == "connect"]
+    assert cookies == ["theme=dark; sid=s-alice", "theme=dark; sid=s-bob"]
+
+
 async def test_connect_refusals_close_the_connection(
     node_factory: NodeFactory, backend: Backend
 ) -> None:
