@@ -44,6 +44,7 @@ NAMESPACE_KEYS: dict[str, type] = {
     "proxy_subscribe": bool,
     "proxy_publish": bool,
     "events_publish": bool,
+    "recovery": str,
 }
 
 #: the values of the allow_* rules: everyone (anonymous too), a verified token, only
@@ -51,6 +52,12 @@ NAMESPACE_KEYS: dict[str, type] = {
 RULE_VALUES = ("any", "user", "token", "none")
 #: the keys of NAMESPACE_KEYS that are access rules, in the order of the docs
 RULE_KEYS = ("allow_subscribe", "allow_publish", "allow_history", "allow_presence")
+#: the other string settings of a namespace and the values each may take
+CHOICES: dict[str, tuple[str, ...]] = {
+    # stream: a (re)subscriber gets every message it missed; cache: only the latest
+    # (channels that carry a state, not events)
+    "recovery": ("stream", "cache"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +89,9 @@ class Namespace:
     proxy_publish: bool = True
     #: every publish to a channel of this namespace is an event for events_url
     events_publish: bool = False
+    #: what a (re)subscriber with since or history gets: "stream", every message it
+    #: missed (within history); "cache", only the channel's latest message
+    recovery: str = "stream"
 
     @property
     def limits(self) -> HistoryLimits:
@@ -107,9 +117,10 @@ def check_namespaces(raw: object) -> dict[str, dict[str, Any]]:
                     f"{where}: unknown setting (known: {', '.join(sorted(NAMESPACE_KEYS))})"
                 )
             if want is str:
-                if value not in RULE_VALUES:
+                allowed = CHOICES.get(key, RULE_VALUES)
+                if value not in allowed:
                     raise ValueError(
-                        f"{where}: must be one of {', '.join(RULE_VALUES)}, got {value!r}"
+                        f"{where}: must be one of {', '.join(allowed)}, got {value!r}"
                     )
                 ok = True
             elif want is bool:
@@ -123,6 +134,11 @@ def check_namespaces(raw: object) -> dict[str, dict[str, Any]]:
             if key in ("history_size", "history_ttl") and value < 0:
                 raise ValueError(f"{where}: must be >= 0, got {value}")
             clean[key] = float(value) if want is float else value
+        if clean.get("recovery") == "cache" and clean.get("history_size", 1) < 1:
+            raise ValueError(
+                f"namespaces.{name}.recovery: \"cache\" keeps the latest message in the "
+                "history: history_size must be >= 1"
+            )
         out[name] = clean
     return out
 

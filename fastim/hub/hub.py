@@ -488,6 +488,8 @@ class Hub:
         """Can recovery from ``since`` be answered from memory (or is it hopeless)?"""
         if since.epoch != ch.epoch or since.off >= ch.offset:
             return True
+        if ch.ns.recovery == "cache":
+            since = Since(ch.offset - 1, since.epoch)  # only the latest is sent
         if not ch.durable:
             # one node: the ring is the history; in a cluster a node that does not own
             # the channel asks the owner for what its own ring lacks
@@ -548,6 +550,8 @@ class Hub:
                 and since.off < ch.offset
             ):
                 after = max(since.off, ch.offset - self.config.recovery_max)
+                if ch.ns.recovery == "cache":
+                    after = max(after, ch.offset - 1)  # the latest message is all it gets
                 while not self._covers(ch, after):
                     hist = await store.read(ch.name, after, 1000, ch.ns.limits)
                     if hist.epoch != ch.epoch:
@@ -596,7 +600,12 @@ class Hub:
         recovered = False
         msgs: list[tuple[int, bytes]] = []
         if since is not None and since.epoch == ch.epoch and since.off <= ch.offset:
-            recovered, msgs = self._recover(ch, since.off, prefix)
+            after = since.off
+            if ch.ns.recovery == "cache" and after < ch.offset:
+                # a channel that carries a state: the latest message is the state, what
+                # came before it is not worth replaying (recovered: nothing is missing)
+                after = ch.offset - 1
+            recovered, msgs = self._recover(ch, after, prefix)
             recovered = recovered and not stale
         session.send(replies.subscribed(req_id, ch.name, ch.offset, ch.epoch, recovered))
         fmt = ring.fmt
