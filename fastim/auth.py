@@ -133,6 +133,9 @@ class Identity:
     pub: Patterns | None
     #: the token's ``exp`` (Unix time)
     expires: float
+    #: channels the node subscribes the connection to by itself (the ``subs`` claim;
+    #: a connect hook's ``channels``): server-side subscriptions
+    server_subs: tuple[str, ...] = ()
 
 
 def _pattern_list(value: object, where: str) -> tuple[str, ...]:
@@ -168,6 +171,29 @@ def _channel_claims(claims: dict[str, Any]) -> tuple[Patterns | None, Patterns |
         pub = Patterns(_pattern_list(raw.get("pub", []), '"channels.pub"'))
         return sub, pub
     raise AuthFailed('token claim "channels" must be a list or {"sub": [...], "pub": [...]}')
+
+
+def _subs_claim(claims: dict[str, Any]) -> tuple[str, ...]:
+    """The ``subs`` claim: channels the node subscribes the connection to at connect.
+
+    A list of channel names, or Centrifugo's map of channel → options (the names are
+    taken). Not ``channels``: in fastim that claim lists the patterns a connection *may*
+    use (see :func:`_channel_claims`); ``subs`` lists what it *is* subscribed to.
+    """
+    raw = claims.get("subs")
+    if raw is None:
+        return ()
+    if isinstance(raw, dict):
+        raw = list(raw)
+    if not isinstance(raw, list) or len(raw) > MAX_PATTERNS:
+        raise AuthFailed(f'token claim "subs" must be a list of at most {MAX_PATTERNS} channels')
+    out = []
+    for ch in raw:
+        try:
+            out.append(validate_channel(ch))
+        except ProtocolError:
+            raise AuthFailed('token claim "subs" holds a name that is not a channel') from None
+    return tuple(dict.fromkeys(out))
 
 
 def _number(claims: dict[str, Any], name: str) -> float | None:
@@ -297,7 +323,7 @@ class Auth:
                 'token claim "sub" must be a user id: 1..255 bytes, no control characters'
             ) from None
         sub_patterns, pub_patterns = _channel_claims(claims)
-        return Identity(user, sub_patterns, pub_patterns, exp)
+        return Identity(user, sub_patterns, pub_patterns, exp, _subs_claim(claims))
 
     def refusal(
         self, ns: Namespace, action: str, channel: str, identity: Identity | None

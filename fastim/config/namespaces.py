@@ -119,9 +119,7 @@ def check_namespaces(raw: object) -> dict[str, dict[str, Any]]:
             if want is str:
                 allowed = CHOICES.get(key, RULE_VALUES)
                 if value not in allowed:
-                    raise ValueError(
-                        f"{where}: must be one of {', '.join(allowed)}, got {value!r}"
-                    )
+                    raise ValueError(f"{where}: must be one of {', '.join(allowed)}, got {value!r}")
                 ok = True
             elif want is bool:
                 ok = isinstance(value, bool)
@@ -136,7 +134,7 @@ def check_namespaces(raw: object) -> dict[str, dict[str, Any]]:
             clean[key] = float(value) if want is float else value
         if clean.get("recovery") == "cache" and clean.get("history_size", 1) < 1:
             raise ValueError(
-                f"namespaces.{name}.recovery: \"cache\" keeps the latest message in the "
+                f'namespaces.{name}.recovery: "cache" keeps the latest message in the '
                 "history: history_size must be >= 1"
             )
         out[name] = clean

@@ -374,6 +374,13 @@ class Config:
         metadata={"help": "extra HTTP headers of each POST: [events_headers]", "file_only": True},
     )
 
+    personal_channels: int = field(
+        default=0,
+        metadata={
+            "help": "1: every connection with a user is subscribed by the node to its user's "
+            "personal channel #<user> (clients cannot subscribe or publish there)"
+        },
+    )
     # ---- the application's backend in the loop: proxy hooks (docs/proxy.md)
     proxy_connect_url: str = field(
         default="",
@@ -563,6 +570,8 @@ class Config:
         self._validate_cluster()
         self._validate_workers()
         self._validate_proxy()
+        if self.personal_channels not in (0, 1):
+            raise ConfigError(f"personal_channels: must be 0 or 1, got {self.personal_channels}")
         self._validate_ingest()
         try:
             check_events(self)

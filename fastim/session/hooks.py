@@ -40,7 +40,9 @@ from ..backend.proxy import (
     parse_refresh,
 )
 from ..errors import BadRequest, ProtocolError
+from ..hub import Since
 from ..protocol import CloseCode, ErrorCode, validate_channel
+from .commands import since_field
 from .identity import Identified
 from .replies import Replies
 
@@ -52,12 +54,24 @@ QUEUE_PAUSE = 256
 REFRESH_RETRY = 5.0
 #: a session's state from which hook answers are dropped (see session.CLOSING)
 _CLOSING = 2
+#: the first character of a user's personal channel, ``#alice`` (``personal_channels``)
+PERSONAL = "#"
 
 
 class BackendState:
     """What a connection holds for the proxy hooks (one object, made on first use)."""
 
-    __slots__ = ("busy", "client", "data", "expiry", "info", "meta", "paused", "queue")
+    __slots__ = (
+        "busy",
+        "client",
+        "data",
+        "expiry",
+        "info",
+        "meta",
+        "paused",
+        "positions",
+        "queue",
+    )
 
     def __init__(self, client: str = "") -> None:
         #: the id the hooks know the connection by (Centrifugo's ``client``): its
@@ -73,6 +87,9 @@ class BackendState:
         self.meta: Any = None
         self.data: Any = None
         self.expiry: ConnectExpiry | None = None
+        #: where the client's server-side subscriptions were (the ``subs`` of its hello
+        #: or of its upgrade URL): recovered from there when the node subscribes it
+        self.positions: dict[str, Since] | None = None
 
 
 class ConnectExpiry:
@@ -249,27 +266,64 @@ class Hooked(Identified):
         b = self._backend()
         b.info, b.meta, b.data = result.info, result.meta, result.data
         self.auth_wait = False  # the backend decided: its answer is the authentication
-        if result.user:
-            expires = result.expire_at or math.inf
-            self.identity = Identity(result.user, None, None, expires)
-            self._declare(result.user)
+        channels = []
+        for ch in result.channels:
+            try:
+                channels.append(validate_channel(ch))
+            except ProtocolError as e:
+                log.warning("connect hook: channel %r skipped: %s", ch, e.reason)
         if result.expire_at:
             b.expiry = ConnectExpiry(self, result.expire_at)
-        for ch in result.channels:
-            self._server_subscribe(ch)
+        if result.user:
+            expires = result.expire_at or math.inf
+            self.identity = Identity(result.user, None, None, expires, tuple(channels))
+            self._declare(result.user)  # subscribes the server-side channels
+        else:
+            self.subscribe_server_side(channels)
 
-    def _server_subscribe(self, ch: str) -> None:
-        """A channel the connect hook gave: subscribed now, with no request of the
-        client's (its ``subscribed`` has no id). The backend decided, so neither the
-        subscribe hook nor the namespace rules are asked again."""
-        try:
-            ch = validate_channel(ch)
-        except ProtocolError as e:
-            log.warning("connect hook: channel %r skipped: %s", ch, e.reason)
+    # ------------------------------------------------------------------ server-side
+
+    def server_positions(self, raw: object) -> None:
+        """Where the client's server-side subscriptions were: ``subs`` of its hello or
+        of its upgrade URL, ``{"<channel>": {"off": N, "epoch": "..."}}``. The node
+        recovers each from there when it subscribes it (docs/protocol.md)."""
+        if raw is None:
             return
-        if self.subs is not None and ch in self.subs:
-            return
-        self._subscribe(ch, None, self.replies, None)
+        if not isinstance(raw, dict) or len(raw) > self.config.max_subscriptions:
+            raise BadRequest(
+                'field "subs" must be an object {"<channel>": {"off": N, "epoch": "..."}} '
+                f"of at most {self.config.max_subscriptions} channels"
+            )
+        positions: dict[str, Since] = {}
+        for ch, since in raw.items():
+            pos = since_field(since)
+            if pos is not None:
+                positions[validate_channel(ch)] = pos
+        if positions:
+            self._backend().positions = positions
+
+    def server_channels(self) -> list[str]:
+        """The channels the node subscribes this connection to by itself: its token's
+        ``subs`` (or the connect hook's ``channels``) and, with ``personal_channels``,
+        its user's own ``#<user>``."""
+        identity = self.identity
+        out = list(identity.server_subs) if identity is not None else []
+        if self.config.personal_channels and self.user is not None:
+            out.append(PERSONAL + self.user)
+        return out
+
+    def subscribe_server_side(self, channels: list[str]) -> None:
+        """Subscribe to ``channels`` with no request of the client's (the
+        ``subscribed`` has no id), each recovered from the client's position when it
+        gave one. The token or the backend decided: neither the subscribe hook nor the
+        namespace rules are asked again."""
+        b = self.backend
+        positions = b.positions if b is not None else None
+        for ch in channels:
+            if self.subs is not None and ch in self.subs:
+                continue
+            since = positions.get(ch) if positions else None
+            self._subscribe(ch, None, self.replies, since)
 
     async def _refresh_hook(self, expiry: ConnectExpiry) -> None:
         b = self.backend

@@ -40,6 +40,8 @@ class Identified:
     send_event: Callable[[bytes], None]
     is_open: Callable[[], bool]
     fail: Callable[..., None]
+    server_channels: Callable[[], list[str]]  # fastim/session/hooks.py
+    subscribe_server_side: Callable[[list[str]], None]
 
     def _welcome(self, user: str | None) -> bytes:
         cfg = self.config
@@ -78,6 +80,11 @@ class Identified:
         postman = self.node.postman
         assert postman is not None
         postman.attach(self, user)
+        # the channels the node subscribes it to (its token's subs, the connect hook's
+        # channels, its personal channel): fastim/session/hooks.py
+        channels = self.server_channels()
+        if channels:
+            self.subscribe_server_side(channels)
 
     # ------------------------------------------------------------------ auth
 

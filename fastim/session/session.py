@@ -31,7 +31,7 @@ from ..protocol import (
     validate_channel,
 )
 from .commands import CID_MAX, history_field, json_data, since_field, user_id, welcome_tail
-from .hooks import Hooked
+from .hooks import PERSONAL, Hooked
 from .host import Host
 from .replies import TCP_REPLIES, Replies
 
@@ -432,6 +432,7 @@ class Session(Hooked, asyncio.Protocol):
                     raise BadRequest(f"HELLO options are not JSON: {e}") from None
                 if not isinstance(opts, dict):
                     raise BadRequest("HELLO options must be a JSON object")
+            self.server_positions(opts.get("subs"))  # recovery of server-side channels
             if (
                 opts.get("token") is None
                 and self.identity is None
@@ -522,6 +523,7 @@ class Session(Hooked, asyncio.Protocol):
             # a hello may name nobody: its welcome says who the connection is (a
             # token at the upgrade, the connect hook's user) or that it is anonymous
             declared, token = msg.get("user"), msg.get("token")
+            self.server_positions(msg.get("subs"))  # recovery of server-side channels
             user = self._identify(declared, token)
             self.send(replies.event(self._welcome(user or self.user)[:-1] + welcome_tail(req_id)))
             if user is not None:
@@ -590,12 +592,20 @@ class Session(Hooked, asyncio.Protocol):
                 )
             if not self.rate_ok(req.id, replies) or self._denied("publish", ch, req.id, replies):
                 return
+            if ch[0] == PERSONAL and self.config.personal_channels:
+                why = "only the server publishes to personal channels (#<user>)"
+                self.send(replies.error(req.id, ErrorCode.PERMISSION_DENIED, why))
+                return
             proxy = self.node.proxy
             if proxy and proxy.has("publish") and self.node.hub.namespaces.of(ch).proxy_publish:
                 self.publish_hook(ch, req.data, req.id, replies)  # allow, deny or rewrite
             else:
                 self._publish(ch, req.data, req.id, replies)
         elif op == "sub":
+            if ch[0] == PERSONAL and self.config.personal_channels:
+                why = "personal channels (#<user>) are subscribed by the node, to their user"
+                self.send(replies.error(req.id, ErrorCode.PERMISSION_DENIED, why))
+                return
             if self._denied("subscribe", ch, req.id, replies) or (
                 since is not None and self._denied("history", ch, req.id, replies)
             ):

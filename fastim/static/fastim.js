@@ -647,9 +647,16 @@ export class Client {
       return;
     }
     if (this._closing || this._suspended) return;
-    if (this.token) {
+    /** @type {Record<string, Since>} where the server-side subscriptions were */
+    const positions = {};
+    for (const sub of this.subscriptions.values()) {
+      if (sub.server && sub.epoch) positions[sub.channel] = sub.since;
+    }
+    if (this.token || Object.keys(positions).length) {
       const u = new URL(url);
-      u.searchParams.set("token", this.token);
+      if (this.token) u.searchParams.set("token", this.token);
+      // the node subscribes them again by itself, recovering from there
+      if (Object.keys(positions).length) u.searchParams.set("subs", JSON.stringify(positions));
       target = u.href;
     }
     let ws;
@@ -982,7 +989,8 @@ export class Client {
       this._callback(this.onServerSubscribe, sub);
       return;
     }
-    // subscribed again after a reconnect: what was missed meanwhile is a gap, reported
+    // subscribed again after a reconnect, recovered from the position this client gave
+    // in its URL (`subs`): what could not be recovered is a gap, reported
     this._onSubscribed({ sub, since: sub.epoch ? sub.since : null, history: 0 }, obj);
   }
 

@@ -179,6 +179,20 @@ def deflate_response_ok(header: bytes) -> bool:
     return _deflate_offer(offers[0][1]) is not None
 
 
+def upgrade_param(url: bytes, name: str) -> str | None:
+    """A query parameter of a WebSocket upgrade's URL, or None."""
+    try:
+        query = httptools.parse_url(url).query
+    except httptools.HttpParserInvalidURLError:
+        return None
+    if not query:
+        return None
+    for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if key == name:
+            return value
+    return None
+
+
 def upgrade_token(url: bytes) -> str | None:
     """The connect token of a WebSocket upgrade's ``?token=`` query parameter, or None.
 

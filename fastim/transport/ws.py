@@ -33,7 +33,13 @@ from ..session import (
 )
 from ..tasks import Background
 from . import static
-from .handshake import DeflateParams, accept_key, negotiate_deflate, upgrade_token
+from .handshake import (
+    DeflateParams,
+    accept_key,
+    negotiate_deflate,
+    upgrade_param,
+    upgrade_token,
+)
 from .host import TransportHost
 from .origin import refuse_cross_origin
 
@@ -378,6 +384,15 @@ class WsSession(Session):
             return
         if refuse_cross_origin(self.node.origins, self.headers, self.http_reply):
             return  # a browser page of another origin, not allowed (403: origin.py)
+        subs = upgrade_param(self.url, "subs") if mode != MODE_ECHO else None
+        if subs is not None:
+            # where the client's server-side subscriptions were: recovered from there
+            try:
+                self.server_positions(orjson.loads(subs))
+            except (orjson.JSONDecodeError, ProtocolError) as e:
+                why = e.reason if isinstance(e, ProtocolError) else "not JSON"
+                self.http_reply(400, f'query parameter "subs": {why}')
+                return
         ext_line = b""
         deflate: DeflateParams | None = None
         if cfg.ws_compression and b"sec-websocket-extensions" in h:

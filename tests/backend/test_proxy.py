@@ -390,3 +390,36 @@ async def test_sdk_rpc_over_tcp(node_factory: NodeFactory, backend: Backend) -> 
         assert e.value.code == 404
     body = backend.bodies("rpc")[0]
     assert (body["transport"], body["protocol"]) == ("tcp", "fastim")
+
+
+async def test_connect_hook_channels_recover_from_the_url_position(
+    node_factory: NodeFactory, backend: Backend
+) -> None:
+    """A client back after a drop gives where its server-side channels were (``subs``
+    in its upgrade URL, as fastim.js does): the node recovers them from there."""
+    import urllib.parse
+
+    node = await proxied(node_factory, backend, "connect")
+    ws = await ws_connect(node, "s-alice")
+    first = {(await recv(ws, "subscribed"))["ch"]: None for _ in range(2)}
+    assert set(first) == {"news", "inbox:alice"}
+    for i in range(1, 6):
+        node.hub.publish("news", orjson.dumps({"i": i}))
+    got = [await recv(ws, "msg") for _ in range(5)]
+    await ws.close()
+    epoch = node.hub.channels["news"].epoch
+    where = urllib.parse.quote(orjson.dumps({"news": {"off": 2, "epoch": epoch}}).decode())
+    back = await connect(
+        f"ws://127.0.0.1:{node.ws_port}/ws?subs={where}",
+        additional_headers={"Cookie": "sid=s-alice"},
+        open_timeout=T,
+    )
+    seen: list[dict[str, Any]] = []
+    async with deadline(T):
+        while len([m for m in seen if m.get("op") == "msg"]) < 3:
+            seen.append(orjson.loads(await back.recv()))
+    news = next(m for m in seen if m.get("op") == "subscribed" and m["ch"] == "news")
+    assert news["recovered"] is True
+    assert [m["data"]["i"] for m in seen if m.get("op") == "msg"] == [3, 4, 5]
+    assert [m["off"] for m in got] == [1, 2, 3, 4, 5]
+    await back.close()
