@@ -87,6 +87,8 @@ class CloseCode(IntEnum):
     BAD_REQUEST = 4500  # malformed command: do not retry as is
     AUTH_FAILED = 4501  # bad, expired or missing token: reconnect only with a new one
     DISCONNECTED = 4510  # closed by the server HTTP API (/api/disconnect): do not reconnect
+    TOO_MANY_CONNECTIONS = 4511  # the user has max_connections_per_user: do not reconnect
+    REPLACED = 4512  # closed for a newer connection of the user (max_connections_per_user)
 
     @staticmethod
     def should_reconnect(code: int) -> bool:

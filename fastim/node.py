@@ -31,6 +31,7 @@ from .heartbeat import TimerWheel
 from .hub import Hub
 from .protocol import SHUTDOWN_REASON, CloseCode
 from .session import Session, SessionList
+from .session.userlimit import UserLimit
 from .store import Store, StoreError, open_store
 from .transport import TcpSession, WsSession
 from .transport.origin import Origins
@@ -61,6 +62,8 @@ class Node:
         self.auth = Auth(self.config)  # tokens and channel rules (fastim/auth.py)
         #: the application's backend asked over HTTP (fastim/backend/proxy.py, docs/proxy.md)
         self.proxy = Proxy(self.config)
+        #: max_connections_per_user over every worker and node (None: no limit)
+        self.user_limit = UserLimit(self) if self.config.max_connections_per_user else None
         self.hub = Hub(self.config)
         # presence under namespace rules: the hub asks, the auth decides
         self.hub.presence_gate = lambda sub, ns, name: (
@@ -177,6 +180,7 @@ class Node:
                 mesh.answers["history"] = lambda m: memory_history(
                     hub, str(m["ch"]), int(m["since"]), int(m["limit"])
                 )
+                self._answer_user_limit(mesh)
                 await mesh.start({})
             elif cfg.etcd_endpoints:
                 host = advertised_host(cfg)
@@ -186,6 +190,7 @@ class Node:
                 if self.ws_port:
                     addresses["ws"] = join_host_port(host, self.ws_port)
                 cluster = Cluster(self)
+                self._answer_user_limit(cluster)
                 await cluster.start(addresses)  # ClusterError: not joined, not serving
                 self.cluster = cluster
             if cfg.ingest_redis_stream:
@@ -211,6 +216,14 @@ class Node:
         self.wheel.start()
         log.info("fastim node %s listening: %s", cfg.node_id, " ".join(self.urls()))
         self.origins.warn_if_open()
+
+    def _answer_user_limit(self, router: Cluster) -> None:
+        """The questions other workers and nodes ask about this one's connections of a
+        user (max_connections_per_user: fastim/session/userlimit.py)."""
+        limit = self.user_limit
+        if limit is not None:
+            router.answers["user_conns"] = limit.answer_conns
+            router.answers["user_close"] = limit.answer_close
 
     async def _listen(self, setting: str, factory: Any, tls_args: dict[str, Any]) -> asyncio.Server:
         """Bind the listener of ``setting`` (tcp_port, ws_port) on ``host``; a failure is

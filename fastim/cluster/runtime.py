@@ -31,6 +31,7 @@ hub's resubscribe path.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 from collections import deque
@@ -54,6 +55,9 @@ from .tree import TreeReceiver
 from .users import UserRoutes
 
 log = logging.getLogger("fastim.cluster")
+
+#: seconds a peer has to answer an ``ask`` (it is left out of ``ask_all`` after that)
+ASK_TIMEOUT = 2.0
 
 
 class ClusterHost(Protocol):
@@ -131,7 +135,14 @@ class Cluster(TreeReceiver, LinkHandler):
         self._control: dict[str, Callable[[str, dict[str, Any]], None]] = {
             "state": self._answer_state,
             "state_reply": self._state_reply,
+            "ask": self._on_ask,
+            "answer": self._on_answer,
         }
+        #: handlers of ``ask`` questions from the other nodes (workers): op -> fn(message)
+        #: -> a JSON value, or an awaitable of one
+        self.answers: dict[str, Any] = {}
+        self._asks = itertools.count(1)
+        self._answers: dict[int, tuple[asyncio.Future[dict[str, Any]], str]] = {}
         #: set by the direct-message routing: called with (peer, items) per DM frame
         self.dm_handler: Callable[[str, list[Any]], None] | None = None
         #: direct messages across nodes (fastim/cluster/dm.py), set by start()
@@ -469,6 +480,95 @@ class Cluster(TreeReceiver, LinkHandler):
             self.forwards_acked += 1
             # the owner's offset, in the owner's epoch
             done(Published(off, epoch, duplicate=reason == DUPLICATE))
+
+    # ------------------------------------------------------------------ questions to peers
+
+    async def ask_all(
+        self, op: str, args: dict[str, Any], peers: Iterable[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Ask every reachable peer (a worker of the node, a node of the cluster) ``op``
+        (an entry of their ``answers``), or only ``peers``; their replies by peer name (a
+        peer that does not answer within ASK_TIMEOUT is left out)."""
+        links = self.links
+        if links is None:
+            return {}
+        loop = asyncio.get_running_loop()
+        waits: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        for peer in list(links.links) if peers is None else [p for p in peers if p in links.links]:
+            ref = next(self._asks)
+            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+            if links.control(peer, {"op": "ask", "ask": op, "ref": ref, **args}):
+                self._answers[ref] = (fut, peer)
+                waits[peer] = fut
+        out: dict[str, dict[str, Any]] = {}
+        if waits:
+            done, _ = await asyncio.wait(waits.values(), timeout=ASK_TIMEOUT)
+            out = {p: f.result() for p, f in waits.items() if f in done}
+        for ref in [r for r, (f, _p) in self._answers.items() if f.done() or f in waits.values()]:
+            self._answers.pop(ref, None)
+        return out
+
+    async def ask(self, peer: str, op: str, args: dict[str, Any]) -> dict[str, Any] | None:
+        """Ask one peer ``op``: its answer (``value`` or ``error``), None when it cannot
+        be asked or does not answer within ASK_TIMEOUT."""
+        links = self.links
+        if links is None:
+            return None
+        ref = next(self._asks)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if not links.control(peer, {"op": "ask", "ask": op, "ref": ref, **args}):
+            return None
+        self._answers[ref] = (fut, peer)
+        try:
+            return await asyncio.wait_for(fut, ASK_TIMEOUT)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self._answers.pop(ref, None)
+
+    async def ask_owner(self, channel: str, op: str, args: dict[str, Any]) -> Any:
+        """Ask the owner of ``channel`` ``op``: its value, None when it did not answer."""
+        owner = self.placement.owner(channel)
+        if owner is None or owner == self.me:
+            return None
+        answer = await self.ask(owner, op, args)
+        if answer is None or "error" in answer:
+            return None
+        return answer.get("value")
+
+    def _on_ask(self, peer: str, msg: dict[str, Any]) -> None:
+        fn = self.answers.get(str(msg.get("ask")))
+        reply: dict[str, Any] = {"op": "answer", "ref": msg.get("ref")}
+        if fn is None:
+            reply["error"] = f"unknown question {msg.get('ask')!r}"
+        else:
+            try:
+                value = fn(msg)
+            except Exception as e:  # a question must get an answer
+                log.exception("%s: answering %r", self.me, msg.get("ask"))
+                reply["error"] = str(e)
+            else:
+                if inspect.isawaitable(value):
+                    self._run(self._answer_later(peer, reply, value))
+                    return
+                reply["value"] = value
+        if self.links is not None:
+            self.links.control(peer, reply)
+
+    async def _answer_later(self, peer: str, reply: dict[str, Any], value: Any) -> None:
+        try:
+            reply["value"] = await value
+        except Exception as e:
+            log.exception("%s: answering %s", self.me, peer)
+            reply["error"] = str(e)
+        if self.links is not None:
+            self.links.control(peer, reply)
+
+    def _on_answer(self, peer: str, msg: dict[str, Any]) -> None:
+        ref = msg.get("ref")
+        entry = self._answers.pop(ref, None) if isinstance(ref, int) else None
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
 
     def on_control(self, peer: str, message: dict[str, Any]) -> None:
         handler = self._control.get(str(message.get("op")))

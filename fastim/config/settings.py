@@ -374,6 +374,20 @@ class Config:
         metadata={"help": "extra HTTP headers of each POST: [events_headers]", "file_only": True},
     )
 
+    max_connections_per_user: int = field(
+        default=0,
+        metadata={
+            "help": "connections one user may hold over every worker and node (0: no limit); "
+            "see user_limit_policy"
+        },
+    )
+    user_limit_policy: str = field(
+        default="refuse_new",
+        metadata={
+            "help": "over max_connections_per_user: refuse_new (the new connection is closed, "
+            "4511) or close_oldest (the oldest are closed, 4512)"
+        },
+    )
     personal_channels: int = field(
         default=0,
         metadata={
@@ -570,6 +584,16 @@ class Config:
         self._validate_cluster()
         self._validate_workers()
         self._validate_proxy()
+        if self.max_connections_per_user < 0:
+            raise ConfigError(
+                f"max_connections_per_user: must be >= 0 (0: no limit), "
+                f"got {self.max_connections_per_user}"
+            )
+        if self.user_limit_policy not in ("refuse_new", "close_oldest"):
+            raise ConfigError(
+                "user_limit_policy: must be refuse_new or close_oldest, "
+                f"got {self.user_limit_policy!r}"
+            )
         if self.personal_channels not in (0, 1):
             raise ConfigError(f"personal_channels: must be 0 or 1, got {self.personal_channels}")
         self._validate_ingest()

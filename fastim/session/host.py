@@ -27,6 +27,8 @@ class Host(Protocol):
     #: the proxy hooks (fastim/backend/proxy.py): falsy when none is configured
     proxy: Proxy
     hub: Hub
+    #: max_connections_per_user over workers and nodes (fastim/session/userlimit.py)
+    user_limit: Any
     postman: Postman | None
     #: event webhooks (docs/events.md); None when events_url is off
     events: Events | None

@@ -80,6 +80,9 @@ class Identified:
         postman = self.node.postman
         assert postman is not None
         postman.attach(self, user)
+        limit = self.node.user_limit
+        if limit is not None:  # max_connections_per_user, over every worker and node
+            limit.arrived(self, user)
         # the channels the node subscribes it to (its token's subs, the connect hook's
         # channels, its personal channel): fastim/session/hooks.py
         channels = self.server_channels()

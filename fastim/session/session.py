@@ -403,6 +403,9 @@ class Session(Hooked, asyncio.Protocol):
             subs.clear()
         if self.user is not None and self.node.postman is not None:
             self.node.postman.detach(self, self.user)
+        limit = self.node.user_limit
+        if limit is not None:
+            limit.forget(self)
 
     def is_open(self) -> bool:
         return self.state == OPEN or (self.state == HANDSHAKE and self.transport is not None)

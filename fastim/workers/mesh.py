@@ -31,8 +31,6 @@ Presence is asked of every worker and summed (:meth:`WorkerMesh.presence`).
 from __future__ import annotations
 
 import asyncio
-import inspect
-import itertools
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -40,6 +38,7 @@ from typing import Any
 from ..cluster.dm import DmRouter
 from ..cluster.link import Links, LinkServer
 from ..cluster.placement import Placement, moved
+from ..cluster.runtime import ASK_TIMEOUT as RUNTIME_ASK_TIMEOUT
 from ..cluster.runtime import Cluster, ClusterHost
 from ..hub import Channel
 from .role import WorkerRole
@@ -52,8 +51,8 @@ FOLLOW_TIMEOUT = 3.0
 #: seconds a starting worker waits for its links to the others before serving anyway
 #: (a worker that is not up is not in the view: its channels are served by the others)
 START_WAIT = 5.0
-#: seconds a presence question waits for the other workers
-ASK_TIMEOUT = 2.0
+#: seconds a presence question waits for the other workers (the runtime's ask bound)
+ASK_TIMEOUT = RUNTIME_ASK_TIMEOUT
 
 
 class FollowerPlacement(Placement):
@@ -123,23 +122,18 @@ class WorkerMesh(Cluster):
         self.placement: FollowerPlacement = FollowerPlacement([self.me])
         #: the workers this one reaches (itself included)
         self.view: set[str] = {self.me}
-        self._asks = itertools.count(1)
         self._follow_waits: dict[int, asyncio.Future[None]] = {}
-        self._answers: dict[int, tuple[asyncio.Future[dict[str, Any]], str]] = {}
         #: acknowledgements for a peer whose link was not up yet
         self._unsent: dict[str, list[dict[str, Any]]] = {}
         self._control["follow"] = self._on_follow
         self._control["followed"] = self._on_followed
         self._control["unfollow"] = self._on_unfollow
-        self._control["ask"] = self._on_ask
-        self._control["answer"] = self._on_answer
         self._control["refollow"] = self._on_refollow
         self._control["pres"] = self._on_pres
         self._control["pres_ev"] = self._on_pres_ev
         #: owner side: channel -> user -> workers where the user is in the channel
         self.present: dict[str, dict[str, set[str]]] = {}
-        #: handlers of ``ask`` questions from the other workers: op -> fn(message) -> reply
-        self.answers: dict[str, Any] = {"presence": self._local_presence}
+        self.answers["presence"] = self._local_presence
         # counters
         self.follows_sent = 0
         self.follows_received = 0
@@ -341,92 +335,6 @@ class WorkerMesh(Cluster):
         if isinstance(name, str):
             self.placement.followers.setdefault(name, set()).add(peer)
         super()._answer_state(peer, msg)
-
-    # ------------------------------------------------------------------ questions to all
-
-    async def ask_all(self, op: str, args: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """Ask every reachable worker ``op`` (an entry of their ``answers``); their replies
-        by worker name (a worker that does not answer within ASK_TIMEOUT is left out)."""
-        links = self.links
-        if links is None:
-            return {}
-        loop = asyncio.get_running_loop()
-        waits: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        for peer in list(links.links):
-            ref = next(self._asks)
-            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
-            if links.control(peer, {"op": "ask", "ask": op, "ref": ref, **args}):
-                self._answers[ref] = (fut, peer)
-                waits[peer] = fut
-        out: dict[str, dict[str, Any]] = {}
-        if waits:
-            done, _ = await asyncio.wait(waits.values(), timeout=ASK_TIMEOUT)
-            out = {p: f.result() for p, f in waits.items() if f in done}
-        for ref in [r for r, (f, _p) in self._answers.items() if f.done() or f in waits.values()]:
-            self._answers.pop(ref, None)
-        return out
-
-    async def ask(self, peer: str, op: str, args: dict[str, Any]) -> dict[str, Any] | None:
-        """Ask one worker ``op``: its answer (``value`` or ``error``), None when it cannot
-        be asked or does not answer within ASK_TIMEOUT."""
-        links = self.links
-        if links is None:
-            return None
-        ref = next(self._asks)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        if not links.control(peer, {"op": "ask", "ask": op, "ref": ref, **args}):
-            return None
-        self._answers[ref] = (fut, peer)
-        try:
-            return await asyncio.wait_for(fut, ASK_TIMEOUT)
-        except asyncio.TimeoutError:
-            return None
-        finally:
-            self._answers.pop(ref, None)
-
-    async def ask_owner(self, channel: str, op: str, args: dict[str, Any]) -> Any:
-        """Ask the owner of ``channel`` ``op``: its value, None when it did not answer."""
-        owner = self.placement.owner(channel)
-        if owner is None or owner == self.me:
-            return None
-        answer = await self.ask(owner, op, args)
-        if answer is None or "error" in answer:
-            return None
-        return answer.get("value")
-
-    def _on_ask(self, peer: str, msg: dict[str, Any]) -> None:
-        fn = self.answers.get(str(msg.get("ask")))
-        reply: dict[str, Any] = {"op": "answer", "ref": msg.get("ref")}
-        if fn is None:
-            reply["error"] = f"unknown question {msg.get('ask')!r}"
-        else:
-            try:
-                value = fn(msg)
-            except Exception as e:  # a question must get an answer
-                log.exception("worker %s: answering %r", self.me, msg.get("ask"))
-                reply["error"] = str(e)
-            else:
-                if inspect.isawaitable(value):
-                    self._run(self._answer_later(peer, reply, value))
-                    return
-                reply["value"] = value
-        if self.links is not None:
-            self.links.control(peer, reply)
-
-    async def _answer_later(self, peer: str, reply: dict[str, Any], value: Any) -> None:
-        try:
-            reply["value"] = await value
-        except Exception as e:
-            log.exception("worker %s: answering %s", self.me, peer)
-            reply["error"] = str(e)
-        if self.links is not None:
-            self.links.control(peer, reply)
-
-    def _on_answer(self, peer: str, msg: dict[str, Any]) -> None:
-        ref = msg.get("ref")
-        entry = self._answers.pop(ref, None) if isinstance(ref, int) else None
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(msg)
 
     # ------------------------------------------------------------------ presence
 
