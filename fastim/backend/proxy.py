@@ -261,28 +261,14 @@ class Proxy:
 
     def _result(self, hook: Hook, reply: dict[str, Any]) -> dict[str, Any]:
         name = hook.name
-        disconnect = reply.get("disconnect")
+        disconnect = _coded(hook, reply, "disconnect", "reason", 4000, 4999, 120)
         if disconnect is not None:
-            code = disconnect.get("code") if isinstance(disconnect, dict) else None
-            if isinstance(code, int) and not isinstance(code, bool) and 4000 <= code <= 4999:
-                hook.counts["disconnect"] += 1
-                reason = disconnect.get("reason")
-                reason = reason if isinstance(reason, str) else ""
-                raise HookDisconnect(code, _cut(reason, 120) or f"disconnected by the {name} hook")
-            hook.counts["invalid"] += 1
-            raise BackendUnavailable(
-                f"the {name} hook's disconnect.code must be an integer 4000..4999"
-            )
-        error = reply.get("error")
+            code, reason = disconnect
+            raise HookDisconnect(code, reason or f"disconnected by the {name} hook")
+        error = _coded(hook, reply, "error", "message", 400, 1999, 1000)
         if error is not None:
-            code = error.get("code") if isinstance(error, dict) else None
-            if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 1999:
-                hook.counts["refused"] += 1
-                message = error.get("message")
-                message = message if isinstance(message, str) else ""
-                raise HookRefused(code, _cut(message, 1000) or f"refused by the {name} hook")
-            hook.counts["invalid"] += 1
-            raise BackendUnavailable(f"the {name} hook's error.code must be an integer 400..1999")
+            code, message = error
+            raise HookRefused(code, message or f"refused by the {name} hook")
         result = reply.get("result", {})
         if not isinstance(result, dict):
             hook.counts["invalid"] += 1
@@ -312,6 +298,25 @@ class Proxy:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+def _coded(
+    hook: Hook, reply: dict[str, Any], key: str, text: str, low: int, high: int, cut: int
+) -> tuple[int, str] | None:
+    """A reply's ``disconnect`` or ``error`` object as (code, text), None when absent;
+    a code outside ``low..high`` makes the reply invalid (BackendUnavailable)."""
+    obj = reply.get(key)
+    if obj is None:
+        return None
+    code = obj.get("code") if isinstance(obj, dict) else None
+    if not isinstance(code, int) or isinstance(code, bool) or not low <= code <= high:
+        hook.counts["invalid"] += 1
+        raise BackendUnavailable(
+            f"the {hook.name} hook's {key}.code must be an integer {low}..{high}"
+        )
+    hook.counts["disconnect" if key == "disconnect" else "refused"] += 1
+    value = obj.get(text)
+    return code, _cut(value, cut) if isinstance(value, str) else ""
 
 
 def parse_connect(result: dict[str, Any]) -> ConnectResult:

@@ -15,7 +15,7 @@ shapes (docs/proxy.md):
 - ``/rpc``: ``sum`` adds numbers, ``whoami`` answers the user, others 404.
 
 ``mode`` switches every hook to failing: "down" (HTTP 500), "slow" (answers after
-``slow_for`` seconds), "garbage" (not JSON). Every request is recorded with its headers.
+``slow_for`` seconds), "garbage" (not JSON), "badcode" (an error code out of range). Every request is recorded with its headers.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ def make_app(state: Backend) -> web.Application:
             await asyncio.sleep(state.slow_for)
         if state.mode == "garbage":
             return web.Response(text="<html>oops</html>", content_type="text/html")
+        if state.mode == "badcode":  # an error code outside Centrifugo's 400..1999
+            return _json({"error": {"code": 5000, "message": "out of range"}})
         user = body.get("user", "")
         if hook == "connect":
             data = body.get("data")

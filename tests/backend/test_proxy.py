@@ -341,6 +341,9 @@ async def test_slow_backend_times_out_and_garbage_is_refused(
     backend.mode = "garbage"
     r = await request(ws, {"op": "pub", "ch": "a", "data": 1}, "puback")
     assert r["code"] == ErrorCode.BACKEND_UNAVAILABLE and "not a JSON object" in r["reason"]
+    backend.mode = "badcode"
+    r = await request(ws, {"op": "pub", "ch": "a", "data": 1}, "puback")
+    assert r["code"] == ErrorCode.BACKEND_UNAVAILABLE and "400..1999" in r["reason"]
     assert node.hub.published == 0  # neither was published
     await ws.close()
 
