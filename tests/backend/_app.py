@@ -15,7 +15,8 @@ shapes (docs/proxy.md):
 - ``/rpc``: ``sum`` adds numbers, ``whoami`` answers the user, others 404.
 
 ``mode`` switches every hook to failing: "down" (HTTP 500), "slow" (answers after
-``slow_for`` seconds), "garbage" (not JSON), "badcode" (an error code out of range). Every request is recorded with its headers.
+``slow_for`` seconds), "garbage" (not JSON), "badcode" (an error code out of range).
+Every request is recorded with its headers.
 """
 
 from __future__ import annotations
