@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from fastim.node import Node
 from fastim.protocol import CloseCode, ErrorCode, FrameType, pack_hello, unpack_goaway
 from tests.conftest import NodeFactory
-from tests.server._support import TcpClient, deadline, http_exchange
+from tests.server._support import TcpClient, deadline, http_exchange, wait_until
 
 from ._app import Backend, serve
 
@@ -353,17 +353,19 @@ async def test_slow_backend_times_out_and_garbage_is_refused(
 
 async def test_refresh_extends_then_expires(node_factory: NodeFactory, backend: Backend) -> None:
     node = await proxied(node_factory, backend, "connect", "refresh")
-    backend.expire_at = time.time() + 1.0
-    backend.refresh_to = time.time() + 2.0
+    # whole seconds, as Centrifugo's expire_at (the app sends int(...)): margins of 1 s
+    backend.expire_at = time.time() + 1.5
+    backend.refresh_to = time.time() + 3.5
     ws = await ws_connect(node, "s-alice")
     assert (await request(ws, {"op": "hello"}, "welcome"))["user"] == "alice"
-    await asyncio.sleep(1.4)  # past the first expire_at: the refresh extended it
+    # the first expire_at came: the refresh hook extended it
+    await wait_until(lambda: backend.bodies("refresh"), 5, "the first refresh")
     assert (await request(ws, {"op": "ping"}, "pong"))["op"] == "pong"
-    assert len(backend.bodies("refresh")) == 1
     assert backend.bodies("refresh")[0]["user"] == "alice"
     backend.expired_users.add("alice")  # the next refresh says the session is over
     code, _reason, _ = await closed_with(ws)
     assert code == CloseCode.EXPIRED
+    assert len(backend.bodies("refresh")) == 2
 
 
 async def test_expire_at_without_refresh_hook_closes(
