@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import orjson
 import pytest
@@ -215,7 +216,7 @@ def test_an_independent_decoder_applies_our_deltas(tmp_path: Path) -> None:
     doc["rows"][7]["name"] = "changed ∑"
     doc["rows"][40]["v"] = -1
     pairs_.append((a, orjson.dumps(doc)))
-    cases = []
+    cases: list[dict[str, Any]] = []
     for i, (src, dst) in enumerate(pairs_):
         for text in (False, True):
             d = _core.fossil_delta(src, dst, text)
