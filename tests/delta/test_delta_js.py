@@ -27,11 +27,15 @@ const doc = {rows: Array.from({length: 200}, (_, i) => ({id: i, name: `row ${i} 
 const a = connect({url}), b = connect({url});
 await a.ready(20000); await b.ready(20000);
 const got = {a: [], b: []};
-const sa = a.subscribe("doc:js", {delta: "fossil", onMessage: (m) => got.a.push([m.offset, m.data])});
+const sa = a.subscribe("doc:js", {
+  delta: "fossil", onMessage: (m) => got.a.push([m.offset, m.data]),
+});
 const sb = b.subscribe("doc:js", {onMessage: (m) => got.b.push([m.offset, m.data])});
 await sa.ready; await sb.ready;
 const sent = [];
-const wait = async (n) => { while (got.a.length < n || got.b.length < n) await new Promise((r) => setTimeout(r, 10)); };
+const wait = async (n) => {
+  while (got.a.length < n || got.b.length < n) await new Promise((r) => setTimeout(r, 10));
+};
 for (let k = 0; k < 20; k++) {
   if (k === 10) { await wait(10); sa._base = new TextEncoder().encode("{}"); }
   doc.rows[(k * 37) %% 200].value = -k;
@@ -39,7 +43,8 @@ for (let k = 0; k < 20; k++) {
   await b.publish("doc:js", doc);
 }
 await wait(20);
-console.log(JSON.stringify({sent, got, deltas: sa.deltas, failures: sa.deltaFailures, gaps: sa.gaps}));
+const res = {sent, got, deltas: sa.deltas, failures: sa.deltaFailures, gaps: sa.gaps};
+console.log(JSON.stringify(res));
 a.close(); b.close();
 """
 
