@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "benchmarks"):
-    if str(p) not in sys.path:  # run as a script from anywhere
-        sys.path.insert(0, str(p))
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
 
-from deflate_e2e import (  # type: ignore[import-not-found]  # noqa: E402
+from benchmarks.deflate_e2e import (  # noqa: E402
     COMPRESSED,
     Conn,
     Totals,
@@ -44,7 +43,6 @@ from deflate_e2e import (  # type: ignore[import-not-found]  # noqa: E402
     free_port,
     text_frame,
 )
-
 from fastim import _core  # noqa: E402
 
 CHANNEL = b"doc:bench"
@@ -85,7 +83,13 @@ class Subscriber(Conn):
     """Counts messages; a sampled one applies the deltas and checks every document."""
 
     def __init__(
-        self, port: int, deflate: bool, delta: bool, totals: Totals, sample: bool, bodies: list[bytes]
+        self,
+        port: int,
+        deflate: bool,
+        delta: bool,
+        totals: Totals,
+        sample: bool,
+        bodies: list[bytes],
     ) -> None:
         super().__init__(port, deflate, totals)
         self.delta = delta

@@ -187,8 +187,10 @@ def _doc_versions() -> tuple[bytes, bytes]:
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from delta_e2e import versions  # type: ignore[import-not-found]
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.delta_e2e import versions
 
     a, b = versions(2)
     return a, b
