@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
-from conftest import NodeFactory  # type: ignore[import-not-found]
 from server._support import WsClient, deadline  # type: ignore[import-not-found]
 
 from fastim import _pyref
 from fastim.client import connect
 from fastim.config.namespaces import check_namespaces
 from fastim.node import Node
+
+#: tests/conftest.py's node_factory (not importable by name: several conftest modules)
+NodeFactory = Callable[..., Awaitable[Node]]
 
 NS = {"doc": {"delta": "fossil", "history_size": 100}}
 
@@ -108,11 +111,12 @@ async def test_every_subscriber_gets_the_same_documents(
             await c.aclose()
 
 
-async def test_recovery_is_full_then_deltas(node_factory: NodeFactory) -> None:
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_recovery_is_full_then_deltas(node_factory: NodeFactory, store: str) -> None:
     """A subscribe with since: the recovered messages full; the first live one a delta
     against the last recovered (it is the channel's latest), so no extra full one. A
     subscribe whose recovery is empty has no base here: the next message is full."""
-    node = await start(node_factory)
+    node = await start(node_factory, store)
     pub = await connect(f"tcp://127.0.0.1:{node.config.tcp_port}")
     try:
         docs = documents(8)

@@ -10,8 +10,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from conftest import NodeProcess  # type: ignore[import-not-found]
-
 from fastim.client import connect
 from fastim.transport.static import STATIC_DIR
 
@@ -57,7 +55,7 @@ def _node() -> str:
 
 def test_fastim_js_applies_deltas(tmp_path: Path, node_process: Any) -> None:
     (tmp_path / "fastim.toml").write_text(CONFIG)
-    server: NodeProcess = node_process("--config", str(tmp_path / "fastim.toml"))
+    server = node_process("--config", str(tmp_path / "fastim.toml"))
     script = tmp_path / "delta.mjs"
     script.write_text(SCRIPT % {"client": json.dumps(CLIENT)})
     r = subprocess.run(
@@ -83,7 +81,7 @@ def test_workers_compute_deltas_each_from_the_same_sequence(
     deltas from the messages it delivered (the owner's numbering), so every subscriber,
     wherever it is, decodes the same documents."""
     (tmp_path / "fastim.toml").write_text(CONFIG)
-    server: NodeProcess = node_process(
+    server = node_process(
         "--config", str(tmp_path / "fastim.toml"), "--workers", "2", "--store", "memory"
     )
 
