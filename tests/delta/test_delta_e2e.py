@@ -263,3 +263,29 @@ def test_the_namespace_setting_is_checked() -> None:
         check_namespaces({"doc": {"delta": "xdelta"}})
     with pytest.raises(ValueError, match=r"namespaces\.doc\.delta"):
         check_namespaces({"doc": {"delta": True}})
+
+
+async def test_latest_value_recovery_then_deltas(node_factory: NodeFactory) -> None:
+    """recovery = "cache" (a state channel) and deltas compose: a resubscriber gets the
+    latest message, full, then deltas against it."""
+    node = await node_factory(
+        store="memory", namespaces={"state": {"delta": "fossil", "recovery": "cache"}}
+    )
+    pub = await connect(f"tcp://127.0.0.1:{node.config.tcp_port}")
+    try:
+        docs = documents(7)
+        for d in docs[:5]:
+            await pub.publish("state:1", d)
+        epoch = node.hub.channels["state:1"].epoch
+        raw = RawJson(await WsClient.connect(node.config.ws_port))
+        since = {"off": 1, "epoch": epoch}
+        raw.ws.send_json({"op": "sub", "ch": "state:1", "since": since, "delta": "fossil"})
+        assert (await raw.recv())["recovered"] is True
+        await raw.until(1)
+        for d in docs[5:]:
+            await pub.publish("state:1", d)
+        await raw.until(3)
+        assert [(o, x) for o, _d, x in raw.docs] == [(5, False), (6, True), (7, True)]
+        assert [d for _o, d, _x in raw.docs] == docs[4:]
+    finally:
+        await pub.aclose()
