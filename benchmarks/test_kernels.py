@@ -180,3 +180,50 @@ def test_encode_msg_64b(benchmark: Any, impl: types.ModuleType, mix: str) -> Non
     head = b'{"op":"msg","ch":"room:lobby","off":'
     frames = benchmark(impl.encode_msg, subs, 12345, b"room:lobby", head, ENCODE_DATA[64])
     assert frames[0] is not None
+
+
+def _doc_versions() -> tuple[bytes, bytes]:
+    """Two versions of a ~10 KB JSON document, one row of 100 changed (~1%)."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.delta_e2e import versions
+
+    a, b = versions(2)
+    return a, b
+
+
+def test_fossil_delta_10kb_json_1pct(benchmark: Any, impl: types.ModuleType) -> None:
+    """One delta per message of a delta namespace (docs/delta.md): what the hub pays."""
+    a, b = _doc_versions()
+    out = benchmark(impl.fossil_delta, a, b, True)
+    assert len(out) < len(b) // 20
+
+
+def test_fossil_apply_10kb_json_1pct(benchmark: Any, impl: types.ModuleType) -> None:
+    """What a client pays per delta message."""
+    a, b = _doc_versions()
+    d = _core.fossil_delta(a, b, True)
+    assert benchmark(impl.fossil_apply, a, d) == b
+
+
+def test_fanout_delta_to_1k_subscribers(benchmark: Any, impl: types.ModuleType) -> None:
+    """The fan-out with alt members (half take the delta frames, half the full ones)."""
+    subs = impl.SubscriberSet()
+    rings = [impl.OutRing(impl.Flusher(), Sink(), fmt=impl.FMT_TCP) for _ in range(1000)]
+    for i, r in enumerate(rings):
+        subs.add(r)
+        if i % 2:
+            subs.set_alt(r)
+    full, delta = (b"x" * 10_000,), (b"d" * 100,)
+
+    def run() -> int:
+        n = subs.fanout(full, delta)
+        for r in rings:
+            r.take()
+        return int(n)
+
+    assert benchmark(run) == 1000

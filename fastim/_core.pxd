@@ -126,6 +126,8 @@ cdef class SubscriberSet:
     cdef Py_ssize_t acap
     cdef dict index
     cdef Py_ssize_t counts[N_FMT]  # members per wire format
+    cdef uint8_t* alt          # per slot of arr: 1 = takes the alternate frames (deltas)
+    cdef Py_ssize_t alt_counts[N_FMT]  # members per wire format with alt set
     cdef int iterating         # > 0 while fanout() walks arr: add/remove refuse
 
     cdef inline int _check_mutable(self) except -1

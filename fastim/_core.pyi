@@ -79,6 +79,38 @@ def encode_msg_one(fmt: int, offset: int, channel: bytes, json_head: bytes, data
     """The message of :func:`encode_msg` for one connection of format ``fmt``, uncompressed
     (a deflate format gets the plain frame; any other value the JSON text frame)."""
 
+#: the hub makes no delta of (or against) a message larger than this (bytes)
+DELTA_MAX_INPUT: int
+#: the fastim frame type of a delta message (FrameType.DELTA)
+DELTA_FRAME_TYPE: int
+
+def fossil_delta(src: Buffer, dst: Buffer, text: bool = False) -> bytes:
+    """A Fossil delta (fossil-scm.org delta_format) that turns ``src`` into ``dst``.
+
+    Fossil's own algorithm: with ``text=False`` the bytes ``fossil test-delta-create``
+    makes (tests/vectors/fossil). ``text=True``: every copy starts and ends on a UTF-8
+    character boundary of ``dst``, so a delta of UTF-8 text is UTF-8 text (a JSON client
+    carries it in a JSON string: docs/delta.md). Work is O(len(dst) * 250) at worst; the
+    caller bounds the sizes (DELTA_MAX_INPUT). The GIL is released while it runs."""
+
+def fossil_apply(src: Buffer, delta: Buffer, max_size: int = ...) -> bytes:
+    """The target of ``delta`` applied to ``src``: ValueError if the delta is malformed,
+    reads past the source, does not give the announced size or checksum, or announces
+    a target over ``max_size`` bytes (checked before anything is allocated)."""
+
+def encode_delta(
+    subs: SubscriberSet, offset: int, channel: bytes, json_head: bytes, delta: Buffer
+) -> tuple[bytes | None, ...]:
+    """A delta message in each wire format an *alt* member of ``subs`` uses, indexed by
+    FMT_*, for ``subs.fanout(full, alt=...)``: a DELTA frame (0x25, the MSG layout), it
+    inside a WebSocket binary frame, and the JSON text
+    ``{"op":"msg","ch":..,"off":N,"delta":true,"data":"<delta as a JSON string>"}``
+    (None when the delta is not UTF-8: those members then get the full message). The
+    deflate formats get the plain frames: a delta is small, compressing it rarely pays."""
+
+def json_string(data: Buffer) -> bytes:
+    """UTF-8 ``data`` as a JSON string literal (quotes, backslash, control bytes escaped)."""
+
 class FrameDecoder:
     """Streaming fastim frame decoder: feed it chunks of any size, get whole frames.
 
@@ -285,8 +317,19 @@ class SubscriberSet:
     def __contains__(self, ring: object) -> bool: ...
     def count(self, fmt: int) -> int:
         """Members whose ring takes format ``fmt``."""
-    def fanout(self, frames: tuple[bytes | None, ...]) -> int:
+    def set_alt(self, ring: OutRing, on: bool = True) -> bool:
+        """Mark a member as taking fanout's ``alt`` frames (a delta subscriber in sync
+        with the channel); False if ``ring`` is not a member. Removal clears it."""
+    def is_alt(self, ring: object) -> bool: ...
+    def alt_count(self, fmt: int = -1) -> int:
+        """Members marked alt, of format ``fmt`` (-1: of any)."""
+    def fanout(
+        self, frames: tuple[bytes | None, ...], alt: tuple[bytes | None, ...] | None = None
+    ) -> int:
         """Append ``frames[ring.fmt]`` to every member's ring, in C; return deliveries.
+
+        With ``alt``, members marked alt take ``alt[ring.fmt]`` (or ``frames[ring.fmt]``
+        where that is None): one pass delivers deltas to some, full messages to others.
 
         Encode once: ``frames`` holds one pre-encoded frame per wire format (indexed by
         FMT_*, up to N_FORMATS; a shorter tuple means None for the rest), None where no

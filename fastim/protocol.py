@@ -46,6 +46,8 @@ class FrameType(IntEnum):
     PUBACK = 0x22  # s→c  u32 id, u64 offset, u8 len, channel
     MSG = 0x23  # s→c  u64 offset, u8 len, channel, data (JSON)
     EVENT = 0x24  # s→c  a JSON reply or event (subscribed with epoch, dm, sent, presence...)
+    DELTA = 0x25  # s→c  the MSG layout; data is a Fossil delta against the previous message
+    #               (only to a subscriber that asked for deltas: docs/delta.md)
     ERROR = 0x2F  # s→c  u32 id, u16 code, reason (UTF-8)
     GOAWAY = 0x30  # s→c  u16 close code, reason (UTF-8); the server closes after it
 
@@ -73,6 +75,7 @@ SERVER_FRAME_TYPES = frozenset(
         FrameType.PUBACK,
         FrameType.MSG,
         FrameType.EVENT,
+        FrameType.DELTA,
         FrameType.ERROR,
         FrameType.GOAWAY,
     }

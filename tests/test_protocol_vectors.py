@@ -60,7 +60,7 @@ def pack(ftype: int, f: dict[str, Any]) -> bytes:
         return str(f["json"]).encode()
     if ftype == F.UNSUBSCRIBED:
         return P.pack_unsubscribed(f["id"], f["ch"].encode())
-    if ftype == F.MSG:
+    if ftype in (F.MSG, F.DELTA):
         return P.pack_msg(f["off"], f["ch"].encode(), f["data"].encode())
     if ftype == F.ERROR:
         return P.pack_error(f["id"], f["code"], f["reason"])
@@ -112,6 +112,35 @@ def test_msg_vector_from_the_channel_encoder(
     assert json.loads(text) == {"op": "msg", "ch": f["ch"], "off": off, "data": json.loads(data)}
 
 
+DELTA_VECTORS = [v for v in VECTORS if v[1] == F.DELTA]
+
+
+@pytest.mark.parametrize("impl", [compiled, pyref], ids=["compiled", "pyref"])
+@pytest.mark.parametrize("vector", DELTA_VECTORS, ids=[v[0] for v in DELTA_VECTORS])
+def test_delta_vector_from_the_channel_encoder(
+    vector: tuple[str, int, dict[str, Any], bytes], impl: Any
+) -> None:
+    """The hub's delta encoder (encode_delta) builds the DELTA frame of the vector, and the
+    JSON message with "delta":true; the delta turns base into target."""
+    _name, _ftype, f, frame = vector
+    ch, off, delta = f["ch"].encode(), f["off"], f["data"].encode()
+    base, target = f["base"].encode(), f["target"].encode()
+    assert impl.fossil_delta(base, target, True) == delta
+    assert impl.fossil_apply(base, delta) == target
+    head = b'{"op":"msg","ch":' + json.dumps(f["ch"], ensure_ascii=False).encode() + b',"off":'
+    subs = impl.SubscriberSet()
+    for fmt in (impl.FMT_TCP, impl.FMT_WS_BINARY, impl.FMT_WS_JSON):
+        ring = impl.OutRing(None, None, fmt=fmt)
+        subs.add(ring)
+        subs.set_alt(ring)
+    tcp, wsb, js, _wsbz, _jsz = impl.encode_delta(subs, off, ch, head, delta)
+    assert tcp == frame
+    assert wsb == bytes((0x82, len(frame))) + frame
+    assert js is not None
+    obj = json.loads(js[2:])
+    assert obj == {"op": "msg", "ch": f["ch"], "off": off, "delta": True, "data": f["data"]}
+
+
 @pytest.mark.parametrize("vector", VECTORS, ids=[v[0] for v in VECTORS])
 def test_vector_unpacks_to_its_fields(vector: tuple[str, int, dict[str, Any], bytes]) -> None:
     _name, ftype, f, frame = vector
@@ -123,7 +152,7 @@ def test_vector_unpacks_to_its_fields(vector: tuple[str, int, dict[str, Any], by
         assert P.unpack_ack(payload) == (f["id"], f["off"], f["ch"])
     elif ftype == F.UNSUBSCRIBED:
         assert P.unpack_unsubscribed(payload) == (f["id"], f["ch"])
-    elif ftype == F.MSG:
+    elif ftype in (F.MSG, F.DELTA):
         assert P.unpack_msg(payload) == (f["off"], f["ch"], f["data"].encode())
     elif ftype == F.ERROR:
         assert P.unpack_error(payload) == (f["id"], f["code"], f["reason"])

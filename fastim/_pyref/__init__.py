@@ -5,6 +5,14 @@ a fallback: ``import fastim._pyref as ref`` gives the same public names as
 ``fastim._core``.
 """
 
+from .delta import (
+    DELTA_FRAME_TYPE,
+    DELTA_MAX_INPUT,
+    encode_delta,
+    fossil_apply,
+    fossil_delta,
+    json_string,
+)
 from .encode import MSG_FRAME_TYPE, encode_msg, encode_msg_one
 from .fanout import (
     FMT_TCP,
@@ -36,6 +44,8 @@ from .websocket import (
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "DEFAULT_RING_CAP",
+    "DELTA_FRAME_TYPE",
+    "DELTA_MAX_INPUT",
     "FMT_TCP",
     "FMT_WS_BINARY",
     "FMT_WS_BINARY_DEFLATE",
@@ -58,9 +68,13 @@ __all__ = [
     "SubscriberSet",
     "WSParser",
     "crc32",
+    "encode_delta",
     "encode_frame",
     "encode_msg",
     "encode_msg_one",
+    "fossil_apply",
+    "fossil_delta",
+    "json_string",
     "utf8_valid",
     "ws_close_payload",
     "ws_encode",

@@ -18,13 +18,14 @@ class SubscriberSet:
     """The subscribers of one channel (a dict here; a C array in the compiled core)."""
 
     def __init__(self) -> None:
-        self._rings: dict[OutRing, None] = {}
+        #: member -> takes the alternate frames of fanout (a delta subscriber in sync)
+        self._rings: dict[OutRing, bool] = {}
 
     def add(self, ring: OutRing) -> bool:
         """False if already present."""
         if ring in self._rings:
             return False
-        self._rings[ring] = None
+        self._rings[ring] = False
         ring._nsets += 1
         return True
 
@@ -50,18 +51,38 @@ class SubscriberSet:
         """Members whose ring takes format ``fmt``."""
         return sum(1 for ring in self._rings if ring.fmt == fmt)
 
-    def fanout(self, frames: tuple[bytes | None, ...]) -> int:
+    def set_alt(self, ring: OutRing, on: bool = True) -> bool:
+        """Mark a member as taking ``fanout``'s ``alt`` frames; False if not a member."""
+        if ring not in self._rings:
+            return False
+        self._rings[ring] = bool(on)
+        return True
+
+    def is_alt(self, ring: object) -> bool:
+        return bool(self._rings.get(ring, False))  # type: ignore[call-overload]
+
+    def alt_count(self, fmt: int = -1) -> int:
+        """Members marked alt (of format ``fmt``; every format for -1)."""
+        return sum(1 for r, a in self._rings.items() if a and (fmt < 0 or r.fmt == fmt))
+
+    def fanout(
+        self, frames: tuple[bytes | None, ...], alt: tuple[bytes | None, ...] | None = None
+    ) -> int:
         """Append ``frames[ring.fmt]`` to every member's ring; return the deliveries.
 
         Members whose frame is None (or missing from a short tuple) are skipped; a ring
         over its cap refuses the append and marks itself overflowed (its flusher then
-        calls ``on_overflow``).
+        calls ``on_overflow``). With ``alt``, members marked alt take ``alt[ring.fmt]``
+        instead, or ``frames[ring.fmt]`` where that is None.
         """
-        if any(frame is not None and type(frame) is not bytes for frame in frames[:N_FORMATS]):
-            raise TypeError("frames must be bytes or None")
+        for tup in (frames, alt or ()):
+            if any(f is not None and type(f) is not bytes for f in tup[:N_FORMATS]):
+                raise TypeError("frames must be bytes or None")
         delivered = 0
-        for ring in self._rings:
+        for ring, is_alt in self._rings.items():
             frame = frames[ring.fmt] if ring.fmt < len(frames) else None
+            if is_alt and alt is not None and ring.fmt < len(alt) and alt[ring.fmt] is not None:
+                frame = alt[ring.fmt]
             if frame is not None and ring.append(frame):
                 delivered += 1
         return delivered

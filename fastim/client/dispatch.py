@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import orjson
 
 from .. import protocol
-from .._core import encode_frame
+from .._core import encode_frame, fossil_apply
 from ..errors import ConnectionClosed, ProtocolError, RequestError
 from ..protocol import ErrorCode, FrameType
 from .connection import Connection
@@ -105,6 +105,8 @@ class Dispatcher:
         try:
             if ftype == FrameType.MSG:
                 self._on_msg(payload)
+            elif ftype == FrameType.DELTA:
+                self._on_delta(payload)
             elif ftype == FrameType.EVENT:
                 self._on_event(payload)
             elif ftype == FrameType.SUBSCRIBED:
@@ -137,8 +139,50 @@ class Dispatcher:
     def _on_msg(self, payload: bytes) -> None:
         offset, channel, data = protocol.unpack_msg(payload)
         sub = self._host._subs.get(channel)
-        if sub is None or offset <= sub.offset:
-            return  # not (or no longer) subscribed, or already delivered
+        if sub is None or offset <= sub.offset or sub._resyncing:
+            return  # not (or no longer) subscribed, already delivered, or coming again
+        if sub.delta:
+            sub._base, sub._base_off = data, offset
+        self._take(sub, channel, offset, data)
+
+    def _on_delta(self, payload: bytes) -> None:
+        """A DELTA frame: the message as a Fossil delta against the previous message of
+        the channel, which this subscription must hold (offset - 1). Otherwise, or if
+        it does not apply, resubscribe with ``since``: recovery sends the missed
+        messages full, so nothing is lost (docs/delta.md)."""
+        offset, channel, delta = protocol.unpack_msg(payload)
+        sub = self._host._subs.get(channel)
+        if sub is None or offset <= sub.offset or sub._resyncing:
+            return
+        base = sub._base
+        data = None
+        if base is not None and sub._base_off == offset - 1 == sub.offset:
+            try:
+                data = fossil_apply(base, delta)
+            except ValueError as e:
+                log.warning(
+                    "fastim client: %r offset %d: delta not applied: %s", channel, offset, e
+                )
+        if data is None:
+            sub.delta_failures += 1
+            self._resync(sub)
+            return
+        sub.deltas += 1
+        sub._base, sub._base_off = data, offset
+        self._take(sub, channel, offset, data)
+
+    def _resync(self, sub: Subscription) -> None:
+        """Subscribe ``sub`` again from its offset, for full messages (see _on_delta)."""
+        conn = self._host._conn
+        sub._resyncing = True
+        sub._base = None
+        if conn is None:
+            return  # the next connection resubscribes anyway
+        self._host._send_unsub(sub.channel)
+        with contextlib.suppress(ConnectionClosed):
+            self.resubscribe(conn, sub)
+
+    def _take(self, sub: Subscription, channel: str, offset: int, data: bytes) -> None:
         sub.offset = offset
         try:
             value = orjson.loads(data)
@@ -228,6 +272,8 @@ class Dispatcher:
         sub = p.sub
         if sub is None:
             return
+        sub._resyncing = False
+        sub._base = None  # a delta follows a full message of this subscription
         subs = self._host._subs
         if p.resubscribe:
             if subs.get(ch) is not sub:  # unsubscribed while re-subscribing
@@ -299,10 +345,14 @@ class Dispatcher:
         req_id = requests.new_id()
         fut: asyncio.Future[Any] = future()
         fut.add_done_callback(functools.partial(self._resubscribed, sub, conn))
-        if sub.epoch:
-            since = sub.since
+        if sub.epoch or sub.delta:
+            since = sub.since if sub.epoch else None
             requests.add(req_id, Pending(fut, sub, resubscribe=True, since=since))
-            cmd = {"op": "sub", "ch": sub.channel, "since": since._asdict(), "id": req_id}
+            cmd: dict[str, Any] = {"op": "sub", "ch": sub.channel, "id": req_id}
+            if since is not None:
+                cmd["since"] = since._asdict()
+            if sub.delta:
+                cmd["delta"] = "fossil"
             conn.write(encode_frame(FrameType.CMD, orjson.dumps(cmd)))
         else:
             requests.add(req_id, Pending(fut, sub, resubscribe=True))

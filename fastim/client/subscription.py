@@ -137,6 +137,17 @@ class Subscription:
         self._retry_delay = 0.0  # the client's, for resubscribes the store refused
         #: epochs this subscription left → the last offset it delivered in each (a few)
         self._left: dict[str, int] = {}
+        #: asked the node for Fossil deltas (docs/delta.md); the data of the last
+        #: message this subscription received, and its offset, are the next delta's base
+        self.delta = False
+        self._base: bytes | None = None
+        self._base_off = 0
+        #: a delta could not be applied: resubscribed with ``since``, so everything up to
+        #: that reply is dropped (recovery sends it again, full)
+        self._resyncing = False
+        #: deltas applied, and deltas that could not be (each cost a resubscribe)
+        self.deltas = 0
+        self.delta_failures = 0
 
     def __repr__(self) -> str:
         state = "active" if self._end is None else "ended"

@@ -45,6 +45,7 @@ NAMESPACE_KEYS: dict[str, type] = {
     "proxy_publish": bool,
     "events_publish": bool,
     "recovery": str,
+    "delta": str,
 }
 
 #: the values of the allow_* rules: everyone (anonymous too), a verified token, only
@@ -57,6 +58,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # stream: a (re)subscriber gets every message it missed; cache: only the latest
     # (channels that carry a state, not events)
     "recovery": ("stream", "cache"),
+    # fossil: subscribers that ask get Fossil deltas (docs/delta.md); "": off
+    "delta": ("fossil", ""),
 }
 
 
@@ -92,6 +95,9 @@ class Namespace:
     #: what a (re)subscriber with since or history gets: "stream", every message it
     #: missed (within history); "cache", only the channel's latest message
     recovery: str = "stream"
+    #: "fossil": subscribers that ask for it get each message as a Fossil delta against
+    #: the previous one, after a full one (docs/delta.md); "": off
+    delta: str = ""
 
     @property
     def limits(self) -> HistoryLimits:
@@ -119,7 +125,8 @@ def check_namespaces(raw: object) -> dict[str, dict[str, Any]]:
             if want is str:
                 allowed = CHOICES.get(key, RULE_VALUES)
                 if value not in allowed:
-                    raise ValueError(f"{where}: must be one of {', '.join(allowed)}, got {value!r}")
+                    shown = ", ".join(v or '""' for v in allowed)
+                    raise ValueError(f"{where}: must be one of {shown}, got {value!r}")
                 ok = True
             elif want is bool:
                 ok = isinstance(value, bool)

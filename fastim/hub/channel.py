@@ -26,7 +26,9 @@ class Channel:
 
     __slots__ = (
         "_json_prefix",
+        "dbase",
         "durable",
+        "dwait",
         "epoch",
         "history",
         "idle_since",
@@ -71,6 +73,14 @@ class Channel:
         #: user id → subscribed connections of that user (presence, join/leave)
         self.users: dict[str, int] = {}
         self._json_prefix = b'{"op":"msg","ch":' + orjson.dumps(name) + b',"off":'
+        #: delta namespaces (docs/delta.md): the data of the message at ``offset`` as
+        #: this node delivered it, the base of the next delta; None: unknown (the next
+        #: message goes out full to everyone)
+        self.dbase: bytes | None = None
+        #: delta subscribers that have not yet had the message at ``offset`` (they just
+        #: subscribed): they take the next message full, then deltas (marked alt in
+        #: ``subs``); None while there are none
+        self.dwait: list[_core.OutRing] | None = None
 
     def encode(
         self, offset: int, data: bytes, deflater: Deflater | None = None
@@ -84,6 +94,11 @@ class Channel:
         get the plain frames.
         """
         return _encode_msg(self.subs, offset, self.name_b, self._json_prefix, data, deflater)
+
+    def encode_delta(self, offset: int, delta: bytes) -> tuple[bytes | None, ...]:
+        """The delta message for the subscribers marked alt, per wire format
+        (:func:`fastim._core.encode_delta`), for ``subs.fanout(full, alt)``."""
+        return _core.encode_delta(self.subs, offset, self.name_b, self._json_prefix, delta)
 
     def encode_one(self, fmt: int, offset: int, data: bytes) -> bytes:
         """The message for one connection of wire format ``fmt`` (recovery; uncompressed)."""

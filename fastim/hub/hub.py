@@ -43,6 +43,8 @@ log = logging.getLogger("fastim")
 
 #: publishes one channel may have waiting for the store before new ones are refused
 MAX_PENDING = 10_000
+#: no delta is made of (or against) data larger than this: bounds the work per message
+DELTA_MAX_INPUT: int = _core.DELTA_MAX_INPUT
 
 
 class Hub:
@@ -71,6 +73,11 @@ class Hub:
         self.recovered = 0
         #: publishes not stored again: their idempotency key was taken (Hub.publish)
         self.duplicates = 0
+        #: delta namespaces (docs/delta.md): messages that went out as a delta to the
+        #: subscribers in sync, and the data and delta bytes of those messages
+        self.deltas = 0
+        self.delta_in = 0
+        self.delta_out = 0
         #: publish arrival → end of its fan-out, once per message (fastim.api.metrics)
         self.latency = LatencyHistogram()
         #: compresses each message once for every permessage-deflate subscriber
@@ -213,16 +220,55 @@ class Hub:
         return off
 
     def _deliver(self, ch: Channel, off: int, data: bytes) -> None:
+        prev = ch.offset
         ch.offset = off
         if ch.history.capacity:
             ch.history.append(off, (data, self.now))
         self.published += 1
         if len(ch.subs):
-            self.delivered += ch.subs.fanout(ch.encode(off, data, self.deflater))
+            frames = ch.encode(off, data, self.deflater)
+            if ch.ns.delta:
+                self.delivered += self._fanout_delta(ch, off, prev, data, frames)
+            else:
+                self.delivered += ch.subs.fanout(frames)
         else:
             ch.idle_since = self.now
+        if ch.ns.delta:
+            ch.dbase = data if len(data) <= DELTA_MAX_INPUT else None
         if self.router is not None:
             self.router.down(ch, off, data)
+
+    def _fanout_delta(
+        self, ch: Channel, off: int, prev: int, data: bytes, frames: tuple[bytes | None, ...]
+    ) -> int:
+        """Deliver a message of a delta namespace: one delta against the channel's
+        previous message, made and encoded once, to the subscribers marked alt (they
+        had that message: docs/delta.md), the full frames to everyone else. Full to
+        all when there is no base (first message, after an epoch change or a jump in
+        offsets) or the delta is not smaller. Subscribers waiting for their first full
+        message are marked alt afterwards: now they have it."""
+        subs = ch.subs
+        base = ch.dbase
+        alt = None
+        if (
+            base is not None
+            and off == prev + 1
+            and len(data) <= DELTA_MAX_INPUT
+            and subs.alt_count()
+        ):
+            delta = _core.fossil_delta(base, data, True)
+            if len(delta) < len(data):
+                alt = ch.encode_delta(off, delta)
+                self.deltas += 1
+                self.delta_in += len(data)
+                self.delta_out += len(delta)
+        n = subs.fanout(frames, alt)
+        wait = ch.dwait
+        if wait is not None:
+            ch.dwait = None
+            for ring in wait:
+                subs.set_alt(ring)
+        return n
 
     def deliver_routed(self, ch: Channel, off: int, data: bytes) -> None:
         """A message numbered by the owner (it came down the tree): deliver it here."""
@@ -419,6 +465,7 @@ class Hub:
         ch.offset = top
         ch.loaded = True
         ch.history = _core.HistoryRing(ch.ns.history_size)  # the cache no longer fits
+        ch.dbase = None  # the message at the new offset was not delivered here
 
     def _epoch_changed(self, ch: Channel, epoch: str, complete: bool = True) -> None:
         """History was lost: tell subscribers to subscribe again (and recover what exists).
@@ -433,6 +480,8 @@ class Hub:
             if not complete:
                 ev["complete"] = False
             ch.subs.fanout(encode_event(orjson.dumps(ev)))
+        ch.dwait = None
+        ch.dbase = None
         for ring in rings:
             ch.subs.remove(ring)
             owner = ring.on_overflow  # the subscriber (see interfaces.Subscriber)
@@ -615,6 +664,21 @@ class Hub:
         if self.events is not None:  # before the join it may cause
             self.events.subscribed(cast("Conn", session), ch.name)
         self.join(ch.name, ring, session.user)
+        if ch.ns.delta and ch.name in (getattr(session, "delta", None) or ()):
+            self._delta_join(ch, ring, msgs)
+
+    @staticmethod
+    def _delta_join(ch: Channel, ring: _core.OutRing, msgs: list[tuple[int, bytes]]) -> None:
+        """A subscriber that asked for deltas joined: deltas from the next message if
+        the last message it just got (recovery) is the channel's base, else the next
+        one full first (``dwait``). A subscriber without recovered messages may hold no
+        base at all (a ``since`` saved by an earlier run): full first."""
+        if msgs and msgs[-1][0] == ch.offset and ch.dbase is not None and msgs[-1][1] == ch.dbase:
+            ch.subs.set_alt(ring)
+            return
+        if ch.dwait is None:
+            ch.dwait = []
+        ch.dwait.append(ring)
 
     def join(self, name: str, ring: _core.OutRing, user: str | None = None) -> Channel:
         """Add ``ring`` to the channel's subscribers now (no reply, no recovery)."""
@@ -677,6 +741,8 @@ class Hub:
         ch = self.channels.get(name)
         if ch is None or not ch.subs.remove(ring):
             return False
+        if ch.dwait is not None and ring in ch.dwait:
+            ch.dwait.remove(ring)  # a later subscribe without deltas must not get them
         if user is not None and user in ch.users:
             n = ch.users[user] - 1
             if n:

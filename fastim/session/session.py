@@ -57,6 +57,7 @@ class Session(Hooked, asyncio.Protocol):
         "closing_after",
         "config",
         "decoder",
+        "delta",
         "eid",
         "hello_seen",
         "inflight",
@@ -84,6 +85,9 @@ class Session(Hooked, asyncio.Protocol):
         # a list, created on first subscribe: a 1-element set costs 216 bytes, a list 64,
         # and membership tests over at most max_subscriptions names are cheap
         self.subs: list[str] | None = None
+        #: channels this connection subscribed to asking for Fossil deltas ("delta":
+        #: "fossil" in its sub; the hub reads it at the join: docs/delta.md)
+        self.delta: list[str] | None = None
         self.state = HANDSHAKE
         self.wheel_tick = -1
         self.last_rx = node.wheel.now
@@ -401,6 +405,7 @@ class Session(Hooked, asyncio.Protocol):
             for ch in list(subs):
                 hub.unsubscribe(ch, self)
             subs.clear()
+        self.delta = None
         if self.user is not None and self.node.postman is not None:
             self.node.postman.detach(self, self.user)
         limit = self.node.user_limit
@@ -516,6 +521,8 @@ class Session(Hooked, asyncio.Protocol):
                     raise BadRequest("missing field \"data\" in 'pub'")
                 data = json_data(msg["data"])
             since = history_field(msg, since_field(msg.get("since"))) if op == "sub" else None
+            if op == "sub":
+                self._delta_choice(msg["ch"], msg.get("delta"))
             hook_data = msg.get("data") if op == "sub" else None  # for the subscribe hook
             self.handle_request(Request(op, req_id, msg["ch"], data), replies, since, hook_data)
             return
@@ -578,6 +585,23 @@ class Session(Hooked, asyncio.Protocol):
                 postman.inbox(self, req_id)
             return
         raise ProtocolError(f"unknown op {op!r}", ErrorCode.UNKNOWN_OP)
+
+    def _delta_choice(self, ch: object, value: object) -> None:
+        """Record whether this sub asks for deltas (``"delta": "fossil"``); each sub of
+        a channel not subscribed decides anew, so a refused one leaves nothing behind.
+        Namespaces without ``delta`` ignore it: full messages (docs/delta.md)."""
+        if value is not None and value != "fossil":
+            raise BadRequest('field "delta" must be "fossil"')
+        if not isinstance(ch, str) or (self.subs is not None and ch in self.subs):
+            return  # refused below (bad channel, already subscribed)
+        d = self.delta
+        if value is not None:
+            if d is None:
+                d = self.delta = []
+            if ch not in d:
+                d.append(ch)
+        elif d and ch in d:
+            d.remove(ch)
 
     def handle_request(
         self,
@@ -642,6 +666,8 @@ class Session(Hooked, asyncio.Protocol):
                 )
                 return
             self.subs.remove(ch)
+            if self.delta and ch in self.delta:
+                self.delta.remove(ch)
             if self.node.events is not None:  # before the leave it may cause
                 self.node.events.unsubscribed(self, ch)
             self.node.hub.unsubscribe(ch, self)

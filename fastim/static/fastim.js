@@ -280,6 +280,14 @@ export class Subscription {
     this._retryDelay = 0;
     /** @type {Map<string, number>} epochs left → the last offset delivered in each */
     this._left = new Map();
+    /** Asked for Fossil deltas (docs/delta.md); deltas applied, deltas that failed. */
+    this.delta = opts.delta === "fossil";
+    this.deltas = 0;
+    this.deltaFailures = 0;
+    /** @type {Uint8Array|null} the data of the last message received: the next base */
+    this._base = null;
+    this._baseOff = 0;
+    this._resyncing = false;
     /** @type {(v: Subscribed) => void} */
     let ok = () => {};
     /** @type {(e: Error) => void} */
@@ -462,9 +470,11 @@ export class Client {
    * subscription survives reconnects without losing or repeating a message.
    * @param {string} channel
    * @param {{history?: number, since?: Since, onMessage?: (m: Message) => void,
-   *          onGap?: (g: Gap) => void, onError?: (e: Error) => void}} [opts]
+   *          onGap?: (g: Gap) => void, onError?: (e: Error) => void, delta?: string}} [opts]
    *   history: on the first subscribe, the channel's newest N messages first;
-   *   since: resume where another subscription was (its `since`)
+   *   since: resume where another subscription was (its `since`);
+   *   delta: "fossil" asks for Fossil deltas where the namespace has them (applied
+   *   here: onMessage gets the same documents; docs/delta.md)
    * @returns {Subscription}  `sub.ready` resolves with the node's answer
    */
   subscribe(channel, opts = {}) {
@@ -940,7 +950,7 @@ export class Client {
       return;
     }
     const op = obj.op;
-    if (op === "msg") return this._onMsg(obj);
+    if (op === "msg") return this._onMsg(obj, ev.data);
     if (op === "dm") return this._onDm(obj);
     if (op === "resubscribe") return this._onResubscribe(obj);
     const p = obj.id !== undefined ? this._pending.get(obj.id) : undefined;
@@ -994,16 +1004,60 @@ export class Client {
     this._onSubscribed({ sub, since: sub.epoch ? sub.since : null, history: 0 }, obj);
   }
 
-  /** @param {any} obj */
-  _onMsg(obj) {
+  /** @param {any} obj  @param {string} text the message as received */
+  _onMsg(obj, text) {
     const sub = this.subscriptions.get(obj.ch);
     if (!sub) return; // not (or no longer) subscribed
     if (obj.off <= sub.offset) {
       sub.duplicates += 1; // delivered already (a resubscribe sent it again)
       return;
     }
+    if (sub._resyncing) return; // a delta failed: recovery sends it again, full
+    let data = obj.data;
+    if (obj.delta === true) {
+      // a Fossil delta against the previous message, carried as a JSON string whose
+      // UTF-8 bytes are the delta (docs/delta.md)
+      let out = null;
+      if (sub._base && sub._baseOff === obj.off - 1 && sub.offset === obj.off - 1) {
+        try {
+          out = fossilApply(sub._base, UTF8.encode(data));
+          data = JSON.parse(UTF8D.decode(out));
+        } catch (e) {
+          out = null;
+        }
+      }
+      if (!out) {
+        sub.deltaFailures += 1;
+        this._resync(sub);
+        return;
+      }
+      sub.deltas += 1;
+      sub._base = out;
+      sub._baseOff = obj.off;
+    } else if (sub.delta) {
+      // the exact bytes of `data` are the next delta's base: the text after the
+      // offset (inside the channel's JSON string no unescaped `"off":` can occur)
+      const key = `"off":${obj.off},"data":`;
+      const at = text.indexOf(key);
+      sub._base = at < 0 ? null : UTF8.encode(text.slice(at + key.length, -1));
+      sub._baseOff = obj.off;
+    }
     sub.offset = obj.off;
-    sub._deliver({ channel: obj.ch, offset: obj.off, data: obj.data });
+    sub._deliver({ channel: obj.ch, offset: obj.off, data });
+  }
+
+  /**
+   * A delta could not be applied (no base, a base of another offset, a bad delta):
+   * subscribe again with `since`; recovery sends the missed messages full, so nothing
+   * is lost, and everything until its answer is dropped.
+   * @param {Subscription} sub
+   */
+  _resync(sub) {
+    sub._resyncing = true;
+    sub._base = null;
+    if (!this._connected) return; // the next connection subscribes again anyway
+    this._sendUnsub(sub.channel);
+    this._subscribeOn(sub);
   }
 
   // ------------------------------------------------------------------ subscriptions
@@ -1016,8 +1070,9 @@ export class Client {
     const ws = this._ws;
     if (!ws || !this._connected) return;
     const id = this._nextId++;
-    /** @type {{op: string, ch: string, id: number, since?: Since, history?: number}} */
+    /** @type {{op: string, ch: string, id: number, since?: Since, history?: number, delta?: string}} */
     const cmd = { op: "sub", ch: sub.channel, id };
+    if (sub.delta) cmd.delta = "fossil";
     let since = null;
     let history = 0;
     if (sub.epoch) {
@@ -1056,6 +1111,8 @@ export class Client {
     const { off, recovered } = obj;
     const epoch = obj.epoch || "";
     const since = p.since;
+    sub._resyncing = false;
+    sub._base = null; // a delta follows a full message of this subscription
     if (!sub._answered) {
       sub._answered = true;
       sub._ready({ epoch, offset: off, recovered: !!recovered });
@@ -1336,6 +1393,78 @@ export class Client {
       else console.error("fastim: callback failed", e);
     }
   }
+}
+
+// ---------------------------------------------------------------- Fossil deltas
+
+const UTF8 = new TextEncoder();
+const UTF8D = new TextDecoder("utf-8", { fatal: true });
+/** base-64 digit values of the Fossil delta format (0-9 A-Z _ a-z ~), -1 elsewhere */
+const B64 = (() => {
+  const t = new Int8Array(128).fill(-1);
+  const digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~";
+  for (let i = 0; i < 64; i++) t[digits.charCodeAt(i)] = i;
+  return t;
+})();
+
+/**
+ * Apply a Fossil delta (fossil-scm.org delta_format) to `src`; throws if it is not a
+ * valid delta for it (bounds, announced size, checksum). Written from the format's
+ * description, like fastim/_pyref/delta.py.
+ * @param {Uint8Array} src  @param {Uint8Array} delta  @returns {Uint8Array}
+ */
+export function fossilApply(src, delta) {
+  let pos = 0;
+  const num = () => {
+    let v = 0;
+    const start = pos;
+    while (pos < delta.length && delta[pos] < 128 && B64[delta[pos]] >= 0) {
+      v = v * 64 + B64[delta[pos++]];
+      if (v > 0xffffffff) throw new Error("delta: number over 32 bits");
+    }
+    if (pos === start) throw new Error("delta: number expected");
+    return v;
+  };
+  const size = num();
+  if (delta[pos++] !== 10) throw new Error("delta: size not terminated by a newline");
+  if (size > 1 << 26) throw new Error("delta: target too large");
+  const out = new Uint8Array(size);
+  let total = 0;
+  while (pos < delta.length) {
+    const cnt = num();
+    const op = delta[pos++];
+    if (op === 64) {
+      const ofst = num();
+      if (delta[pos++] !== 44) throw new Error("delta: copy not terminated by ','");
+      if (total + cnt > size || ofst + cnt > src.length) throw new Error("delta: bad copy");
+      out.set(src.subarray(ofst, ofst + cnt), total);
+      total += cnt;
+    } else if (op === 58) {
+      if (total + cnt > size || pos + cnt > delta.length) throw new Error("delta: bad insert");
+      out.set(delta.subarray(pos, pos + cnt), total);
+      total += cnt;
+      pos += cnt;
+    } else if (op === 59) {
+      if (total !== size) throw new Error("delta: target shorter than announced");
+      if (fossilChecksum(out) !== cnt) throw new Error("delta: bad checksum");
+      return out;
+    } else {
+      throw new Error("delta: unknown command");
+    }
+  }
+  throw new Error("delta: unterminated");
+}
+
+/** Fossil's checksum: the sum of the big-endian 32-bit words, the tail zero-padded. */
+function fossilChecksum(/** @type {Uint8Array} */ z) {
+  let sum = 0;
+  const n = z.length - (z.length % 4);
+  for (let i = 0; i < n; i += 4) {
+    sum = (sum + ((z[i] << 24) | (z[i + 1] << 16) | (z[i + 2] << 8) | z[i + 3])) >>> 0;
+  }
+  let tail = 0;
+  for (let i = n, sh = 24; i < z.length; i++, sh -= 8) tail |= z[i] << sh;
+  return (sum + (tail >>> 0)) >>> 0;
 }
 
 /**
