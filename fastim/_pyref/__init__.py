@@ -7,6 +7,7 @@ a fallback: ``import fastim._pyref as ref`` gives the same public names as
 
 from .encode import MSG_FRAME_TYPE, encode_msg, encode_msg_one
 from .fanout import (
+    FMT_SSE,
     FMT_TCP,
     FMT_WS_BINARY,
     FMT_WS_BINARY_DEFLATE,
@@ -36,6 +37,7 @@ from .websocket import (
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "DEFAULT_RING_CAP",
+    "FMT_SSE",
     "FMT_TCP",
     "FMT_WS_BINARY",
     "FMT_WS_BINARY_DEFLATE",
