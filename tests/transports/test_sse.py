@@ -37,7 +37,7 @@ async def publish(port: int, ch: str, *items: Any) -> list[int]:
 
 
 async def msgs(s: Stream, n: int) -> list[tuple[str, int, Any]]:
-    out = []
+    out: list[tuple[str, int, Any]] = []
     while len(out) < n:
         obj = await s.data()
         if obj["op"] == "msg":
@@ -47,7 +47,7 @@ async def msgs(s: Stream, n: int) -> list[tuple[str, int, Any]]:
 
 async def drain(s: Stream, quiet: float = 0.5) -> list[Any]:
     """Every data event until the stream is quiet for ``quiet`` seconds."""
-    out = []
+    out: list[Any] = []
     while True:
         try:
             ev = await s.event(timeout=quiet)
