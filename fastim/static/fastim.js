@@ -129,8 +129,8 @@ export const ErrorCode = Object.freeze({
  * @property {Transport[]} [transports]  what to connect with, in order of preference
  *     (default ["websocket", "http_stream", "sse"]): one that cannot connect (blocked
  *     WebSocket, a proxy that drops upgrades or buffers streams) is followed by the
- *     next at once; the one that worked is tried first on reconnects. Those the
- *     runtime lacks (no WebSocket, fetch or EventSource) are left out.
+ *     next at once; each reconnect starts again with the first. Those the runtime
+ *     lacks (no WebSocket, fetch or EventSource) are left out.
  * @property {(transport: Transport) => void} [onTransport]  called with the transport
  *     of each new connection whose transport differs from the last one's
  *     (also `client.transport`)
@@ -925,8 +925,13 @@ export class Client {
     }
     if (this._everWelcomed) this.reconnects += 1;
     this._everWelcomed = true;
-    this._tTried = 0;
     const kind = /** @type {any} */ (ws).kind;
+    // the next connection starts with the preferred transport again: a fallback taken
+    // while the node was restarting (its WebSocket refused a moment before its stream
+    // was accepted) must not stick; behind a proxy that blocks WebSocket that costs
+    // one quickly refused attempt per reconnect
+    this._tTried = 0;
+    this._tIndex = 0;
     if (kind !== this.transport) {
       this.transport = kind;
       this._callback(this.onTransport, kind);
