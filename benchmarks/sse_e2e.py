@@ -3,7 +3,8 @@
 A node (memory store) is spawned pinned to one CPU (``taskset -c 0``); this process,
 pinned to another (CPU 1), holds N subscribers of one channel, all SSE
 (``GET /sse?ch=bench``: the ``FMT_SSE`` event encoded once per publish, and the event id
-with the channel's position after each write) or all WebSocket JSON (``fastim.json``),
+with the channel's position after each write), all HTTP streaming (``POST /stream`` and
+a ``sub`` by POST: the same events, no ids) or all WebSocket JSON (``fastim.json``),
 and one TCP publisher (the SDK) that keeps ``--window`` publishes of a ~100-byte JSON
 document awaiting their puback for ``--duration`` seconds. Subscribers count the
 messages in the bytes they receive; the node's CPU time (from /proc) is reported.
@@ -50,6 +51,8 @@ class Counter(asyncio.Protocol):
         self.bytes = 0
         self.tail = b""
         self.ready = asyncio.get_running_loop().create_future()
+        self.head = b""
+        self.sid = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: Any) -> None:
         transport.write(self.first)
@@ -59,6 +62,11 @@ class Counter(asyncio.Protocol):
         buf = self.tail + data
         self.msgs += buf.count(MARK)
         self.tail = buf[-(len(MARK) - 1) :]
+        if not self.sid.done():
+            self.head += data
+            at = self.head.find(b'"sid":"')
+            if at >= 0 and b'"' in self.head[at + 7 :]:
+                self.sid.set_result(self.head[at + 7 :].split(b'"', 1)[0].decode())
         if not self.ready.done() and b'"op":"subscribed"' in buf:
             self.ready.set_result(None)
 
@@ -67,6 +75,9 @@ def request(kind: str, port: int) -> tuple[bytes, bytes]:
     host = f"127.0.0.1:{port}".encode()
     if kind == "sse":
         return b"GET /sse?ch=bench HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", b""
+    if kind == "http_stream":  # subscribed by a POST: no event ids (fastim.js's case)
+        head = b"POST /stream HTTP/1.1\r\nHost: " + host + b"\r\nContent-Length: 0\r\n\r\n"
+        return head, b""
     sub = _core.ws_encode(_core.OP_TEXT, b'{"op":"sub","ch":"bench"}', mask=os.urandom(4))
     head = (
         b"GET /ws HTTP/1.1\r\nHost: " + host + b"\r\nUpgrade: websocket\r\n"
@@ -99,6 +110,16 @@ async def run(kind: str, n: int, duration: float, window: int) -> dict[str, Any]
         first, _ = request(kind, ws)
         _, c = await loop.create_connection(lambda f=first: Counter(f), "127.0.0.1", ws)
         subs.append(c)
+        if kind == "http_stream":
+            sid = await c.sid
+            body = b'{"op":"sub","ch":"bench"}'
+            r, w = await asyncio.open_connection("127.0.0.1", ws)
+            w.write(
+                b"POST /stream/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                % (sid.encode(), len(body), body)
+            )
+            await r.read()
+            w.close()
     await asyncio.gather(*(c.ready for c in subs))
     doc = {"sym": "ACME", "px": 101.25, "qty": 300, "side": "buy", "note": "x" * 40}
     pub = await connect(f"tcp://127.0.0.1:{tcp}")
@@ -133,13 +154,14 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=1000, help="subscribers")
     ap.add_argument("-d", "--duration", type=float, default=5.0)
     ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.sched_setaffinity(0, {1})
     import uvloop
 
     rows = []
-    for kind in ("websocket", "sse", "websocket", "sse"):
+    for kind in ("websocket", "sse", "http_stream") * args.runs:
         rows.append(uvloop.run(run(kind, args.n, args.duration, args.window)))
         if not args.json:
             print(rows[-1], flush=True)
