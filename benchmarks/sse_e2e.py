@@ -49,6 +49,7 @@ class Counter(asyncio.Protocol):
         self.first = first
         self.msgs = 0
         self.bytes = 0
+        self.reads = 0
         self.tail = b""
         self.ready = asyncio.get_running_loop().create_future()
         self.head = b""
@@ -58,6 +59,7 @@ class Counter(asyncio.Protocol):
         transport.write(self.first)
 
     def data_received(self, data: bytes) -> None:
+        self.reads += 1
         self.bytes += len(data)
         buf = self.tail + data
         self.msgs += buf.count(MARK)
@@ -145,6 +147,7 @@ async def run(kind: str, n: int, duration: float, window: int) -> dict[str, Any]
         "deliveries_per_s": round(got / elapsed),
         "node_cpu_s": round(cpu, 2),
         "node_us_per_delivery": round(cpu / max(1, got) * 1e6, 3),
+        "deliveries_per_read": round(got / max(1, sum(c.reads for c in subs)), 1),
         "bytes_per_delivery": round(sum(c.bytes for c in subs) / max(1, got + n), 1),
     }
 
