@@ -110,7 +110,8 @@ async def run(kind: str, n: int, duration: float, window: int) -> dict[str, Any]
     subs: list[Counter] = []
     for _ in range(n):
         first, _ = request(kind, ws)
-        _, c = await loop.create_connection(lambda f=first: Counter(f), "127.0.0.1", ws)
+        c = Counter(first)
+        await loop.create_connection(lambda: c, "127.0.0.1", ws)  # noqa: B023 - awaited here
         subs.append(c)
         if kind == "http_stream":
             sid = await c.sid

@@ -26,6 +26,9 @@ timer, origin checks and authentication (``?token=`` or the connect hook's cooki
 from __future__ import annotations
 
 import secrets
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qsl
 
 import httptools
@@ -36,6 +39,7 @@ from ..errors import BadRequest, ProtocolError
 from ..hub import Since
 from ..protocol import Request, validate_channel
 from ..session import OPEN, JsonReplies
+from ..tasks import Background
 from .origin import refuse_cross_origin, same_origin
 from .ws import _SERVER, MODE_JSON, WsSession
 
@@ -61,6 +65,34 @@ SSE_REPLIES.cmd = SSE_REPLIES
 
 #: open streams of this process by session id (a POST names one)
 _streams: dict[str, EventStream] = {}
+
+#: Ask = mesh.ask: (worker, question, args) -> its answer, or None
+Ask = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
+#: on a node of several workers: the node -> (this worker's name, how to ask another);
+#: a stream's sid starts with its worker's name, so a POST that the shared port gave to
+#: another worker is forwarded there (attach_workers)
+_workers: weakref.WeakKeyDictionary[Any, tuple[str, Ask]] = weakref.WeakKeyDictionary()
+#: POSTs waiting for the stream's worker to answer
+_forwards = Background("stream command forwards")
+
+
+def attach_workers(node: Any, name: str, ask: Ask, answers: dict[str, Any]) -> None:
+    """``node`` is worker ``name`` of a node of several (fastim/workers/mesh.py): its
+    streams' sids name it, and it answers the commands other workers forward to them."""
+    _workers[node] = (name, ask)
+
+    def answer(msg: dict[str, Any]) -> list[Any]:
+        origin = msg.get("origin")
+        return list(
+            inject(
+                node,
+                str(msg.get("sid")),
+                origin.encode("latin-1") if isinstance(origin, str) else None,
+                str(msg.get("body", "")).encode("utf-8", "surrogateescape"),
+            )
+        )
+
+    answers["stream_post"] = answer
 
 
 class StreamState:
@@ -225,6 +257,9 @@ def open_stream(session: WsSession, kind: str) -> None:
             b"Access-Control-Allow-Credentials: true\r\nVary: Origin\r\n"
         )
     sid = secrets.token_urlsafe(18)
+    worker = _workers.get(node)
+    if worker is not None:
+        sid = f"{worker[0]}.{sid}"  # which worker a POST must reach (attach_workers)
     st = StreamState(kind, sid, origin)
     transport = session.transport
     assert transport is not None and session.ring is not None
@@ -284,29 +319,78 @@ def post_commands(session: WsSession, sid: str) -> None:
         return
     if refuse_cross_origin(session.node.origins, session.headers, session.http_reply):
         return
-    target = _streams.get(sid)
-    if target is None or target.node is not session.node or target.state != OPEN:
-        session.http_reply(
-            404, "no such stream (closed, timed out, or never opened here): open a new one"
-        )
-        return
-    st = target.stream
-    assert st is not None
     origin = session.headers.get(b"origin")
-    if st.origin is not None and origin is not None and origin != st.origin:
-        session.http_reply(403, "this stream was opened by a page of another origin")
-        return
     body = bytes(session.body or b"")
-    lines = [line for line in body.split(b"\n") if line.strip()]
-    if len(lines) > MAX_POST_COMMANDS:
-        session.http_reply(400, f"at most {MAX_POST_COMMANDS} commands per POST")
-        return
     cors = b""
-    if origin is not None and st.origin is not None:
+    if origin is not None and not same_origin(
+        origin.decode("latin-1"), _text(session.headers.get(b"host"))
+    ):
         cors = (
             b"Access-Control-Allow-Origin: " + origin.strip() + b"\r\n"
             b"Access-Control-Allow-Credentials: true\r\nVary: Origin\r\n"
         )
+    node = session.node
+    worker = _workers.get(node)
+    owner = sid.split(".", 1)[0] if "." in sid else None
+    if worker is not None and owner is not None and owner != worker[0]:
+        # the shared port gave this POST to another worker than the stream's: ask it
+        _forwards.run(_forward(session, worker[1], owner, sid, origin, body, cors))
+        return
+    status, reason = inject(node, sid, origin, body)
+    if status == 204:
+        session.http_send(204, b"", b"text/plain", cors)
+    else:
+        session.http_reply(status, reason, cors)
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
+
+
+async def _forward(
+    session: WsSession,
+    ask: Ask,
+    owner: str,
+    sid: str,
+    origin: bytes | None,
+    body: bytes,
+    cors: bytes,
+) -> None:
+    """A command POST for a stream of worker ``owner``, answered with its verdict."""
+    args = {
+        "sid": sid,
+        "origin": _text(origin),
+        "body": body.decode("utf-8", "surrogateescape"),
+    }
+    answer = await ask(owner, "stream_post", args)
+    value = answer.get("value") if answer is not None else None
+    if not isinstance(value, list) or len(value) != 2:
+        session.http_reply(
+            503 if answer is None else 404,
+            f"the stream's worker {owner!r} did not answer: open a new stream",
+        )
+        return
+    status, reason = int(value[0]), str(value[1])
+    if status == 204:
+        session.http_send(204, b"", b"text/plain", cors)
+    else:
+        session.http_reply(status, reason, cors)
+
+
+def inject(node: Any, sid: str, origin: bytes | None, body: bytes) -> tuple[int, str]:
+    """Hand the commands of ``body`` (JSON lines) to this process's stream ``sid``:
+    (204, "") when they were taken (their replies go out on the stream), else the
+    refusal's status and reason."""
+    target = _streams.get(sid)
+    if target is None or target.node is not node or target.state != OPEN:
+        return 404, "no such stream (closed, timed out, or never opened here): open a new one"
+    st = target.stream
+    assert st is not None
+    if st.origin is not None and origin is not None and origin != st.origin:
+        return 403, "this stream was opened by a page of another origin"
+    lines = [line for line in body.split(b"\n") if line.strip()]
+    if len(lines) > MAX_POST_COMMANDS:
+        return 400, f"at most {MAX_POST_COMMANDS} commands per POST"
     target.last_rx = target.node.wheel.now
     for line in lines:
         try:
@@ -315,7 +399,7 @@ def post_commands(session: WsSession, sid: str) -> None:
             target.fail(e)  # as on a WebSocket: the error on the stream, then its close
         if target.state != OPEN or target.closing_after is not None:
             break
-    session.http_send(204, b"", b"text/plain", cors)
+    return 204, ""
 
 
 def stream_route(session: WsSession, path: bytes) -> bool:
