@@ -375,6 +375,8 @@ class StreamSocket {
     /** @type {string[]} */ this._out = [];
     this._posting = false;
     this._ended = false;
+    /** the node could not be reached at all (fetch failed): no transport would be */
+    this.unreachable = false;
     /** @type {EventSource|null} */ this._es = null;
     this._abort = typeof AbortController === "function" ? new AbortController() : null;
     setTimeout(() => (kind === "sse" ? this._startSse() : this._startFetch()), 0);
@@ -389,6 +391,7 @@ class StreamSocket {
         signal: this._abort ? this._abort.signal : undefined,
       });
     } catch (e) {
+      this.unreachable = true;
       this._fail(1006, `could not connect: ${e}`);
       return;
     }
@@ -959,7 +962,17 @@ export class Client {
     } catch {
       /* closed already */
     }
-    if (!this._nextTransport()) this._retry(new ConnectionClosed(1006, "could not connect"));
+    // a stream that could not reach the node at all (a network error, not an HTTP
+    // answer): the next transport would not either; back off (and, once the node is
+    // back, do not land on a later transport than the proxy needs)
+    const down = /** @type {any} */ (ws).unreachable === true;
+    if (down) {
+      this._tTried = 0;
+      this._tIndex = 0;
+    }
+    if (down || !this._nextTransport()) {
+      this._retry(new ConnectionClosed(1006, "could not connect"));
+    }
   }
 
   /**
