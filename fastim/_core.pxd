@@ -13,7 +13,8 @@ cdef enum:
     WF_WS_JSON = 2              # JSON message inside a WebSocket text frame
     WF_WS_BINARY_DEFLATE = 3    # WF_WS_BINARY, compressed (permessage-deflate) when it pays
     WF_WS_JSON_DEFLATE = 4      # WF_WS_JSON, compressed when it pays
-    N_FMT = 5
+    WF_SSE = 5                  # JSON message as a Server-Sent Event (SSE, HTTP streaming)
+    N_FMT = 6
 
     # Ring buffers are powers of two; the flusher pools emptied ones by size class
     POOL_MIN_SHIFT = 9          # 512 bytes
@@ -105,6 +106,7 @@ cdef class OutRing:
     cdef public Py_ssize_t cap
     cdef public object transport
     cdef public object on_overflow
+    cdef public object on_flush  # None, or called before each write (SSE event ids)
     cdef Flusher flusher
     cdef bint _dirty
     cdef bint _paused

@@ -21,7 +21,8 @@ FMT_WS_BINARY: int  # fastim frame inside a WebSocket binary frame
 FMT_WS_JSON: int  # JSON message inside a WebSocket text frame
 FMT_WS_BINARY_DEFLATE: int  # FMT_WS_BINARY for a permessage-deflate connection (RSV1 frame)
 FMT_WS_JSON_DEFLATE: int  # FMT_WS_JSON for a permessage-deflate connection (RSV1 frame)
-N_FORMATS: int  # 5
+FMT_SSE: int  # JSON message as one Server-Sent Event (SSE and HTTP streaming connections)
+N_FORMATS: int  # 6
 
 OP_CONT: int
 OP_TEXT: int
@@ -59,9 +60,10 @@ def encode_msg(
     """A channel message in each wire format some member of ``subs`` uses, for
     :meth:`SubscriberSet.fanout` (None for the formats nobody uses).
 
-    Indexed by FMT_*: three entries when no member uses a deflate format, else
-    N_FORMATS. One pass in C: each frame is allocated at its size and written once, the
-    data copied straight in, the CRC32 computed once:
+    Indexed by FMT_*: three entries when no member uses a deflate format or SSE, five
+    with a deflate format and no SSE, else N_FORMATS. One pass in C: each frame is
+    allocated at its size and written once, the data copied straight in, the CRC32
+    computed once:
 
     - FMT_TCP: the fastim MSG frame (type MSG_FRAME_TYPE); its payload is u64
       ``offset``, u8 ``len(channel)``, ``channel`` (at most 255 bytes, else
@@ -72,7 +74,9 @@ def encode_msg(
       ``{"op":"msg","ch":<channel as JSON>,"off":``;
     - FMT_WS_BINARY_DEFLATE, FMT_WS_JSON_DEFLATE: ``deflater.frame(opcode, payload,
       plain)`` with the fastim frame or the JSON text as payload (compressed once for
-      all such members), or the plain frames when ``deflater`` is None.
+      all such members), or the plain frames when ``deflater`` is None;
+    - FMT_SSE: ``data: `` + that JSON + two LF (one Server-Sent Event), with the raw CR
+      and LF bytes of ``data`` (JSON whitespace: never inside a string) as spaces.
     """
 
 def encode_msg_one(fmt: int, offset: int, channel: bytes, json_head: bytes, data: Buffer) -> bytes:
@@ -225,6 +229,11 @@ class OutRing:
     cap: int
     transport: Any
     on_overflow: Callable[[], object] | None
+    on_flush: Callable[[], object] | None
+    """None (the default), or called by a flush just before it writes this ring, which
+    is still dirty then: what it appends leaves in the same write (an SSE connection's
+    event id after the messages it covers). Not called for a closed, overflowed or
+    paused ring, nor an empty one."""
     def __init__(
         self,
         flusher: Flusher | None,

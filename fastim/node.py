@@ -33,7 +33,7 @@ from .protocol import SHUTDOWN_REASON, CloseCode
 from .session import Session, SessionList
 from .session.userlimit import UserLimit
 from .store import Store, StoreError, open_store
-from .transport import TcpSession, WsSession
+from .transport import TcpSession, WsSession, sse
 from .transport.origin import Origins
 from .transport.ws import PROBE_HOLD, PROBE_RATE
 from .workers.inboxes import MeshInboxes
@@ -181,6 +181,8 @@ class Node:
                     hub, str(m["ch"]), int(m["since"]), int(m["limit"])
                 )
                 self._answer_user_limit(mesh)
+                # a stream's command POST may reach another worker: forwarded to its own
+                sse.attach_workers(self, role.name, mesh.ask, mesh.answers)
                 await mesh.start({})
             elif cfg.etcd_endpoints:
                 host = advertised_host(cfg)

@@ -15,6 +15,7 @@ from .delta import (
 )
 from .encode import MSG_FRAME_TYPE, encode_msg, encode_msg_one
 from .fanout import (
+    FMT_SSE,
     FMT_TCP,
     FMT_WS_BINARY,
     FMT_WS_BINARY_DEFLATE,
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_RING_CAP",
     "DELTA_FRAME_TYPE",
     "DELTA_MAX_INPUT",
+    "FMT_SSE",
     "FMT_TCP",
     "FMT_WS_BINARY",
     "FMT_WS_BINARY_DEFLATE",

@@ -13,6 +13,7 @@ from typing import Any
 from typing_extensions import Buffer
 
 from .fanout import (
+    FMT_SSE,
     FMT_TCP,
     FMT_WS_BINARY,
     FMT_WS_BINARY_DEFLATE,
@@ -37,6 +38,13 @@ def _json(offset: int, json_head: bytes, data: Buffer) -> bytes:
     return b"".join((json_head, str(offset).encode(), b',"data":', data, b"}"))
 
 
+def _sse(offset: int, json_head: bytes, data: Buffer) -> bytes:
+    # raw CR/LF in JSON are whitespace between tokens (never in a string): spaces keep
+    # the value and keep the event on one ``data:`` line
+    clean = bytes(data).replace(b"\r", b" ").replace(b"\n", b" ")
+    return b"data: " + _json(offset, json_head, clean) + b"\n\n"
+
+
 def encode_msg(
     subs: SubscriberSet,
     offset: int,
@@ -47,7 +55,8 @@ def encode_msg(
 ) -> tuple[bytes | None, ...]:
     """The message in each wire format some member of ``subs`` uses (None for the others).
 
-    Indexed by ``FMT_*``: three entries when no member uses a deflate format, else five.
+    Indexed by ``FMT_*``: three entries when no member uses a deflate format or SSE, five
+    with a deflate format and no SSE, else six (FMT_SSE last).
     ``json_head`` is the JSON message up to its offset, ``{"op":"msg","ch":<channel>,"off":``.
     A deflate format gets ``deflater.frame(opcode, payload, plain)`` (compressed once for
     all its members), or the plain frame when ``deflater`` is None.
@@ -57,6 +66,7 @@ def encode_msg(
     n_wsbz = subs.count(FMT_WS_BINARY_DEFLATE)
     n_js = subs.count(FMT_WS_JSON)
     n_jsz = subs.count(FMT_WS_JSON_DEFLATE)
+    n_sse = subs.count(FMT_SSE)
     tcp = wsb = wsbz = js = jsz = None
     if n_tcp or n_wsb or n_wsbz:
         frame = _msg_frame(offset, channel, data)
@@ -72,6 +82,9 @@ def encode_msg(
             js = ws_encode(OP_TEXT, text)
         if n_jsz:
             jsz = js if deflater is None else deflater.frame(OP_TEXT, text, js)
+    if n_sse:
+        sse = _sse(offset, json_head, data)
+        return tcp, wsb if n_wsb else None, js if n_js else None, wsbz, jsz, sse
     if n_wsbz or n_jsz:
         return tcp, wsb if n_wsb else None, js if n_js else None, wsbz, jsz
     return tcp, wsb, js
@@ -83,4 +96,6 @@ def encode_msg_one(fmt: int, offset: int, channel: bytes, json_head: bytes, data
         return _msg_frame(offset, channel, data)
     if fmt in (FMT_WS_BINARY, FMT_WS_BINARY_DEFLATE):
         return ws_encode(OP_BINARY, _msg_frame(offset, channel, data))
+    if fmt == FMT_SSE:
+        return _sse(offset, json_head, data)
     return ws_encode(OP_TEXT, _json(offset, json_head, data))

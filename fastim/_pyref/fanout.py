@@ -5,6 +5,7 @@ Reference twin of the fan-out part of ``fastim._core``.
 
 from __future__ import annotations
 
+from .formats import FMT_SSE as FMT_SSE
 from .formats import FMT_TCP as FMT_TCP
 from .formats import FMT_WS_BINARY as FMT_WS_BINARY
 from .formats import FMT_WS_BINARY_DEFLATE as FMT_WS_BINARY_DEFLATE

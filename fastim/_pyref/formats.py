@@ -7,4 +7,5 @@ FMT_WS_BINARY = 1  # fastim frame inside a WebSocket binary frame
 FMT_WS_JSON = 2  # JSON message inside a WebSocket text frame
 FMT_WS_BINARY_DEFLATE = 3  # FMT_WS_BINARY, compressed (permessage-deflate) when it pays
 FMT_WS_JSON_DEFLATE = 4  # FMT_WS_JSON, compressed when it pays
-N_FORMATS = 5
+FMT_SSE = 5  # JSON message as a Server-Sent Event (SSE and HTTP streaming)
+N_FORMATS = 6

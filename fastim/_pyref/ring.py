@@ -40,6 +40,9 @@ class OutRing:
         self.cap = cap
         self.transport = transport
         self.on_overflow = on_overflow
+        #: None, or called by a flush before it writes this ring (an SSE connection's
+        #: event id, which must follow the messages it covers, in the same write)
+        self.on_flush: Callable[[], object] | None = None
         self._flusher = flusher
         self._data = bytearray()
         self._dirty = False
@@ -167,6 +170,15 @@ class Flusher:
         self._scheduled = False
         writes = 0
         for ring in rings:
+            if (
+                ring.on_flush is not None
+                and len(ring._data)
+                and not (ring.closed or ring.overflowed or ring.paused)
+            ):
+                try:  # still dirty: what it appends leaves in this write
+                    ring.on_flush()
+                except Exception:
+                    log.exception("on_flush callback failed")
             ring._dirty = False
             if ring.closed:
                 continue

@@ -16,6 +16,10 @@
 #   JSON               {"op":"msg","ch":<channel as JSON>,"off":<offset>,"data":<data>}
 #                      (``json_head`` is everything up to the offset, per channel)
 #   WebSocket text     RFC 6455 header (FIN, opcode 1, unmasked), the JSON
+#   SSE                ``data: `` + the JSON + ``\n\n`` (one Server-Sent Event; the HTTP
+#                      streaming fallback uses the same framing), the data's raw CR and LF
+#                      bytes (JSON whitespace, never inside a string) turned into spaces:
+#                      a line break would end the ``data:`` field
 
 cdef enum:
     _FT_MSG = 0x23        # FrameType.MSG (fastim/protocol.py; tests/core/test_encode.py checks)
@@ -126,6 +130,31 @@ cdef bytes _msg_ws_json(uint64_t offset, bytes json_head, const char* d, Py_ssiz
     return out
 
 
+cdef const char* _SSE_HEAD = b"data: "
+cdef Py_ssize_t _SSE_HEAD_LEN = 6
+
+
+cdef bytes _msg_sse(uint64_t offset, bytes json_head, const char* d, Py_ssize_t dn):
+    """The JSON message as one SSE event: ``data: <json>\\n\\n``."""
+    cdef int digits = _dec_len(offset)
+    cdef Py_ssize_t headn = PyBytes_GET_SIZE(json_head)
+    cdef Py_ssize_t tlen = _json_len(offset, json_head, dn)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, _SSE_HEAD_LEN + tlen + 2)
+    cdef uint8_t* o = <uint8_t*>PyBytes_AS_STRING(out)
+    cdef uint8_t* p
+    cdef Py_ssize_t i
+    memcpy(o, _SSE_HEAD, _SSE_HEAD_LEN)
+    o += _SSE_HEAD_LEN
+    _put_json(o, PyBytes_AS_STRING(json_head), headn, offset, digits, d, dn)
+    p = o + headn + digits + _JSON_DATA_LEN
+    for i in range(dn):
+        if p[i] == 0x0A or p[i] == 0x0D:
+            p[i] = 0x20
+    o[tlen] = 0x0A
+    o[tlen + 1] = 0x0A
+    return out
+
+
 def encode_msg(SubscriberSet subs not None, uint64_t offset, bytes channel not None,
                bytes json_head not None, data, deflater=None):
     cdef Py_buffer view
@@ -136,10 +165,12 @@ def encode_msg(SubscriberSet subs not None, uint64_t offset, bytes channel not N
     cdef Py_ssize_t n_js = subs.counts[WF_WS_JSON]
     cdef Py_ssize_t n_wsbz = subs.counts[WF_WS_BINARY_DEFLATE]
     cdef Py_ssize_t n_jsz = subs.counts[WF_WS_JSON_DEFLATE]
+    cdef Py_ssize_t n_sse = subs.counts[WF_SSE]
     cdef bint plain_z = deflater is None   # deflate formats take the plain frames
     cdef bytes frame = None
     cdef bytes wsb = None
     cdef bytes js = None
+    cdef bytes sse = None
     wsbz = jsz = None
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     try:
@@ -151,9 +182,11 @@ def encode_msg(SubscriberSet subs not None, uint64_t offset, bytes channel not N
             wsb = _msg_ws_binary(offset, channel, d, dn, frame)
         if n_js or n_jsz:
             js = _msg_ws_json(offset, json_head, d, dn)
+        if n_sse:
+            sse = _msg_sse(offset, json_head, d, dn)
     finally:
         PyBuffer_Release(&view)
-    if not (n_wsbz or n_jsz):
+    if not (n_wsbz or n_jsz or n_sse):
         return frame if n_tcp else None, wsb, js
     if n_wsbz:
         # the deflater compresses the fastim frame once for every such subscriber, or
@@ -165,6 +198,9 @@ def encode_msg(SubscriberSet subs not None, uint64_t offset, bytes channel not N
         jsz = js if plain_z else deflater.frame(
             OP_TEXT, memoryview(js)[PyBytes_GET_SIZE(js) - _json_len(offset, json_head, dn):],
             js)
+    if n_sse:
+        return (frame if n_tcp else None, wsb if n_wsb else None, js if n_js else None, wsbz,
+                jsz, sse)
     return frame if n_tcp else None, wsb if n_wsb else None, js if n_js else None, wsbz, jsz
 
 
@@ -177,6 +213,8 @@ def encode_msg_one(int fmt, uint64_t offset, bytes channel not None, bytes json_
             return _msg_tcp(offset, channel, <const char*>view.buf, view.len)
         if fmt == WF_WS_BINARY or fmt == WF_WS_BINARY_DEFLATE:
             return _msg_ws_binary(offset, channel, <const char*>view.buf, view.len, None)
+        if fmt == WF_SSE:
+            return _msg_sse(offset, json_head, <const char*>view.buf, view.len)
         return _msg_ws_json(offset, json_head, <const char*>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)

@@ -6,6 +6,7 @@ FMT_WS_BINARY = WF_WS_BINARY
 FMT_WS_JSON = WF_WS_JSON
 FMT_WS_BINARY_DEFLATE = WF_WS_BINARY_DEFLATE
 FMT_WS_JSON_DEFLATE = WF_WS_JSON_DEFLATE
+FMT_SSE = WF_SSE
 N_FORMATS = N_FMT
 
 DEFAULT_RING_CAP = 4 * 1024 * 1024
@@ -141,6 +142,14 @@ cdef class Flusher:
         self.dirty = []
         self.scheduled = False
         for ring in batch:
+            if ring.on_flush is not None and ring.size and not (
+                    ring._closed or ring._overflowed or ring._paused):
+                # still dirty: what the callback appends (an SSE connection's event id,
+                # which must follow the messages it covers) leaves in this same write
+                try:
+                    ring.on_flush()
+                except BaseException:
+                    _log.exception("fastim: on_flush callback failed")
             ring._dirty = False
             if ring._closed:
                 continue
@@ -201,6 +210,7 @@ cdef class OutRing:
         self._fmt = fmt
         self.cap = cap
         self.on_overflow = on_overflow
+        self.on_flush = None
         self.fd = -1
 
     def __dealloc__(self):

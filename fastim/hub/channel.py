@@ -110,4 +110,4 @@ def encode_event(body: bytes) -> tuple[bytes, ...]:
     frame = _core.encode_frame(_EVENT, body)
     wsb = _core.ws_encode(_OP_BINARY, frame)
     js = _core.ws_encode(_OP_TEXT, body)
-    return frame, wsb, js, wsb, js
+    return frame, wsb, js, wsb, js, b"data: " + body + b"\n\n"  # body: orjson, one line

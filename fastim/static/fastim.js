@@ -126,6 +126,16 @@ export const ErrorCode = Object.freeze({
  * @property {WebSocketClass} [WebSocket]  the WebSocket class to connect with; default:
  *     the global one (browsers, Deno, Bun, Node 22+ or Node 20 with
  *     --experimental-websocket); elsewhere pass one, e.g. the `ws` package's
+ * @property {Transport[]} [transports]  what to connect with, in order of preference
+ *     (default ["websocket", "http_stream", "sse"]): one that cannot connect (blocked
+ *     WebSocket, a proxy that drops upgrades or buffers streams) is followed by the
+ *     next at once; each reconnect starts again with the first. Those the runtime
+ *     lacks (no WebSocket, fetch or EventSource) are left out.
+ * @property {(transport: Transport) => void} [onTransport]  called with the transport
+ *     of each new connection whose transport differs from the last one's
+ *     (also `client.transport`)
+ *
+ * @typedef {"websocket" | "http_stream" | "sse"} Transport
  *
  * @typedef {new (url: string, protocols?: string | string[]) => WebSocket} WebSocketClass
  */
@@ -349,6 +359,175 @@ export class Subscription {
   }
 }
 
+/** Commands per POST at most (the node takes 256: fastim/transport/sse.py). */
+const POST_BATCH = 200;
+
+/**
+ * A node's stream (docs/transports.md) behind the few WebSocket members the client
+ * uses (send, close, onopen, onmessage, onclose, onerror), so every other part of the
+ * client is the same on each transport. Events arrive as Server-Sent Events, read by
+ * `fetch` ("http_stream") or `EventSource` ("sse"); commands go out as POSTs of JSON
+ * lines to `<stream>/<sid>`, one POST at a time so they keep their order.
+ */
+class StreamSocket {
+  /** @param {string} url  http(s) URL of /stream or /sse  @param {Transport} kind */
+  constructor(url, kind) {
+    this.url = url;
+    this.kind = kind;
+    this.readyState = 0;
+    /** @type {any} */ this.onopen = null;
+    /** @type {any} */ this.onmessage = null;
+    /** @type {any} */ this.onclose = null;
+    /** @type {any} */ this.onerror = null;
+    /** @type {string|null} */ this._post = null;
+    /** @type {string[]} */ this._out = [];
+    this._posting = false;
+    this._ended = false;
+    /** the node could not be reached at all (fetch failed): no transport would be */
+    this.unreachable = false;
+    /** @type {EventSource|null} */ this._es = null;
+    this._abort = typeof AbortController === "function" ? new AbortController() : null;
+    setTimeout(() => (kind === "sse" ? this._startSse() : this._startFetch()), 0);
+  }
+
+  async _startFetch() {
+    let res;
+    try {
+      res = await fetch(this.url, {
+        method: "POST",
+        credentials: "include",
+        signal: this._abort ? this._abort.signal : undefined,
+      });
+    } catch (e) {
+      this.unreachable = true;
+      this._fail(1006, `could not connect: ${e}`);
+      return;
+    }
+    if (!res.ok || !res.body) {
+      this._fail(1006, `HTTP ${res.status} from ${this.kind}`);
+      return;
+    }
+    const reader = res.body.getReader();
+    const dec = new TextDecoder();
+    let buf = "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done || this._ended) break;
+        buf += dec.decode(value, { stream: true });
+        let i;
+        while ((i = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          /** @type {string|null} */
+          let data = null;
+          for (const line of block.split("\n")) {
+            if (!line.startsWith("data:")) continue; // comments (": ping"), id, retry
+            const v = line.slice(line[5] === " " ? 6 : 5);
+            data = data === null ? v : `${data}\n${v}`;
+          }
+          if (data !== null) this._data(data);
+          if (this._ended) return;
+        }
+      }
+    } catch {
+      /* aborted, or the connection broke */
+    }
+    this._fail(1006, "stream ended");
+  }
+
+  _startSse() {
+    let es;
+    try {
+      es = new EventSource(this.url, { withCredentials: true });
+    } catch (e) {
+      this._fail(1006, `could not connect: ${e}`);
+      return;
+    }
+    this._es = es;
+    es.onmessage = (ev) => this._data(ev.data);
+    // EventSource would reconnect by itself: the client does (backoff, other nodes,
+    // resubscribing with since), so the first error ends this stream
+    es.onerror = () => this._fail(1006, this.readyState ? "stream lost" : "could not connect");
+  }
+
+  /** @param {string} text  one event's data: a JSON object */
+  _data(text) {
+    if (this.readyState === 0) {
+      let obj = null;
+      try {
+        obj = JSON.parse(text);
+      } catch {
+        /* not ours */
+      }
+      if (!obj || obj.op !== "session") {
+        this._fail(1002, "the stream did not start with its session");
+        return;
+      }
+      this._post = new URL(`${this.kind === "sse" ? "sse" : "stream"}/${obj.sid}`, this.url).href;
+      this.readyState = 1;
+      if (this.onopen) this.onopen({});
+      this._pump();
+      return;
+    }
+    if (text.startsWith('{"op":"close"')) {
+      const obj = JSON.parse(text);
+      this._fail(obj.code, obj.reason);
+      return;
+    }
+    if (this.onmessage) this.onmessage({ data: text });
+  }
+
+  /** @param {string} text  one JSON command */
+  send(text) {
+    if (this.readyState > 1) return;
+    this._out.push(text);
+    this._pump();
+  }
+
+  async _pump() {
+    if (this._posting || this.readyState !== 1 || !this._out.length || !this._post) return;
+    this._posting = true;
+    const batch = this._out.splice(0, POST_BATCH);
+    try {
+      const r = await fetch(this._post, { method: "POST", body: batch.join("\n"), credentials: "include" });
+      if (!r.ok) this._fail(1006, r.status === 404 ? "the node closed the stream" : `POST: HTTP ${r.status}`);
+    } catch (e) {
+      this._fail(1006, `POST failed: ${e}`);
+    }
+    this._posting = false;
+    this._pump();
+  }
+
+  close() {
+    if (this._ended) return;
+    this._ended = true;
+    this.readyState = 3;
+    if (this._abort) this._abort.abort();
+    if (this._es) this._es.close();
+  }
+
+  /** @param {number} code  @param {string} reason */
+  _fail(code, reason) {
+    if (this._ended) return;
+    const opened = this.readyState === 1;
+    this.close();
+    if (!opened && this.onerror) this.onerror({}); // an attempt that never opened
+    if (this.onclose) this.onclose({ code, reason });
+  }
+}
+
+/**
+ * The /stream or /sse URL next to a node's WebSocket URL (ws→http, wss→https; a path
+ * under a prefix keeps it: /app/ws → /app/stream).
+ * @param {string} wsUrl  @param {Transport} kind
+ */
+export function streamUrl(wsUrl, kind) {
+  const u = new URL(kind === "sse" ? "sse" : "stream", wsUrl);
+  u.protocol = u.protocol === "wss:" || u.protocol === "https:" ? "https:" : "http:";
+  return u.href;
+}
+
 /**
  * A fastim connection that reconnects by itself. Create it with {@link connect}.
  */
@@ -361,7 +540,22 @@ export class Client {
     if (!this.urls.length) throw new TypeError("connect: no url");
     /** @type {WebSocketClass} */
     this._WebSocket = opts.WebSocket ?? globalThis.WebSocket;
-    if (typeof this._WebSocket !== "function") {
+    const has = {
+      websocket: typeof this._WebSocket === "function",
+      http_stream: typeof globalThis.fetch === "function" && typeof TextDecoder === "function",
+      sse: typeof globalThis.EventSource === "function" && typeof globalThis.fetch === "function",
+    };
+    /** @type {Transport[]} the transports to try, in order (those this runtime has) */
+    this.transports = (opts.transports ?? ["websocket", "http_stream", "sse"]).filter(
+      (t) => has[t],
+    );
+    /** @type {Transport|null} the transport of the current (or last) connection */
+    this.transport = null;
+    this.onTransport = opts.onTransport ?? null;
+    this._tIndex = 0;
+    /** attempts made in this round of transports (a round that all fail backs off) */
+    this._tTried = 0;
+    if (!this.transports.length) {
       throw new TypeError(
         "no WebSocket implementation: pass one as the WebSocket option, " +
           "connect({url, WebSocket: Impl}) (e.g. the ws package's), " +
@@ -669,9 +863,13 @@ export class Client {
       if (Object.keys(positions).length) u.searchParams.set("subs", JSON.stringify(positions));
       target = u.href;
     }
+    const kind = this.transports[this._tIndex];
+    /** @type {any} */
     let ws;
     try {
-      ws = new this._WebSocket(target, "fastim.json");
+      if (kind === "websocket") ws = new this._WebSocket(target, "fastim.json");
+      else ws = new StreamSocket(streamUrl(target, kind) + new URL(target).search, kind);
+      ws.kind = kind;
     } catch (e) {
       // a malformed URL: retrying cannot help
       this._giveUp(new ConnectionClosed(1002, `bad url ${url}: ${e}`));
@@ -701,7 +899,8 @@ export class Client {
       } catch {
         /* closing */
       }
-      this._retry(new ConnectionClosed(4000, `no welcome within ${this.requestTimeout} ms`));
+      const why = new ConnectionClosed(4000, `no welcome within ${this.requestTimeout} ms`);
+      if (!this._nextTransport()) this._retry(why); // a proxy that holds streams back
     }, this.requestTimeout);
   }
 
@@ -739,6 +938,17 @@ export class Client {
     }
     if (this._everWelcomed) this.reconnects += 1;
     this._everWelcomed = true;
+    const kind = /** @type {any} */ (ws).kind;
+    // the next connection starts with the preferred transport again: a fallback taken
+    // while the node was restarting (its WebSocket refused a moment before its stream
+    // was accepted) must not stick; behind a proxy that blocks WebSocket that costs
+    // one quickly refused attempt per reconnect
+    this._tTried = 0;
+    this._tIndex = 0;
+    if (kind !== this.transport) {
+      this.transport = kind;
+      this._callback(this.onTransport, kind);
+    }
     this._connected = true;
     this.backoff.reset();
     for (const sub of this.subscriptions.values()) {
@@ -762,7 +972,34 @@ export class Client {
     } catch {
       /* closed already */
     }
-    this._retry(new ConnectionClosed(1006, "could not connect"));
+    // a stream that could not reach the node at all (a network error, not an HTTP
+    // answer): the next transport would not either; back off (and, once the node is
+    // back, do not land on a later transport than the proxy needs)
+    const down = /** @type {any} */ (ws).unreachable === true;
+    if (down) {
+      this._tTried = 0;
+      this._tIndex = 0;
+    }
+    if (down || !this._nextTransport()) {
+      this._retry(new ConnectionClosed(1006, "could not connect"));
+    }
+  }
+
+  /**
+   * The current transport could not connect: try the next one now, on the same node
+   * (true), unless every transport failed in this round (false: back off, as before).
+   */
+  _nextTransport() {
+    this._tTried += 1;
+    this._tIndex = (this._tIndex + 1) % this.transports.length;
+    if (this._tTried >= this.transports.length) {
+      this._tTried = 0;
+      this._tIndex = 0; // the next round starts with the preferred one again
+      return false;
+    }
+    if (this._closing || this._suspended) return true;
+    this._open(this.urls[this._urlIndex]);
+    return true;
   }
 
   /** @param {WebSocket} ws  @param {number} code  @param {string} reason */

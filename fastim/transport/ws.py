@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import TYPE_CHECKING
 
 import httptools
 import orjson
@@ -42,6 +43,9 @@ from .handshake import (
 )
 from .host import TransportHost
 from .origin import refuse_cross_origin
+
+if TYPE_CHECKING:
+    from .sse import StreamState
 
 #: pages answered after the node's workers were asked (``/metrics`` of several workers)
 _pages = Background("http pages")
@@ -103,6 +107,7 @@ class WsSession(Session):
         "parser",
         "reject",
         "request_done",
+        "stream",
         "url",
     )
 
@@ -132,6 +137,8 @@ class WsSession(Session):
         #: refused by a per-address limit (status, reason, address), answered once the
         #: request head shows it is not a probe (PROBE_PATHS)
         self.limited: tuple[int, str, str] | None = None
+        #: an SSE or HTTP-streaming connection's own state (fastim/transport/sse.py)
+        self.stream: StreamState | None = None
 
     # ------------------------------------------------------------------ httptools callbacks
 
@@ -342,6 +349,8 @@ class WsSession(Session):
                 _pages.run(send())
         elif path.startswith(b"/api/"):
             self.node.api.handle(self, method, path)
+        elif path.startswith((b"/sse", b"/stream")) and _stream_route(self, path):
+            pass  # Server-Sent Events, HTTP streaming and its commands (transport/sse.py)
         elif static.serve(self, method, path):
             pass  # /fastim.js, /demo/ (fastim/transport/static.py)
         else:
@@ -624,6 +633,13 @@ class WsSession(Session):
             self.close(err.ws_close_code, err.reason[:100])
             return
         super().fail(err, req_id)
+
+
+def _stream_route(session: WsSession, path: bytes) -> bool:
+    # imported here: sse.py builds on this module (EventStream subclasses WsSession)
+    from .sse import stream_route
+
+    return stream_route(session, path)
 
 
 def _nothing() -> None:

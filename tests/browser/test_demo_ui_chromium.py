@@ -187,7 +187,8 @@ def test_room_message_sent_offline_shows_pending_then_sent_or_failed(
     assert "not sent" in d.execute_script(f"return {lost}[0].textContent")
     assert not d.execute_script(f"return {lost}[0].classList.contains('pending')")
     # Chromium logs each refused reconnect while the node was down; nothing else
-    refused = "Error in connection establishment: net::ERR_CONNECTION_REFUSED"
+    # the attempts while the node was down: WebSocket, then the fallbacks (/stream, /sse)
+    refused = "net::ERR_CONNECTION_REFUSED"
     assert [e for e in console_errors(d) if refused not in e] == []
 
 

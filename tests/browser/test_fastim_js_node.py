@@ -45,7 +45,9 @@ const opts = {
   onState: (state, info) => out({state, code: info.code ?? null, reason: info.reason ?? null}),
   onError: (e) => out({error: String(e)}),
 };
-if (how === "none") delete globalThis.WebSocket;  // Node 22+ has one unless told not to
+if (how === "none" || how === "ws-only") delete globalThis.WebSocket;  // Node 22+ has one
+if (how === "ws-only") opts.transports = ["websocket"];
+opts.onTransport = (t) => out({transport: t});
 if (how === "option") {
   opts.WebSocket = class extends globalThis.WebSocket {
     constructor(...args) { super(...args); made += 1; }
@@ -65,7 +67,7 @@ try {
   await sub.ready;
   const off = await client.publish("node-feed", {from: "node"});
   while (!got.length) await new Promise((r) => setTimeout(r, 20));
-  out({done: true, off, got, made, node: client.welcome.node});
+  out({done: true, off, got, made, node: client.welcome.node, transport: client.transport});
 } catch (e) {
   out({failed: String(e)});
 }
@@ -172,10 +174,23 @@ def test_node_retries_a_closed_port_quickly_then_connects(
     assert s.proc.wait(timeout=WAIT) == 0
 
 
+def test_node_without_websocket_streams_over_http(node_script: Any, node_process: Any) -> None:
+    """Without a WebSocket the client connects with the next transport it has: HTTP
+    streaming over fetch (Node has no EventSource), and says so (docs/transports.md)."""
+    port = free_port()
+    node_process("--ws-port", str(port))
+    s = node_script(f"ws://127.0.0.1:{port}/ws", "none")
+    done = s.until(lambda o: isinstance(o, dict) and ("done" in o or "failed" in o), "done")
+    assert done.get("done"), s.seen
+    assert done["transport"] == "http_stream" and done["got"] == [[1, {"from": "node"}]]
+    assert {"transport": "http_stream"} in s.seen
+    assert s.proc.wait(timeout=WAIT) == 0
+
+
 def test_node_without_websocket_says_so(node_script: Any) -> None:
-    """Node 20 without --experimental-websocket has no WebSocket: connect() says what
-    is missing and how to give one, instead of a 'bad url ...: ReferenceError'."""
-    s = node_script(f"ws://127.0.0.1:{free_port()}/ws", "none")
+    """Node 20 without --experimental-websocket, told to use WebSocket only: connect()
+    says what is missing and how to give one, not a 'bad url ...: ReferenceError'."""
+    s = node_script(f"ws://127.0.0.1:{free_port()}/ws", "ws-only")
     obj = s.until(lambda o: isinstance(o, dict), "the failure")
     assert obj.get("thrown") == "TypeError", s.seen
     assert obj["message"].startswith("no WebSocket implementation: pass one"), obj

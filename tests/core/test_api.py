@@ -22,7 +22,8 @@ def test_same_constants(core: ModuleType, ref: ModuleType) -> None:
 def test_pyref_exports_what_the_stub_declares() -> None:
     declared = {
         "HEADER_SIZE", "DEFAULT_MAX_FRAME", "FMT_TCP", "FMT_WS_BINARY", "FMT_WS_JSON",
-        "FMT_WS_BINARY_DEFLATE", "FMT_WS_JSON_DEFLATE", "N_FORMATS", "OP_CONT", "OP_TEXT",
+        "FMT_WS_BINARY_DEFLATE", "FMT_WS_JSON_DEFLATE", "FMT_SSE", "N_FORMATS", "OP_CONT",
+        "OP_TEXT",
         "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG", "OP_COMPRESSED", "crc32",
         "encode_frame", "FrameDecoder", "utf8_valid", "ws_encode", "ws_inflate",
         "ws_close_payload", "ws_parse_close", "WSParser", "OutRing", "Flusher",

@@ -35,7 +35,7 @@ def old_encode(
 ) -> tuple[bytes | None, ...]:
     """Channel.encode before P9 (fastim/hub.py), on the compiled primitives."""
     name_b = name.encode()
-    n_tcp, n_wsb, n_js, n_wsbz, n_jsz = counts
+    n_tcp, n_wsb, n_js, n_wsbz, n_jsz, n_sse = counts
     tcp = wsb = wsbz = js = jsz = None
     if n_tcp or n_wsb or n_wsbz:
         frame = _core.encode_frame(0x23, _OFF_CH.pack(offset, len(name_b)) + name_b + data)
@@ -51,6 +51,9 @@ def old_encode(
             js = _core.ws_encode(_core.OP_TEXT, text)
         if n_jsz:
             jsz = js if deflater is None else deflater.frame(_core.OP_TEXT, text, js)
+    if n_sse:  # P12: SSE connections (the JSON as one event, built the old way)
+        sse = old_encode_one(_core.FMT_SSE, name, offset, data)
+        return tcp, wsb if n_wsb else None, js if n_js else None, wsbz, jsz, sse
     if n_wsbz or n_jsz:
         return tcp, wsb if n_wsb else None, js if n_js else None, wsbz, jsz
     return tcp, wsb, js
@@ -64,6 +67,8 @@ def old_encode_one(fmt: int, name: str, offset: int, data: bytes) -> bytes:
     if fmt in (_core.FMT_WS_BINARY, _core.FMT_WS_BINARY_DEFLATE):
         return _core.ws_encode(_core.OP_BINARY, frame)
     text = b"".join((json_head(name), str(offset).encode(), b',"data":', data, b"}"))
+    if fmt == _core.FMT_SSE:  # one Server-Sent Event; raw line breaks as spaces
+        return b"data: " + text.replace(b"\r", b" ").replace(b"\n", b" ") + b"\n\n"
     return _core.ws_encode(_core.OP_TEXT, text)
 
 
@@ -87,7 +92,7 @@ datas = st.one_of(
     st.integers(60, 140).map(lambda n: b"x" * n),
     st.integers(65400, 65600).map(lambda n: b'"' + b"y" * n + b'"'),
 )
-mixes = st.lists(st.integers(0, 2), min_size=5, max_size=5)
+mixes = st.lists(st.integers(0, 2), min_size=6, max_size=6)
 
 
 def test_msg_frame_type_is_the_protocols(impl: ModuleType) -> None:
@@ -127,7 +132,7 @@ def test_compiled_and_reference_agree(
 
 
 @SLOW
-@given(name=channels, offset=offsets, data=datas, fmt=st.integers(0, 5))
+@given(name=channels, offset=offsets, data=datas, fmt=st.integers(0, 6))
 def test_encode_msg_one_equals_the_old_python_path(
     name: str, offset: int, data: bytes, fmt: int
 ) -> None:
@@ -190,3 +195,18 @@ def test_a_channel_name_longer_than_a_msg_frame_holds_is_refused() -> None:
         subscribers(_core, [0, 0, 1, 0, 0]), 1, name, json_head("n" * 256), b"1"
     )
     assert js is not None
+
+
+def test_sse_event_vector(impl: ModuleType) -> None:
+    """FMT_SSE: ``data: <the WebSocket JSON>`` and a blank line; raw line breaks of the
+    data (JSON whitespace) become spaces, so the event stays one ``data:`` line."""
+    subs = subscribers(impl, [0, 0, 1, 0, 0, 1])
+    frames = impl.encode_msg(subs, 7, b"room", json_head("room"), b'{"a":\r\n 1}')
+    assert len(frames) == 6
+    assert frames[impl.FMT_SSE] == b'data: {"op":"msg","ch":"room","off":7,"data":{"a":   1}}\n\n'
+    assert frames[impl.FMT_WS_JSON].endswith(b'"data":{"a":\r\n 1}}')  # untouched there
+    one = impl.encode_msg_one(impl.FMT_SSE, 7, b"room", json_head("room"), b"[1]")
+    assert one == b'data: {"op":"msg","ch":"room","off":7,"data":[1]}\n\n'
+    assert impl.encode_msg(subscribers(impl, [1, 0, 1, 0, 0, 0]), 1, b"r", json_head("r"), b"1")[
+        impl.FMT_TCP
+    ]  # no SSE subscriber: the three-entry tuple as before

@@ -32,12 +32,12 @@ class Scheduler:
 
 
 def test_formats(impl: ModuleType) -> None:
-    assert (impl.FMT_TCP, impl.FMT_WS_BINARY, impl.FMT_WS_JSON, impl.N_FORMATS) == (0, 1, 2, 5)
-    assert (impl.FMT_WS_BINARY_DEFLATE, impl.FMT_WS_JSON_DEFLATE) == (3, 4)
+    assert (impl.FMT_TCP, impl.FMT_WS_BINARY, impl.FMT_WS_JSON, impl.N_FORMATS) == (0, 1, 2, 6)
+    assert (impl.FMT_WS_BINARY_DEFLATE, impl.FMT_WS_JSON_DEFLATE, impl.FMT_SSE) == (3, 4, 5)
 
 
 def test_fanout_covers_the_deflate_formats(impl: ModuleType) -> None:
-    """Five formats: a ring takes frames[fmt]; short tuples mean None for the rest."""
+    """Six formats: a ring takes frames[fmt]; short tuples mean None for the rest."""
     flusher = impl.Flusher()
     subs = impl.SubscriberSet()
     rings = [impl.OutRing(flusher, Sink(), fmt=f) for f in range(impl.N_FORMATS) for _ in "ab"]
@@ -45,13 +45,13 @@ def test_fanout_covers_the_deflate_formats(impl: ModuleType) -> None:
         subs.add(r)
     assert [subs.count(f) for f in range(impl.N_FORMATS)] == [2] * impl.N_FORMATS
     assert subs.count(impl.N_FORMATS) == 0
-    frames = (b"t", b"b", b"j", b"bz", b"jz")
-    assert subs.fanout(frames) == 10
+    frames = (b"t", b"b", b"j", b"bz", b"jz", b"sse")
+    assert subs.fanout(frames) == 12
     assert [r.take() for r in rings] == [f for f in frames for _ in "ab"]
     assert subs.fanout((b"t", None, b"j")) == 4  # the deflate formats get nothing
-    assert [r.take() for r in rings] == [b"t", b"t", b"", b"", b"j", b"j", b"", b"", b"", b""]
+    assert [r.take() for r in rings] == [b"t", b"t", b"", b"", b"j", b"j"] + [b""] * 6
     assert subs.fanout((None, None, None, None, b"jz")) == 2
-    assert [len(r) for r in rings] == [0] * 8 + [2, 2]
+    assert [len(r) for r in rings] == [0] * 8 + [2, 2, 0, 0]
 
 
 def test_add_remove_contains_count(impl: ModuleType) -> None:

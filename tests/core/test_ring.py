@@ -368,7 +368,7 @@ def test_transport_write_errors_are_logged_and_do_not_stop_the_flush(
     assert any(r.exc_info for r in caplog.records)
 
 
-@pytest.mark.parametrize("fmt", [-1, 5, 1000])
+@pytest.mark.parametrize("fmt", [-1, 6, 1000])
 def test_fmt_out_of_range_is_refused(impl: ModuleType, fmt: int) -> None:
     with pytest.raises(ValueError):
         impl.OutRing(None, Sink(), fmt=fmt)
@@ -694,3 +694,23 @@ def test_history_matches_a_list_model(
             assert h.since(offset) is None
         else:
             assert h.since(offset) == [(o, f"m{o}") for o in kept if o > offset]
+
+
+def test_on_flush_appends_into_the_same_write(impl: ModuleType) -> None:
+    """on_flush runs while the ring is still dirty: its bytes leave in the same write,
+    after what was queued (an SSE connection's event id follows its messages)."""
+    flusher = impl.Flusher()
+    sink = Sink()
+    ring = impl.OutRing(flusher, sink)
+    calls: list[int] = []
+
+    def tail() -> None:
+        calls.append(1)
+        ring.append(b"|id")
+
+    ring.on_flush = tail
+    ring.append(b"msg")
+    assert flusher.flush() == 1
+    assert b"".join(sink.writes) == b"msg|id"
+    assert calls == [1] and not ring.dirty and flusher.pending == 0
+    assert flusher.flush() == 0 and calls == [1]  # nothing queued: not called
