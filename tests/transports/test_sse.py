@@ -295,3 +295,23 @@ async def test_streams_are_dropped_on_close(node: Any, path: str) -> None:
             break
         await asyncio.sleep(0.02)
     assert sse.streams_open() == before
+
+
+async def test_a_delta_subscriber_on_a_stream_gets_full_messages(node_factory: Any) -> None:
+    """Deltas have no SSE form: a stream that asks for them on a delta namespace gets
+    every message whole (the core's fan-out falls back to the full frame), the same
+    documents as a WebSocket delta subscriber."""
+    node = await node_factory(namespaces={"doc": {"delta": "fossil"}})
+    port = node.ws_port
+    s = await request(port, "POST", "/stream")
+    sid = (await s.data())["sid"]
+    sub = {"op": "sub", "ch": "doc:1", "id": 2, "delta": "fossil"}
+    assert await post(port, sid, {"op": "hello", "id": 1}, sub) == 204
+    assert [(await s.data())["op"] for _ in "ab"] == ["welcome", "subscribed"]
+    docs = [{"title": "t", "body": "x" * 400 + str(i)} for i in range(4)]
+    async with await connect(f"ws://127.0.0.1:{port}/ws") as c:
+        for d in docs:
+            await c.publish("doc:1", d)
+    got = [await s.until("msg") for _ in docs]
+    assert [m["data"] for m in got] == docs and not any(m.get("delta") for m in got)
+    await s.close()
