@@ -11,7 +11,9 @@ an entry acked while the store was down.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import urllib.request
 import zlib
 from collections.abc import Callable
@@ -225,8 +227,7 @@ async def test_kill9_mid_batch_pending_taken_over_by_another_consumer(
     args = ("--ingest-redis-stream", "jobs", "--redis-url", redis_server.url,
             "--ingest-claim-idle", "2", "--ingest-batch", "50",
             "--history-size", "5000")  # fmt: skip
-    # node a reads 10 at a time (many round trips: the kill lands mid-stream)
-    a = nodes(*args, "--ingest-consumer", "a", "--ingest-batch", "10")
+    a = nodes(*args, "--ingest-consumer", "a")
     await a.astart()
     r: Any = aioredis.from_url(redis_server.url)
     n = 4000
@@ -238,13 +239,19 @@ async def test_kill9_mid_batch_pending_taken_over_by_another_consumer(
             f = {"channel": "work", "data": orjson.dumps({"i": i}), "key": f"k{i}"}
         pipe.xadd("jobs", f)
     await pipe.execute()
-    # kill it once it is under way: entries read (often some of them not acked yet: a
-    # batch in flight) and most of the stream still ahead, whatever the machine's load
+    # kill it with a batch in flight (read, not acked): frozen (SIGSTOP) until the
+    # stream shows entries pending, thawed and frozen again if it was between batches
     await _wait(lambda: _read_at_least(r, 100), 30, "node a started on the stream")
-    info = (await r.xinfo_groups("jobs"))[0]
-    left_at_kill = int(info["lag"] or 0) + int(info["pending"])
+    assert a.proc is not None
+    for _ in range(200):
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        if await _pending(r, "jobs") > 0:
+            break
+        os.kill(a.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.005)
+    else:
+        raise AssertionError("node a never had a batch in flight when frozen")
     await a.akill()
-    assert left_at_kill > 0, "node a read the whole stream before the kill: nothing to take"
     b = nodes(*args, "--ingest-consumer", "b")
     b.tcp_port, b.ws_port = a.tcp_port, a.ws_port  # the same node, in its clients' eyes
     await b.astart()
