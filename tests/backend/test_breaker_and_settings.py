@@ -3,6 +3,8 @@ validation (each bad value named, a secret never echoed)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fastim.backend.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
@@ -91,3 +93,19 @@ def test_header_settings_never_reach_the_logs() -> None:
     assert redact("events_headers", {"X-Key": "hunter2"}) == "***"
     assert redact("events_secret", "hunter2") == "***"
     assert redact("proxy_http_headers", "Cookie") == "Cookie"  # names only: shown
+
+
+def test_the_config_example_of_docs_proxy_md_is_valid(tmp_path: Path) -> None:
+    """docs/proxy.md's TOML, copied as a reader would, is a configuration the node takes."""
+    import re
+
+    from fastim.config.loading import build
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "proxy.md"
+    [toml] = re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S)
+    path = tmp_path / "fastim.toml"
+    path.write_text(toml)
+    cfg = build(path)
+    assert set(cfg.proxy_urls()) == {"connect", "subscribe", "publish", "rpc"}
+    ticker = cfg.namespace_table().of("ticker:x")
+    assert ticker.proxy_publish is False and ticker.proxy_subscribe is False
