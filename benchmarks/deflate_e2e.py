@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from fastim import _core  # noqa: E402
+from fastim.bench.spawn import wait_listening  # noqa: E402
 
 OP_TEXT = _core.OP_TEXT
 OP_PING = _core.OP_PING
@@ -400,17 +401,8 @@ def start_node(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
         cmd = ["taskset", "-c", str(args.server_cpu), *cmd]
     env = {**os.environ, "PYTHONPATH": str(args.root)}
     proc = subprocess.Popen(cmd, env=env, cwd=args.root)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"node exited with {proc.returncode}") from None
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("node did not start")
+    wait_listening(port, proc, "node", timeout=15)
+    return proc
 
 
 async def run_once(args: argparse.Namespace, deflate: bool) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from benchmarks.deflate_e2e import (  # noqa: E402
     text_frame,
 )
 from fastim import _core  # noqa: E402
+from fastim.bench.spawn import wait_listening  # noqa: E402
 
 CHANNEL = b"doc:bench"
 CONFIG = '[namespaces.doc]\ndelta = "fossil"\nhistory_size = 16\n'
@@ -191,19 +192,8 @@ def start_node(args: argparse.Namespace, port: int, config: Path) -> subprocess.
         cmd = ["taskset", "-c", str(args.server_cpu), *cmd]
     env = {**os.environ, "PYTHONPATH": str(args.root)}
     proc = subprocess.Popen(cmd, env=env, cwd=config.parent)
-    deadline = time.monotonic() + 15
-    import socket
-
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"node exited with {proc.returncode}") from None
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("node did not start")
+    wait_listening(port, proc, "node", timeout=15)
+    return proc
 
 
 async def run_once(

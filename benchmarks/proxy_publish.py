@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from fastim.bench.spawn import wait_listening
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -58,19 +60,6 @@ def run_backend(port: int) -> None:
         print=None,
         loop=uvloop.new_event_loop(),
     )
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port} after {timeout}s")
 
 
 async def load(tcp_port: int, n: int, conns: int, window: int) -> float:
@@ -115,7 +104,7 @@ def one_round(hook: bool, backend_port: int, args: argparse.Namespace) -> float:
             cmd += ["--proxy-publish-url", f"http://127.0.0.1:{backend_port}/publish"]
         node = subprocess.Popen(cmd, cwd=ROOT)
         try:
-            _wait_port(tcp, node)
+            wait_listening(tcp, node, "the node")
             return asyncio.run(load(tcp, args.n, args.c, args.window))
         finally:
             node.send_signal(signal.SIGTERM)
@@ -134,7 +123,7 @@ def main() -> None:
         [sys.executable, os.path.abspath(__file__), "--backend", str(backend_port)]
     )
     try:
-        _wait_port(backend_port, backend)
+        wait_listening(backend_port, backend, "the backend")
         rates: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(args.rounds):
             for hook in (True, False):

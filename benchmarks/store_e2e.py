@@ -56,6 +56,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 import orjson  # noqa: E402
 
 from fastim import _core, protocol  # noqa: E402
+from fastim.bench.spawn import wait_listening  # noqa: E402
 from fastim.client import connect  # noqa: E402
 from fastim.protocol import FrameType  # noqa: E402
 
@@ -102,20 +103,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"{what} exited with {proc.returncode}") from None
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit(f"{what} did not start")
-
-
 def pinned(cpu: int, cmd: list[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *cmd] if cpu >= 0 else cmd
 
@@ -144,7 +131,7 @@ class Node:
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(self.cmd, env=env, cwd=ROOT)
-        wait_port(self.port, self.proc, "node")
+        wait_listening(self.port, self.proc, "node")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -177,7 +164,7 @@ class Redis:
             ],
         )  # fmt: skip
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL)
-        wait_port(self.port, self.proc, "redis-server")
+        wait_listening(self.port, self.proc, "redis-server")
 
     @property
     def url(self) -> str:

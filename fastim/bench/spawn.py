@@ -30,6 +30,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_listening(
+    port: int, proc: subprocess.Popen[bytes], what: str = "node", timeout: float = 20.0
+) -> None:
+    """Return once something accepts on 127.0.0.1:``port``; SystemExit naming ``what``
+    when ``proc`` exits first or ``timeout`` passes (then ``proc`` is killed). The one
+    wait of the bench and of the benchmarks/ scripts for a process they started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"{what} exited with {proc.returncode}") from None
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"{what} did not start within {timeout:g}s")
+
+
 def spawn_node(
     transport: str,
     core: str | None,
