@@ -113,10 +113,12 @@ cdef class OutRing:
     cdef bint _closed
     cdef bint _overflowed
     cdef int fd                # >= 0: flush writes to this socket itself (see set_fd)
+    cdef unsigned char hint    # log2 of the buffer the last flush emptied (0: none): see _append
 
     cdef inline void _set_dirty(self) noexcept
     cdef Py_ssize_t _send_direct(self) noexcept
     cdef void _consume(self, Py_ssize_t n) noexcept
+    cdef inline void _remember(self) noexcept
     cdef void _release(self) noexcept
     cdef int _append(self, const char* p, Py_ssize_t n) except -1
     cdef bytes _take(self)

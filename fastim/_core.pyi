@@ -215,7 +215,10 @@ class OutRing:
     """A connection's outbound bytes: a ring buffer with a byte cap, drained once per tick.
 
     Memory is allocated on the first append and released when a flush empties the
-    ring, so an idle connection holds no buffer. ``append`` past ``cap`` stores
+    ring, so an idle connection holds no buffer. The first append after that takes a
+    buffer of the size the last flush emptied (from the flusher's pool: a subscriber
+    that got 8 KiB in its last tick starts at 8 KiB, not at 512 bytes doubling with a
+    copy each time). ``append`` past ``cap`` stores
     nothing, sets ``overflowed`` and returns False: the flusher then calls
     ``on_overflow`` (the session closes the slow consumer).
 

@@ -288,6 +288,11 @@ cdef class OutRing:
                 newcap = self.size + n
             if newcap < (1 << POOL_MIN_SHIFT):
                 newcap = 1 << POOL_MIN_SHIFT
+            if self.bufcap == 0 and self.hint and newcap < (<Py_ssize_t>1 << self.hint):
+                # a ring that filled a 16 KiB buffer in the last tick will likely fill
+                # it again: start there instead of at 512 bytes and doubling (each
+                # doubling copies what is pending: half the memcpy of a saturated node)
+                newcap = <Py_ssize_t>1 << self.hint
             pow2 = 1 << POOL_MIN_SHIFT
             while pow2 < newcap:
                 pow2 <<= 1
@@ -336,6 +341,7 @@ cdef class OutRing:
         else:
             memcpy(o, self.buf + self.head, first)
             memcpy(o + first, self.buf, self.size - first)
+        self._remember()
         self._release()  # an idle connection holds no buffer
         self.head = 0
         self.size = 0
@@ -369,9 +375,18 @@ cdef class OutRing:
             if errno != EINTR:
                 return 0
 
+    cdef inline void _remember(self) noexcept:
+        """Before an emptied buffer goes back: note its size class for the next tick
+        (the buffer the pending bytes needed, up to the pool's largest class)."""
+        cdef unsigned char shift = POOL_MIN_SHIFT
+        while shift < POOL_MIN_SHIFT + POOL_CLASSES - 1 and (<Py_ssize_t>1 << shift) < self.size:
+            shift += 1
+        self.hint = shift
+
     cdef void _consume(self, Py_ssize_t n) noexcept:
         """Drop the first ``n`` pending bytes (written); free the buffer when empty."""
         if n >= self.size:
+            self._remember()
             self._release()  # an idle connection holds no buffer
             self.head = 0
             self.size = 0

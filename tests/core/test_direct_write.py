@@ -257,3 +257,32 @@ def test_rings_without_a_flusher_use_malloc() -> None:
     assert r.capacity == 4096
     assert r.take() == b"z" * 3000
     assert r.capacity == 0
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_ring_starts_where_its_last_flush_ended(direct: bool) -> None:
+    """A ring that needed 8 KiB in its last tick takes an 8 KiB buffer at its next first
+    append (no growing from 512 bytes, copying at each doubling: P10 item 0), and a
+    tick that needed less brings the next one's start down; idle, it holds nothing."""
+    a, b = _pair()
+    with a, b:
+        flusher = _core.Flusher(None)
+        tr = Recorder()
+        ring = _core.OutRing(flusher, tr)
+        if direct:
+            ring.set_fd(a.fileno())
+        assert ring.capacity == 0
+        for _ in range(3):
+            ring.append(b"m" * 2500)  # 7,500 bytes: 512 -> ... -> 8 KiB
+        assert ring.capacity == 8192
+        flusher.flush()
+        assert ring.capacity == 0  # idle: the buffer went to the pool
+        assert flusher.pool_bytes >= 8192
+        ring.append(b"n" * 100)
+        assert ring.capacity == 8192  # the last tick's size, at once
+        flusher.flush()
+        ring.append(b"o" * 100)
+        assert ring.capacity == 512  # the last tick needed 100 bytes
+        flusher.flush()
+        sent = _drain(b) if direct else b"".join(tr.chunks)
+        assert sent == b"m" * 7500 + b"n" * 100 + b"o" * 100
