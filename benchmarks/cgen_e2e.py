@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
-from peers_e2e import Server, available_servers  # noqa: E402
+from benchmarks.peers_e2e import Server, available_servers  # noqa: E402
 
 SOURCE = HERE / "cgen" / "wsgen.c"
 BUILD = HERE / "cgen" / "build"
@@ -59,9 +59,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_generator(
-    exe: Path, server: Server, mode: str, a: argparse.Namespace
-) -> dict[str, Any]:
+def run_generator(exe: Path, server: Server, mode: str, a: argparse.Namespace) -> dict[str, Any]:
     """One generator run against a started server: its JSON report, plus the server's
     CPU share over the measured window (``server_cpu``: 1.0 is a whole core)."""
     port = server.port
@@ -98,7 +96,7 @@ def run_generator(
     return report
 
 
-def med(xs: list[float]) -> float | None:
+def med(xs: list[float | None]) -> float | None:
     ys = [x for x in xs if x is not None]
     return statistics.median(ys) if ys else None
 
@@ -106,8 +104,13 @@ def med(xs: list[float]) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--servers", default="fastim", help="comma-separated (fastim and peers)")
-    p.add_argument("--build", action="append", default=[], metavar="LABEL=DIR",
-                   help="also run fastim from DIR (holding a fastim package), named LABEL")
+    p.add_argument(
+        "--build",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="also run fastim from DIR (holding a fastim package), named LABEL",
+    )
     p.add_argument("--store", default="memory", help="fastim's store (memory, sqlite)")
     p.add_argument("--subs", type=int, default=1000)
     p.add_argument("--window", type=int, default=64)
@@ -174,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             "generator_cpu": med([r["generator_cpu"] for r in rs]),
         }
     print()
-    print("| server | deliveries/s | server core busy | deliveries per server CPU-s "
-          "| p50 / p99 per delivery | every subscriber p50 | generator core |")
+    print(
+        "| server | deliveries/s | server core busy | deliveries per server CPU-s "
+        "| p50 / p99 per delivery | every subscriber p50 | generator core |"
+    )
     print("|---|---|---|---|---|---|---|")
     for label, s in summary.items():
         if not s["runs"]:

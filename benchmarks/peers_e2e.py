@@ -110,8 +110,17 @@ class Server:
     """One server process, pinned, with its log in a file (a pipe could fill and block it)."""
 
     def __init__(
-        self, name: str, cpu: str | None, logdir: Path, fastim_store: str = "sqlite"
+        self,
+        name: str,
+        cpu: str | None,
+        logdir: Path,
+        fastim_store: str = "sqlite",
+        pythonpath: str | None = None,
+        flags: list[str] | None = None,
     ) -> None:
+        """``pythonpath``: a directory holding another ``fastim`` package, imported
+        before this checkout's (a before/after pair); ``flags``: more ``fastim serve``
+        flags."""
         self.name = name
         self.port = _free_port()
         py = sys.executable
@@ -120,6 +129,7 @@ class Server:
             cmd += ["--log-level", "info", "--node-id", "peers-e2e"]
             cmd += ["--publish-rate", "0"]  # a guard for the internet; the peers have none
             cmd += ["--store", fastim_store]  # sqlite (the default, a file in workdir) or memory
+            cmd += flags or []
             self.url_flag, self.url = "--url", f"ws://127.0.0.1:{self.port}/ws"
         else:
             script = PEERS / f"{name}_broadcast.py"
@@ -129,7 +139,9 @@ class Server:
         workdir = logdir / f"{name}-{self.port}"  # fastim's sqlite file: fresh per start
         workdir.mkdir(exist_ok=True)
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        path = [pythonpath] if pythonpath else []
+        path += [str(ROOT), os.environ.get("PYTHONPATH", "")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         self.proc = subprocess.Popen(
             _pin(cpu) + cmd, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=env
         )
