@@ -20,6 +20,11 @@ cdef enum:
     POOL_MIN_SHIFT = 9          # 512 bytes
     POOL_CLASSES = 8            # .. 64 KiB; bigger buffers are malloc'd and freed
 
+    # The flusher's arenas of broadcast frames (see Flusher._stash)
+    ARENA_MIN = 64 * 1024       # first size of an arena
+    ARENA_KEEP = 8 * 1024 * 1024  # an arena bigger than this is freed after its flush
+    ARENA_MAX = 0x7FFFFFFF      # past this (a ring's int offsets), frames are copied
+
 
 cdef class FrameDecoder:
     cdef readonly Py_ssize_t max_frame
@@ -90,8 +95,18 @@ cdef class Flusher:
     cdef Py_ssize_t pool_cap[POOL_CLASSES]
     cdef readonly Py_ssize_t pool_bytes
     cdef public Py_ssize_t pool_limit
+    # this tick's broadcast frames, once each, per wire format: a subscriber's ring refers
+    # to a run of them instead of copying them (OutRing._share); emptied by each flush
+    cdef char* arena[N_FMT]
+    cdef Py_ssize_t arena_len[N_FMT]
+    cdef Py_ssize_t arena_cap[N_FMT]
+    cdef bint flushing         # flush() is running: no new references (copies instead)
+    cdef public Py_ssize_t shared  # deliveries that were not copied into a ring
 
     cdef inline void _mark(self, OutRing ring) noexcept
+    cdef Py_ssize_t _stash(self, int f, const char* p, Py_ssize_t n) noexcept
+    cdef void _arena_reset(self) noexcept
+    cdef Py_ssize_t _flush(self, list batch) except -1
     cdef char* _get(self, Py_ssize_t cap) noexcept
     cdef void _put(self, char* buf, Py_ssize_t cap) noexcept
 
@@ -108,19 +123,26 @@ cdef class OutRing:
     cdef public object on_overflow
     cdef public object on_flush  # None, or called before each write (SSE event ids)
     cdef Flusher flusher
-    cdef bint _dirty
-    cdef bint _paused
-    cdef bint _closed
-    cdef bint _overflowed
     cdef int fd                # >= 0: flush writes to this socket itself (see set_fd)
-    cdef unsigned char hint    # log2 of the buffer the last flush emptied (0: none): see _append
+    # pending bytes that are a run of the flusher's arena (format _fmt): [rstart,
+    # rstart + rlen); while rlen > 0 the ring's own buffer is empty and size == rlen
+    cdef int rstart
+    cdef int rlen
+    cdef uint8_t _dirty        # flags as bytes: the object stays the size it was
+    cdef uint8_t _paused
+    cdef uint8_t _closed
+    cdef uint8_t _overflowed
+    cdef uint8_t hint          # log2 of the buffer the last flush emptied (0: none): see _append
 
     cdef inline void _set_dirty(self) noexcept
     cdef Py_ssize_t _send_direct(self) noexcept
-    cdef void _consume(self, Py_ssize_t n) noexcept
+    cdef int _consume(self, Py_ssize_t n) except -1
     cdef inline void _remember(self) noexcept
     cdef void _release(self) noexcept
+    cdef int _store(self, const char* p, Py_ssize_t n) except -1
     cdef int _append(self, const char* p, Py_ssize_t n) except -1
+    cdef int _share(self, Py_ssize_t off, Py_ssize_t n) except -1
+    cdef int _materialize(self) except -1
     cdef bytes _take(self)
 
 

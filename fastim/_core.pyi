@@ -316,6 +316,19 @@ class Flusher:
         """Rings waiting for the next flush."""
     writes: int
     bytes_written: int
+    shared: int
+    """Deliveries a fan-out stored by reference, not copied (see ``arena_bytes``)."""
+    @property
+    def arena_bytes(self) -> int:
+        """Bytes of broadcast frames held since the last flush.
+
+        ``SubscriberSet.fanout`` copies a frame once into this flusher's arena of its
+        wire format; a subscriber's ring that writes to its own socket (``set_fd``)
+        and holds nothing else refers to the run of frames it was given there, and
+        ``flush`` sends that run straight from the arena. A ring whose run breaks (a
+        reply, a frame of another channel it does not follow) copies it first, as do
+        paused rings and what the kernel does not take. A flush empties the arenas.
+        """
 
 class SubscriberSet:
     """The subscribers of one channel: OutRings in a C array (O(1) add and remove)."""

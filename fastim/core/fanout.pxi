@@ -129,6 +129,9 @@ cdef class SubscriberSet:
         cdef int f
         cdef object fr
         cdef OutRing ring
+        cdef Flusher fl
+        cdef void* fl_of[N_FMT]
+        cdef Py_ssize_t off[N_FMT]
         for f in range(N_FMT):
             ptr[f] = NULL
             lens[f] = 0
@@ -163,11 +166,25 @@ cdef class SubscriberSet:
                     elif ptr[f] != NULL:
                         delivered += ring._append(ptr[f], lens[f])
             else:
+                # the frame goes once into the arena of each ring's flusher (one, in a
+                # node), and a ring that writes to its socket itself refers to it there
+                for f in range(N_FMT):
+                    fl_of[f] = NULL
+                    off[f] = -1
                 for i in range(self.n):
                     ring = <OutRing>self.arr[i]
                     f = ring._fmt
-                    if ptr[f] != NULL:
-                        delivered += ring._append(ptr[f], lens[f])
+                    if ptr[f] == NULL:
+                        continue
+                    fl = ring.flusher
+                    if ring.fd >= 0 and fl is not None and not ring._paused:
+                        if <void*>fl != fl_of[f]:
+                            fl_of[f] = <void*>fl
+                            off[f] = fl._stash(f, ptr[f], lens[f])
+                        if off[f] >= 0:
+                            delivered += ring._share(off[f], lens[f])
+                            continue
+                    delivered += ring._append(ptr[f], lens[f])
         finally:
             self.iterating -= 1
         return delivered
