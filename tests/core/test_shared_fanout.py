@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -199,7 +200,7 @@ def test_a_fanout_made_while_flushing_is_copied() -> None:
     first, later = _subs(flusher, 2)
     s = _core.SubscriberSet()
     s.add(later.ring)
-    calls = []
+    calls: list[int] = []
 
     def on_flush() -> None:
         if not calls:
@@ -271,7 +272,7 @@ _ops = st.lists(
 @given(_ops)
 @example([("fanout", 0, b"a"), ("fanout", 1, b"b"), ("fanout", 0, b"c")])  # a run breaks
 @example([("fanout", 2, b"a"), ("pause", 3), ("flush",), ("fanout", 0, b"bb"), ("resume", 3)])
-def test_model_every_ring_gets_its_bytes_in_order(ops: list[tuple[object, ...]]) -> None:
+def test_model_every_ring_gets_its_bytes_in_order(ops: list[tuple[Any, ...]]) -> None:
     """Random channels (sets), members, fan-outs, replies, pauses and flushes: each
     subscriber receives exactly the bytes it was given, in the order given."""
     flusher = _core.Flusher(None)
