@@ -490,7 +490,9 @@ class WorkerMesh(Cluster):
 
     async def follow(self, channel: str) -> None:
         """Hub: a subscribe here is about to read ``channel``'s state (this worker does
-        not own it): register at the owner first."""
+        not own it): register at the owner first. Not acknowledged within FOLLOW_TIMEOUT:
+        the subscribe goes on as before, the follow is sent again in the background and
+        what it missed meanwhile is caught up once it is acknowledged (:meth:`_follow`)."""
         owner = self.placement.owner(channel)
         if owner is not None and owner != self.me:
             await self._follow(owner, [channel])
