@@ -302,6 +302,10 @@ class NodeCollector:
         cluster = getattr(node, "cluster", None)
         if cluster is not None:
             yield from cluster_metrics(cluster)
+            # the workers' mesh adds its own (fastim/workers/mesh.py: a layer above)
+            mesh_families = getattr(cluster, "metric_families", None)
+            if mesh_families is not None:
+                yield from mesh_families()
 
         ingest = getattr(node, "ingest", None)  # fastim/ingest/ (a sibling: not imported)
         if ingest is not None:

@@ -19,7 +19,11 @@ the cluster runtime (:class:`~fastim.cluster.runtime.Cluster`) with three parts 
   acknowledgement, so every message published after that state reaches it (earlier ones
   are below the state: duplicates, dropped). When a link comes up the follower sends
   its whole list again (``reset``), and when an owner changes the followers register at
-  the new owner, then catch durable channels up from the store.
+  the new owner, then catch up what was published before the owner had them: durable
+  channels from the store, memory channels from the owner's history ring. A follow the
+  owner does not acknowledge in time (lost, or the owner stalled) is sent again in the
+  background, with a growing pause, until it is, and is caught up the same way then
+  (:meth:`WorkerMesh._retry_follows`).
 - **Direct messages go to every worker** (N is the number of cores: a handful of link
   entries per message), instead of user routes in etcd; a worker without a connection
   of the recipient drops the entry. What makes them reliable is the inbox in the shared
@@ -32,22 +36,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from ..cluster.dm import DmRouter
 from ..cluster.link import Links, LinkServer
 from ..cluster.placement import Placement, moved
 from ..cluster.runtime import ASK_TIMEOUT as RUNTIME_ASK_TIMEOUT
 from ..cluster.runtime import Cluster, ClusterHost
-from ..hub import Channel
+from ..hub import Channel, HubError, Since
 from .role import WorkerRole
 
 log = logging.getLogger("fastim.workers")
 
-#: seconds a follow waits for the owner's acknowledgement (then the subscribe goes on
-#: and a message published meanwhile is found by the next one's gap, or a resync)
+#: seconds a follow waits for the owner's acknowledgement; then the subscribe goes on (it
+#: is not held longer) and the follow is sent again in the background until it is
+#: acknowledged, then what was published meanwhile is caught up (``_retry_follows``)
 FOLLOW_TIMEOUT = 3.0
+#: the longest wait for the acknowledgement of a follow sent again: the wait starts at
+#: FOLLOW_TIMEOUT and doubles up to this (a worker stalled for minutes is asked again
+#: every few seconds, not in a tight loop, and not given up on)
+FOLLOW_RETRY_MAX = 10.0
 #: seconds a starting worker waits for its links to the others before serving anyway
 #: (a worker that is not up is not in the view: its channels are served by the others)
 START_WAIT = 5.0
@@ -112,6 +124,26 @@ class _Routes:
         return {"mode": "every worker", "users": 0, "pending": 0, "txns": 0}
 
 
+class _Unacked:
+    """The channels whose follow at one owner was not acknowledged in time: sent again
+    by :meth:`WorkerMesh._retry_follows` until they are.
+
+    Kept per owner (not per follow) so that many follows timing out together, as when
+    every worker stalls under load, are sent again as one follow per round, not one
+    per subscribe.
+    """
+
+    __slots__ = ("names", "refs", "wake")
+
+    def __init__(self) -> None:
+        #: channels not acknowledged yet
+        self.names: set[str] = set()
+        #: the follows sent for them (an answer to any of them counts, however late)
+        self.refs: list[int] = []
+        #: set when some of them were acknowledged, or the link went down
+        self.wake = asyncio.Event()
+
+
 class WorkerMesh(Cluster):
     """One worker's routing among the workers of its node. See the module docstring."""
 
@@ -122,7 +154,14 @@ class WorkerMesh(Cluster):
         self.placement: FollowerPlacement = FollowerPlacement([self.me])
         #: the workers this one reaches (itself included)
         self.view: set[str] = {self.me}
-        self._follow_waits: dict[int, asyncio.Future[None]] = {}
+        #: follows sent and not answered: ref -> (owner, channels, the waiting caller's
+        #: future, None for a follow sent again in the background)
+        self._follow_waits: dict[int, tuple[str, list[str], asyncio.Future[None] | None]] = {}
+        #: owner -> channels whose follow there is being sent again (_retry_follows)
+        self._unacked: dict[str, _Unacked] = {}
+        #: durable channels registered late while a subscribe was reading their state:
+        #: caught up from the store once it is read (:meth:`loaded`)
+        self._resync_loaded: set[str] = set()
         #: acknowledgements for a peer whose link was not up yet
         self._unsent: dict[str, list[dict[str, Any]]] = {}
         self._control["follow"] = self._on_follow
@@ -135,8 +174,9 @@ class WorkerMesh(Cluster):
         self.present: dict[str, dict[str, set[str]]] = {}
         self.answers["presence"] = self._local_presence
         # counters
-        self.follows_sent = 0
+        self.follows_sent = 0  # every follow sent, retries included
         self.follows_received = 0
+        self.follow_retries = 0  # follows sent again: not acknowledged within FOLLOW_TIMEOUT
         self.view_changes = 0
 
     # ------------------------------------------------------------------ life
@@ -197,6 +237,11 @@ class WorkerMesh(Cluster):
             self.view.add(peer)
         else:
             self.view.discard(peer)
+            # the follows waiting for an answer from it: refollow on link up sends
+            # everything again (``reset``), with its own catch-up
+            unacked = self._unacked.pop(peer, None)
+            if unacked is not None:
+                unacked.wake.set()
             for fs in self.placement.followers.values():
                 fs.discard(peer)
             self._presence_gone(peer)
@@ -250,44 +295,211 @@ class WorkerMesh(Cluster):
 
     async def _follow_at(self, owner: str, names: list[str], reset: bool) -> None:
         """Register ``names`` at ``owner`` and wait for its acknowledgement; then catch
-        the durable ones up from the store (messages published before it took them)."""
-        await self._follow(owner, names, reset)
-        durable = [n for n in names if (ch := self.hub.channels.get(n)) is not None and ch.durable]
-        if durable and self.hub.store is not None:
-            await self._resync(durable)
+        them up (messages published before it had this worker as a follower). Not
+        acknowledged in time: sent again in the background, caught up when it is."""
+        if await self._follow(owner, names, reset):
+            await self._catch_up(owner, names)
 
     async def _follow(self, owner: str, names: list[str], reset: bool = False) -> bool:
+        """Send ``owner`` a follow of ``names``; True when it acknowledged it within
+        FOLLOW_TIMEOUT.
+
+        False otherwise; then, while the link is up, the follow is handed to
+        :meth:`_retry_follows`, which sends it again until it is acknowledged and then
+        catches the channels up (:meth:`_catch_up`): the caller goes on as before (a
+        subscribe is not held longer), and what is published meanwhile is not lost
+        for good, as it was when a follow lost under load was never sent again.
+        """
         links = self.links
         if links is None:
             return False
         ref = next(self._refs)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._follow_waits[ref] = fut
+        self._follow_waits[ref] = (owner, names, fut)
+        if not links.control(owner, {"op": "follow", "ref": ref, "ch": names, "reset": reset}):
+            del self._follow_waits[ref]
+            return False
+        self.follows_sent += 1
         try:
-            if not links.control(owner, {"op": "follow", "ref": ref, "ch": names, "reset": reset}):
-                return False
-            self.follows_sent += 1
             await asyncio.wait_for(fut, FOLLOW_TIMEOUT)
-            return True
         except asyncio.TimeoutError:
-            log.warning(
+            log.debug(
                 "worker %s: no answer from %s to follow %d channels", self.me, owner, len(names)
             )
+            if not self._retry_later(owner, names, ref):
+                self._follow_waits.pop(ref, None)
             return False
-        finally:
+        except BaseException:
             self._follow_waits.pop(ref, None)
+            raise
+        return True  # (_on_followed removed it)
+
+    def _retry_later(self, owner: str, names: Iterable[str], ref: int) -> bool:
+        """Hand a follow ``owner`` did not acknowledge in time to the background retry
+        (started if it is not running); False when the link to it is down: refollow on
+        link up sends everything again then."""
+        links = self.links
+        if links is None or not links.is_up(owner):
+            return False
+        unacked = self._unacked.get(owner)
+        if unacked is None:
+            unacked = self._unacked[owner] = _Unacked()
+            self._run(self._retry_follows(owner, unacked))
+        unacked.names.update(names)
+        unacked.refs.append(ref)
+        return True
+
+    async def _retry_follows(self, owner: str, unacked: _Unacked) -> None:
+        """Send ``owner`` the follows it did not acknowledge, one follow per round, until
+        every one is acknowledged, then catch them up (:meth:`_on_followed`).
+
+        Each round waits for the answer FOLLOW_TIMEOUT at first, twice as long each
+        time it does not come, up to FOLLOW_RETRY_MAX. A channel leaves the rounds when
+        this worker no longer holds it (dropped) or ``owner`` no longer owns it (the
+        view changed: the new owner is followed by :meth:`_apply_view`); every round
+        ends when the link to ``owner`` goes down (refollow on link up sends all). The
+        follows are not ``reset``: a reset sent late could erase a follow the owner
+        took in between (the owner's follow is a set add: sending it again is harmless).
+        """
+        loop = asyncio.get_running_loop()
+        wait = FOLLOW_TIMEOUT
+        rounds = 0
+        try:
+            while self._unacked.get(owner) is unacked:
+                hub, placement = self.hub, self.placement
+                unacked.names = {
+                    n for n in unacked.names if n in hub.channels and placement.owner(n) == owner
+                }
+                names = sorted(unacked.names)
+                links = self.links
+                if not names or links is None or not links.is_up(owner):
+                    return
+                ref = next(self._refs)
+                self._follow_waits[ref] = (owner, names, None)
+                unacked.refs.append(ref)
+                msg = {"op": "follow", "ref": ref, "ch": names, "reset": False}
+                if not links.control(owner, msg):
+                    return
+                rounds += 1
+                self.follows_sent += 1
+                self.follow_retries += 1
+                log.warning(
+                    "worker %s: %s did not acknowledge following %d channels: sent again "
+                    "(round %d, waiting %gs)",
+                    self.me,
+                    owner,
+                    len(names),
+                    rounds,
+                    wait,
+                )
+                # until this round's channels are acknowledged (by this follow or an
+                # earlier one answered late), or the round's time is up
+                deadline = loop.time() + wait
+                while (
+                    self._unacked.get(owner) is unacked
+                    and not unacked.names.isdisjoint(names)
+                    and (left := deadline - loop.time()) > 0
+                ):
+                    unacked.wake.clear()
+                    try:
+                        await asyncio.wait_for(unacked.wake.wait(), left)
+                    except asyncio.TimeoutError:
+                        break
+                if unacked.names.isdisjoint(names):
+                    wait = FOLLOW_TIMEOUT  # answered: channels added meanwhile start afresh
+                else:
+                    wait = min(wait * 2, FOLLOW_RETRY_MAX)
+        finally:
+            if self._unacked.get(owner) is unacked:
+                del self._unacked[owner]
+            for r in unacked.refs:
+                self._follow_waits.pop(r, None)
+
+    async def _catch_up(self, owner: str, names: Iterable[str]) -> None:
+        """``names`` were just registered at ``owner`` (after a view change, a link that
+        came back, or a follow acknowledged late): deliver here what it published
+        before, which it did not send to this worker.
+
+        Durable channels from the store (:meth:`_resync`); one whose state a subscribe
+        is still reading once it is read (:meth:`loaded`). Memory channels with
+        subscribers from the owner's history ring (:meth:`_fill_now_from_owner`): their
+        next message would show the gap, but a quiet channel would hold what was missed
+        back until then, without a sign.
+        """
+        hub = self.hub
+        durable: list[str] = []
+        memory: list[Channel] = []
+        for name in names:
+            ch = hub.channels.get(name)
+            if ch is None or self.placement.owner(name) != owner:
+                continue  # dropped, or moved again (its new owner's follow catches up)
+            if ch.durable:
+                if ch.loaded:
+                    durable.append(name)
+                else:
+                    self._resync_loaded.add(name)
+            elif ch.loaded and len(ch.subs):
+                memory.append(ch)
+        if durable and hub.store is not None:
+            await self._resync(durable)
+        if memory:
+            await asyncio.gather(*(self._fill_now_from_owner(ch) for ch in memory))
+
+    async def _fill_now_from_owner(self, ch: Channel) -> None:
+        """A memory channel's messages after its offset here, asked of its owner (its
+        history ring), delivered before the DELIVERs that come meanwhile (held).
+
+        What the ring no longer has stays a jump in offsets (subscribers see a Gap);
+        an owner in another epoch (the channel moved, its history was lost) makes the
+        subscribers resubscribe, told the old epoch may be incomplete.
+        """
+        name = ch.name
+        if name in self._filling:
+            return  # a gap is being filled from the owner already: the same question
+        self._filling[name] = []
+        try:
+            reply = await self.state(name, Since(ch.offset, ch.epoch, False))
+            epoch = reply.get("epoch")
+            if epoch != ch.epoch:
+                self.hub.adopt(ch, str(epoch), int(reply.get("offset", 0)))
+            else:
+                for o, d in reply.get("messages", ()):
+                    if int(o) > ch.offset:
+                        self.hub.deliver_routed(ch, int(o), str(d).encode())
+        except HubError as e:
+            log.warning("worker %s: could not catch %r up from its owner: %s", self.me, name, e)
+        finally:
+            held = self._filling.pop(name, [])
+            for i, it in enumerate(held):
+                if not self._take(it, True):
+                    self._filling[name].extend(held[i + 1 :])
+                    break
+
+    def loaded(self, ch: Channel) -> None:
+        """Hub: a durable channel's state was read from the store. If it was registered
+        at its owner late (after the subscribe went on without the acknowledgement),
+        messages published between that state and the registration came nowhere:
+        catch it up from the store."""
+        super().loaded(ch)
+        if ch.name in self._resync_loaded:
+            self._resync_loaded.discard(ch.name)
+            if self.hub.store is not None:
+                self._run(self._resync([ch.name]))
 
     # ------------------------------------------------------------------ router hooks
 
     async def follow(self, channel: str) -> None:
         """Hub: a subscribe here is about to read ``channel``'s state (this worker does
-        not own it): register at the owner first."""
+        not own it): register at the owner first. Not acknowledged within FOLLOW_TIMEOUT:
+        the subscribe goes on as before, the follow is sent again in the background and
+        what it missed meanwhile is caught up once it is acknowledged (:meth:`_follow`)."""
         owner = self.placement.owner(channel)
         if owner is not None and owner != self.me:
             await self._follow(owner, [channel])
 
     def dropped(self, channel: str) -> None:
         """Hub: ``channel`` is gone from this worker: the owner may stop sending it."""
+        self._resync_loaded.discard(channel)
         owner = self.placement.owner(channel)
         if owner is not None and owner != self.me and self.links is not None:
             self.links.control(owner, {"op": "unfollow", "ch": [channel]})
@@ -313,10 +525,24 @@ class WorkerMesh(Cluster):
             self._unsent.setdefault(peer, []).append(reply)
 
     def _on_followed(self, peer: str, msg: dict[str, Any]) -> None:
+        """``peer`` acknowledged a follow: wake its caller; channels whose follow is being
+        sent again (:meth:`_retry_follows`) are registered now, and caught up, since
+        messages published before were not sent here."""
         ref = msg.get("ref")
-        fut = self._follow_waits.get(ref) if isinstance(ref, int) else None
+        entry = self._follow_waits.pop(ref, None) if isinstance(ref, int) else None
+        if entry is None:
+            return
+        owner, names, fut = entry
         if fut is not None and not fut.done():
             fut.set_result(None)
+        unacked = self._unacked.get(owner)
+        if unacked is None:
+            return
+        acked = unacked.names.intersection(names)
+        if acked:
+            unacked.names -= acked
+            unacked.wake.set()
+            self._run(self._catch_up(owner, sorted(acked)))
 
     def _on_unfollow(self, peer: str, msg: dict[str, Any]) -> None:
         followers = self.placement.followers
@@ -448,6 +674,25 @@ class WorkerMesh(Cluster):
                     self._presence_change(worker, name, "leave", user)
 
     # ------------------------------------------------------------------ reporting
+
+    def metric_families(self) -> Iterator[Metric]:
+        """For /metrics (fastim/api/metrics.py reads it through the node's cluster)."""
+        yield CounterMetricFamily(
+            "fastim_worker_follows_sent",
+            "follows sent to the owner worker of a channel (retries included)",
+            value=self.follows_sent,
+        )
+        yield CounterMetricFamily(
+            "fastim_worker_follows_received",
+            "follows received from other workers, as a channel's owner",
+            value=self.follows_received,
+        )
+        yield CounterMetricFamily(
+            "fastim_worker_follow_retries",
+            "follows sent again: the owner did not acknowledge within the follow timeout "
+            "(3 s) or the last retry's wait (lost, or the owner stalled)",
+            value=self.follow_retries,
+        )
 
     def degraded(self) -> str | None:
         links = self.links
