@@ -190,6 +190,10 @@ cdef class Flusher:
         cdef list batch = self.dirty
         self.dirty = []
         self.scheduled = False
+        if self.flushing:
+            # called from a callback of a flush: its rings were dirtied meanwhile, when
+            # no reference is taken (copies); the outer flush empties the arenas
+            return self._flush(batch)
         self.flushing = True
         try:
             return self._flush(batch)

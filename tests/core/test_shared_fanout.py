@@ -324,3 +324,29 @@ def test_model_every_ring_gets_its_bytes_in_order(ops: list[tuple[Any, ...]]) ->
     finally:
         for sub in subs:
             sub.close()
+
+
+def test_a_flush_called_from_a_flush_callback_leaves_the_outer_runs_alone() -> None:
+    flusher = _core.Flusher(None)
+    first, second = _subs(flusher, 2)
+    s = _core.SubscriberSet()
+    s.add(first.ring)
+    s.add(second.ring)
+    calls: list[int] = []
+
+    def on_flush() -> None:
+        if not calls:
+            calls.append(1)
+            first.ring.append(b"+")  # dirty again: the nested flush sends it
+            flusher.flush()
+
+    first.ring.on_flush = on_flush
+    s.fanout(_frames(b"m1;"))
+    s.fanout(_frames(b"m2;"))
+    flusher.flush()
+    flusher.flush()
+    assert first.read() == b"m1;m2;+"
+    assert second.read() == b"m1;m2;"
+    assert flusher.arena_bytes == 0
+    first.close()
+    second.close()
