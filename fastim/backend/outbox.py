@@ -26,11 +26,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from ..store import OutboxEntry, Store, StoreError
 from ..tasks import backoff_delay
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("fastim.events")
 
@@ -136,6 +138,8 @@ class Sender:
             pass
 
     async def _run(self) -> None:
+        import aiohttp  # here, not at import: ~23 MB per process, for nodes with events only
+
         connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=30)
         self._http = aiohttp.ClientSession(
             connector=connector,
@@ -211,6 +215,8 @@ class Sender:
 
     async def _post(self, body: bytes) -> str | None:
         """One POST: None on a 2xx, else the failure kind."""
+        import aiohttp  # (imported by _run already: a dict lookup here)
+
         assert self._http is not None
         try:
             async with self._http.post(self.url, data=body, headers=self._headers) as resp:

@@ -23,15 +23,17 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 
 from ..config import Config
 from ..stats import LatencyHistogram
 from ..tasks import Background
 from .breaker import CircuitBreaker
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("fastim")
 
@@ -161,6 +163,8 @@ class Proxy:
         return out
 
     def _client(self) -> aiohttp.ClientSession:
+        import aiohttp  # here, not at import: ~23 MB per process, for nodes with hooks only
+
         session = self._session
         if session is None:
             if self._closed:
@@ -223,6 +227,8 @@ class Proxy:
     async def _post(
         self, hook: Hook, body: dict[str, Any], headers: dict[str, str] | None
     ) -> dict[str, Any]:
+        import aiohttp  # (imported by _client the first time: a dict lookup here)
+
         try:
             session = self._client()
             async with session.post(hook.url, data=orjson.dumps(body), headers=headers) as resp:
