@@ -184,3 +184,36 @@ def test_chat_backend_example_in_chromium(
             return c.close_code, c.close_reason or ""
 
     assert asyncio.run(no_cookie()) == (4501, "not signed in")
+
+
+def test_chat_backend_example_at_phone_size(
+    example: dict[str, Any], browser: Callable[[], Browser]
+) -> None:
+    """The example's page on a phone (390x844, emulated): one column, the people list
+    above the room, and the messages, the text box and its button on screen and usable
+    (the centre of each hits it: nothing covers or clips it), no sideways scrolling."""
+    from .test_demo_ui_chromium import phone, visible
+
+    base = f"http://127.0.0.1:{example['web']}"
+    carol = phone(browser())
+    sign_in(carol, base, "carol")
+    assert carol.execute_script("return innerWidth") == 390
+    say(carol, "hello from a phone")
+    wait_js(carol, f"{LINES}.includes('carolhello from a phone')", "carol's message")
+    for sel in ("#people", "#messages", "#text", "#send button"):
+        carol.execute_script(
+            "document.querySelector(arguments[0]).scrollIntoView({block: 'nearest'})", sel
+        )
+        assert visible(carol, sel) is True, (sel, visible(carol, sel))
+    assert carol.execute_script("return document.documentElement.scrollWidth <= innerWidth"), (
+        "the page scrolls sideways on a phone"
+    )
+    layout = carol.execute_script(
+        "const p = document.querySelector('#people').closest('aside').getBoundingClientRect();"
+        "const m = document.querySelector('#messages').getBoundingClientRect();"
+        "return {side: p.width, top: p.top, room: m.top, width: innerWidth};"
+    )
+    # one column: the people panel is as wide as the page, above the room
+    assert layout["side"] > 0.8 * layout["width"], layout
+    assert layout["top"] < layout["room"], layout
+    assert console_errors(carol) == []
