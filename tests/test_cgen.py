@@ -21,6 +21,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from tests.conftest import NodeProcess
+from tests.test_bench_peers import _start as start_peer
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "benchmarks" / "cgen" / "wsgen.c"
@@ -60,18 +61,9 @@ def test_wsgen_against_a_node(wsgen: Path, node_process: Callable[..., NodeProce
 
 def test_wsgen_against_a_peer(wsgen: Path) -> None:
     """The peers' raw protocol (the message itself, sender excluded), on socketify."""
-    script = ROOT / "benchmarks" / "peers" / "socketify_broadcast.py"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, url = start_peer("socketify")  # as test_bench_peers starts it
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on ws://" in line, line
-        port = line.split("listening on ws://", 1)[1].split("/")[0].rsplit(":", 1)[1]
+        port = url.split("//", 1)[1].split("/")[0].rsplit(":", 1)[1]
         rc, r, err = _run(
             wsgen, "--port", port, "--path", "/", "--mode", "raw", "--subs", "50",
             "--window", "16", "--duration", "1", "--warmup", "0.2",

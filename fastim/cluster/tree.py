@@ -118,17 +118,23 @@ class TreeReceiver:
             # (passed on again: the children drop it as a duplicate; rare enough)
             self.hub.deliver_routed(ch, it.offset, it.data)
 
+    def _release_held(self, name: str, first: Deliver | None = None) -> None:
+        """After a gap of ``name`` was filled: the DELIVERs held meanwhile, in order.
+        ``first``, the one that showed the gap, is taken even if the gap stays (a jump
+        clients recover from); one that shows a new gap starts a new fill, and the rest
+        wait for it."""
+        held = self._filling.pop(name, [] if first is None else [first])
+        for i, it in enumerate(held):
+            if not self._take(it, first is None or i > 0):
+                self._filling[name].extend(held[i + 1 :])
+                break
+
     async def _fill(self, ch: Channel, first: Deliver) -> None:
         """Read a durable channel's gap from the store, then the DELIVERs held meanwhile."""
         try:
             await self.hub.fill(ch, first.offset - 1)
         finally:
-            held = self._filling.pop(ch.name, [first])
-            for i, it in enumerate(held):
-                # the first one is taken even if the gap stays (a jump clients recover from)
-                if not self._take(it, i > 0):
-                    self._filling[ch.name].extend(held[i + 1 :])
-                    break
+            self._release_held(ch.name, first)
 
     async def _fill_from_owner(self, ch: Channel, first: Deliver) -> None:
         """A memory channel's gap below ``first``, asked of its owner (its history ring,
@@ -144,11 +150,7 @@ class TreeReceiver:
         except HubError as e:
             log.debug("channel %r: could not ask the owner for its gap: %s", ch.name, e)
         finally:
-            held = self._filling.pop(ch.name, [first])
-            for i, it in enumerate(held):
-                if not self._take(it, i > 0):
-                    self._filling[ch.name].extend(held[i + 1 :])
-                    break
+            self._release_held(ch.name, first)
 
     def resync(self, peer: str | None = None) -> None:
         """Catch up durable channels with subscribers here from the store, in the
@@ -186,8 +188,4 @@ class TreeReceiver:
             try:
                 await hub.fill(ch, top)
             finally:
-                held = self._filling.pop(name, [])
-                for i, it in enumerate(held):
-                    if not self._take(it, True):
-                        self._filling[name].extend(held[i + 1 :])
-                        break
+                self._release_held(name)

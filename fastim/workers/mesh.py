@@ -469,11 +469,7 @@ class WorkerMesh(Cluster):
         except HubError as e:
             log.warning("worker %s: could not catch %r up from its owner: %s", self.me, name, e)
         finally:
-            held = self._filling.pop(name, [])
-            for i, it in enumerate(held):
-                if not self._take(it, True):
-                    self._filling[name].extend(held[i + 1 :])
-                    break
+            self._release_held(name)
 
     def loaded(self, ch: Channel) -> None:
         """Hub: a durable channel's state was read from the store. If it was registered
