@@ -6,16 +6,19 @@ be down; fastim nodes are real ``fastim serve`` processes (tests/faults/_node.py
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
-from faults._node import NodeProc, free_port  # type: ignore[import-not-found]
-from store._redis import RedisServer  # type: ignore[import-not-found]
+from faults._fixtures import (  # type: ignore[import-not-found]  # noqa: F401 (fixtures)
+    nodes,
+    shared_redis,
+    store_args,
+)
+from faults._node import free_port  # type: ignore[import-not-found]
 
 
 class Receiver:
@@ -93,39 +96,6 @@ async def receiver() -> AsyncIterator[Receiver]:
     await r.start()
     yield r
     await r.stop()
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[Callable[..., NodeProc]]:
-    """``nodes(*serve_args)``: a NodeProc on free ports (not started), stopped at the end."""
-    made: list[NodeProc] = []
-
-    def make(*args: str) -> NodeProc:
-        node = NodeProc(tmp_path, free_port(), free_port(), *args)
-        made.append(node)
-        return node
-
-    yield make
-    for node in made:
-        node.stop()
-
-
-@pytest.fixture(scope="module")
-def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(str(tmp_path_factory.mktemp("redis-events")))
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_args(request: pytest.FixtureRequest, tmp_path: Path) -> list[str]:
-    """A fresh sqlite file (the default store), or a fresh prefix in a real redis-server."""
-    if request.param == "sqlite":
-        return ["--store", "sqlite", "--store-path", str(tmp_path / "fastim.db")]
-    server = request.getfixturevalue("shared_redis")
-    prefix = f"ev{uuid.uuid4().hex[:8]}"
-    return ["--store", "redis", "--redis-url", server.url, "--redis-prefix", prefix]
 
 
 def config_file(tmp_path: Path) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from faults._node import NodeProc, free_port  # type: ignore[import-not-found]
+from faults._fixtures import nodes  # type: ignore[import-not-found]  # noqa: F401 (fixture)
 from store._redis import RedisServer  # type: ignore[import-not-found]
 from workers._node import Supervised  # type: ignore[import-not-found]
 
@@ -20,22 +20,6 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.kill()
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[Callable[..., NodeProc]]:
-    """``nodes(*serve_args)``: a NodeProc on two free ports (not started), in the test's
-    directory (the sqlite file is shared by the nodes made here); stopped at the end."""
-    made: list[NodeProc] = []
-
-    def make(*args: str) -> NodeProc:
-        node = NodeProc(tmp_path, free_port(), free_port(), *args)
-        made.append(node)
-        return node
-
-    yield make
-    for node in made:
-        node.stop()
 
 
 @pytest.fixture
