@@ -295,7 +295,11 @@ class Conn(asyncio.Protocol):
 
 
 class Subscriber(Conn):
-    """Counts channel messages; a sampled one inflates, decodes and checks each."""
+    """Counts channel messages; a sampled one inflates, decodes and checks each
+    (:meth:`check`: here the offsets follow each other; benchmarks/delta_e2e.py checks
+    the documents too)."""
+
+    channel = b"bench"
 
     def __init__(self, port: int, deflate: bool, totals: Totals, sample: bool) -> None:
         super().__init__(port, deflate, totals)
@@ -305,9 +309,12 @@ class Subscriber(Conn):
         self.count = 0
         self.publisher: Publisher | None = None  # set on the probe: wakes the publisher
 
+    def sub_command(self) -> bytes:
+        return b'{"op":"sub","ch":"%s","id":1}' % self.channel
+
     def upgraded(self) -> None:
         assert self.transport is not None
-        self.transport.write(text_frame(b'{"op":"sub","ch":"bench","id":1}'))
+        self.transport.write(text_frame(self.sub_command()))
 
     def on_bytes(self, n: int) -> None:
         if self.subscribed:
@@ -326,32 +333,48 @@ class Subscriber(Conn):
             self.publisher.fill()
         if op & COMPRESSED:
             t.compressed += 1
-        if self.sample:
-            if op & COMPRESSED:
-                payload = _core.ws_inflate(payload, 1 << 30, text=True)
-            msg = json.loads(payload)
-            off = msg["off"]
-            if self.last_off and off != self.last_off + 1:
-                t.gaps += 1
-            self.last_off = off
-            t.checked += 1
+        if not self.sample:
+            return
+        if op & COMPRESSED:
+            payload = _core.ws_inflate(payload, 1 << 30, text=True)
+        msg = json.loads(payload)
+        off = msg["off"]
+        if self.last_off and off != self.last_off + 1:
+            t.gaps += 1
+        self.last_off = off
+        self.check(off, msg, payload)
+
+    def check(self, off: int, msg: dict[str, Any], payload: bytes) -> None:
+        """A sampled message, decoded (``payload``: its JSON text)."""
+        self.totals.checked += 1
 
 
 class Publisher(Conn):
-    """Keeps published − received by the probe (the last subscriber) ≤ ``window``.
+    """Keeps published − received by the probe (the last subscriber) ≤ ``window``,
+    publishing ``bodies`` (JSON documents) in turn to ``channel``.
 
     Throttling on a subscriber, not on pubacks, bounds what waits in the node's
     out-rings: the run measures deliveries, not how fast rings fill.
     """
 
-    def __init__(self, port: int, totals: Totals, window: int, probe: Subscriber) -> None:
+    def __init__(
+        self,
+        port: int,
+        totals: Totals,
+        window: int,
+        probe: Subscriber,
+        bodies: list[bytes],
+        channel: bytes = b"bench",
+    ) -> None:
         super().__init__(port, False, totals)
         self.window = window
         self.probe = probe
         self.sent = 0
         self.acked = 0
         self.running = False
-        self.bodies = [dumps(chat_message(i)) for i in range(256)]
+        self.frames = [
+            text_frame(b'{"op":"pub","ch":"%s","data":%s}' % (channel, b)) for b in bodies
+        ]
 
     def upgraded(self) -> None:
         self.ready.set_result(None)
@@ -364,9 +387,8 @@ class Publisher(Conn):
         assert self.transport is not None
         out = []
         while self.running and self.sent - self.probe.count < self.window:
-            body = self.bodies[self.sent % len(self.bodies)]
+            out.append(self.frames[self.sent % len(self.frames)])
             self.sent += 1
-            out.append(text_frame(b'{"op":"pub","ch":"bench","data":%s}' % body))
         if out:
             self.transport.write(b"".join(out))
 
@@ -422,7 +444,8 @@ async def run_once(args: argparse.Namespace, deflate: bool) -> dict[str, Any]:
         negotiated = subs[0].negotiated
         probe = subs[-1]
         assert probe.sample
-        pub = Publisher(port, totals, args.window, probe)
+        bodies = [dumps(chat_message(i)) for i in range(256)]
+        pub = Publisher(port, totals, args.window, probe, bodies)
         probe.publisher = pub
         await loop.create_connection(lambda: pub, "127.0.0.1", port)
         await asyncio.wait_for(pub.ready, 10)

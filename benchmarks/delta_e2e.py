@@ -36,13 +36,12 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.deflate_e2e import (  # noqa: E402
-    COMPRESSED,
-    Conn,
+    Publisher,
     Totals,
     cpu_seconds,
     free_port,
-    text_frame,
 )
+from benchmarks.deflate_e2e import Subscriber as BaseSubscriber  # noqa: E402
 from fastim import _core  # noqa: E402
 from fastim.bench.spawn import wait_listening  # noqa: E402
 
@@ -80,8 +79,10 @@ def versions(count: int, rows: int = 100, seed: int = 7) -> list[bytes]:
     return out
 
 
-class Subscriber(Conn):
-    """Counts messages; a sampled one applies the deltas and checks every document."""
+class Subscriber(BaseSubscriber):
+    """Asks for deltas (or not); a sampled one applies them and checks every document."""
+
+    channel = CHANNEL
 
     def __init__(
         self,
@@ -92,47 +93,18 @@ class Subscriber(Conn):
         sample: bool,
         bodies: list[bytes],
     ) -> None:
-        super().__init__(port, deflate, totals)
+        super().__init__(port, deflate, totals, sample)
         self.delta = delta
-        self.sample = sample
         self.bodies = bodies
-        self.subscribed = False
-        self.count = 0
         self.deltas = 0
         self.base: bytes | None = None
-        self.last_off = 0
-        self.publisher: Publisher | None = None
 
-    def upgraded(self) -> None:
-        assert self.transport is not None
+    def sub_command(self) -> bytes:
         d = b',"delta":"fossil"' if self.delta else b""
-        self.transport.write(text_frame(b'{"op":"sub","ch":"doc:bench","id":1%s}' % d))
+        return b'{"op":"sub","ch":"%s","id":1%s}' % (self.channel, d)
 
-    def on_bytes(self, n: int) -> None:
-        if self.subscribed:
-            self.totals.wire_bytes += n
-
-    def on_text(self, op: int, payload: bytes) -> None:
+    def check(self, off: int, msg: dict[str, Any], payload: bytes) -> None:
         t = self.totals
-        if not self.subscribed:
-            self.subscribed = True
-            self.counting = not self.sample
-            self.ready.set_result(None)
-            return
-        t.messages += 1
-        self.count += 1
-        if self.publisher is not None:
-            self.publisher.fill()
-        if op & COMPRESSED:
-            t.compressed += 1
-            payload = _core.ws_inflate(payload, 1 << 30, text=True)
-        if not self.sample:
-            return
-        msg = json.loads(payload)
-        off = msg["off"]
-        if self.last_off and off != self.last_off + 1:
-            t.gaps += 1
-        self.last_off = off
         if msg.get("delta") is True:
             if self.base is None:
                 t.errors.append(f"a delta at {off} without a base")
@@ -146,40 +118,6 @@ class Subscriber(Conn):
             t.errors.append(f"offset {off}: not the published document")
         self.base = data
         t.checked += 1
-
-
-class Publisher(Conn):
-    """Keeps published − received by the probe (the last subscriber) ≤ ``window``."""
-
-    def __init__(
-        self, port: int, totals: Totals, window: int, probe: Subscriber, bodies: list[bytes]
-    ) -> None:
-        super().__init__(port, False, totals)
-        self.window = window
-        self.probe = probe
-        self.sent = 0
-        self.running = False
-        self.frames = [text_frame(b'{"op":"pub","ch":"doc:bench","data":%s}' % b) for b in bodies]
-
-    def upgraded(self) -> None:
-        self.ready.set_result(None)
-
-    def start(self) -> None:
-        self.running = True
-        self.fill()
-
-    def fill(self) -> None:
-        assert self.transport is not None
-        out = []
-        while self.running and self.sent - self.probe.count < self.window:
-            out.append(self.frames[self.sent % len(self.frames)])
-            self.sent += 1
-        if out:
-            self.transport.write(b"".join(out))
-
-    def on_text(self, op: int, payload: bytes) -> None:
-        if not payload.startswith(b'{"op":"puback"'):
-            self.totals.errors.append(payload[:200].decode("utf-8", "replace"))
 
 
 def start_node(args: argparse.Namespace, port: int, config: Path) -> subprocess.Popen[bytes]:
@@ -213,7 +151,7 @@ async def run_once(
             subs.append(sub)
         await asyncio.wait_for(asyncio.gather(*(s.ready for s in subs)), 60)
         probe = subs[-1]
-        pub = Publisher(port, totals, args.window, probe, bodies)
+        pub = Publisher(port, totals, args.window, probe, bodies, CHANNEL)
         probe.publisher = pub
         await loop.create_connection(lambda: pub, "127.0.0.1", port)
         await asyncio.wait_for(pub.ready, 10)
