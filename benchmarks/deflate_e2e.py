@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -427,9 +428,24 @@ def start_node(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-async def run_once(args: argparse.Namespace, deflate: bool) -> dict[str, Any]:
-    port = free_port()
-    node = start_node(args, port)
+async def measure(
+    args: argparse.Namespace,
+    node: subprocess.Popen[bytes],
+    port: int,
+    make_sub: Callable[[Totals, bool], Subscriber],
+    bodies: list[bytes],
+    channel: bytes,
+    counter: Callable[[Totals, list[Subscriber]], int],
+) -> tuple[list[Subscriber], dict[str, Any]]:
+    """One run against a started ``node``, which is stopped at the end (also used by
+    benchmarks/delta_e2e.py).
+
+    ``args.subscribers`` from ``make_sub(totals, sample)`` (``args.sample`` of them
+    check every message, the last one among them: it paces the publisher), the
+    publisher of ``bodies`` on ``channel``, ``args.warmup`` seconds, then
+    ``args.duration`` measured. Returns the subscribers and the figures common to every
+    such run, with ``share``: how much ``counter`` grew per message checked meanwhile.
+    """
     loop = asyncio.get_running_loop()
     totals = Totals()
     try:
@@ -437,38 +453,34 @@ async def run_once(args: argparse.Namespace, deflate: bool) -> dict[str, Any]:
         step = max(1, args.subscribers // args.sample)
         for i in range(args.subscribers):
             last = i == args.subscribers - 1
-            sub = Subscriber(port, deflate, totals, i % step == 0 or last)
+            sub = make_sub(totals, i % step == 0 or last)
             await loop.create_connection(lambda sub=sub: sub, "127.0.0.1", port)  # type: ignore[misc]
             subs.append(sub)
         await asyncio.wait_for(asyncio.gather(*(s.ready for s in subs)), 60)
-        negotiated = subs[0].negotiated
         probe = subs[-1]
         assert probe.sample
-        bodies = [dumps(chat_message(i)) for i in range(256)]
-        pub = Publisher(port, totals, args.window, probe, bodies)
+        pub = Publisher(port, totals, args.window, probe, bodies, channel)
         probe.publisher = pub
         await loop.create_connection(lambda: pub, "127.0.0.1", port)
         await asyncio.wait_for(pub.ready, 10)
         pub.start()
         await asyncio.sleep(args.warmup)
-        m0, b0, c0, k0 = totals.messages, totals.wire_bytes, totals.compressed, totals.checked
+        m0, b0, k0, c0 = totals.messages, totals.wire_bytes, totals.checked, counter(totals, subs)
         s0, t0, my0 = cpu_seconds(node.pid), time.monotonic(), time.process_time()
         await asyncio.sleep(args.duration)
-        m1, b1, c1, k1 = totals.messages, totals.wire_bytes, totals.compressed, totals.checked
+        m1, b1, k1, c1 = totals.messages, totals.wire_bytes, totals.checked, counter(totals, subs)
         s1, t1, my1 = cpu_seconds(node.pid), time.monotonic(), time.process_time()
         pub.running = False
         for c in (*subs, pub):
             c.closing = True
         wall = t1 - t0
         deliveries = m1 - m0
-        return {
-            "deflate_offered": deflate,
-            "negotiated": negotiated,
+        return subs, {
             "subscribers": args.subscribers,
             "deliveries_per_s": round(deliveries / wall),
             "publishes_per_s": round(deliveries / wall / args.subscribers, 1),
             "wire_bytes_per_delivery": round((b1 - b0) / max(1, deliveries), 1),
-            "compressed_share": round((c1 - c0) / max(1, k1 - k0), 3),  # of those checked
+            "share": round((c1 - c0) / max(1, k1 - k0), 3),
             "node_cpu": round((s1 - s0) / wall, 3),
             "client_cpu": round((my1 - my0) / wall, 3),
             "node_us_per_delivery": round((s1 - s0) / max(1, deliveries) * 1e6, 3),
@@ -482,6 +494,21 @@ async def run_once(args: argparse.Namespace, deflate: bool) -> dict[str, Any]:
             node.wait(10)
         except subprocess.TimeoutExpired:
             node.kill()
+
+
+async def run_once(args: argparse.Namespace, deflate: bool) -> dict[str, Any]:
+    port = free_port()
+    subs, r = await measure(
+        args,
+        start_node(args, port),
+        port,
+        lambda totals, sample: Subscriber(port, deflate, totals, sample),
+        [dumps(chat_message(i)) for i in range(256)],
+        Subscriber.channel,
+        lambda totals, _subs: totals.compressed,
+    )
+    r["compressed_share"] = r.pop("share")  # of the messages checked
+    return {"deflate_offered": deflate, "negotiated": subs[0].negotiated, **r}
 
 
 MEDIANS = (

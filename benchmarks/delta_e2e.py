@@ -35,13 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.deflate_e2e import (  # noqa: E402
-    Publisher,
-    Totals,
-    cpu_seconds,
-    free_port,
-)
 from benchmarks.deflate_e2e import Subscriber as BaseSubscriber  # noqa: E402
+from benchmarks.deflate_e2e import (  # noqa: E402
+    Totals,
+    free_port,
+    measure,
+)
 from fastim import _core  # noqa: E402
 from fastim.bench.spawn import wait_listening  # noqa: E402
 
@@ -138,58 +137,25 @@ async def run_once(
     args: argparse.Namespace, delta: bool, deflate: bool, bodies: list[bytes], config: Path
 ) -> dict[str, Any]:
     port = free_port()
-    node = start_node(args, port, config)
-    loop = asyncio.get_running_loop()
-    totals = Totals()
-    try:
-        subs: list[Subscriber] = []
-        step = max(1, args.subscribers // args.sample)
-        for i in range(args.subscribers):
-            last = i == args.subscribers - 1
-            sub = Subscriber(port, deflate, delta, totals, i % step == 0 or last, bodies)
-            await loop.create_connection(lambda sub=sub: sub, "127.0.0.1", port)  # type: ignore[misc]
-            subs.append(sub)
-        await asyncio.wait_for(asyncio.gather(*(s.ready for s in subs)), 60)
-        probe = subs[-1]
-        pub = Publisher(port, totals, args.window, probe, bodies, CHANNEL)
-        probe.publisher = pub
-        await loop.create_connection(lambda: pub, "127.0.0.1", port)
-        await asyncio.wait_for(pub.ready, 10)
-        pub.start()
-        await asyncio.sleep(args.warmup)
-        m0, b0, k0 = totals.messages, totals.wire_bytes, totals.checked
-        d0 = sum(s.deltas for s in subs if s.sample)
-        s0, t0, my0 = cpu_seconds(node.pid), time.monotonic(), time.process_time()
-        await asyncio.sleep(args.duration)
-        m1, b1, k1 = totals.messages, totals.wire_bytes, totals.checked
-        d1 = sum(s.deltas for s in subs if s.sample)
-        s1, t1, my1 = cpu_seconds(node.pid), time.monotonic(), time.process_time()
-        pub.running = False
-        for c in (*subs, pub):
-            c.closing = True
-        wall = t1 - t0
-        deliveries = m1 - m0
-        return {
-            "mode": ("delta" if delta else "plain") + ("+deflate" if deflate else ""),
-            "subscribers": args.subscribers,
-            "document_bytes": round(statistics.mean(len(b) for b in bodies)),
-            "deliveries_per_s": round(deliveries / wall),
-            "publishes_per_s": round(deliveries / wall / args.subscribers, 1),
-            "wire_bytes_per_delivery": round((b1 - b0) / max(1, deliveries), 1),
-            "delta_share": round((d1 - d0) / max(1, k1 - k0), 3),  # of the checked
-            "node_cpu": round((s1 - s0) / wall, 3),
-            "client_cpu": round((my1 - my0) / wall, 3),
-            "node_us_per_delivery": round((s1 - s0) / max(1, deliveries) * 1e6, 3),
-            "checked": totals.checked,
-            "gaps": totals.gaps,
-            "errors": totals.errors[:5],
-        }
-    finally:
-        node.terminate()
-        try:
-            node.wait(10)
-        except subprocess.TimeoutExpired:
-            node.kill()
+
+    def deltas(_totals: Totals, subs: list[BaseSubscriber]) -> int:
+        return sum(s.deltas for s in subs if isinstance(s, Subscriber) and s.sample)
+
+    _subs, r = await measure(
+        args,
+        start_node(args, port, config),
+        port,
+        lambda totals, sample: Subscriber(port, deflate, delta, totals, sample, bodies),
+        bodies,
+        CHANNEL,
+        deltas,
+    )
+    r["delta_share"] = r.pop("share")  # of the messages checked
+    return {
+        "mode": ("delta" if delta else "plain") + ("+deflate" if deflate else ""),
+        "document_bytes": round(statistics.mean(len(b) for b in bodies)),
+        **r,
+    }
 
 
 def kernel_figures(bodies: list[bytes]) -> dict[str, Any]:
