@@ -25,11 +25,13 @@ async def backend() -> AsyncIterator[Backend]:
         yield b
 
 
-async def recv(ws: ClientConnection, op: str) -> dict[str, Any]:
+async def recv(ws: ClientConnection, op: str, ch: str | None = None) -> dict[str, Any]:
+    """The next ``op`` (of channel ``ch``, if given: the connect hook's server-side
+    channels are subscribed too, and their ``subscribed`` come first)."""
     async with deadline(10):
         while True:
             msg: dict[str, Any] = orjson.loads(await ws.recv())
-            if msg.get("op") == op:
+            if msg.get("op") == op and (ch is None or msg.get("ch") == ch):
                 return msg
 
 
@@ -54,11 +56,11 @@ async def test_hooks_on_every_worker(tmp_path: Path, backend: Backend) -> None:
         assert sorted(on) == ["wtest.w0", "wtest.w1"], f"one worker took every connection: {on}"
         a, b = on["wtest.w0"], on["wtest.w1"]
         await b.send('{"op":"sub","ch":"chat:x","id":2}')
-        await recv(b, "subscribed")
+        await recv(b, "subscribed", "chat:x")  # before any publish
         for i in range(20):
             cmd = {"op": "pub", "ch": "chat:x", "data": {"text": f"m{i}"}, "id": 10 + i}
             await a.send(orjson.dumps(cmd).decode())
-        got = [(await recv(b, "msg"))["data"] for _ in range(20)]
+        got = [(await recv(b, "msg", "chat:x"))["data"] for _ in range(20)]
         assert got == [{"id": i + 1, "by": "alice", "text": f"m{i}"} for i in range(20)]
         assert len(backend.bodies("connect")) == 2 + len(extra)
         for ws in [a, b, *extra]:
